@@ -1,0 +1,384 @@
+# moat's build: the C parts, every test stage, and the benchmarks.
+#
+#   make deps    install the missing Debian packages (the only target that
+#                calls apt-get; a no-op when everything is installed)
+#   make c       build the C parts for the VM: the core library and
+#                priv/moat_demo.so. The default goal, and what rebar3's
+#                pre_hook runs, so it never calls apt.
+#   make test    deps, then each stage of TEST_STAGES in order, timed;
+#                stops at the first stage that fails
+#   make bench   deps, then every bench/*.c binary in turn
+#   make shell   rebar3 shell
+#   make clean   remove the C build (_build/c) and what it put in priv/
+#
+# Variables: CC, CFLAGS, CPPFLAGS and LDFLAGS are taken from the
+# environment and moat's own flags are appended to them (moat's include
+# directories are searched before those in CPPFLAGS). TSAN_CC compiles the
+# TSan variant (default $(CC)). ERL_ROOT is found with erl unless given
+# (rebar3 hooks pass it as ERLANG_ROOT_DIR). JOBS is the -j of the build
+# steps in `make test` and `make bench`. C_TEST_TIMEOUT bounds each C test
+# binary, in seconds. VERBOSE=1 prints whole compiler commands.
+#
+# Layout: every variant V in {plain, asan, tsan} builds into _build/c/V/:
+# libmoat_core.a from c_src/core/*.c, one cmocka binary test_* per
+# test/c/test_*.c (with the other test/c/*.c as helpers), and, for asan and
+# tsan, moat_demo.so from c_src/demo/*.c, and fixtures/*.so from
+# test/c/fixtures/*.c (the loader tests' libraries). The plain demo goes to
+# priv/moat_demo.so; benchmarks bench/*.c become _build/c/plain/bench_*.
+# Sanitizer builds never write into priv/. New .c files are picked up by
+# the wildcards below without editing this file.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := c
+
+UNAME_S := $(shell uname -s)
+ifneq ($(UNAME_S),Linux)
+ifneq ($(filter-out clean,$(or $(MAKECMDGOALS),c)),)
+$(error moat supports Linux only for now (uname -s says $(UNAME_S)))
+endif
+endif
+
+B := _build/c
+VARIANTS := plain asan tsan
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+REBAR3 ?= rebar3
+
+# Mix 1.14 runs rebar3 dependencies with the rebar3 it finds here; offline
+# it cannot download one of its own.
+ifeq ($(strip $(MIX_REBAR3)),)
+MIX_REBAR3 := $(shell command -v rebar3 2>/dev/null)
+endif
+export MIX_REBAR3
+
+ifeq ($(VERBOSE),1)
+Q :=
+else
+Q := @
+endif
+
+# --- Debian packages ---------------------------------------------------------
+
+DEB_PACKAGES := erlang-dev erlang-nox erlang-eunit erlang-common-test \
+    erlang-dialyzer rebar3 elixir libuv1-dev libcmocka-dev valgrind gcc \
+    clang libclang-rt-14-dev pkg-config make
+
+# --- Toolchain and flags -----------------------------------------------------
+
+# Found lazily and once: `make deps` and `make clean` must work before
+# Erlang is installed, and a target that needs ERL_ROOT asks erl only once.
+ERL_ROOT_CMD := erl -noshell -eval 'io:format("~s",[code:root_dir()]),halt().'
+ifeq ($(origin ERL_ROOT),undefined)
+ERL_ROOT = $(eval ERL_ROOT := $(or $(ERLANG_ROOT_DIR),$(shell $(ERL_ROOT_CMD) 2>/dev/null)))$(ERL_ROOT)
+endif
+EI_DIR = $(lastword $(sort $(wildcard $(ERL_ROOT)/lib/erl_interface-*)))
+EI_INC = $(EI_DIR)/include
+# Debian builds libei.a as position-independent code, so it links into
+# shared objects too.
+EI_LIB = $(EI_DIR)/lib/libei.a
+
+UV_CFLAGS = $(eval UV_CFLAGS := $(shell pkg-config --cflags libuv 2>/dev/null))$(UV_CFLAGS)
+UV_LIBS = $(eval UV_LIBS := $(shell pkg-config --libs libuv 2>/dev/null))$(UV_LIBS)
+CMOCKA_CFLAGS = $(eval CMOCKA_CFLAGS := $(shell pkg-config --cflags cmocka 2>/dev/null))$(CMOCKA_CFLAGS)
+CMOCKA_LIBS = $(eval CMOCKA_LIBS := $(shell pkg-config --libs cmocka 2>/dev/null))$(CMOCKA_LIBS)
+
+LIBS = $(EI_LIB) $(UV_LIBS) -lpthread -ldl -lm
+
+TSAN_CC ?= $(CC)
+CC_plain = $(CC)
+CC_asan = $(CC)
+CC_tsan = $(TSAN_CC)
+
+MOAT_CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -pthread -fPIC
+# Valgrind runs the plain binaries, and valgrind 3.19 cannot read the
+# DWARF 5 that clang 14 writes by default.
+CFLAGS_plain := -O2 -gdwarf-4
+CFLAGS_asan := -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
+    -fno-sanitize-recover=all
+CFLAGS_tsan := -O1 -fsanitize=thread
+
+# c_src/core (and the demo, which must load into the C-node as well as the
+# VM) may not depend on ERTS. Leaving the erl_nif include path out is not
+# enough on Debian, whose erlang-dev also puts erl_nif.h in /usr/include,
+# so these builds search a directory of stand-ins first: each stops the
+# compiler with an #error naming the rule that was broken.
+GUARD_DIR := $(B)/erts-guard
+GUARD_HEADERS := $(addprefix $(GUARD_DIR)/,erl_nif.h erl_driver.h)
+
+CORE_CPPFLAGS = -I$(GUARD_DIR) -Iinclude -Ic_src/core -I$(EI_INC) \
+    $(UV_CFLAGS) $(CPPFLAGS)
+DEMO_CPPFLAGS = -I$(GUARD_DIR) -Iinclude -Ic_src/demo -I$(EI_INC) \
+    $(UV_CFLAGS) $(CPPFLAGS) -fvisibility=hidden
+TEST_CPPFLAGS = -Iinclude -Ic_src/core -Itest/c -I$(EI_INC) $(UV_CFLAGS) \
+    $(CMOCKA_CFLAGS) $(CPPFLAGS)
+BENCH_CPPFLAGS = -Iinclude -Ic_src/core -Ibench -I$(EI_INC) $(UV_CFLAGS) \
+    $(CPPFLAGS)
+
+# $(1): variant, $(2): include paths and flags of that part of the tree.
+define compile
+@mkdir -p $(@D)
+@$(if $(Q),echo "  CC [$(1)]  $<")
+$(Q)$(CC_$(1)) $(CFLAGS) $(MOAT_CFLAGS) $(CFLAGS_$(1)) $(2) -MMD -MP -c $< -o $@
+endef
+
+# $(1): variant, $(2): extra libraries.
+define link_program
+@$(if $(Q),echo "  LD [$(1)]  $@")
+$(Q)$(CC_$(1)) $(CFLAGS) $(MOAT_CFLAGS) $(CFLAGS_$(1)) $(LDFLAGS) -o $@ $^ \
+    $(2) $(LIBS)
+endef
+
+# A task library carries its own copy of ei, hidden so that it never
+# interposes on the host's.
+define link_shared
+@mkdir -p $(@D)
+@$(if $(Q),echo "  LD [$(1)]  $@")
+$(Q)$(CC_$(1)) $(CFLAGS) $(MOAT_CFLAGS) $(CFLAGS_$(1)) $(LDFLAGS) -shared \
+    -o $@ $^ -Wl,--exclude-libs,libei.a $(LIBS)
+endef
+
+# --- Sources and products ----------------------------------------------------
+
+CORE_SRCS := $(wildcard c_src/core/*.c)
+DEMO_SRCS := $(wildcard c_src/demo/*.c)
+TEST_SRCS := $(wildcard test/c/test_*.c)
+TEST_HELPER_SRCS := $(filter-out $(TEST_SRCS),$(wildcard test/c/*.c))
+# Small task libraries, good and broken, that the loader tests open.
+FIXTURE_SRCS := $(wildcard test/c/fixtures/*.c)
+BENCH_SRCS := $(wildcard bench/*.c)
+
+TEST_NAMES := $(basename $(notdir $(TEST_SRCS)))
+BENCH_BINS := $(patsubst bench/%.c,$(B)/plain/bench_%,$(BENCH_SRCS))
+
+DEMO_SO_plain := priv/moat_demo.so
+DEMO_SO_asan := $(B)/asan/moat_demo.so
+DEMO_SO_tsan := $(B)/tsan/moat_demo.so
+
+# $(1): variant. Defines the variant's file lists and pattern rules.
+# Each variant's objects also depend on $(B)/V/flags, which holds the
+# compiler and flags they were built with and is rewritten when those
+# change (another CC or CFLAGS, say), so that nothing stale is linked.
+define variant_rules
+FLAGS_SIG_$(1) := $$(strip $$(CC_$(1)) $$(CFLAGS) $$(CPPFLAGS) $$(LDFLAGS) $$(MOAT_CFLAGS) $$(CFLAGS_$(1)))
+ifneq ($$(strip $$(file <$(B)/$(1)/flags)),$$(FLAGS_SIG_$(1)))
+.PHONY: $(B)/$(1)/flags
+endif
+$(B)/$(1)/flags:
+	$$(shell mkdir -p $$(@D))$$(file >$$@,$$(FLAGS_SIG_$(1)))
+
+CORE_OBJS_$(1) := $$(patsubst c_src/core/%.c,$(B)/$(1)/obj/core/%.o,$$(CORE_SRCS))
+DEMO_OBJS_$(1) := $$(patsubst c_src/demo/%.c,$(B)/$(1)/obj/demo/%.o,$$(DEMO_SRCS))
+TEST_HELPER_OBJS_$(1) := $$(patsubst test/c/%.c,$(B)/$(1)/obj/test/%.o,$$(TEST_HELPER_SRCS))
+TEST_BINS_$(1) := $$(addprefix $(B)/$(1)/,$$(TEST_NAMES))
+DEMO_$(1) := $$(if $$(DEMO_SRCS),$$(DEMO_SO_$(1)))
+FIXTURES_$(1) := $$(patsubst test/c/fixtures/%.c,$(B)/$(1)/fixtures/%.so,$$(FIXTURE_SRCS))
+
+$(B)/$(1)/obj/core/%.o: c_src/core/%.c Makefile $(B)/$(1)/flags | $$(GUARD_HEADERS) check-build-env
+	$$(call compile,$(1),$$(CORE_CPPFLAGS))
+
+$(B)/$(1)/obj/demo/%.o: c_src/demo/%.c Makefile $(B)/$(1)/flags | $$(GUARD_HEADERS) check-build-env
+	$$(call compile,$(1),$$(DEMO_CPPFLAGS))
+
+$(B)/$(1)/obj/test/%.o: test/c/%.c Makefile $(B)/$(1)/flags | check-build-env check-test-env
+	$$(call compile,$(1),$$(TEST_CPPFLAGS))
+
+$(B)/$(1)/libmoat_core.a: $$(CORE_OBJS_$(1)) | check-build-env
+	@mkdir -p $$(@D)
+	@rm -f $$@
+	@$$(if $$(Q),echo "  AR [$(1)]  $$@")
+	$$(Q)$$(AR) rcs $$@ $$^
+
+$(B)/$(1)/test_%: $(B)/$(1)/obj/test/test_%.o $$(TEST_HELPER_OBJS_$(1)) $(B)/$(1)/libmoat_core.a
+	$$(call link_program,$(1),$$(CMOCKA_LIBS))
+
+$$(DEMO_SO_$(1)): $$(DEMO_OBJS_$(1))
+	$$(call link_shared,$(1))
+
+$(B)/$(1)/obj/fixtures/%.o: test/c/fixtures/%.c Makefile $(B)/$(1)/flags | $$(GUARD_HEADERS) check-build-env
+	$$(call compile,$(1),$$(DEMO_CPPFLAGS))
+
+$(B)/$(1)/fixtures/%.so: $(B)/$(1)/obj/fixtures/%.o
+	$$(call link_shared,$(1))
+endef
+$(foreach v,$(VARIANTS),$(eval $(call variant_rules,$(v))))
+
+$(B)/plain/obj/bench/%.o: bench/%.c Makefile $(B)/plain/flags | check-build-env
+	$(call compile,plain,$(BENCH_CPPFLAGS))
+
+$(B)/plain/bench_%: $(B)/plain/obj/bench/%.o $(B)/plain/libmoat_core.a
+	$(call link_program,plain,)
+
+$(GUARD_HEADERS): Makefile
+	@mkdir -p $(@D)
+	@printf '%s\n' \
+	    '/* Generated by the Makefile: see GUARD_DIR there. */' \
+	    '#error "$(@F) is ERTS: c_src/core and c_src/demo must not include it (DESIGN.md section 1)"' \
+	    > $@
+
+-include $(wildcard $(B)/*/obj/*/*.d)
+
+# --- Environment checks (never install anything) -----------------------------
+
+check-build-env:
+	@[ "$(UNAME_S)" = Linux ] || { echo "moat supports Linux only for now" >&2; exit 1; }
+	@command -v $(firstword $(CC)) >/dev/null || { \
+	    echo "moat: C compiler '$(CC)' not found: install the Debian package gcc" >&2; exit 1; }
+	@[ -n "$(ERL_ROOT)" ] || { \
+	    echo "moat: erl not found on PATH: install the Debian packages erlang-nox and erlang-dev" >&2; exit 1; }
+	@[ -f "$(EI_INC)/ei.h" ] && [ -f "$(EI_LIB)" ] || { \
+	    echo "moat: erl_interface (ei.h, libei.a) not found under $(ERL_ROOT)/lib: install the Debian package erlang-dev" >&2; exit 1; }
+	@command -v pkg-config >/dev/null || { \
+	    echo "moat: pkg-config not found: install the Debian package pkg-config" >&2; exit 1; }
+	@pkg-config --exists libuv || { \
+	    echo "moat: libuv not found (pkg-config libuv): install the Debian package libuv1-dev" >&2; exit 1; }
+
+check-test-env:
+	@pkg-config --exists cmocka || { \
+	    echo "moat: cmocka not found (pkg-config cmocka): install the Debian package libcmocka-dev" >&2; exit 1; }
+
+# --- Main targets ------------------------------------------------------------
+
+c: check-build-env $(if $(CORE_SRCS),$(B)/plain/libmoat_core.a) $(DEMO_plain)
+
+deps:
+	@[ "$(UNAME_S)" = Linux ] || { echo "moat supports Linux only for now" >&2; exit 1; }
+	@command -v dpkg-query >/dev/null || { \
+	    echo "make deps needs Debian's dpkg and apt-get; install these yourself: $(DEB_PACKAGES)" >&2; exit 1; }
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do \
+	    [ "$$(dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null)" = "install ok installed" ] \
+	        || missing="$$missing $$p"; \
+	done; \
+	[ -n "$$missing" ] || exit 0; \
+	sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	echo "deps: installing$$missing"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    --no-install-recommends $$missing
+
+shell:
+	$(REBAR3) shell
+
+clean:
+	rm -rf $(B) priv/*.so priv/moat_cnode
+
+# --- Test stages ---------------------------------------------------------------
+
+TEST_STAGES ?= check-core test-c test-c-asan test-c-tsan test-c-valgrind test-erl
+
+# Each stage runs in its own make, started after `deps`, so that a fresh
+# machine finds the tools that deps has just installed. The stage's build
+# steps run with -j$(JOBS); its tests run one at a time.
+test: deps
+	@stages="$(TEST_STAGES)"; table=""; total=0; rc=0; \
+	for s in $$stages; do \
+	    echo "== stage $$s"; \
+	    t0=$$(date +%s.%N); \
+	    if $(MAKE) --no-print-directory -j$(JOBS) ERL_ROOT="$(ERL_ROOT)" "$$s"; \
+	    then result=ok; else result=FAILED; rc=1; fi; \
+	    t1=$$(date +%s.%N); \
+	    d=$$(awk -v a="$$t0" -v b="$$t1" 'BEGIN { printf "%.1f", b - a }'); \
+	    total=$$(awk -v a="$$total" -v b="$$d" 'BEGIN { printf "%.1f", a + b }'); \
+	    echo "== stage $$s: $$d s ($$result)"; \
+	    table="$$table$$(printf '  %-16s %8s s  %s' "$$s" "$$d" "$$result")"$$'\n'; \
+	    [ $$rc -eq 0 ] || break; \
+	done; \
+	echo "== summary"; \
+	printf '%s' "$$table"; \
+	printf '  %-16s %8s s\n' total "$$total"; \
+	exit $$rc
+
+bench: deps
+	@$(MAKE) --no-print-directory -j$(JOBS) ERL_ROOT="$(ERL_ROOT)" run-bench
+
+run-bench: $(BENCH_BINS) $(DEMO_plain)
+	@[ -n "$(BENCH_BINS)" ] || { echo "bench: no benchmarks in bench/ yet"; exit 0; }; \
+	for b in $(BENCH_BINS); do \
+	    echo "== $$b"; \
+	    MOAT_DEMO_SO="$(CURDIR)/$(DEMO_SO_plain)" "./$$b" || exit 1; \
+	done
+
+check-core: check-build-env $(GUARD_HEADERS)
+	@if grep -rsnE '^[[:space:]]*#[[:space:]]*include[[:space:]]*[<"]([^">]*/)?erl_(nif|driver)[a-z_]*\.h[">]' c_src/core; then \
+	    echo "check-core: the lines above include ERTS headers; c_src/core must stay ERTS-free" >&2; exit 1; \
+	fi
+	@for d in $(patsubst -I%,%,$(filter -I%,$(CORE_CPPFLAGS))); do \
+	    if [ "$$d" != "$(GUARD_DIR)" ] && [ -e "$$d/erl_nif.h" ]; then \
+	        echo "check-core: the core's include path $$d holds erl_nif.h" >&2; exit 1; \
+	    fi; \
+	done
+	@if echo '#include <erl_nif.h>' | $(CC_plain) $(CFLAGS) $(MOAT_CFLAGS) $(CFLAGS_plain) \
+	        $(CORE_CPPFLAGS) -xc -fsyntax-only - >/dev/null 2>&1; then \
+	    echo "check-core: #include <erl_nif.h> compiles with the core's flags; it must fail" >&2; exit 1; \
+	fi
+	@echo "check-core: c_src/core includes no ERTS header, and <erl_nif.h> cannot compile there"
+	$(if $(CORE_SRCS),@$(MAKE) --no-print-directory $(B)/plain/libmoat_core.a,@echo "check-core: c_src/core has no sources yet")
+
+# $(1): variant, $(2): environment for the binaries, $(3): the command
+# that runs each binary (valgrind, setarch), if any. Every binary runs,
+# then the stage fails if any did. A binary still running after
+# C_TEST_TIMEOUT seconds is killed and counts as failed (exit 124), so a
+# deadlock fails the stage instead of hanging CI.
+define run_c_tests
+@bins="$(TEST_BINS_$(1))"; \
+if [ -z "$$bins" ]; then echo "$@: no test binaries (no test/c/test_*.c yet), nothing to run"; exit 0; fi; \
+passed=0; failed=""; \
+for t in $$bins; do \
+    echo "-- $@: $$t"; \
+    if MOAT_DEMO_SO="$(CURDIR)/$(DEMO_SO_$(1))" \
+        MOAT_FIXTURES_DIR="$(CURDIR)/$(B)/$(1)/fixtures" $(2) \
+        timeout -k 10 $(C_TEST_TIMEOUT) $(3) "./$$t"; then \
+        passed=$$((passed + 1)); \
+    else \
+        failed="$$failed $$t (exit $$?)"; \
+    fi; \
+done; \
+echo "$@: $$passed of $(words $(TEST_BINS_$(1))) test binaries passed"; \
+[ -z "$$failed" ] || { echo "$@: failed:$$failed" >&2; exit 1; }
+endef
+
+C_TEST_TIMEOUT ?= 600
+ASAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+TSAN_ENV := TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+# The TSan runtimes of gcc 12 and clang 14 expect the address layout of
+# older kernels: where the kernel randomizes mmap with more bits (some
+# newer kernels set vm.mmap_rnd_bits to 32; 28 is the old default), they
+# stop at start with "unexpected memory mapping". Running the binaries
+# with ASLR off avoids that wherever setarch is allowed to do so.
+TSAN_RUNNER = $(eval TSAN_RUNNER := $(shell setarch "$$(uname -m)" -R true 2>/dev/null && echo setarch "$$(uname -m)" -R))$(TSAN_RUNNER)
+VALGRIND_SUPP := $(wildcard test/c/valgrind.supp)
+VALGRIND := valgrind --error-exitcode=99 --leak-check=full \
+    --show-leak-kinds=definite,indirect,possible \
+    --errors-for-leak-kinds=definite,indirect,possible --track-fds=no -q \
+    $(addprefix --suppressions=,$(VALGRIND_SUPP))
+
+test-c: $(TEST_BINS_plain) $(DEMO_plain) $(FIXTURES_plain)
+	$(call run_c_tests,plain,)
+
+test-c-asan: $(TEST_BINS_asan) $(DEMO_asan) $(FIXTURES_asan)
+	$(call run_c_tests,asan,$(ASAN_ENV))
+
+test-c-tsan: $(TEST_BINS_tsan) $(DEMO_tsan) $(FIXTURES_tsan)
+	@echo "$@: running with $(or $(TSAN_RUNNER),ASLR on: setarch -R is not allowed here)"
+	$(call run_c_tests,tsan,$(TSAN_ENV),$(TSAN_RUNNER))
+
+test-c-valgrind: $(TEST_BINS_plain) $(DEMO_plain) $(FIXTURES_plain)
+	@command -v valgrind >/dev/null || { \
+	    echo "moat: valgrind not found: install the Debian package valgrind" >&2; exit 1; }
+	$(call run_c_tests,plain,,$(VALGRIND))
+
+# rebar3 runs `make c` itself; MAKEFLAGS is dropped so that this make's
+# jobserver and variables do not leak into that unrelated make.
+REBAR3_RUN = env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL \
+    MOAT_DEMO_SO="$(CURDIR)/$(DEMO_SO_plain)" $(REBAR3)
+
+test-erl:
+	@command -v $(REBAR3) >/dev/null || { \
+	    echo "moat: rebar3 not found: install the Debian package rebar3" >&2; exit 1; }
+	$(REBAR3_RUN) eunit
+	$(REBAR3_RUN) ct
+
+.PHONY: c deps shell clean test bench run-bench check-build-env check-test-env \
+    check-core test-c test-c-asan test-c-tsan test-c-valgrind test-erl
+.SECONDARY:
+.DELETE_ON_ERROR:

@@ -1,0 +1,220 @@
+/* internal.h: private to c_src/core.  Shared structures of the pool, its
+ * tasks and its native processes. */
+#ifndef MOAT_INTERNAL_H
+#define MOAT_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "moat_core.h"
+
+/* ------------------------------------------------------ intrusive lists */
+
+typedef struct moat__node_s {
+    struct moat__node_s *prev;
+    struct moat__node_s *next;
+} moat__node_t;
+
+static inline void moat__list_init(moat__node_t *h) { h->prev = h->next = h; }
+static inline int moat__list_empty(const moat__node_t *h) {
+    return h->next == h;
+}
+static inline void moat__list_push(moat__node_t *h, moat__node_t *n) {
+    n->prev = h->prev;
+    n->next = h;
+    h->prev->next = n;
+    h->prev = n;
+}
+static inline void moat__list_push_front(moat__node_t *h, moat__node_t *n) {
+    moat__list_push(h->next, n);
+}
+static inline void moat__list_remove(moat__node_t *n) {
+    n->prev->next = n->next;
+    n->next->prev = n->prev;
+    n->prev = n->next = n;
+}
+#define MOAT__CONTAINER(ptr, type, field)                                  \
+    ((type *)((char *)(ptr)-offsetof(type, field)))
+
+/* ---------------------------------------------------------------- timers */
+
+/* A deadline on the housekeeping thread's heap.  `idx` is its heap slot,
+ * -1 when not armed; guarded by the pool's timer lock. */
+typedef struct moat__timer_s {
+    uint64_t due_ns;
+    int idx;
+    void (*cb)(struct moat__timer_s *timer);
+} moat__timer_t;
+
+/* Arms `timer` to fire `ms` from now on the housekeeping thread. */
+void moat__timer_start(moat_pool_t *pool, moat__timer_t *timer, int64_t ms);
+/* Returns 1 if it disarmed the timer, 0 if it had fired or was not armed. */
+int moat__timer_stop(moat_pool_t *pool, moat__timer_t *timer);
+
+/* ----------------------------------------------------------------- tasks */
+
+enum { MOAT__OPEN = 0, MOAT__CLAIMED = 1, MOAT__DELIVERED = 2 };
+enum { MOAT__QUEUED = 1, MOAT__RUNNING = 2, MOAT__DONE = 3 };
+
+typedef struct moat__owner_s moat__owner_t;
+typedef struct moat__proc_s moat__proc_t;
+
+struct moat_task_s {
+    moat_ctx_t ctx; /* first: the task ABI's context is the task */
+    moat_pool_t *pool;
+    moat__node_t qnode; /* run queue; pool->rq_lock */
+    moat__node_t onode; /* owner's list; its stripe lock */
+    moat__owner_t *orec;
+    moat__timer_t timer;
+    moat_task_fn fn;
+    const char *name;
+    const moat_lib_t *lib;
+    moat_term_t *args;
+    uint64_t id;
+    uint64_t owner;
+    void *data;
+    atomic_int refs;
+    atomic_int claim;   /* MOAT__OPEN -> CLAIMED -> DELIVERED, once */
+    atomic_int stop;    /* what moat_should_stop reads */
+    int where;          /* MOAT__QUEUED/RUNNING/DONE; pool->rq_lock */
+    int abandoned;      /* its outcome came first; pool->rq_lock */
+    int internal;       /* spawned by a process: no completion callback */
+    moat_pid_t pid;     /* 0 until the task uses its id; pool->sig_lock */
+    int proc_done;      /* its process has had its end; pool->sig_lock */
+    moat_task_t *end_next;   /* proc.c's list of tasks to end; sig_lock */
+    moat_term_t *end_reason;
+    char *errmsg;       /* set by moat_error, owned */
+};
+
+/* Ends a task from outside its body with `reason` if nobody has decided
+ * its outcome yet (as moat_task_cancel).  Returns 1 if this call decided.
+ * No pool lock may be held. */
+int moat__task_end(moat_task_t *t, moat_term_t *reason, unsigned flags);
+void moat__task_unref(moat_task_t *t);
+/* Admits and makes an internal task (no completion callback) without
+ * queueing it, so that its process can be set up first.  The caller holds
+ * one reference besides the run reference. */
+int moat__task_prepare(moat_pool_t *pool, const moat_job_t *job,
+                       moat_task_t **out);
+/* Queues a prepared task; on a stopping pool it ends with `shutdown`. */
+void moat__task_queue(moat_task_t *t);
+
+extern const moat_api_t moat__task_api;
+
+/* -------------------------------------------------------------- processes */
+
+/* Makes the running task a native process (its first use of its id).
+ * Returns its pid, or 0 when the task has already been ended. */
+moat_pid_t moat__task_pid(moat_task_t *t);
+/* Called once a task's outcome is decided: the task's process (if any)
+ * exits with `reason`, and no process can be made for it later. */
+void moat__proc_task_done(moat_pool_t *pool, moat_task_t *t,
+                          moat_term_t *reason);
+/* moat_spawn with the library in which the child finds tasks by name. */
+int moat__spawn(moat_pool_t *pool, moat_pid_t parent, moat_task_fn fn,
+                const moat_lib_t *lib, moat_term_t *args, unsigned flags,
+                moat_pid_t *pid, uint64_t *mref);
+/* Receive for a task's own process: encodes the message as ETF. */
+int moat__proc_receive_etf(moat_pool_t *pool, moat_pid_t self, int timeout_ms,
+                           ei_x_buff *out);
+int moat__proc_table_init(moat_pool_t *pool);
+/* Every live process exits with `shutdown`; waits for nothing. */
+void moat__proc_shutdown_all(moat_pool_t *pool);
+void moat__proc_table_free(moat_pool_t *pool);
+
+typedef struct moat__slot_s {
+    uint32_t gen;
+    moat__proc_t *proc;
+} moat__slot_t;
+
+/* ------------------------------------------------------------------ pool */
+
+typedef struct moat__worker_s {
+    moat_pool_t *pool;
+    uv_thread_t tid;
+    unsigned index;
+    moat_task_t *current; /* the task it runs; pool->rq_lock */
+    int exited; /* set by the thread as it leaves; pool->thr_lock */
+} moat__worker_t;
+
+#define MOAT__OWNER_STRIPES 64
+
+typedef struct moat__stripe_s {
+    uv_mutex_t lock; /* guards `owners` and each owner's task list */
+    moat__owner_t *owners;
+} moat__stripe_t;
+
+/*
+ * Lock order: sig_lock -> rq_lock -> (stripe lock | timer_lock) ->
+ * thr_lock.  No callback into the transport runs under any of them.
+ */
+struct moat_pool_s {
+    moat_pool_opts_t opts;
+    char name[16];
+    unsigned max_spinners;
+    uint64_t spin_ns;
+
+    /* The run queue.  `sysq` holds runnable native processes and is served
+     * before `jobs`.  nqueued mirrors their length for lock-free peeking by
+     * spinning workers. */
+    uv_mutex_t rq_lock; /* guards jobs, sysq, nsleeping, task where/abandoned */
+    uv_cond_t rq_cond;
+    moat__node_t jobs;
+    moat__node_t sysq;
+    unsigned nsleeping;
+    size_t njobs; /* tasks in `jobs` */
+    atomic_uint nspinning;
+    atomic_size_t nqueued;
+    atomic_int stopping;
+
+    /* Admission: queued plus running (not abandoned) tasks. */
+    atomic_uint_fast64_t admitted;
+    uint64_t max_admitted;
+    atomic_uint_fast64_t seq;
+
+    /* Threads.  `serving` counts workers not stuck in an abandoned task. */
+    uv_mutex_t thr_lock; /* guards workers, nworkers, serving, want_spawn */
+    moat__worker_t **workers;
+    unsigned nworkers, capworkers;
+    unsigned serving;
+    unsigned want_spawn;
+    unsigned extra; /* live replacement threads beyond nthreads */
+
+    /* The housekeeping thread: deadlines, replacement threads, joins. */
+    uv_thread_t hk_tid;
+    uv_mutex_t timer_lock; /* guards heap, hk_stop, hk_work */
+    uv_cond_t timer_cond;
+    moat__timer_t **heap;
+    unsigned nheap, capheap;
+    int hk_stop;
+    int hk_work; /* thread work is waiting: spawn or join */
+    int hk_started;
+
+    moat__stripe_t stripes[MOAT__OWNER_STRIPES];
+
+    /* Native processes. */
+    uv_mutex_t sig_lock; /* guards the table and every process's fields */
+    moat__slot_t *slots;
+    unsigned nslots, capslots;
+    uint32_t *free_slots;
+    unsigned nfree;
+    uint64_t next_ref;
+
+    int stopped;
+
+    atomic_uint_fast64_t n_completed, n_failed, n_cancelled, n_timeouts,
+        n_rejected, n_abandoned, n_restarts;
+};
+
+/* Something a worker runs from sysq (a native server with messages). */
+typedef struct moat__sysitem_s {
+    moat__node_t node;
+    void (*run)(struct moat__sysitem_s *item);
+} moat__sysitem_t;
+
+/* Pushes a runnable item onto sysq and wakes a worker if needed.  The
+ * caller may hold sig_lock (lock order), not rq_lock. */
+void moat__pool_ready_sys(moat_pool_t *pool, moat__sysitem_t *item);
+
+#endif /* MOAT_INTERNAL_H */

@@ -1,0 +1,310 @@
+/*
+ * moat_core.h: the ERTS-free runtime's API, for the transports (c_src/nif,
+ * c_src/cnode), the benchmarks and the tests.  Task authors use
+ * include/moat.h only.
+ *
+ * The core knows nothing of the VM: terms are ETF blobs, processes are
+ * native processes in a pool's table, threads and locks are libuv's.  Every
+ * call returns 0 (or a count) on success or a negative error: -errno for
+ * system errors, MOAT_E* (include/moat.h) for moat's own.  A call that takes
+ * a callback and fails never runs the callback.
+ */
+#ifndef MOAT_CORE_H
+#define MOAT_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "moat.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- errors */
+
+/* Any error code: moat's, libuv's or -errno.  Never NULL. */
+const char *moat_strerror(int err);
+const char *moat_err_name(int err);
+
+/* ----------------------------------------------------------------- terms */
+
+/*
+ * An immutable, reference-counted ETF blob (version byte first).  Reasons,
+ * messages, arguments and results are terms.  The well-known atoms are
+ * static: ref/unref on them do nothing.  Any thread may use a term.
+ */
+typedef struct moat_term_s moat_term_t;
+
+typedef enum {
+    MOAT_A_NORMAL,
+    MOAT_A_SHUTDOWN,
+    MOAT_A_KILL,
+    MOAT_A_KILLED,
+    MOAT_A_NOPROC,
+    MOAT_A_TIMEOUT,
+    MOAT_A_OVERLOADED,
+    MOAT_A_BADARG,
+    MOAT_A_NOCONNECTION,
+    MOAT_A_OK,
+    MOAT_A_ENOMEM,
+    MOAT_A__COUNT
+} moat_atom_t;
+
+moat_term_t *moat_atom(moat_atom_t a);
+
+/* Copies `len` bytes of ETF after checking (moat_etf_check) that they are
+ * exactly one well-formed term.  Returns NULL on a malformed term or on
+ * out of memory; *err (if not NULL) says which. */
+moat_term_t *moat_term_new(const char *etf, size_t len, int *err);
+
+/* Wraps memory the caller owns without copying; `release(opaque)` runs when
+ * the last reference goes, on whichever thread drops it.  The bytes must be
+ * checked already. */
+moat_term_t *moat_term_wrap(const char *etf, size_t len,
+                            void (*release)(void *opaque), void *opaque);
+
+/* Takes over an ei_x_buff's memory (buff->buff becomes NULL). */
+moat_term_t *moat_term_from_x(ei_x_buff *x);
+
+/* Encodes {Tag, <<Message>>}; e.g. {native_error, <<"bad size">>}. */
+moat_term_t *moat_term_tagged_binary(const char *tag, const char *msg,
+                                     size_t len);
+
+moat_term_t *moat_term_ref(moat_term_t *t);
+void moat_term_unref(moat_term_t *t);
+const char *moat_term_data(const moat_term_t *t, size_t *len);
+
+/* The one predicate for "abnormal": every reason except `normal`,
+ * `shutdown` and `{shutdown, _}` (REFERENCE.md E9). */
+int moat_term_is_abnormal(const moat_term_t *t);
+/* Nonzero when the term is exactly the atom `a`. */
+int moat_term_is(const moat_term_t *t, moat_atom_t a);
+/* Nonzero when two terms have identical encodings. */
+int moat_term_equal(const moat_term_t *a, const moat_term_t *b);
+
+/* Checks, with bounds, that buf[0..len) is a version byte followed by
+ * exactly one well-formed term, nesting at most 10000 deep.  Returns 0 or
+ * MOAT_EBADTERM.  Safe on any input. */
+int moat_etf_check(const char *buf, size_t len);
+
+/* --------------------------------------------------------- task libraries */
+
+/*
+ * A loaded task library.  moat_lib_open copies the file to a unique path
+ * first, so a library rebuilt in place is loaded anew (dlopen would return
+ * the copy already mapped for the same path), and opens it with
+ * RTLD_NODELETE, so code a thread may still run is never unmapped.
+ */
+typedef struct moat_lib_s moat_lib_t;
+
+/* Loads and checks a library (entry point, ABI version, table size, task
+ * and server names present, unique and at most 255 bytes, functions set).
+ * On failure returns MOAT_EBADLIB, MOAT_EABI or -errno and, when errmsg is
+ * not NULL, sets *errmsg to a malloc'd sentence naming the path and the
+ * fault (the caller frees it).  Never crashes on a bad file.  Any thread. */
+int moat_lib_open(const char *path, moat_lib_t **lib, char **errmsg);
+void moat_lib_close(moat_lib_t *lib);
+const char *moat_lib_name(const moat_lib_t *lib);
+/* Look-ups by name (not NUL-terminated); NULL when absent.  O(1). */
+const moat_task_def_t *moat_lib_task(const moat_lib_t *lib, const char *name,
+                                     size_t len);
+const moat_server_def_t *moat_lib_server(const moat_lib_t *lib,
+                                         const char *name, size_t len);
+
+/* ------------------------------------------------------------------ pool */
+
+typedef struct moat_pool_s moat_pool_t;
+typedef struct moat_task_s moat_task_t;
+
+/* A task's one outcome.  `term` is the result (kind MOAT_OK) or the exit
+ * reason (kind MOAT_EXIT); it is valid during the callback only (take a
+ * reference to keep it). */
+typedef struct moat_outcome_s {
+    int kind;
+    moat_term_t *term;
+} moat_outcome_t;
+
+/*
+ * The completion interface: called exactly once per accepted task, on a
+ * pool thread (a worker or the timer thread), or on the thread that called
+ * moat_task_cancel / moat_pool_cancel_owner / moat_pool_stop when that call
+ * decided the outcome without MOAT_CANCEL_SILENT.  It must not block and
+ * must not call back into the pool except moat_task_id/moat_task_data.
+ */
+typedef void (*moat_complete_cb)(moat_task_t *task, const moat_outcome_t *o,
+                                 void *pool_data);
+
+typedef struct moat_pool_opts_s {
+    unsigned nthreads;      /* 0: online CPUs */
+    unsigned max_queue;     /* 0: 65536 tasks waiting beyond the threads */
+    unsigned max_abandoned; /* replacement threads for workers stuck in
+                               abandoned tasks; 0: nthreads */
+    unsigned spin_us;       /* how long an idle worker spins before it
+                               sleeps; 0: 50 */
+    const char *name;       /* thread names "<name>:<n>", cut to 15 bytes */
+    moat_complete_cb complete;
+    void *data;             /* passed to every callback */
+    /* Optional: run on each pool thread (workers and timer) as it starts
+     * and before it exits, e.g. to make or free a per-thread message env. */
+    void (*thread_start)(void *data);
+    void (*thread_stop)(void *data);
+} moat_pool_opts_t;
+
+/* Allocates a pool and starts its threads.  Any thread. */
+int moat_pool_new(const moat_pool_opts_t *opts, moat_pool_t **pool);
+
+/*
+ * Stops accepting work; every queued task and every running one gets the
+ * outcome `shutdown` (running ones are flagged and abandoned), every native
+ * process exits with `shutdown`; then waits until every task body has
+ * returned and joins every thread.  Idempotent.  Never from a pool thread.
+ */
+void moat_pool_stop(moat_pool_t *pool);
+
+/* Stops the pool if needed and frees it.  No handle may be used after. */
+void moat_pool_free(moat_pool_t *pool);
+
+/* A unit of work for moat_pool_submit. */
+typedef struct moat_job_s {
+    moat_task_fn fn;
+    const char *name;   /* for messages; must outlive the task */
+    const moat_lib_t *lib; /* where moat_spawn finds tasks by name; may be
+                              NULL; must outlive the task */
+    moat_term_t *args;  /* the argument list; ownership passes to the pool
+                           when the job is accepted */
+    uint64_t owner;     /* 0: none; else moat_pool_cancel_owner's key */
+    int64_t timeout_ms; /* < 0: no deadline; else the outcome is `timeout`
+                           this long after submission */
+    void *data;         /* the transport's, see moat_task_data */
+} moat_job_t;
+
+/*
+ * Queues one job.  On success *task (when task is not NULL) is a handle the
+ * caller must give back with moat_task_release.  Returns MOAT_EOVERLOADED
+ * when size + max_queue tasks are already admitted, MOAT_ECLOSED when the
+ * pool is stopping; then the callback never runs and the caller keeps
+ * job->args.  Any thread.
+ */
+int moat_pool_submit(moat_pool_t *pool, const moat_job_t *job,
+                     moat_task_t **task);
+
+/* Queues jobs[0..n) under one lock and wakes workers once.  Accepts a
+ * prefix: returns how many were accepted (the rest are refused with
+ * MOAT_EOVERLOADED or MOAT_ECLOSED as above), or a negative error when
+ * none was.  tasks may be NULL. */
+int moat_pool_submit_batch(moat_pool_t *pool, const moat_job_t *jobs,
+                           size_t n, moat_task_t **tasks);
+
+#define MOAT_CANCEL_SILENT 1u /* decide the outcome, do not call back */
+
+/*
+ * Ends a task with `reason` (MOAT_A_SHUTDOWN, MOAT_A_KILLED, MOAT_A_TIMEOUT):
+ * a queued task is removed at once, a running one is flagged
+ * (moat_should_stop) and abandoned.  Returns 1 when this call decided the
+ * outcome, 0 when the task had already completed: then its callback has
+ * returned before this call returns.  Any thread.
+ */
+int moat_task_cancel(moat_task_t *task, moat_atom_t reason, unsigned flags);
+
+uint64_t moat_task_id(const moat_task_t *task);   /* unique in the pool */
+void *moat_task_data(const moat_task_t *task);
+void moat_task_release(moat_task_t *task);
+
+/* Cancels every task submitted with this owner, as moat_task_cancel does.
+ * Returns how many outcomes it decided. */
+int moat_pool_cancel_owner(moat_pool_t *pool, uint64_t owner,
+                           moat_atom_t reason, unsigned flags);
+
+typedef struct moat_pool_stats_s {
+    uint64_t queued;    /* waiting for a thread now */
+    uint64_t running;   /* on a thread now, abandoned ones excluded */
+    uint64_t completed; /* ended with a result */
+    uint64_t failed;    /* ended with an exit reason of their own */
+    uint64_t cancelled; /* ended by cancellation or pool stop */
+    uint64_t timeouts;  /* ended by their deadline */
+    uint64_t rejected;  /* refused: overloaded */
+    uint64_t abandoned; /* still running after their outcome, now */
+    uint64_t threads;   /* worker threads alive, now */
+    uint64_t restarts;  /* native supervisor restarts */
+} moat_pool_stats_t;
+
+void moat_pool_stats(moat_pool_t *pool, moat_pool_stats_t *stats);
+
+/* -------------------------------------------------- processes and signals */
+
+/*
+ * Native processes mirror BEAM processes (REFERENCE.md §1).  Three kinds:
+ * an external process is driven by a thread outside the pool (a test, or a
+ * transport standing for a BEAM process) that calls moat_proc_receive; a task
+ * process is a task that used its own id; a server is callback-driven and
+ * runs on pool threads only while it has messages.
+ *
+ * Calls naming a `self` act as that process would (its trap_exit flag
+ * decides E1, it is the sender of exit/2).  Any thread may call them.
+ */
+
+typedef enum {
+    MOAT_MSG_USER = 1, /* term: the message */
+    MOAT_MSG_EXIT,     /* {'EXIT', from, term} */
+    MOAT_MSG_DOWN      /* {'DOWN', ref, process, from, term} */
+} moat_msg_kind_t;
+
+typedef struct moat_msg_s {
+    struct moat_msg_s *next;
+    moat_msg_kind_t kind;
+    moat_pid_t from;
+    uint64_t ref;
+    moat_term_t *term;
+} moat_msg_t;
+
+void moat_msg_free(moat_msg_t *msg);
+
+/* Makes an external process.  It lives until moat_proc_close or an exit
+ * signal ends it. */
+int moat_proc_open(moat_pool_t *pool, moat_pid_t *pid);
+
+/* The process ends itself with `reason` (exit/1).  A process is freed the
+ * moment it dies, whatever killed it; closing one that is already dead
+ * returns MOAT_EDEAD and does nothing. */
+int moat_proc_close(moat_pool_t *pool, moat_pid_t self, moat_term_t *reason);
+
+/* 1 if alive, 0 if not. */
+int moat_proc_alive(moat_pool_t *pool, moat_pid_t pid);
+
+/* Waits up to timeout_ms (-1: forever, 0: poll) for the first message of an
+ * external process.  Returns 0 and *msg (free it with moat_msg_free),
+ * MOAT_ETIMEDOUT, or MOAT_EDEAD when the process is dead (its remaining
+ * messages are discarded). */
+int moat_proc_receive(moat_pool_t *pool, moat_pid_t self, int timeout_ms,
+                 moat_msg_t **msg);
+
+/* Spawns a task process running `fn(args)` on the pool, optionally linked
+ * to (MOAT_SPAWN_LINK) and/or monitored by (MOAT_SPAWN_MONITOR) `parent`
+ * atomically: there is no window in which it runs unlinked.  Its exit
+ * reason is `normal` when fn returns MOAT_OK, else its outcome's reason.
+ * On success the args belong to the pool; on failure the caller keeps
+ * them.  Counts toward max_queue like a submitted task. */
+int moat_proc_spawn(moat_pool_t *pool, moat_pid_t parent, moat_task_fn fn,
+               moat_term_t *args, unsigned flags, moat_pid_t *pid,
+               uint64_t *mref);
+
+int moat_proc_link(moat_pool_t *pool, moat_pid_t self, moat_pid_t other);
+int moat_proc_unlink(moat_pool_t *pool, moat_pid_t self, moat_pid_t other);
+int moat_proc_monitor(moat_pool_t *pool, moat_pid_t self, moat_pid_t target,
+                 uint64_t *mref);
+/* Returns 1 when the monitor was still active, 0 when not (E7 `info`). */
+int moat_proc_demonitor(moat_pool_t *pool, moat_pid_t self, uint64_t mref,
+                   unsigned flags);
+/* Sets the flag; returns its old value (0 or 1). */
+int moat_proc_trap_exit(moat_pool_t *pool, moat_pid_t self, int on);
+/* exit(to, reason) sent by `self` (0 for "from outside": seen as pid 0). */
+int moat_proc_exit(moat_pool_t *pool, moat_pid_t self, moat_pid_t to,
+              moat_term_t *reason);
+int moat_proc_send(moat_pool_t *pool, moat_pid_t self, moat_pid_t to,
+              moat_term_t *msg);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOAT_CORE_H */

@@ -1,0 +1,1028 @@
+/*
+ * pool.c: the worker pool, its run queue, tasks, owners and the
+ * housekeeping thread.
+ *
+ * DESIGN
+ *
+ * Threads.  N workers (default: online CPUs) serve one run queue: `sysq`
+ * (runnable native processes) first, then `jobs` (tasks, FIFO).  One more
+ * thread, the housekeeper, fires deadlines from a binary heap, starts
+ * replacement workers and joins retired ones.  Every pool thread is created
+ * with all signals blocked and is named "<pool>:<role><n>".
+ *
+ * Waking.  A condvar wake-up costs ~11 us across CPUs, five times the
+ * round-trip target, so an idle worker first spins (reading `nqueued`
+ * without the lock, with a pause instruction) for spin_us before it sleeps.
+ * At most max_spinners workers (half the pool, at least one) spin at once,
+ * so spinning never takes every CPU from the submitters.  A submit signals
+ * the condvar only when a worker sleeps and none spins; a worker that takes
+ * an item and sees more queued hands off to a sleeper the same way.  A busy
+ * pool therefore pays no wake-ups: workers find the next task on return.
+ *
+ * Outcomes.  Every task has one atomic claim (OPEN -> CLAIMED ->
+ * DELIVERED).  Whoever takes it (the worker returning from the body, a
+ * canceller, the deadline, the owner's death, pool stop) decides the
+ * outcome and calls the transport's complete callback once; a loser waits
+ * until the winner's callback has returned, so a caller that cancels knows
+ * no callback is still in flight.
+ *
+ * Abandoning.  A running task whose outcome came from elsewhere cannot be
+ * preempted: its stop flag is set and its thread is left to finish it.  So
+ * that the pool keeps serving, the housekeeper starts a replacement worker
+ * (at most max_abandoned beyond N); when the abandoned body returns, its
+ * thread retires if the pool has enough serving workers, else serves on.
+ *
+ * Shutdown.  moat_pool_stop refuses new work, ends every queued and
+ * running task with `shutdown`, ends every native process, wakes everyone,
+ * joins the workers (waiting for abandoned bodies to return), then stops
+ * and joins the housekeeper.
+ *
+ * Lock order is in internal.h.  Task memory is reference-counted: the run
+ * queue or the worker holds one reference, the caller's handle one, an
+ * armed deadline one.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define DEFAULT_MAX_QUEUE 65536
+/* Long enough to catch the next submit of a caller in a round-trip loop
+ * (a few us), short enough that an idle pool goes quiet at once. */
+#define DEFAULT_SPIN_US 50
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#else
+    sched_yield();
+#endif
+}
+
+/* ------------------------------------------------------------- threads */
+
+static void thread_setup(moat_pool_t *pool, const char *role, unsigned n) {
+    char name[48];
+    snprintf(name, sizeof name, "%s:%s%u", pool->name, role, n);
+    name[15] = '\0'; /* the kernel's limit for a thread name */
+    pthread_setname_np(pthread_self(), name);
+    if (pool->opts.thread_start != NULL)
+        pool->opts.thread_start(pool->opts.data);
+}
+
+static void thread_teardown(moat_pool_t *pool) {
+    if (pool->opts.thread_stop != NULL)
+        pool->opts.thread_stop(pool->opts.data);
+}
+
+/* Creates a thread with every signal blocked from its first instruction
+ * (it inherits the mask in force while it is created). */
+static int spawn_thread(uv_thread_t *tid, void (*fn)(void *), void *arg) {
+    sigset_t all, old;
+    int rc;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = uv_thread_create(tid, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
+}
+
+static void worker_main(void *arg);
+
+/* Starts one more worker.  thr_lock held. */
+static int add_worker(moat_pool_t *pool) {
+    moat__worker_t *w;
+    int rc;
+    if (pool->nworkers == pool->capworkers) {
+        unsigned cap = pool->capworkers ? pool->capworkers * 2 : 8;
+        moat__worker_t **ws = realloc(pool->workers, cap * sizeof *ws);
+        if (ws == NULL)
+            return -ENOMEM;
+        pool->workers = ws;
+        pool->capworkers = cap;
+    }
+    w = calloc(1, sizeof *w);
+    if (w == NULL)
+        return -ENOMEM;
+    w->pool = pool;
+    w->index = pool->nworkers;
+    rc = spawn_thread(&w->tid, worker_main, w);
+    if (rc != 0) {
+        free(w);
+        return rc;
+    }
+    pool->workers[pool->nworkers++] = w;
+    pool->serving++;
+    return 0;
+}
+
+/* Tells the housekeeper there is thread work.  The flag, set under the
+ * lock it waits with, makes the poke stick even when the housekeeper is
+ * busy elsewhere at that moment. */
+static void hk_poke(moat_pool_t *pool) {
+    uv_mutex_lock(&pool->timer_lock);
+    pool->hk_work = 1;
+    uv_cond_signal(&pool->timer_cond);
+    uv_mutex_unlock(&pool->timer_lock);
+}
+
+/* A running task was abandoned: its thread no longer serves. */
+static void abandon_thread(moat_pool_t *pool) {
+    int poke = 0;
+    atomic_fetch_add(&pool->n_abandoned, 1);
+    uv_mutex_lock(&pool->thr_lock);
+    pool->serving--;
+    if (pool->extra < pool->opts.max_abandoned &&
+        !atomic_load(&pool->stopping)) {
+        pool->extra++;
+        pool->want_spawn++;
+        poke = 1;
+    }
+    uv_mutex_unlock(&pool->thr_lock);
+    if (poke)
+        hk_poke(pool);
+}
+
+/* An abandoned body returned.  Returns 1 when its thread should retire. */
+static int rejoin_thread(moat_pool_t *pool) {
+    int retire;
+    atomic_fetch_sub(&pool->n_abandoned, 1);
+    uv_mutex_lock(&pool->thr_lock);
+    retire = pool->serving >= pool->opts.nthreads;
+    if (retire)
+        pool->extra--;
+    else
+        pool->serving++;
+    uv_mutex_unlock(&pool->thr_lock);
+    return retire;
+}
+
+/* ---------------------------------------------------------------- timers */
+
+static int heap_less(moat__timer_t *a, moat__timer_t *b) {
+    return a->due_ns < b->due_ns;
+}
+
+static void heap_set(moat_pool_t *pool, unsigned i, moat__timer_t *t) {
+    pool->heap[i] = t;
+    t->idx = (int)i;
+}
+
+static void heap_up(moat_pool_t *pool, unsigned i) {
+    moat__timer_t *t = pool->heap[i];
+    while (i > 0) {
+        unsigned parent = (i - 1) / 2;
+        if (!heap_less(t, pool->heap[parent]))
+            break;
+        heap_set(pool, i, pool->heap[parent]);
+        i = parent;
+    }
+    heap_set(pool, i, t);
+}
+
+static void heap_down(moat_pool_t *pool, unsigned i) {
+    moat__timer_t *t = pool->heap[i];
+    for (;;) {
+        unsigned c = 2 * i + 1;
+        if (c >= pool->nheap)
+            break;
+        if (c + 1 < pool->nheap && heap_less(pool->heap[c + 1], pool->heap[c]))
+            c++;
+        if (!heap_less(pool->heap[c], t))
+            break;
+        heap_set(pool, i, pool->heap[c]);
+        i = c;
+    }
+    heap_set(pool, i, t);
+}
+
+static void heap_remove(moat_pool_t *pool, moat__timer_t *t) {
+    unsigned i = (unsigned)t->idx;
+    moat__timer_t *last = pool->heap[--pool->nheap];
+    t->idx = -1;
+    if (last == t)
+        return;
+    heap_set(pool, i, last);
+    heap_up(pool, i);
+    heap_down(pool, (unsigned)last->idx);
+}
+
+void moat__timer_start(moat_pool_t *pool, moat__timer_t *timer, int64_t ms) {
+    int first;
+    timer->due_ns = uv_hrtime() + (uint64_t)ms * 1000000u;
+    uv_mutex_lock(&pool->timer_lock);
+    if (pool->nheap == pool->capheap) {
+        unsigned cap = pool->capheap ? pool->capheap * 2 : 64;
+        moat__timer_t **h = realloc(pool->heap, cap * sizeof *h);
+        if (h == NULL) {
+            /* No memory for the heap: fire at once rather than never, so
+             * the deadline's promise (an outcome by then) still holds. */
+            uv_mutex_unlock(&pool->timer_lock);
+            timer->idx = -1;
+            timer->cb(timer);
+            return;
+        }
+        pool->heap = h;
+        pool->capheap = cap;
+    }
+    pool->heap[pool->nheap] = timer;
+    timer->idx = (int)pool->nheap++;
+    heap_up(pool, (unsigned)timer->idx);
+    first = timer->idx == 0;
+    if (first)
+        uv_cond_signal(&pool->timer_cond);
+    uv_mutex_unlock(&pool->timer_lock);
+}
+
+int moat__timer_stop(moat_pool_t *pool, moat__timer_t *timer) {
+    int armed;
+    uv_mutex_lock(&pool->timer_lock);
+    armed = timer->idx >= 0;
+    if (armed)
+        heap_remove(pool, timer);
+    uv_mutex_unlock(&pool->timer_lock);
+    return armed;
+}
+
+/* Starts wanted workers and joins retired ones.  Housekeeper only. */
+static void hk_threads(moat_pool_t *pool) {
+    uv_mutex_lock(&pool->thr_lock);
+    while (pool->want_spawn > 0 && !atomic_load(&pool->stopping)) {
+        pool->want_spawn--;
+        if (add_worker(pool) != 0)
+            pool->extra--; /* retried at the next abandonment */
+    }
+    for (unsigned i = 0; i < pool->nworkers;) {
+        moat__worker_t *w = pool->workers[i];
+        if (!w->exited) {
+            i++;
+            continue;
+        }
+        pool->workers[i] = pool->workers[--pool->nworkers];
+        uv_mutex_unlock(&pool->thr_lock);
+        uv_thread_join(&w->tid);
+        free(w);
+        uv_mutex_lock(&pool->thr_lock);
+    }
+    uv_mutex_unlock(&pool->thr_lock);
+}
+
+static void hk_main(void *arg) {
+    moat_pool_t *pool = arg;
+    thread_setup(pool, "hk", 0);
+    uv_mutex_lock(&pool->timer_lock);
+    while (!pool->hk_stop) {
+        uint64_t now;
+        if (pool->hk_work) {
+            pool->hk_work = 0;
+            uv_mutex_unlock(&pool->timer_lock);
+            hk_threads(pool);
+            uv_mutex_lock(&pool->timer_lock);
+            continue;
+        }
+        now = uv_hrtime();
+        if (pool->nheap > 0 && pool->heap[0]->due_ns <= now) {
+            moat__timer_t *t = pool->heap[0];
+            heap_remove(pool, t);
+            uv_mutex_unlock(&pool->timer_lock);
+            t->cb(t);
+            uv_mutex_lock(&pool->timer_lock);
+        } else if (pool->nheap > 0) {
+            uv_cond_timedwait(&pool->timer_cond, &pool->timer_lock,
+                              pool->heap[0]->due_ns - now);
+        } else {
+            uv_cond_wait(&pool->timer_cond, &pool->timer_lock);
+        }
+    }
+    uv_mutex_unlock(&pool->timer_lock);
+    thread_teardown(pool);
+}
+
+/* ---------------------------------------------------------------- owners */
+
+struct moat__owner_s {
+    moat__owner_t *next;
+    uint64_t key;
+    moat__node_t tasks;
+};
+
+static moat__stripe_t *stripe_of(moat_pool_t *pool, uint64_t key) {
+    /* Owners are pids or pointers: mix the bits before taking a stripe. */
+    key ^= key >> 33;
+    key *= 0xff51afd7ed558ccdULL;
+    key ^= key >> 33;
+    return &pool->stripes[key % MOAT__OWNER_STRIPES];
+}
+
+/* Stripe lock held. */
+static moat__owner_t **owner_find(moat__stripe_t *s, uint64_t key) {
+    moat__owner_t **p = &s->owners;
+    while (*p != NULL && (*p)->key != key)
+        p = &(*p)->next;
+    return p;
+}
+
+static int owner_add(moat_pool_t *pool, moat_task_t *t) {
+    moat__stripe_t *s = stripe_of(pool, t->owner);
+    moat__owner_t **p, *o;
+    uv_mutex_lock(&s->lock);
+    p = owner_find(s, t->owner);
+    o = *p;
+    if (o == NULL) {
+        o = malloc(sizeof *o);
+        if (o == NULL) {
+            uv_mutex_unlock(&s->lock);
+            return -ENOMEM;
+        }
+        o->key = t->owner;
+        o->next = NULL;
+        moat__list_init(&o->tasks);
+        *p = o;
+    }
+    /* Newest first: cancel_owner then ends queued tasks before it abandons
+     * a running one, whose replacement thread would otherwise run them. */
+    moat__list_push_front(&o->tasks, &t->onode);
+    t->orec = o;
+    uv_mutex_unlock(&s->lock);
+    return 0;
+}
+
+static void owner_remove(moat_pool_t *pool, moat_task_t *t) {
+    moat__stripe_t *s;
+    moat__owner_t **p;
+    if (t->owner == 0)
+        return;
+    s = stripe_of(pool, t->owner);
+    uv_mutex_lock(&s->lock);
+    if (t->orec != NULL) {
+        moat__list_remove(&t->onode);
+        if (moat__list_empty(&t->orec->tasks)) {
+            p = owner_find(s, t->owner);
+            *p = t->orec->next;
+            free(t->orec);
+        }
+        t->orec = NULL;
+    }
+    uv_mutex_unlock(&s->lock);
+}
+
+/* ----------------------------------------------------------------- tasks */
+
+static void task_free(moat_task_t *t) {
+    moat_term_unref(t->args);
+    free(t->errmsg);
+    free(t);
+}
+
+void moat__task_unref(moat_task_t *t) {
+    if (atomic_fetch_sub(&t->refs, 1) == 1)
+        task_free(t);
+}
+
+static int claim(moat_task_t *t) {
+    int open = MOAT__OPEN;
+    if (atomic_compare_exchange_strong(&t->claim, &open, MOAT__CLAIMED))
+        return 1;
+    /* Lost: the winner's callback may still be running; it is short. */
+    while (atomic_load(&t->claim) != MOAT__DELIVERED)
+        sched_yield();
+    return 0;
+}
+
+/* The claim is ours: tidy up and call back once. */
+static void deliver(moat_task_t *t, int kind, moat_term_t *term,
+                    unsigned flags, atomic_uint_fast64_t *stat) {
+    moat_pool_t *pool = t->pool;
+    if (moat__timer_stop(pool, &t->timer))
+        moat__task_unref(t); /* the deadline's reference */
+    owner_remove(pool, t);
+    if (stat != NULL)
+        atomic_fetch_add(stat, 1);
+    if (!t->internal && !(flags & MOAT_CANCEL_SILENT)) {
+        moat_outcome_t o = {kind, term};
+        pool->opts.complete(t, &o, pool->opts.data);
+    }
+    atomic_store(&t->claim, MOAT__DELIVERED);
+}
+
+static atomic_uint_fast64_t *stat_for(moat_pool_t *pool, moat_term_t *r) {
+    return moat_term_is(r, MOAT_A_TIMEOUT) ? &pool->n_timeouts
+                                           : &pool->n_cancelled;
+}
+
+/* Ends a task from outside its body.  Returns 1 if this call decided. */
+static int end_from_outside(moat_task_t *t, moat_term_t *reason,
+                            unsigned flags) {
+    moat_pool_t *pool = t->pool;
+    int was_queued = 0, was_running = 0;
+    if (!claim(t))
+        return 0;
+    uv_mutex_lock(&pool->rq_lock);
+    if (t->where == MOAT__QUEUED) {
+        moat__list_remove(&t->qnode);
+        pool->njobs--;
+        atomic_fetch_sub(&pool->nqueued, 1);
+        t->where = MOAT__DONE;
+        was_queued = 1;
+    } else if (t->where == MOAT__RUNNING && !t->abandoned) {
+        t->abandoned = 1;
+        was_running = 1;
+    }
+    atomic_store(&t->stop, 1);
+    uv_mutex_unlock(&pool->rq_lock);
+    if (was_queued || was_running)
+        atomic_fetch_sub(&pool->admitted, 1);
+    if (was_running)
+        abandon_thread(pool);
+    deliver(t, MOAT_EXIT, reason, flags, stat_for(pool, reason));
+    moat__proc_task_done(pool, t, reason);
+    if (was_queued)
+        moat__task_unref(t); /* the run queue's reference */
+    return 1;
+}
+
+int moat__task_end(moat_task_t *t, moat_term_t *reason, unsigned flags) {
+    return end_from_outside(t, reason, flags);
+}
+
+static void deadline_fired(moat__timer_t *timer) {
+    moat_task_t *t = MOAT__CONTAINER(timer, moat_task_t, timer);
+    end_from_outside(t, moat_atom(MOAT_A_TIMEOUT), 0);
+    moat__task_unref(t); /* the deadline's reference */
+}
+
+int moat_task_cancel(moat_task_t *task, moat_atom_t reason, unsigned flags) {
+    return end_from_outside(task, moat_atom(reason), flags);
+}
+
+uint64_t moat_task_id(const moat_task_t *task) { return task->id; }
+void *moat_task_data(const moat_task_t *task) { return task->data; }
+void moat_task_release(moat_task_t *task) { moat__task_unref(task); }
+
+int moat_pool_cancel_owner(moat_pool_t *pool, uint64_t owner,
+                           moat_atom_t reason, unsigned flags) {
+    moat__stripe_t *s = stripe_of(pool, owner);
+    int n = 0;
+    if (owner == 0)
+        return MOAT_EINVAL;
+    /* One task at a time: each end removes it from the owner's list (the
+     * winner of its claim does, before DELIVERED), so the loop ends. */
+    for (;;) {
+        moat__owner_t *o;
+        moat_task_t *t;
+        uv_mutex_lock(&s->lock);
+        o = *owner_find(s, owner);
+        if (o == NULL) {
+            uv_mutex_unlock(&s->lock);
+            return n;
+        }
+        t = MOAT__CONTAINER(o->tasks.next, moat_task_t, onode);
+        atomic_fetch_add(&t->refs, 1);
+        uv_mutex_unlock(&s->lock);
+        n += end_from_outside(t, moat_atom(reason), flags);
+        moat__task_unref(t);
+    }
+}
+
+/* Takes `n` admission slots or as many as remain.  Returns how many. */
+static size_t admit(moat_pool_t *pool, size_t n) {
+    uint_fast64_t cur = atomic_load(&pool->admitted), take;
+    do {
+        if (cur >= pool->max_admitted)
+            return 0;
+        take = pool->max_admitted - cur;
+        if (take > n)
+            take = n;
+    } while (!atomic_compare_exchange_weak(&pool->admitted, &cur, cur + take));
+    return (size_t)take;
+}
+
+static moat_task_t *task_make(moat_pool_t *pool, const moat_job_t *job,
+                              int internal, int handle) {
+    moat_task_t *t = calloc(1, sizeof *t);
+    if (t == NULL)
+        return NULL;
+    t->ctx.api = &moat__task_api;
+    t->pool = pool;
+    moat__list_init(&t->qnode);
+    moat__list_init(&t->onode);
+    t->timer.idx = -1;
+    t->timer.cb = deadline_fired;
+    t->fn = job->fn;
+    t->name = job->name;
+    t->lib = job->lib;
+    t->owner = job->owner;
+    t->data = job->data;
+    t->internal = internal;
+    t->id = atomic_fetch_add(&pool->seq, 1) + 1;
+    atomic_init(&t->refs, 1 + (handle ? 1 : 0) + (job->timeout_ms >= 0));
+    atomic_init(&t->claim, MOAT__OPEN);
+    atomic_init(&t->stop, 0);
+    if (t->owner != 0 && owner_add(pool, t) != 0) {
+        free(t);
+        return NULL;
+    }
+    return t;
+}
+
+/* Undoes task_make for a task that was never queued (args stay the
+ * caller's). */
+static void task_unmake(moat_task_t *t) {
+    owner_remove(t->pool, t);
+    free(t);
+}
+
+static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
+                       moat_task_t **out, int internal, int *err) {
+    moat_task_t *stack[64];
+    moat_task_t **ts = n <= 64 ? stack : malloc(n * sizeof *ts);
+    size_t k = 0, taken;
+    int wake;
+    *err = 0;
+    if (ts == NULL) {
+        *err = -ENOMEM;
+        return 0;
+    }
+    if (atomic_load(&pool->stopping)) {
+        *err = MOAT_ECLOSED;
+        goto done;
+    }
+    taken = admit(pool, n);
+    if (taken < n)
+        atomic_fetch_add(&pool->n_rejected, n - taken);
+    if (taken == 0) {
+        *err = MOAT_EOVERLOADED;
+        goto done;
+    }
+    for (; k < taken; k++) {
+        ts[k] = task_make(pool, &jobs[k], internal, out != NULL);
+        if (ts[k] == NULL)
+            break;
+    }
+    if (k < taken) {
+        atomic_fetch_sub(&pool->admitted, taken - k);
+        if (k == 0) {
+            *err = -ENOMEM;
+            goto done;
+        }
+    }
+    uv_mutex_lock(&pool->rq_lock);
+    if (atomic_load(&pool->stopping)) {
+        uv_mutex_unlock(&pool->rq_lock);
+        atomic_fetch_sub(&pool->admitted, k);
+        while (k > 0)
+            task_unmake(ts[--k]);
+        *err = MOAT_ECLOSED;
+        goto done;
+    }
+    for (size_t i = 0; i < k; i++) {
+        ts[i]->args = jobs[i].args; /* accepted: the args are ours now */
+        ts[i]->where = MOAT__QUEUED;
+        moat__list_push(&pool->jobs, &ts[i]->qnode);
+    }
+    pool->njobs += k;
+    atomic_fetch_add(&pool->nqueued, k);
+    wake = pool->nsleeping > 0 && atomic_load(&pool->nspinning) == 0;
+    uv_mutex_unlock(&pool->rq_lock);
+    if (wake)
+        uv_cond_signal(&pool->rq_cond);
+    /* Deadlines are armed after queueing: a task that ends first leaves an
+     * armed timer holding its own reference until it fires. */
+    for (size_t i = 0; i < k; i++) {
+        if (jobs[i].timeout_ms >= 0)
+            moat__timer_start(pool, &ts[i]->timer, jobs[i].timeout_ms);
+        if (out != NULL)
+            out[i] = ts[i];
+    }
+done:
+    if (ts != stack)
+        free(ts);
+    return k;
+}
+
+int moat_pool_submit(moat_pool_t *pool, const moat_job_t *job,
+                     moat_task_t **task) {
+    int err;
+    if (pool == NULL || job == NULL || job->fn == NULL || job->args == NULL)
+        return MOAT_EINVAL;
+    return submit_n(pool, job, 1, task, 0, &err) == 1 ? 0 : err;
+}
+
+int moat_pool_submit_batch(moat_pool_t *pool, const moat_job_t *jobs,
+                           size_t n, moat_task_t **tasks) {
+    int err;
+    size_t k;
+    if (pool == NULL || jobs == NULL || n == 0 || n > INT32_MAX)
+        return MOAT_EINVAL;
+    for (size_t i = 0; i < n; i++)
+        if (jobs[i].fn == NULL || jobs[i].args == NULL)
+            return MOAT_EINVAL;
+    k = submit_n(pool, jobs, n, tasks, 0, &err);
+    return k > 0 ? (int)k : err;
+}
+
+int moat__task_prepare(moat_pool_t *pool, const moat_job_t *job,
+                       moat_task_t **out) {
+    moat_task_t *t;
+    if (atomic_load(&pool->stopping))
+        return MOAT_ECLOSED;
+    if (admit(pool, 1) == 0) {
+        atomic_fetch_add(&pool->n_rejected, 1);
+        return MOAT_EOVERLOADED;
+    }
+    t = task_make(pool, job, 1, 1);
+    if (t == NULL) {
+        atomic_fetch_sub(&pool->admitted, 1);
+        return -ENOMEM;
+    }
+    t->args = job->args;
+    *out = t;
+    return 0;
+}
+
+void moat__task_queue(moat_task_t *t) {
+    moat_pool_t *pool = t->pool;
+    int wake;
+    uv_mutex_lock(&pool->rq_lock);
+    if (atomic_load(&pool->stopping)) {
+        uv_mutex_unlock(&pool->rq_lock);
+        atomic_fetch_sub(&pool->admitted, 1);
+        end_from_outside(t, moat_atom(MOAT_A_SHUTDOWN), 0);
+        moat__task_unref(t); /* the run reference */
+        return;
+    }
+    t->where = MOAT__QUEUED;
+    moat__list_push(&pool->jobs, &t->qnode);
+    pool->njobs++;
+    atomic_fetch_add(&pool->nqueued, 1);
+    wake = pool->nsleeping > 0 && atomic_load(&pool->nspinning) == 0;
+    uv_mutex_unlock(&pool->rq_lock);
+    if (wake)
+        uv_cond_signal(&pool->rq_cond);
+}
+
+/* Runs a task body and builds its outcome.  Returns the term (never NULL)
+ * and sets *kind. */
+static moat_term_t *run_body(moat_task_t *t, int *kind) {
+    ei_x_buff x;
+    size_t alen;
+    const char *a = moat_term_data(t->args, &alen);
+    moat_term_t *term = NULL;
+    int rc;
+    *kind = MOAT_EXIT;
+    if (ei_x_new_with_version(&x) != 0)
+        return moat_atom(MOAT_A_ENOMEM);
+    rc = t->fn(&t->ctx, a, (int)alen, &x);
+    if (rc == MOAT_OK || rc == MOAT_EXIT) {
+        if (moat_etf_check(x.buff, (size_t)x.index) == 0) {
+            term = moat_term_from_x(&x);
+            *kind = rc;
+        } else {
+            static const char m[] = "task returned a malformed term";
+            term = moat_term_tagged_binary("native_error", m, sizeof m - 1);
+        }
+    } else if (rc == MOAT_ERROR) {
+        const char *m = t->errmsg != NULL ? t->errmsg : "error";
+        term = moat_term_tagged_binary("native_error", m, strlen(m));
+    } else {
+        static const char m[] = "task returned an unknown status";
+        term = moat_term_tagged_binary("native_error", m, sizeof m - 1);
+    }
+    ei_x_free(&x);
+    return term != NULL ? term : moat_atom(MOAT_A_ENOMEM);
+}
+
+/* Runs a task the worker took from the queue.  Returns 1 when the worker
+ * should retire (it was abandoned and the pool has enough threads). */
+static int run_task(moat__worker_t *w, moat_task_t *t) {
+    moat_pool_t *pool = w->pool;
+    int kind, abandoned, retire = 0;
+    moat_term_t *term = run_body(t, &kind);
+    uv_mutex_lock(&pool->rq_lock);
+    abandoned = t->abandoned;
+    t->where = MOAT__DONE;
+    w->current = NULL;
+    uv_mutex_unlock(&pool->rq_lock);
+    if (abandoned)
+        retire = rejoin_thread(pool);
+    else
+        atomic_fetch_sub(&pool->admitted, 1);
+    if (claim(t)) {
+        deliver(t, kind, term, 0,
+                kind == MOAT_OK ? &pool->n_completed : &pool->n_failed);
+        /* Only this thread sets t->pid, so it may read it unlocked. */
+        if (t->pid != 0)
+            moat__proc_task_done(pool, t,
+                                 kind == MOAT_OK ? moat_atom(MOAT_A_NORMAL)
+                                                 : term);
+    }
+    moat_term_unref(term);
+    moat__task_unref(t); /* the worker's (was the queue's) reference */
+    return retire;
+}
+
+static void worker_main(void *arg) {
+    moat__worker_t *w = arg;
+    moat_pool_t *pool = w->pool;
+    thread_setup(pool, "w", w->index);
+    for (;;) {
+        moat__node_t *n;
+        int sys, spun = 0;
+        uv_mutex_lock(&pool->rq_lock);
+        for (;;) {
+            if (!moat__list_empty(&pool->sysq)) {
+                n = pool->sysq.next;
+                sys = 1;
+                break;
+            }
+            if (!moat__list_empty(&pool->jobs)) {
+                n = pool->jobs.next;
+                sys = 0;
+                break;
+            }
+            if (atomic_load(&pool->stopping))
+                goto out;
+            if (!spun && atomic_load(&pool->nspinning) < pool->max_spinners) {
+                uint64_t end = uv_hrtime() + pool->spin_ns;
+                unsigned i = 0;
+                atomic_fetch_add(&pool->nspinning, 1);
+                uv_mutex_unlock(&pool->rq_lock);
+                while (atomic_load_explicit(&pool->nqueued,
+                                            memory_order_acquire) == 0 &&
+                       !atomic_load(&pool->stopping)) {
+                    cpu_relax();
+                    if ((++i & 63) == 0 && uv_hrtime() >= end)
+                        break;
+                }
+                atomic_fetch_sub(&pool->nspinning, 1);
+                uv_mutex_lock(&pool->rq_lock);
+                spun = 1;
+                continue;
+            }
+            pool->nsleeping++;
+            uv_cond_wait(&pool->rq_cond, &pool->rq_lock);
+            pool->nsleeping--;
+            spun = 0;
+        }
+        moat__list_remove(n);
+        if (atomic_fetch_sub(&pool->nqueued, 1) > 1 && pool->nsleeping > 0 &&
+            atomic_load(&pool->nspinning) == 0)
+            uv_cond_signal(&pool->rq_cond);
+        if (sys) {
+            uv_mutex_unlock(&pool->rq_lock);
+            moat__sysitem_t *item = MOAT__CONTAINER(n, moat__sysitem_t, node);
+            item->run(item);
+        } else {
+            moat_task_t *t = MOAT__CONTAINER(n, moat_task_t, qnode);
+            t->where = MOAT__RUNNING;
+            pool->njobs--;
+            w->current = t;
+            uv_mutex_unlock(&pool->rq_lock);
+            if (run_task(w, t))
+                break;
+        }
+    }
+    if (0) {
+out:
+        uv_mutex_unlock(&pool->rq_lock);
+    }
+    thread_teardown(pool);
+    uv_mutex_lock(&pool->thr_lock);
+    w->exited = 1;
+    uv_mutex_unlock(&pool->thr_lock);
+    hk_poke(pool);
+}
+
+void moat__pool_ready_sys(moat_pool_t *pool, moat__sysitem_t *item) {
+    int wake;
+    uv_mutex_lock(&pool->rq_lock);
+    moat__list_push(&pool->sysq, &item->node);
+    atomic_fetch_add(&pool->nqueued, 1);
+    wake = pool->nsleeping > 0 && atomic_load(&pool->nspinning) == 0;
+    uv_mutex_unlock(&pool->rq_lock);
+    if (wake)
+        uv_cond_signal(&pool->rq_cond);
+}
+
+/* ------------------------------------------------------------- lifecycle */
+
+static unsigned online_cpus(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (unsigned)n : 1;
+}
+
+static void pool_destroy_sync(moat_pool_t *pool, int stage) {
+    /* Each stage is the number of objects initialised, in pool_new's
+     * order; undone in reverse. */
+    if (stage >= 5)
+        moat__proc_table_free(pool);
+    if (stage >= 4)
+        for (unsigned i = 0; i < MOAT__OWNER_STRIPES; i++)
+            uv_mutex_destroy(&pool->stripes[i].lock);
+    if (stage >= 3) {
+        uv_mutex_destroy(&pool->timer_lock);
+        uv_cond_destroy(&pool->timer_cond);
+    }
+    if (stage >= 2)
+        uv_mutex_destroy(&pool->thr_lock);
+    if (stage >= 1) {
+        uv_mutex_destroy(&pool->rq_lock);
+        uv_cond_destroy(&pool->rq_cond);
+    }
+}
+
+int moat_pool_new(const moat_pool_opts_t *opts, moat_pool_t **out) {
+    moat_pool_t *pool;
+    int rc, stage = 0;
+    if (opts == NULL || opts->complete == NULL || out == NULL)
+        return MOAT_EINVAL;
+    pool = calloc(1, sizeof *pool);
+    if (pool == NULL)
+        return -ENOMEM;
+    pool->opts = *opts;
+    if (pool->opts.nthreads == 0)
+        pool->opts.nthreads = online_cpus();
+    if (pool->opts.max_queue == 0)
+        pool->opts.max_queue = DEFAULT_MAX_QUEUE;
+    if (pool->opts.max_abandoned == 0)
+        pool->opts.max_abandoned = pool->opts.nthreads;
+    if (pool->opts.spin_us == 0)
+        pool->opts.spin_us = DEFAULT_SPIN_US;
+    snprintf(pool->name, sizeof pool->name, "%s",
+             opts->name != NULL ? opts->name : "moat");
+    pool->opts.name = pool->name;
+    pool->max_spinners = pool->opts.nthreads / 2 > 0 ? pool->opts.nthreads / 2
+                                                     : 1;
+    pool->spin_ns = (uint64_t)pool->opts.spin_us * 1000u;
+    pool->max_admitted =
+        (uint64_t)pool->opts.nthreads + (uint64_t)pool->opts.max_queue;
+    moat__list_init(&pool->jobs);
+    moat__list_init(&pool->sysq);
+
+    if ((rc = uv_mutex_init(&pool->rq_lock)) != 0)
+        goto fail;
+    if ((rc = uv_cond_init(&pool->rq_cond)) != 0) {
+        uv_mutex_destroy(&pool->rq_lock);
+        goto fail;
+    }
+    stage = 1;
+    if ((rc = uv_mutex_init(&pool->thr_lock)) != 0)
+        goto fail;
+    stage = 2;
+    if ((rc = uv_mutex_init(&pool->timer_lock)) != 0)
+        goto fail;
+    if ((rc = uv_cond_init(&pool->timer_cond)) != 0) {
+        uv_mutex_destroy(&pool->timer_lock);
+        goto fail;
+    }
+    stage = 3;
+    for (unsigned i = 0; i < MOAT__OWNER_STRIPES; i++) {
+        if ((rc = uv_mutex_init(&pool->stripes[i].lock)) != 0) {
+            while (i > 0)
+                uv_mutex_destroy(&pool->stripes[--i].lock);
+            goto fail;
+        }
+    }
+    stage = 4;
+    if ((rc = moat__proc_table_init(pool)) != 0)
+        goto fail;
+    stage = 5;
+
+    if ((rc = spawn_thread(&pool->hk_tid, hk_main, pool)) != 0)
+        goto fail;
+    pool->hk_started = 1;
+    uv_mutex_lock(&pool->thr_lock);
+    for (unsigned i = 0; i < pool->opts.nthreads && rc == 0; i++)
+        rc = add_worker(pool);
+    uv_mutex_unlock(&pool->thr_lock);
+    if (rc != 0) {
+        moat_pool_free(pool);
+        return rc;
+    }
+    *out = pool;
+    return 0;
+fail:
+    pool_destroy_sync(pool, stage);
+    free(pool);
+    return rc;
+}
+
+/* Ends the first queued task; 0 when none. */
+static int end_first_queued(moat_pool_t *pool) {
+    moat_task_t *t;
+    uv_mutex_lock(&pool->rq_lock);
+    if (moat__list_empty(&pool->jobs)) {
+        uv_mutex_unlock(&pool->rq_lock);
+        return 0;
+    }
+    t = MOAT__CONTAINER(pool->jobs.next, moat_task_t, qnode);
+    atomic_fetch_add(&t->refs, 1);
+    uv_mutex_unlock(&pool->rq_lock);
+    end_from_outside(t, moat_atom(MOAT_A_SHUTDOWN), 0);
+    moat__task_unref(t);
+    return 1;
+}
+
+/* Ends the first running task that is not abandoned yet; 0 when none. */
+static int end_first_running(moat_pool_t *pool) {
+    moat_task_t *t = NULL;
+    uv_mutex_lock(&pool->rq_lock);
+    uv_mutex_lock(&pool->thr_lock);
+    for (unsigned i = 0; i < pool->nworkers && t == NULL; i++) {
+        moat_task_t *c = pool->workers[i]->current;
+        if (c != NULL && !c->abandoned)
+            t = c;
+    }
+    uv_mutex_unlock(&pool->thr_lock);
+    if (t != NULL)
+        atomic_fetch_add(&t->refs, 1);
+    uv_mutex_unlock(&pool->rq_lock);
+    if (t == NULL)
+        return 0;
+    end_from_outside(t, moat_atom(MOAT_A_SHUTDOWN), 0);
+    moat__task_unref(t);
+    return 1;
+}
+
+void moat_pool_stop(moat_pool_t *pool) {
+    if (pool->stopped)
+        return;
+    pool->stopped = 1;
+    uv_mutex_lock(&pool->rq_lock);
+    atomic_store(&pool->stopping, 1);
+    uv_mutex_unlock(&pool->rq_lock);
+
+    moat__proc_shutdown_all(pool);
+    while (end_first_queued(pool))
+        ;
+    while (end_first_running(pool))
+        ;
+
+    uv_mutex_lock(&pool->rq_lock);
+    uv_cond_broadcast(&pool->rq_cond);
+    uv_mutex_unlock(&pool->rq_lock);
+
+    for (;;) {
+        moat__worker_t *w;
+        uv_mutex_lock(&pool->thr_lock);
+        if (pool->nworkers == 0) {
+            uv_mutex_unlock(&pool->thr_lock);
+            break;
+        }
+        w = pool->workers[--pool->nworkers];
+        uv_mutex_unlock(&pool->thr_lock);
+        uv_thread_join(&w->tid);
+        free(w);
+    }
+    uv_mutex_lock(&pool->timer_lock);
+    pool->hk_stop = 1;
+    uv_cond_signal(&pool->timer_cond);
+    uv_mutex_unlock(&pool->timer_lock);
+    if (pool->hk_started)
+        uv_thread_join(&pool->hk_tid);
+    pool->hk_started = 0;
+    /* Deadlines of tasks that ended before they fired. */
+    while (pool->nheap > 0) {
+        moat__timer_t *t = pool->heap[0];
+        heap_remove(pool, t);
+        moat__task_unref(MOAT__CONTAINER(t, moat_task_t, timer));
+    }
+}
+
+void moat_pool_free(moat_pool_t *pool) {
+    if (pool == NULL)
+        return;
+    moat_pool_stop(pool);
+    pool_destroy_sync(pool, 5);
+    free(pool->heap);
+    free(pool->workers);
+    free(pool);
+}
+
+void moat_pool_stats(moat_pool_t *pool, moat_pool_stats_t *st) {
+    uint64_t queued, admitted;
+    uv_mutex_lock(&pool->rq_lock);
+    queued = pool->njobs;
+    uv_mutex_unlock(&pool->rq_lock);
+    admitted = atomic_load(&pool->admitted);
+    st->queued = queued;
+    st->running = admitted > queued ? admitted - queued : 0;
+    st->completed = atomic_load(&pool->n_completed);
+    st->failed = atomic_load(&pool->n_failed);
+    st->cancelled = atomic_load(&pool->n_cancelled);
+    st->timeouts = atomic_load(&pool->n_timeouts);
+    st->rejected = atomic_load(&pool->n_rejected);
+    st->abandoned = atomic_load(&pool->n_abandoned);
+    st->restarts = atomic_load(&pool->n_restarts);
+    uv_mutex_lock(&pool->thr_lock);
+    st->threads = pool->nworkers;
+    uv_mutex_unlock(&pool->thr_lock);
+}

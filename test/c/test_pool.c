@@ -1,0 +1,627 @@
+/* test_pool.c: the worker pool: one outcome per task whatever ends it,
+ * overload as a value, cancellation, deadlines, owners, abandoned tasks,
+ * stop, stats and thread set-up. */
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "core_util.h"
+
+/* What the completion callback saw for one task. */
+typedef struct rec_s {
+    atomic_int outcomes;
+    atomic_int ready; /* set (release) once kind/term/id are written */
+    int kind;
+    moat_term_t *term;
+    uint64_t id;
+} rec_t;
+
+static atomic_int total_outcomes;
+
+static void record(moat_task_t *t, const moat_outcome_t *o, void *d) {
+    rec_t *r = moat_task_data(t);
+    (void)d;
+    if (atomic_fetch_add(&r->outcomes, 1) == 0) {
+        r->kind = o->kind;
+        r->term = moat_term_ref(o->term);
+        r->id = moat_task_id(t);
+        atomic_store_explicit(&r->ready, 1, memory_order_release);
+    }
+    atomic_fetch_add(&total_outcomes, 1);
+}
+
+static void rec_clear(rec_t *r, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        moat_term_unref(r[i].term);
+        r[i].term = NULL;
+    }
+}
+
+static moat_pool_t *pool_make(unsigned threads, unsigned max_queue) {
+    moat_pool_opts_t o = {0};
+    moat_pool_t *pool = NULL;
+    o.nthreads = threads;
+    o.max_queue = max_queue;
+    o.name = "tpool";
+    o.complete = record;
+    assert_int_equal(moat_pool_new(&o, &pool), 0);
+    atomic_store(&total_outcomes, 0);
+    return pool;
+}
+
+/* Waits (yielding) until `r` has had its outcome; bounded so that a lost
+ * outcome fails the test instead of hanging it. */
+static void wait_outcome(rec_t *r) {
+    for (long i = 0; !atomic_load_explicit(&r->ready, memory_order_acquire);
+         i++) {
+        assert_true(i < 200000000L);
+        sched_yield();
+    }
+}
+
+/* ------------------------------------------------------------- tasks */
+
+static atomic_int gate; /* tasks blocked on it run until it opens */
+
+static int t_ok(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    (void)c;
+    (void)a;
+    (void)n;
+    ei_x_encode_atom(out, "ok");
+    return MOAT_OK;
+}
+
+/* Echoes its argument list. */
+static int t_echo(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    (void)c;
+    out->index = 0;
+    return ei_x_append_buf(out, a, n) ? MOAT_ERROR : MOAT_OK;
+}
+
+static int t_gate(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    (void)c;
+    (void)a;
+    (void)n;
+    while (!atomic_load(&gate))
+        sched_yield();
+    ei_x_encode_atom(out, "late");
+    return MOAT_OK;
+}
+
+/* Waits for moat_should_stop, or the gate. */
+static int t_polite(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    (void)a;
+    (void)n;
+    while (!moat_should_stop(c) && !atomic_load(&gate))
+        sched_yield();
+    ei_x_encode_atom(out, "late");
+    return MOAT_OK;
+}
+
+static int t_fail(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    (void)a;
+    (void)n;
+    (void)out;
+    return moat_error(c, "bad %d", 42);
+}
+
+static int t_exit(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    (void)c;
+    (void)a;
+    (void)n;
+    ei_x_encode_atom(out, "my_reason");
+    return MOAT_EXIT;
+}
+
+static int t_badstatus(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    (void)c;
+    (void)a;
+    (void)n;
+    (void)out;
+    return 7;
+}
+
+static int t_malformed(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    (void)c;
+    (void)a;
+    (void)n;
+    ei_x_encode_tuple_header(out, 3); /* and no elements */
+    return MOAT_OK;
+}
+
+static moat_job_t job(moat_task_fn fn, void *data) {
+    moat_job_t j = {fn, "test", NULL, t_nil(), 0, -1, data};
+    return j;
+}
+
+static moat_task_t *submit(moat_pool_t *pool, moat_task_fn fn, rec_t *r,
+                           uint64_t owner, int64_t timeout_ms) {
+    moat_job_t j = job(fn, r);
+    moat_task_t *t = NULL;
+    j.owner = owner;
+    j.timeout_ms = timeout_ms;
+    assert_int_equal(moat_pool_submit(pool, &j, &t), 0);
+    return t;
+}
+
+/* Blocks every worker of the pool on the gate; returns once all run. */
+static void block_workers(moat_pool_t *pool, rec_t *r, unsigned n) {
+    moat_pool_stats_t st;
+    atomic_store(&gate, 0);
+    for (unsigned i = 0; i < n; i++)
+        moat_task_release(submit(pool, t_gate, &r[i], 0, -1));
+    do {
+        sched_yield();
+        moat_pool_stats(pool, &st);
+    } while (st.running < n);
+}
+
+/* ------------------------------------------------------------- cases */
+
+/* Each task's result reaches the callback once, with its kind and term. */
+static void test_pool_result_and_reasons(void **state) {
+    moat_pool_t *pool = pool_make(2, 0);
+    rec_t r[6] = {0};
+    moat_task_fn fns[6] = {t_ok, t_echo, t_fail, t_exit, t_badstatus,
+                           t_malformed};
+    moat_term_t *ok = t_atom("ok"), *mine = t_atom("my_reason"),
+                *nil = t_nil();
+    (void)state;
+    for (int i = 0; i < 6; i++)
+        moat_task_release(submit(pool, fns[i], &r[i], 0, -1));
+    for (int i = 0; i < 6; i++)
+        wait_outcome(&r[i]);
+    assert_int_equal(r[0].kind, MOAT_OK);
+    assert_true(moat_term_equal(r[0].term, ok));
+    assert_int_equal(r[1].kind, MOAT_OK);
+    assert_true(moat_term_equal(r[1].term, nil));
+    assert_int_equal(r[2].kind, MOAT_EXIT);
+    {
+        moat_term_t *e = moat_term_tagged_binary("native_error", "bad 42", 6);
+        assert_true(moat_term_equal(r[2].term, e));
+        moat_term_unref(e);
+    }
+    assert_int_equal(r[3].kind, MOAT_EXIT);
+    assert_true(moat_term_equal(r[3].term, mine));
+    for (int i = 4; i < 6; i++) {
+        assert_int_equal(r[i].kind, MOAT_EXIT);
+        assert_true(moat_term_is_abnormal(r[i].term));
+    }
+    moat_pool_free(pool);
+    for (int i = 0; i < 6; i++)
+        assert_int_equal(atomic_load(&r[i].outcomes), 1);
+    rec_clear(r, 6);
+    moat_term_unref(ok);
+    moat_term_unref(mine);
+    moat_term_unref(nil);
+}
+
+/* A full pool refuses with MOAT_EOVERLOADED, never blocks, and a refused
+ * task gets no callback; size + max_queue tasks are admitted. */
+static void test_pool_overload_is_a_value(void **state) {
+    moat_pool_t *pool = pool_make(1, 2);
+    rec_t r[4] = {0};
+    moat_job_t j = job(t_ok, &r[3]);
+    moat_pool_stats_t st;
+    (void)state;
+    block_workers(pool, r, 1);
+    moat_task_release(submit(pool, t_ok, &r[1], 0, -1));
+    moat_task_release(submit(pool, t_ok, &r[2], 0, -1));
+    assert_int_equal(moat_pool_submit(pool, &j, NULL), MOAT_EOVERLOADED);
+    moat_term_unref(j.args); /* refused: still ours */
+    moat_pool_stats(pool, &st);
+    assert_int_equal(st.rejected, 1);
+    assert_int_equal(st.queued, 2);
+    atomic_store(&gate, 1);
+    for (int i = 0; i < 3; i++)
+        wait_outcome(&r[i]);
+    moat_pool_free(pool);
+    assert_int_equal(atomic_load(&r[3].outcomes), 0);
+    rec_clear(r, 4);
+}
+
+/* A batch is queued whole when it fits, and cut at the admission limit
+ * when it does not; every accepted task has one outcome. */
+static void test_pool_batch_submit(void **state) {
+    enum { N = 100 };
+    moat_pool_t *pool = pool_make(2, 50);
+    rec_t r[N] = {0}, g[2] = {0};
+    moat_job_t jobs[N];
+    moat_task_t *ts[N];
+    int k;
+    (void)state;
+    for (int i = 0; i < N; i++)
+        jobs[i] = job(t_ok, &r[i]);
+    block_workers(pool, g, 2);
+    k = moat_pool_submit_batch(pool, jobs, N, ts);
+    assert_int_equal(k, 50);
+    for (int i = k; i < N; i++)
+        moat_term_unref(jobs[i].args);
+    atomic_store(&gate, 1);
+    for (int i = 0; i < k; i++) {
+        wait_outcome(&r[i]);
+        moat_task_release(ts[i]);
+    }
+    moat_pool_free(pool);
+    for (int i = 0; i < N; i++)
+        assert_int_equal(atomic_load(&r[i].outcomes), i < k ? 1 : 0);
+    rec_clear(r, N);
+    rec_clear(g, 2);
+}
+
+/* Cancelling a queued task removes it at once: the callback has run with
+ * `shutdown` when cancel returns, and the body never runs. */
+static void test_pool_cancel_queued(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    rec_t g[1] = {0}, r = {0};
+    moat_task_t *t;
+    (void)state;
+    block_workers(pool, g, 1);
+    t = submit(pool, t_ok, &r, 0, -1);
+    assert_int_equal(moat_task_cancel(t, MOAT_A_SHUTDOWN, 0), 1);
+    assert_int_equal(atomic_load(&r.outcomes), 1);
+    assert_true(moat_term_is(r.term, MOAT_A_SHUTDOWN));
+    assert_int_equal(moat_task_cancel(t, MOAT_A_SHUTDOWN, 0), 0);
+    moat_task_release(t);
+    atomic_store(&gate, 1);
+    moat_pool_free(pool);
+    assert_int_equal(atomic_load(&r.outcomes), 1);
+    rec_clear(&r, 1);
+    rec_clear(g, 1);
+}
+
+/* Cancelling a running task flags it (moat_should_stop) and decides its
+ * outcome at once; its late result is discarded. */
+static void test_pool_cancel_running_flags_task(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    rec_t r = {0};
+    moat_task_t *t;
+    moat_pool_stats_t st;
+    (void)state;
+    atomic_store(&gate, 0);
+    t = submit(pool, t_polite, &r, 0, -1);
+    do {
+        sched_yield();
+        moat_pool_stats(pool, &st);
+    } while (st.running < 1);
+    assert_int_equal(moat_task_cancel(t, MOAT_A_KILLED, 0), 1);
+    assert_true(moat_term_is(r.term, MOAT_A_KILLED));
+    moat_task_release(t);
+    moat_pool_free(pool); /* joins: the polite body has seen the flag */
+    assert_int_equal(atomic_load(&r.outcomes), 1);
+    rec_clear(&r, 1);
+}
+
+/* A silent cancel decides the outcome without calling back; cancelling a
+ * finished task returns 0 and changes nothing. */
+static void test_pool_cancel_silent_and_after_completion(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    rec_t g[1] = {0}, r1 = {0}, r2 = {0};
+    moat_task_t *t1, *t2;
+    (void)state;
+    t2 = submit(pool, t_ok, &r2, 0, -1);
+    wait_outcome(&r2);
+    assert_int_equal(moat_task_cancel(t2, MOAT_A_SHUTDOWN, 0), 0);
+    assert_int_equal(r2.kind, MOAT_OK);
+    block_workers(pool, g, 1);
+    t1 = submit(pool, t_ok, &r1, 0, -1);
+    assert_int_equal(moat_task_cancel(t1, MOAT_A_SHUTDOWN, MOAT_CANCEL_SILENT),
+                     1);
+    atomic_store(&gate, 1);
+    moat_task_release(t1);
+    moat_task_release(t2);
+    moat_pool_free(pool);
+    assert_int_equal(atomic_load(&r1.outcomes), 0);
+    assert_int_equal(atomic_load(&r2.outcomes), 1);
+    rec_clear(&r2, 1);
+    rec_clear(g, 1);
+}
+
+/* A deadline ends a running task with `timeout`, and a queued one without
+ * ever running it; both count as timeouts. */
+static void test_pool_deadline_timeout(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    rec_t r1 = {0}, r2 = {0};
+    moat_pool_stats_t st;
+    (void)state;
+    atomic_store(&gate, 0);
+    moat_task_release(submit(pool, t_polite, &r1, 0, 30));
+    moat_task_release(submit(pool, t_ok, &r2, 0, 10));
+    wait_outcome(&r1);
+    wait_outcome(&r2);
+    assert_true(moat_term_is(r1.term, MOAT_A_TIMEOUT));
+    assert_true(moat_term_is(r2.term, MOAT_A_TIMEOUT));
+    moat_pool_stats(pool, &st);
+    assert_int_equal(st.timeouts, 2);
+    moat_pool_free(pool);
+    assert_int_equal(atomic_load(&r1.outcomes), 1);
+    assert_int_equal(atomic_load(&r2.outcomes), 1);
+    rec_clear(&r1, 1);
+    rec_clear(&r2, 1);
+}
+
+/* A task that finishes before its deadline keeps its result. */
+static void test_pool_deadline_not_reached(void **state) {
+    moat_pool_t *pool = pool_make(2, 0);
+    rec_t r[20] = {0};
+    (void)state;
+    for (int i = 0; i < 20; i++)
+        moat_task_release(submit(pool, t_ok, &r[i], 0, 60000));
+    for (int i = 0; i < 20; i++) {
+        wait_outcome(&r[i]);
+        assert_int_equal(r[i].kind, MOAT_OK);
+    }
+    moat_pool_free(pool); /* frees the still-armed deadlines */
+    rec_clear(r, 20);
+}
+
+/* Cancelling an owner ends exactly its tasks, queued and running. */
+static void test_pool_cancel_owner(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    rec_t a[10] = {0}, b[10] = {0};
+    moat_pool_stats_t st;
+    (void)state;
+    atomic_store(&gate, 0);
+    moat_task_release(submit(pool, t_polite, &a[0], 42, -1));
+    do {
+        sched_yield();
+        moat_pool_stats(pool, &st);
+    } while (st.running < 1);
+    for (int i = 1; i < 10; i++)
+        moat_task_release(submit(pool, t_ok, &a[i], 42, -1));
+    for (int i = 0; i < 10; i++)
+        moat_task_release(submit(pool, t_ok, &b[i], 43, -1));
+    assert_int_equal(moat_pool_cancel_owner(pool, 42, MOAT_A_SHUTDOWN, 0), 10);
+    assert_int_equal(moat_pool_cancel_owner(pool, 42, MOAT_A_SHUTDOWN, 0), 0);
+    for (int i = 0; i < 10; i++) {
+        assert_int_equal(atomic_load(&a[i].outcomes), 1);
+        assert_true(moat_term_is(a[i].term, MOAT_A_SHUTDOWN));
+        wait_outcome(&b[i]);
+        assert_int_equal(b[i].kind, MOAT_OK);
+    }
+    moat_pool_free(pool);
+    rec_clear(a, 10);
+    rec_clear(b, 10);
+}
+
+/* Tasks that ignore cancellation keep their threads, and replacement
+ * threads keep the pool serving; once they return, the pool shrinks back
+ * to its size. */
+static void test_pool_abandoned_tasks_do_not_starve(void **state) {
+    moat_pool_t *pool = pool_make(2, 0);
+    rec_t stuck[2] = {0}, r[50] = {0};
+    moat_task_t *ts[2];
+    moat_pool_stats_t st;
+    (void)state;
+    atomic_store(&gate, 0);
+    for (int i = 0; i < 2; i++)
+        ts[i] = submit(pool, t_gate, &stuck[i], 0, -1);
+    do {
+        sched_yield();
+        moat_pool_stats(pool, &st);
+    } while (st.running < 2);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(moat_task_cancel(ts[i], MOAT_A_SHUTDOWN, 0), 1);
+        moat_task_release(ts[i]);
+    }
+    for (int i = 0; i < 50; i++)
+        moat_task_release(submit(pool, t_ok, &r[i], 0, -1));
+    for (int i = 0; i < 50; i++)
+        wait_outcome(&r[i]);
+    moat_pool_stats(pool, &st);
+    assert_int_equal(st.abandoned, 2);
+    assert_int_equal(st.threads, 4);
+    atomic_store(&gate, 1);
+    do {
+        sched_yield();
+        moat_pool_stats(pool, &st);
+    } while (st.abandoned > 0 || st.threads > 2);
+    moat_pool_free(pool);
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(atomic_load(&stuck[i].outcomes), 1);
+    rec_clear(stuck, 2);
+    rec_clear(r, 50);
+}
+
+/* Stop gives every queued and running task `shutdown`, refuses new work
+ * with MOAT_ECLOSED, and returns once every body has returned. */
+static void test_pool_stop_ends_everything(void **state) {
+    moat_pool_t *pool = pool_make(2, 0);
+    rec_t r[20] = {0};
+    moat_job_t j;
+    (void)state;
+    atomic_store(&gate, 0);
+    for (int i = 0; i < 20; i++)
+        moat_task_release(submit(pool, i < 2 ? t_polite : t_ok, &r[i], 0, -1));
+    moat_pool_stop(pool);
+    for (int i = 0; i < 20; i++) {
+        assert_int_equal(atomic_load(&r[i].outcomes), 1);
+        if (i < 2)
+            assert_true(moat_term_is(r[i].term, MOAT_A_SHUTDOWN));
+    }
+    j = job(t_ok, &r[0]);
+    assert_int_equal(moat_pool_submit(pool, &j, NULL), MOAT_ECLOSED);
+    moat_term_unref(j.args);
+    moat_pool_stop(pool); /* idempotent */
+    moat_pool_free(pool);
+    rec_clear(r, 20);
+}
+
+/* The counters add up: completed, failed, cancelled. */
+static void test_pool_stats_counters(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    rec_t r[10] = {0}, g[1] = {0};
+    moat_task_t *t;
+    moat_pool_stats_t st;
+    (void)state;
+    for (int i = 0; i < 5; i++)
+        moat_task_release(submit(pool, t_ok, &r[i], 0, -1));
+    for (int i = 5; i < 8; i++)
+        moat_task_release(submit(pool, t_fail, &r[i], 0, -1));
+    for (int i = 0; i < 8; i++)
+        wait_outcome(&r[i]);
+    block_workers(pool, g, 1);
+    t = submit(pool, t_ok, &r[8], 0, -1);
+    moat_task_cancel(t, MOAT_A_SHUTDOWN, 0);
+    moat_task_release(t);
+    moat_pool_stats(pool, &st);
+    assert_int_equal(st.completed, 5);
+    assert_int_equal(st.failed, 3);
+    assert_int_equal(st.cancelled, 1);
+    assert_int_equal(st.queued, 0);
+    assert_int_equal(st.running, 1);
+    assert_int_equal(st.threads, 1);
+    atomic_store(&gate, 1);
+    moat_pool_free(pool);
+    rec_clear(r, 10);
+    rec_clear(g, 1);
+}
+
+/* Pool threads are named and block every signal. */
+static int t_inspect(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    char name[16] = "";
+    sigset_t mask;
+    (void)c;
+    (void)a;
+    (void)n;
+    pthread_getname_np(pthread_self(), name, sizeof name);
+    pthread_sigmask(SIG_BLOCK, NULL, &mask);
+    ei_x_encode_tuple_header(out, 2);
+    ei_x_encode_atom(out, name);
+    ei_x_encode_atom(out, sigismember(&mask, SIGINT) &&
+                                  sigismember(&mask, SIGTERM) &&
+                                  sigismember(&mask, SIGCHLD)
+                              ? "blocked"
+                              : "open");
+    return MOAT_OK;
+}
+
+static void test_pool_threads_named_signals_blocked(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    rec_t r = {0};
+    moat_term_t *want = t_pair("tpool:w0", "blocked");
+    (void)state;
+    moat_task_release(submit(pool, t_inspect, &r, 0, -1));
+    wait_outcome(&r);
+    assert_true(moat_term_equal(r.term, want));
+    moat_term_unref(want);
+    moat_pool_free(pool);
+    rec_clear(&r, 1);
+}
+
+/* Bad arguments are values. */
+static void test_pool_invalid_arguments(void **state) {
+    moat_pool_opts_t o = {0};
+    moat_pool_t *pool = NULL;
+    moat_job_t j = {NULL, "x", NULL, NULL, 0, -1, NULL};
+    (void)state;
+    assert_int_equal(moat_pool_new(&o, &pool), MOAT_EINVAL); /* no callback */
+    pool = pool_make(1, 0);
+    assert_int_equal(moat_pool_submit(pool, &j, NULL), MOAT_EINVAL);
+    assert_int_equal(moat_pool_submit_batch(pool, &j, 0, NULL), MOAT_EINVAL);
+    assert_int_equal(moat_pool_cancel_owner(pool, 0, MOAT_A_SHUTDOWN, 0),
+                     MOAT_EINVAL);
+    moat_pool_free(pool);
+}
+
+/* Exactly one outcome per task under a random mix of results, failures,
+ * cancellations, deadlines and owner deaths, racing from two threads. */
+typedef struct stress_s {
+    moat_pool_t *pool;
+    rec_t *recs;
+    int n;
+    unsigned seed;
+} stress_t;
+
+static int t_short(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    (void)a;
+    (void)n;
+    for (int i = 0; i < 200 && !moat_should_stop(c); i++)
+        sched_yield();
+    ei_x_encode_atom(out, "ok");
+    return MOAT_OK;
+}
+
+static void *stress_thread(void *arg) {
+    stress_t *s = arg;
+    moat_task_t **ts = calloc((size_t)s->n, sizeof *ts);
+    for (int i = 0; i < s->n; i++) {
+        int what = (int)(rand_r(&s->seed) % 6);
+        moat_task_fn fn = what == 1 ? t_fail : what == 2 ? t_short : t_ok;
+        moat_job_t j = job(fn, &s->recs[i]);
+        j.owner = 1 + (uint64_t)(rand_r(&s->seed) % 8);
+        j.timeout_ms = what == 3 ? (int64_t)(rand_r(&s->seed) % 3) : -1;
+        if (moat_pool_submit(s->pool, &j, &ts[i]) != 0) {
+            /* overloaded: a value, and no callback will come */
+            moat_term_unref(j.args);
+            atomic_store(&s->recs[i].outcomes, -1);
+            ts[i] = NULL;
+            continue;
+        }
+        if (what == 4)
+            moat_task_cancel(ts[i], MOAT_A_SHUTDOWN, 0);
+        if (what == 5 && (i % 16) == 0)
+            moat_pool_cancel_owner(s->pool, j.owner, MOAT_A_SHUTDOWN, 0);
+    }
+    for (int i = 0; i < s->n; i++) {
+        if (ts[i] != NULL) {
+            wait_outcome(&s->recs[i]);
+            moat_task_release(ts[i]);
+        }
+    }
+    free(ts);
+    return NULL;
+}
+
+static void test_pool_exactly_one_outcome_stress(void **state) {
+    enum { PER = 3000 };
+    moat_pool_t *pool = pool_make(2, 256);
+    stress_t s[2];
+    pthread_t th[2];
+    int accepted = 0;
+    (void)state;
+    for (int k = 0; k < 2; k++) {
+        s[k].pool = pool;
+        s[k].recs = calloc(PER, sizeof(rec_t));
+        s[k].n = PER;
+        s[k].seed = 1234u + (unsigned)k;
+        assert_int_equal(pthread_create(&th[k], NULL, stress_thread, &s[k]),
+                         0);
+    }
+    for (int k = 0; k < 2; k++)
+        pthread_join(th[k], NULL);
+    moat_pool_free(pool);
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < PER; i++) {
+            int n = atomic_load(&s[k].recs[i].outcomes);
+            assert_true(n == 1 || n == -1);
+            accepted += n == 1;
+        }
+        rec_clear(s[k].recs, PER);
+        free(s[k].recs);
+    }
+    assert_int_equal(atomic_load(&total_outcomes), accepted);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_pool_result_and_reasons),
+        cmocka_unit_test(test_pool_overload_is_a_value),
+        cmocka_unit_test(test_pool_batch_submit),
+        cmocka_unit_test(test_pool_cancel_queued),
+        cmocka_unit_test(test_pool_cancel_running_flags_task),
+        cmocka_unit_test(test_pool_cancel_silent_and_after_completion),
+        cmocka_unit_test(test_pool_deadline_timeout),
+        cmocka_unit_test(test_pool_deadline_not_reached),
+        cmocka_unit_test(test_pool_cancel_owner),
+        cmocka_unit_test(test_pool_abandoned_tasks_do_not_starve),
+        cmocka_unit_test(test_pool_stop_ends_everything),
+        cmocka_unit_test(test_pool_stats_counters),
+        cmocka_unit_test(test_pool_threads_named_signals_blocked),
+        cmocka_unit_test(test_pool_invalid_arguments),
+        cmocka_unit_test(test_pool_exactly_one_outcome_stress),
+    };
+    return cmocka_run_group_tests_name("pool", tests, NULL, NULL);
+}
