@@ -194,7 +194,8 @@ typedef int (*moat_task_fn)(moat_ctx_t *ctx, const char *args, int args_len,
 
 /*
  * A native server: long-lived state behind a mailbox, like a gen_server.
- * init gets the start args (a list) and sets *state; it returns MOAT_OK, or
+ * init gets the start args (a list) and sets *state; args and requests are
+ * ETF with the version byte first.  init returns MOAT_OK, or
  * MOAT_EXIT / MOAT_ERROR to fail the start (reason in `out`).
  * handle_call replies by encoding into `out` and returning MOAT_OK; it stops
  * the server by returning MOAT_EXIT (reason in `out`, the caller gets that

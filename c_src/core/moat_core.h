@@ -64,7 +64,9 @@ moat_term_t *moat_term_new(const char *etf, size_t len, int *err);
 moat_term_t *moat_term_wrap(const char *etf, size_t len,
                             void (*release)(void *opaque), void *opaque);
 
-/* Takes over an ei_x_buff's memory (buff->buff becomes NULL). */
+/* Takes over an ei_x_buff's memory (x->buff becomes NULL).  The bytes are
+ * not checked (run moat_etf_check first).  Returns NULL, leaving the buffer
+ * to the caller, when x holds no buffer or on out of memory. */
 moat_term_t *moat_term_from_x(ei_x_buff *x);
 
 /* Encodes {Tag, <<Message>>}; e.g. {native_error, <<"bad size">>}. */
@@ -80,12 +82,14 @@ const char *moat_term_data(const moat_term_t *t, size_t *len);
 int moat_term_is_abnormal(const moat_term_t *t);
 /* Nonzero when the term is exactly the atom `a`. */
 int moat_term_is(const moat_term_t *t, moat_atom_t a);
-/* Nonzero when two terms have identical encodings. */
+/* Nonzero when two terms have identical encodings (OTP 25 encodes atoms as
+ * ATOM_EXT, ei as SMALL_ATOM_UTF8_EXT); compare atoms with moat_term_is. */
 int moat_term_equal(const moat_term_t *a, const moat_term_t *b);
 
 /* Checks, with bounds, that buf[0..len) is a version byte followed by
  * exactly one well-formed term, nesting at most 10000 deep.  Returns 0 or
- * MOAT_EBADTERM.  Safe on any input. */
+ * MOAT_EBADTERM, or UV_ENOMEM when a term nests over 64 deep and the check
+ * cannot allocate its stack.  Safe on any input. */
 int moat_etf_check(const char *buf, size_t len);
 
 /* --------------------------------------------------------- task libraries */
