@@ -336,7 +336,7 @@ echo "$@: $$passed of $(words $(TEST_BINS_$(1))) test binaries passed"; \
 [ -z "$$failed" ] || { echo "$@: failed:$$failed" >&2; exit 1; }
 endef
 
-C_TEST_TIMEOUT ?= 600
+C_TEST_TIMEOUT ?= 180
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 TSAN_ENV := TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1

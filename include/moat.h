@@ -53,7 +53,8 @@ extern "C" {
     XX(NOCHILD, -20012, "no such child")                                   \
     XX(RUNNING, -20013, "child is running")                                \
     XX(EXISTS, -20014, "already exists")                                   \
-    XX(NOSERVER, -20015, "no such server in the library")
+    XX(NOSERVER, -20015, "no such server in the library")                  \
+    XX(START, -20016, "failed to start")
 
 enum moat_errno {
 #define MOAT__ERR_ENUM(name, code, msg) MOAT_E##name = (code),
@@ -200,8 +201,9 @@ typedef int (*moat_task_fn)(moat_ctx_t *ctx, const char *args, int args_len,
  * handle_call replies by encoding into `out` and returning MOAT_OK; it stops
  * the server by returning MOAT_EXIT (reason in `out`, the caller gets that
  * reason) or MOAT_ERROR.  handle_cast encodes nothing on MOAT_OK.
- * terminate runs once when the server stops for any reason but a brutal
- * kill, with the reason as ETF; it frees the state.
+ * terminate runs exactly once when the server stops, whatever stopped it
+ * (after a brutal kill too, once no callback runs), with the reason as ETF;
+ * it frees the state.
  */
 typedef int (*moat_server_init_fn)(moat_ctx_t *ctx, const char *args,
                                    int args_len, void **state,

@@ -37,6 +37,12 @@ static inline void moat__list_remove(moat__node_t *n) {
 #define MOAT__CONTAINER(ptr, type, field)                                  \
     ((type *)((char *)(ptr)-offsetof(type, field)))
 
+/* Something a worker runs from sysq (a native server with messages). */
+typedef struct moat__sysitem_s {
+    moat__node_t node;
+    void (*run)(struct moat__sysitem_s *item);
+} moat__sysitem_t;
+
 /* ---------------------------------------------------------------- timers */
 
 /* A deadline on the housekeeping thread's heap.  `idx` is its heap slot,
@@ -49,6 +55,9 @@ typedef struct moat__timer_s {
 
 /* Arms `timer` to fire `ms` from now on the housekeeping thread. */
 void moat__timer_start(moat_pool_t *pool, moat__timer_t *timer, int64_t ms);
+/* The same with timer_lock held; returns 1, or -1 when out of memory
+ * (not armed: the caller fires it after unlocking). */
+int moat__timer_insert(moat_pool_t *pool, moat__timer_t *timer, int64_t ms);
 /* Returns 1 if it disarmed the timer, 0 if it had fired or was not armed. */
 int moat__timer_stop(moat_pool_t *pool, moat__timer_t *timer);
 
@@ -91,6 +100,9 @@ struct moat_task_s {
  * its outcome yet (as moat_task_cancel).  Returns 1 if this call decided.
  * No pool lock may be held. */
 int moat__task_end(moat_task_t *t, moat_term_t *reason, unsigned flags);
+/* The rest of an end once the claim is taken (proc.c takes it together
+ * with the death of the task's process). */
+void moat__task_settle(moat_task_t *t, moat_term_t *reason, unsigned flags);
 void moat__task_unref(moat_task_t *t);
 /* Admits and makes an internal task (no completion callback) without
  * queueing it, so that its process can be set up first.  The caller holds
@@ -102,15 +114,21 @@ void moat__task_queue(moat_task_t *t);
 
 extern const moat_api_t moat__task_api;
 
+/* The outcome of a callback that returned `rc` with `x` (which it frees or
+ * takes): the term (never NULL) and *kind, MOAT_OK or MOAT_EXIT.  A
+ * malformed term or an unknown status is a {native_error, _}. */
+moat_term_t *moat__result_term(int rc, ei_x_buff *x, const char *errmsg,
+                               int *kind);
+
 /* -------------------------------------------------------------- processes */
 
 /* Makes the running task a native process (its first use of its id).
  * Returns its pid, or 0 when the task has already been ended. */
 moat_pid_t moat__task_pid(moat_task_t *t);
-/* Called once a task's outcome is decided: the task's process (if any)
- * exits with `reason`, and no process can be made for it later. */
-void moat__proc_task_done(moat_pool_t *pool, moat_task_t *t,
-                          moat_term_t *reason);
+/* Takes the task's claim if it is open and, in the same sig_lock
+ * section, ends its process (if any) with `reason` and forbids a later
+ * one.  Returns 1 if it took the claim. */
+int moat__proc_claim(moat_task_t *t, moat_term_t *reason);
 /* moat_spawn with the library in which the child finds tasks by name. */
 int moat__spawn(moat_pool_t *pool, moat_pid_t parent, moat_task_fn fn,
                 const moat_lib_t *lib, moat_term_t *args, unsigned flags,
@@ -122,6 +140,74 @@ int moat__proc_table_init(moat_pool_t *pool);
 /* Every live process exits with `shutdown`; waits for nothing. */
 void moat__proc_shutdown_all(moat_pool_t *pool);
 void moat__proc_table_free(moat_pool_t *pool);
+
+/* A native server (server.c), or a built-in one such as the supervisor,
+ * which has `info` instead of a def and traps exits. */
+typedef struct moat__server_s moat__server_t;
+struct moat__server_s {
+    moat__sysitem_t item; /* on sysq while scheduled */
+    moat_ctx_t ctx;       /* api: moat__server_api */
+    moat_pool_t *pool;
+    moat_pid_t pid;
+    const moat_server_def_t *def; /* NULL for a built-in */
+    const moat_lib_t *lib;
+    void *state;
+    /* Built-ins: every message but calls and casts (takes it), and the
+     * end (in place of terminate; frees what `state` holds). */
+    void (*info)(moat__server_t *s, moat_msg_t *m);
+    void (*finish)(moat__server_t *s, moat_term_t *reason);
+    /* pool->sig_lock: */
+    int scheduled;         /* on sysq or running */
+    moat_task_t *current;  /* the call being handled, with its reference */
+    int dead;              /* its process has died */
+    moat_msg_t *stop_msg;  /* the one stop request, until used */
+    moat_msg_t *leftover;  /* its mailbox when it died */
+    moat_term_t *reason;   /* why it died */
+    /* its own thread only: */
+    int terminated; /* terminate (or finish) has run */
+    atomic_int stopping;
+    char *errmsg;
+};
+
+extern const moat_api_t moat__server_api;
+
+moat__server_t *moat__server_alloc(moat_pool_t *pool);
+/* Makes the server's process, runs `init` on this thread (it returns NULL
+ * or the failure reason, which goes to *reason with MOAT_ESTART), then
+ * links it to `parent` and lets it run.  Frees `s` on any failure. */
+int moat__server_launch(moat__server_t *s, moat_pid_t parent, unsigned flags,
+                        moat_term_t *(*init)(moat__server_t *s, void *arg),
+                        void *arg, moat_term_t **reason);
+
+/* proc.c's side of servers; each takes sig_lock itself. */
+int moat__proc_server_new(moat_pool_t *pool, moat__server_t *s);
+int moat__proc_server_publish(moat_pool_t *pool, moat__server_t *s,
+                              moat_pid_t parent, unsigned flags);
+/* The next message (1), none (0, and the server is idle now), or
+ * -1 when its process has died. */
+int moat__proc_server_next(moat__server_t *s, moat_msg_t **m);
+/* After a batch: stay scheduled if there is more to do, else go idle. */
+void moat__proc_server_yield(moat__server_t *s);
+/* Ends the server's process with `reason` (after its terminate). */
+void moat__proc_server_exit(moat__server_t *s, moat_term_t *reason);
+moat_msg_t *moat__proc_server_leftover(moat__server_t *s);
+/* Queues a call or cast message; MOAT_ENOPROC when no server is there. */
+int moat__proc_server_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m);
+moat_msg_t *moat__msg_new(moat_msg_kind_t kind);
+/* Runs fn on the live server `pid` with sig_lock held (so the server
+ * cannot be freed meanwhile); MOAT_ENOPROC when there is none. */
+int moat__proc_with_server(moat_pool_t *pool, moat_pid_t pid,
+                           int (*fn)(moat__server_t *s, void *arg), void *arg);
+
+/* pool.c's side of calls. */
+moat_task_t *moat__task_call_new(moat_pool_t *pool, uint64_t owner,
+                                 void *data, int handle, int timeout);
+/* After a successful post: registers the owner and arms the deadline, each
+ * only while the call is unanswered.  The caller holds a reference. */
+int moat__task_call_posted(moat_task_t *t, int64_t timeout_ms);
+void moat__task_call_drop(moat_task_t *t);
+/* Delivers a call's reply or reason if nobody decided yet. */
+int moat__task_finish(moat_task_t *t, int kind, moat_term_t *term);
 
 typedef struct moat__slot_s {
     uint32_t gen;
@@ -206,12 +292,6 @@ struct moat_pool_s {
     atomic_uint_fast64_t n_completed, n_failed, n_cancelled, n_timeouts,
         n_rejected, n_abandoned, n_restarts;
 };
-
-/* Something a worker runs from sysq (a native server with messages). */
-typedef struct moat__sysitem_s {
-    moat__node_t node;
-    void (*run)(struct moat__sysitem_s *item);
-} moat__sysitem_t;
 
 /* Pushes a runnable item onto sysq and wakes a worker if needed.  The
  * caller may hold sig_lock (lock order), not rq_lock. */

@@ -251,7 +251,9 @@ void moat_pool_stats(moat_pool_t *pool, moat_pool_stats_t *stats);
 typedef enum {
     MOAT_MSG_USER = 1, /* term: the message */
     MOAT_MSG_EXIT,     /* {'EXIT', from, term} */
-    MOAT_MSG_DOWN      /* {'DOWN', ref, process, from, term} */
+    MOAT_MSG_DOWN,     /* {'DOWN', ref, process, from, term} */
+    MOAT_MSG_CALL,     /* internal: server mailboxes only */
+    MOAT_MSG_CAST      /* internal: server mailboxes only */
 } moat_msg_kind_t;
 
 typedef struct moat_msg_s {
@@ -260,6 +262,7 @@ typedef struct moat_msg_s {
     moat_pid_t from;
     uint64_t ref;
     moat_term_t *term;
+    moat_task_t *call; /* internal: a server call's task, else NULL */
 } moat_msg_t;
 
 void moat_msg_free(moat_msg_t *msg);
@@ -307,6 +310,145 @@ int moat_proc_exit(moat_pool_t *pool, moat_pid_t self, moat_pid_t to,
               moat_term_t *reason);
 int moat_proc_send(moat_pool_t *pool, moat_pid_t self, moat_pid_t to,
               moat_term_t *msg);
+
+/* ---------------------------------------------------------- native servers */
+
+/*
+ * A native server is a process whose state lives behind a mailbox, driven
+ * by the callbacks of a moat_server_def_t (include/moat.h).  It owns no
+ * thread: it runs on a pool thread while it has messages, one message at a
+ * time, so its callbacks never run concurrently.
+ *
+ * Exit signals: `kill` ends it at once (links and monitors see `killed`);
+ * any other signal that would end a BEAM process (an abnormal link exit,
+ * exit/2 with a reason other than normal) is queued as a stop request: in
+ * mailbox order, terminate runs, then the process exits with that reason.
+ * terminate runs exactly once whatever ends the server, because it owns the
+ * state (after a kill, once the callback in progress has returned).  Calls
+ * still queued when it ends get its exit reason as their outcome.
+ */
+
+/* Starts a server: runs init on the calling thread, and only if it
+ * succeeds links it to `parent` (MOAT_SPAWN_LINK) and makes it reachable.
+ * On an init failure returns MOAT_ESTART and sets *reason (the caller owns
+ * it); the process never existed for anyone.  args: the start argument
+ * list, borrowed.  `lib` (may be NULL) is where its spawns find tasks. */
+int moat_server_start(moat_pool_t *pool, moat_pid_t parent,
+                      const moat_server_def_t *def, const moat_lib_t *lib,
+                      moat_term_t *args, unsigned flags, moat_pid_t *pid,
+                      moat_term_t **reason);
+
+/*
+ * Sends a call; its one outcome arrives through the pool's complete
+ * callback like a task's: MOAT_OK with the reply, or MOAT_EXIT with the
+ * reason the server ended with (`timeout` past timeout_ms, which then
+ * also makes a late reply impossible).  `owner` and `data` are as for a
+ * job; *task (may be NULL) is a handle for moat_task_cancel.  Returns
+ * MOAT_ENOPROC when no such server is alive (no callback).  The request
+ * is borrowed.
+ */
+int moat_server_call(moat_pool_t *pool, moat_pid_t server,
+                     moat_term_t *request, uint64_t owner, int64_t timeout_ms,
+                     void *data, moat_task_t **task);
+
+/* Queues a cast; to a dead server it is dropped, as gen_server:cast is. */
+int moat_server_cast(moat_pool_t *pool, moat_pid_t server,
+                     moat_term_t *request);
+
+/* ------------------------------------------------------ native supervisor */
+
+typedef enum {
+    MOAT_ONE_FOR_ONE,
+    MOAT_ONE_FOR_ALL,
+    MOAT_REST_FOR_ONE
+} moat_strategy_t;
+
+typedef enum { MOAT_PERMANENT, MOAT_TRANSIENT, MOAT_TEMPORARY } moat_restart_t;
+
+typedef enum { MOAT_WORKER, MOAT_SUPERVISOR } moat_child_type_t;
+
+#define MOAT_SHUTDOWN_BRUTAL (-1)   /* exit(child, kill) at once */
+#define MOAT_SHUTDOWN_INFINITY (-2) /* wait for as long as it takes */
+
+/* Starts one child linked to `sup` (moat_server_start with
+ * MOAT_SPAWN_LINK, say).  Runs on the supervisor's thread.  Returns 0 and
+ * *pid, or an error and *reason (which the supervisor then owns). */
+typedef int (*moat_child_start_cb)(moat_pool_t *pool, moat_pid_t sup,
+                                   void *arg, moat_pid_t *pid,
+                                   moat_term_t **reason);
+
+typedef struct moat_child_spec_s {
+    moat_term_t *id;           /* any term, unique; borrowed */
+    moat_child_start_cb start;
+    void *arg;
+    void (*arg_free)(void *arg); /* when the spec goes; may be NULL */
+    moat_restart_t restart;
+    int shutdown_ms; /* >= 0, MOAT_SHUTDOWN_BRUTAL or _INFINITY */
+    moat_child_type_t type;
+} moat_child_spec_t;
+
+/* A ready-made start callback for native server children: arg is a
+ * moat_server_child_t that must outlive the spec (arg_free may free it). */
+typedef struct moat_server_child_s {
+    const moat_server_def_t *def;
+    const moat_lib_t *lib;
+    moat_term_t *args;
+} moat_server_child_t;
+int moat_server_child_start(moat_pool_t *pool, moat_pid_t sup, void *arg,
+                            moat_pid_t *pid, moat_term_t **reason);
+
+typedef struct moat_sup_opts_s {
+    moat_strategy_t strategy;
+    int intensity; /* restarts allowed within `period`; 0 allows none */
+    int period;    /* seconds, >= 1 */
+    /* Called once, on a pool thread, when the supervisor gives up (its
+     * intensity reached) after it stopped its children, with the reason it
+     * exits with (`shutdown`).  May be NULL.  Must not block. */
+    void (*escalate)(moat_pid_t sup, moat_term_t *reason, void *data);
+    /* Whole seconds of a monotonic clock; NULL: the real one.  Tests pass
+     * their own to walk the intensity window without sleeping. */
+    int64_t (*now_sec)(void *data);
+    void *data;
+} moat_sup_opts_t;
+
+/*
+ * Starts a supervisor process and its children in list order, each start
+ * on the calling thread (not a pool thread).  On success *pid is the
+ * supervisor, linked to `parent` if that is not 0.  When child k fails to
+ * start, returns MOAT_ESTART with *reason {shutdown, {failed_to_start_child,
+ * Id, Reason}}: the supervisor then stops the children it started, in
+ * reverse order, and exits with that reason (monitor *pid to see it end).
+ * The specs are copied (their ids referenced).
+ */
+int moat_sup_start(moat_pool_t *pool, moat_pid_t parent,
+                   const moat_sup_opts_t *opts, const moat_child_spec_t *specs,
+                   size_t n, moat_pid_t *pid, moat_term_t **reason);
+
+typedef enum {
+    MOAT_CHILD_RUNNING,
+    MOAT_CHILD_RESTARTING, /* a restart is pending */
+    MOAT_CHILD_UNDEFINED   /* not running (transient that ended normally) */
+} moat_child_state_t;
+
+typedef struct moat_child_info_s {
+    moat_term_t *id; /* a reference: moat_sup_children_free drops it */
+    moat_child_state_t state;
+    moat_pid_t pid; /* 0 unless running */
+    moat_child_type_t type;
+} moat_child_info_t;
+
+/* which_children, in start order.  Returns the count (>= 0) and *out
+ * (free it with moat_sup_children_free), or MOAT_ENOPROC. */
+int moat_sup_which_children(moat_pool_t *pool, moat_pid_t sup,
+                            moat_child_info_t **out);
+void moat_sup_children_free(moat_child_info_t *children, int n);
+
+typedef struct moat_child_counts_s {
+    int specs, active, supervisors, workers;
+} moat_child_counts_t;
+
+int moat_sup_count_children(moat_pool_t *pool, moat_pid_t sup,
+                            moat_child_counts_t *counts);
 
 #ifdef __cplusplus
 }

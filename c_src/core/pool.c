@@ -215,31 +215,39 @@ static void heap_remove(moat_pool_t *pool, moat__timer_t *t) {
     heap_down(pool, (unsigned)last->idx);
 }
 
-void moat__timer_start(moat_pool_t *pool, moat__timer_t *timer, int64_t ms) {
-    int first;
+/* Deadlines beyond this are as good as never (and keep due_ns from
+ * overflowing): about 31 years. */
+#define MAX_TIMER_MS ((int64_t)1 << 40)
+
+int moat__timer_insert(moat_pool_t *pool, moat__timer_t *timer, int64_t ms) {
+    if (ms > MAX_TIMER_MS)
+        ms = MAX_TIMER_MS;
     timer->due_ns = uv_hrtime() + (uint64_t)ms * 1000000u;
-    uv_mutex_lock(&pool->timer_lock);
     if (pool->nheap == pool->capheap) {
         unsigned cap = pool->capheap ? pool->capheap * 2 : 64;
         moat__timer_t **h = realloc(pool->heap, cap * sizeof *h);
-        if (h == NULL) {
-            /* No memory for the heap: fire at once rather than never, so
-             * the deadline's promise (an outcome by then) still holds. */
-            uv_mutex_unlock(&pool->timer_lock);
-            timer->idx = -1;
-            timer->cb(timer);
-            return;
-        }
+        if (h == NULL)
+            return -1;
         pool->heap = h;
         pool->capheap = cap;
     }
     pool->heap[pool->nheap] = timer;
     timer->idx = (int)pool->nheap++;
     heap_up(pool, (unsigned)timer->idx);
-    first = timer->idx == 0;
-    if (first)
+    if (timer->idx == 0)
         uv_cond_signal(&pool->timer_cond);
+    return 1;
+}
+
+void moat__timer_start(moat_pool_t *pool, moat__timer_t *timer, int64_t ms) {
+    int rc;
+    uv_mutex_lock(&pool->timer_lock);
+    rc = moat__timer_insert(pool, timer, ms);
     uv_mutex_unlock(&pool->timer_lock);
+    /* No memory for the heap: fire at once rather than never, so the
+     * promise (something happens by then) still holds. */
+    if (rc < 0)
+        timer->cb(timer);
 }
 
 int moat__timer_stop(moat_pool_t *pool, moat__timer_t *timer) {
@@ -257,8 +265,10 @@ static void hk_threads(moat_pool_t *pool) {
     uv_mutex_lock(&pool->thr_lock);
     while (pool->want_spawn > 0 && !atomic_load(&pool->stopping)) {
         pool->want_spawn--;
-        if (add_worker(pool) != 0)
-            pool->extra--; /* retried at the next abandonment */
+        /* The abandoned body may have returned meanwhile and its thread
+         * serves again: then no replacement is due. */
+        if (pool->serving >= pool->opts.nthreads || add_worker(pool) != 0)
+            pool->extra--;
     }
     for (unsigned i = 0; i < pool->nworkers;) {
         moat__worker_t *w = pool->workers[i];
@@ -330,10 +340,17 @@ static moat__owner_t **owner_find(moat__stripe_t *s, uint64_t key) {
     return p;
 }
 
-static int owner_add(moat_pool_t *pool, moat_task_t *t) {
+/* Puts t on its owner's list; with if_open, only while its claim is open
+ * (checked under the stripe lock, which deliver's owner_remove takes after
+ * claiming, so an answered task is never left on the list). */
+static int owner_add(moat_pool_t *pool, moat_task_t *t, int if_open) {
     moat__stripe_t *s = stripe_of(pool, t->owner);
     moat__owner_t **p, *o;
     uv_mutex_lock(&s->lock);
+    if (if_open && atomic_load(&t->claim) != MOAT__OPEN) {
+        uv_mutex_unlock(&s->lock);
+        return 0;
+    }
     p = owner_find(s, t->owner);
     o = *p;
     if (o == NULL) {
@@ -387,14 +404,17 @@ void moat__task_unref(moat_task_t *t) {
         task_free(t);
 }
 
+/* Takes the claim of a task that has no process (see settle). */
 static int claim(moat_task_t *t) {
     int open = MOAT__OPEN;
-    if (atomic_compare_exchange_strong(&t->claim, &open, MOAT__CLAIMED))
-        return 1;
-    /* Lost: the winner's callback may still be running; it is short. */
+    return atomic_compare_exchange_strong(&t->claim, &open, MOAT__CLAIMED);
+}
+
+/* After losing a claim: the winner's callback may still be running (it is
+ * short); returns once it has. */
+static void wait_delivered(moat_task_t *t) {
     while (atomic_load(&t->claim) != MOAT__DELIVERED)
         sched_yield();
-    return 0;
 }
 
 /* The claim is ours: tidy up and call back once. */
@@ -414,17 +434,18 @@ static void deliver(moat_task_t *t, int kind, moat_term_t *term,
 }
 
 static atomic_uint_fast64_t *stat_for(moat_pool_t *pool, moat_term_t *r) {
-    return moat_term_is(r, MOAT_A_TIMEOUT) ? &pool->n_timeouts
-                                           : &pool->n_cancelled;
+    if (moat_term_is(r, MOAT_A_TIMEOUT))
+        return &pool->n_timeouts;
+    if (moat_term_is(r, MOAT_A_SHUTDOWN) || moat_term_is(r, MOAT_A_KILLED))
+        return &pool->n_cancelled;
+    return &pool->n_failed; /* e.g. a task process killed by a link */
 }
 
-/* Ends a task from outside its body.  Returns 1 if this call decided. */
-static int end_from_outside(moat_task_t *t, moat_term_t *reason,
-                            unsigned flags) {
+/* The claim is ours and the outcome is `reason`: take the task off the
+ * queue or abandon its running body, then deliver. */
+void moat__task_settle(moat_task_t *t, moat_term_t *reason, unsigned flags) {
     moat_pool_t *pool = t->pool;
     int was_queued = 0, was_running = 0;
-    if (!claim(t))
-        return 0;
     uv_mutex_lock(&pool->rq_lock);
     if (t->where == MOAT__QUEUED) {
         moat__list_remove(&t->qnode);
@@ -443,24 +464,57 @@ static int end_from_outside(moat_task_t *t, moat_term_t *reason,
     if (was_running)
         abandon_thread(pool);
     deliver(t, MOAT_EXIT, reason, flags, stat_for(pool, reason));
-    moat__proc_task_done(pool, t, reason);
     if (was_queued)
         moat__task_unref(t); /* the run queue's reference */
+}
+
+/* Ends a task from outside its body.  Returns 1 if this call decided;
+ * else, with `wait`, returns once the winner's callback has. */
+static int end_from_outside(moat_task_t *t, moat_term_t *reason,
+                            unsigned flags, int wait) {
+    /* The claim and the death of the task's process (if it has one) are
+     * one step, so its monitors and its outcome give the same reason. */
+    if (!moat__proc_claim(t, reason)) {
+        if (wait)
+            wait_delivered(t);
+        return 0;
+    }
+    moat__task_settle(t, reason, flags);
     return 1;
 }
 
 int moat__task_end(moat_task_t *t, moat_term_t *reason, unsigned flags) {
-    return end_from_outside(t, reason, flags);
+    return end_from_outside(t, reason, flags, 1);
 }
 
 static void deadline_fired(moat__timer_t *timer) {
     moat_task_t *t = MOAT__CONTAINER(timer, moat_task_t, timer);
-    end_from_outside(t, moat_atom(MOAT_A_TIMEOUT), 0);
+    /* No waiting here: the housekeeper has other deadlines to keep. */
+    end_from_outside(t, moat_atom(MOAT_A_TIMEOUT), 0, 0);
     moat__task_unref(t); /* the deadline's reference */
 }
 
+/* Arms a task's deadline unless its outcome is already decided; then the
+ * deadline's reference is dropped here.  Under timer_lock, so that a
+ * deliver (which claims first, then stops the timer under the same lock)
+ * either finds the timer armed or keeps it from being armed. */
+static void arm_deadline(moat_task_t *t, int64_t ms) {
+    moat_pool_t *pool = t->pool;
+    int armed = 0;
+    uv_mutex_lock(&pool->timer_lock);
+    if (atomic_load(&t->claim) == MOAT__OPEN)
+        armed = moat__timer_insert(pool, &t->timer, ms);
+    uv_mutex_unlock(&pool->timer_lock);
+    if (armed < 0) /* no memory for the heap: the deadline is now */
+        deadline_fired(&t->timer);
+    else if (!armed)
+        moat__task_unref(t);
+}
+
 int moat_task_cancel(moat_task_t *task, moat_atom_t reason, unsigned flags) {
-    return end_from_outside(task, moat_atom(reason), flags);
+    if (task == NULL || reason < 0 || reason >= MOAT_A__COUNT)
+        return MOAT_EINVAL;
+    return end_from_outside(task, moat_atom(reason), flags, 1);
 }
 
 uint64_t moat_task_id(const moat_task_t *task) { return task->id; }
@@ -471,7 +525,7 @@ int moat_pool_cancel_owner(moat_pool_t *pool, uint64_t owner,
                            moat_atom_t reason, unsigned flags) {
     moat__stripe_t *s = stripe_of(pool, owner);
     int n = 0;
-    if (owner == 0)
+    if (owner == 0 || reason < 0 || reason >= MOAT_A__COUNT)
         return MOAT_EINVAL;
     /* One task at a time: each end removes it from the owner's list (the
      * winner of its claim does, before DELIVERED), so the loop ends. */
@@ -487,7 +541,7 @@ int moat_pool_cancel_owner(moat_pool_t *pool, uint64_t owner,
         t = MOAT__CONTAINER(o->tasks.next, moat_task_t, onode);
         atomic_fetch_add(&t->refs, 1);
         uv_mutex_unlock(&s->lock);
-        n += end_from_outside(t, moat_atom(reason), flags);
+        n += end_from_outside(t, moat_atom(reason), flags, 1);
         moat__task_unref(t);
     }
 }
@@ -526,19 +580,12 @@ static moat_task_t *task_make(moat_pool_t *pool, const moat_job_t *job,
     atomic_init(&t->refs, 1 + (handle ? 1 : 0) + (job->timeout_ms >= 0));
     atomic_init(&t->claim, MOAT__OPEN);
     atomic_init(&t->stop, 0);
-    if (t->owner != 0 && owner_add(pool, t) != 0) {
-        free(t);
-        return NULL;
-    }
     return t;
 }
 
-/* Undoes task_make for a task that was never queued (args stay the
+/* Undoes task_make for a task nobody else has seen (its args stay the
  * caller's). */
-static void task_unmake(moat_task_t *t) {
-    owner_remove(t->pool, t);
-    free(t);
-}
+static void task_unmake(moat_task_t *t) { free(t); }
 
 static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
                        moat_task_t **out, int internal, int *err) {
@@ -583,7 +630,18 @@ static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
         *err = MOAT_ECLOSED;
         goto done;
     }
+    /* A task becomes visible (to its owner's cancel, to workers) only
+     * here, queued, so nothing can end it before it is. */
     for (size_t i = 0; i < k; i++) {
+        if (ts[i]->owner != 0 && owner_add(pool, ts[i], 0) != 0) {
+            size_t j = k;
+            atomic_fetch_sub(&pool->admitted, k - i);
+            while (j > i)
+                task_unmake(ts[--j]);
+            k = i;
+            *err = -ENOMEM;
+            break;
+        }
         ts[i]->args = jobs[i].args; /* accepted: the args are ours now */
         ts[i]->where = MOAT__QUEUED;
         moat__list_push(&pool->jobs, &ts[i]->qnode);
@@ -594,11 +652,9 @@ static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
     uv_mutex_unlock(&pool->rq_lock);
     if (wake)
         uv_cond_signal(&pool->rq_cond);
-    /* Deadlines are armed after queueing: a task that ends first leaves an
-     * armed timer holding its own reference until it fires. */
     for (size_t i = 0; i < k; i++) {
         if (jobs[i].timeout_ms >= 0)
-            moat__timer_start(pool, &ts[i]->timer, jobs[i].timeout_ms);
+            arm_deadline(ts[i], jobs[i].timeout_ms);
         if (out != NULL)
             out[i] = ts[i];
     }
@@ -629,6 +685,34 @@ int moat_pool_submit_batch(moat_pool_t *pool, const moat_job_t *jobs,
     return k > 0 ? (int)k : err;
 }
 
+/* A call is a task whose body is a server's handle_call: it is never
+ * queued or admitted here, only delivered through the same claim. */
+moat_task_t *moat__task_call_new(moat_pool_t *pool, uint64_t owner,
+                                 void *data, int handle, int timeout) {
+    moat_job_t job = {NULL, "call", NULL, NULL, owner, timeout ? 0 : -1,
+                      data};
+    return task_make(pool, &job, 0, handle);
+}
+
+int moat__task_call_posted(moat_task_t *t, int64_t timeout_ms) {
+    moat_pool_t *pool = t->pool;
+    int rc = t->owner != 0 ? owner_add(pool, t, 1) : 0;
+    if (timeout_ms >= 0)
+        arm_deadline(t, timeout_ms);
+    return rc;
+}
+
+void moat__task_call_drop(moat_task_t *t) { task_unmake(t); }
+
+int moat__task_finish(moat_task_t *t, int kind, moat_term_t *term) {
+    moat_pool_t *pool = t->pool;
+    if (!claim(t))
+        return 0; /* a late reply: the caller already has its outcome */
+    deliver(t, kind, term, 0,
+            kind == MOAT_OK ? &pool->n_completed : &pool->n_failed);
+    return 1;
+}
+
 int moat__task_prepare(moat_pool_t *pool, const moat_job_t *job,
                        moat_task_t **out) {
     moat_task_t *t;
@@ -652,10 +736,18 @@ void moat__task_queue(moat_task_t *t) {
     moat_pool_t *pool = t->pool;
     int wake;
     uv_mutex_lock(&pool->rq_lock);
+    if (atomic_load(&t->claim) != MOAT__OPEN) {
+        /* Ended before it was queued (its parent died and the link took
+         * it along): it never runs. */
+        uv_mutex_unlock(&pool->rq_lock);
+        atomic_fetch_sub(&pool->admitted, 1);
+        moat__task_unref(t); /* the run reference */
+        return;
+    }
     if (atomic_load(&pool->stopping)) {
         uv_mutex_unlock(&pool->rq_lock);
         atomic_fetch_sub(&pool->admitted, 1);
-        end_from_outside(t, moat_atom(MOAT_A_SHUTDOWN), 0);
+        end_from_outside(t, moat_atom(MOAT_A_SHUTDOWN), 0, 1);
         moat__task_unref(t); /* the run reference */
         return;
     }
@@ -669,35 +761,41 @@ void moat__task_queue(moat_task_t *t) {
         uv_cond_signal(&pool->rq_cond);
 }
 
+moat_term_t *moat__result_term(int rc, ei_x_buff *x, const char *errmsg,
+                               int *kind) {
+    moat_term_t *term = NULL;
+    *kind = MOAT_EXIT;
+    if (rc == MOAT_OK || rc == MOAT_EXIT) {
+        if (x->buff != NULL && moat_etf_check(x->buff, (size_t)x->index) == 0) {
+            term = moat_term_from_x(x);
+            *kind = rc;
+        } else {
+            static const char m[] = "callback returned a malformed term";
+            term = moat_term_tagged_binary("native_error", m, sizeof m - 1);
+        }
+    } else if (rc == MOAT_ERROR) {
+        const char *m = errmsg != NULL ? errmsg : "error";
+        term = moat_term_tagged_binary("native_error", m, strlen(m));
+    } else {
+        static const char m[] = "callback returned an unknown status";
+        term = moat_term_tagged_binary("native_error", m, sizeof m - 1);
+    }
+    ei_x_free(x);
+    return term != NULL ? term : moat_atom(MOAT_A_ENOMEM);
+}
+
 /* Runs a task body and builds its outcome.  Returns the term (never NULL)
  * and sets *kind. */
 static moat_term_t *run_body(moat_task_t *t, int *kind) {
     ei_x_buff x;
     size_t alen;
     const char *a = moat_term_data(t->args, &alen);
-    moat_term_t *term = NULL;
     int rc;
     *kind = MOAT_EXIT;
     if (ei_x_new_with_version(&x) != 0)
         return moat_atom(MOAT_A_ENOMEM);
     rc = t->fn(&t->ctx, a, (int)alen, &x);
-    if (rc == MOAT_OK || rc == MOAT_EXIT) {
-        if (moat_etf_check(x.buff, (size_t)x.index) == 0) {
-            term = moat_term_from_x(&x);
-            *kind = rc;
-        } else {
-            static const char m[] = "task returned a malformed term";
-            term = moat_term_tagged_binary("native_error", m, sizeof m - 1);
-        }
-    } else if (rc == MOAT_ERROR) {
-        const char *m = t->errmsg != NULL ? t->errmsg : "error";
-        term = moat_term_tagged_binary("native_error", m, strlen(m));
-    } else {
-        static const char m[] = "task returned an unknown status";
-        term = moat_term_tagged_binary("native_error", m, sizeof m - 1);
-    }
-    ei_x_free(&x);
-    return term != NULL ? term : moat_atom(MOAT_A_ENOMEM);
+    return moat__result_term(rc, &x, t->errmsg, kind);
 }
 
 /* Runs a task the worker took from the queue.  Returns 1 when the worker
@@ -715,15 +813,15 @@ static int run_task(moat__worker_t *w, moat_task_t *t) {
         retire = rejoin_thread(pool);
     else
         atomic_fetch_sub(&pool->admitted, 1);
-    if (claim(t)) {
+    /* Only this thread sets t->pid (or moat_spawn did, before the task
+     * was queued), so it may read it unlocked.  A task without a process
+     * takes its claim without the signal lock: the hot path. */
+    if (t->pid == 0 ? claim(t)
+                    : moat__proc_claim(t, kind == MOAT_OK
+                                              ? moat_atom(MOAT_A_NORMAL)
+                                              : term))
         deliver(t, kind, term, 0,
                 kind == MOAT_OK ? &pool->n_completed : &pool->n_failed);
-        /* Only this thread sets t->pid, so it may read it unlocked. */
-        if (t->pid != 0)
-            moat__proc_task_done(pool, t,
-                                 kind == MOAT_OK ? moat_atom(MOAT_A_NORMAL)
-                                                 : term);
-    }
     moat_term_unref(term);
     moat__task_unref(t); /* the worker's (was the queue's) reference */
     return retire;
@@ -926,7 +1024,7 @@ static int end_first_queued(moat_pool_t *pool) {
     t = MOAT__CONTAINER(pool->jobs.next, moat_task_t, qnode);
     atomic_fetch_add(&t->refs, 1);
     uv_mutex_unlock(&pool->rq_lock);
-    end_from_outside(t, moat_atom(MOAT_A_SHUTDOWN), 0);
+    end_from_outside(t, moat_atom(MOAT_A_SHUTDOWN), 0, 1);
     moat__task_unref(t);
     return 1;
 }
@@ -947,7 +1045,7 @@ static int end_first_running(moat_pool_t *pool) {
     uv_mutex_unlock(&pool->rq_lock);
     if (t == NULL)
         return 0;
-    end_from_outside(t, moat_atom(MOAT_A_SHUTDOWN), 0);
+    end_from_outside(t, moat_atom(MOAT_A_SHUTDOWN), 0, 1);
     moat__task_unref(t);
     return 1;
 }
@@ -989,11 +1087,13 @@ void moat_pool_stop(moat_pool_t *pool) {
     if (pool->hk_started)
         uv_thread_join(&pool->hk_tid);
     pool->hk_started = 0;
-    /* Deadlines of tasks that ended before they fired. */
+    /* Timers still armed: deadlines of tasks that already ended, and
+     * supervisors' kill timers for processes now dead.  Firing them is
+     * harmless and releases what each holds. */
     while (pool->nheap > 0) {
         moat__timer_t *t = pool->heap[0];
         heap_remove(pool, t);
-        moat__task_unref(MOAT__CONTAINER(t, moat_task_t, timer));
+        t->cb(t);
     }
 }
 
@@ -1023,6 +1123,8 @@ void moat_pool_stats(moat_pool_t *pool, moat_pool_stats_t *st) {
     st->abandoned = atomic_load(&pool->n_abandoned);
     st->restarts = atomic_load(&pool->n_restarts);
     uv_mutex_lock(&pool->thr_lock);
-    st->threads = pool->nworkers;
+    st->threads = 0;
+    for (unsigned i = 0; i < pool->nworkers; i++)
+        st->threads += !pool->workers[i]->exited;
     uv_mutex_unlock(&pool->thr_lock);
 }

@@ -23,6 +23,12 @@
  * A dying task process cannot be stopped on its thread: its task is ended
  * with the reason (outcome first, body abandoned) after sig_lock is
  * released, because ending calls back into the transport.
+ *
+ * A server is scheduled (put on the pool's sysq) when a message reaches
+ * its empty, idle mailbox.  A signal that would kill it becomes a stop
+ * request in its mailbox instead (server.c runs terminate, then exits it),
+ * except `kill`; when it dies, its mailbox is handed to server.c, which
+ * ends the calls left in it.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -30,7 +36,7 @@
 
 #include "internal.h"
 
-enum { KIND_EXTERNAL = 1, KIND_TASK = 2 };
+enum { KIND_EXTERNAL = 1, KIND_TASK = 2, KIND_SERVER = 3 };
 
 typedef struct link_s {
     moat_pid_t other;
@@ -48,7 +54,8 @@ struct moat__proc_s {
     int kind;
     int alive;
     int trap;
-    moat_task_t *task; /* KIND_TASK */
+    moat_task_t *task;    /* KIND_TASK */
+    moat__server_t *srv; /* KIND_SERVER */
     link_t *links;
     unsigned nlinks, caplinks;
     mon_t *mons; /* monitors this process holds */
@@ -141,7 +148,7 @@ static void proc_free(moat_pool_t *pool, moat__proc_t *p) {
 
 /* ------------------------------------------------------------- messages */
 
-static moat_msg_t *msg_new(moat_msg_kind_t kind) {
+moat_msg_t *moat__msg_new(moat_msg_kind_t kind) {
     moat_msg_t *m = calloc(1, sizeof *m);
     if (m != NULL)
         m->kind = kind;
@@ -155,12 +162,22 @@ void moat_msg_free(moat_msg_t *msg) {
     free(msg);
 }
 
-static void enqueue(moat__proc_t *p, moat_msg_t *m) {
+/* Schedules an idle server.  sig_lock held. */
+static void wake_server(moat_pool_t *pool, moat__server_t *srv) {
+    if (!srv->scheduled) {
+        srv->scheduled = 1;
+        moat__pool_ready_sys(pool, &srv->item);
+    }
+}
+
+static void enqueue(moat_pool_t *pool, moat__proc_t *p, moat_msg_t *m) {
     m->next = NULL;
     *p->tail = m;
     p->tail = &m->next;
     if (p->waiter != NULL)
         uv_cond_signal(p->waiter);
+    if (p->srv != NULL)
+        wake_server(pool, p->srv);
 }
 
 /* Removes the first DOWN with this ref from the mailbox.  Returns 1 if
@@ -235,18 +252,42 @@ static void start_dying(after_t *a, moat__proc_t *p, moat_term_t *reason) {
     a->dying = p;
 }
 
+/* A signal ends q with `reason`: a process dies now, a native server gets
+ * its stop request (once). */
+static void end_with(moat_pool_t *pool, after_t *a, moat__proc_t *q,
+                     moat_pid_t from, moat_term_t *reason) {
+    moat_msg_t *m;
+    if (q->srv == NULL || q->srv->def == NULL) {
+        start_dying(a, q, reason);
+    } else if ((m = q->srv->stop_msg) != NULL) {
+        q->srv->stop_msg = NULL;
+        m->kind = MOAT_MSG_EXIT;
+        m->from = from;
+        m->term = moat_term_ref(reason);
+        enqueue(pool, q, m);
+    }
+}
+
 /* A link signal from `from` (dying with `reason`) reaches q (E3, E4). */
-static void link_signal(after_t *a, moat__proc_t *q, moat_pid_t from,
-                        moat_term_t *reason, moat_msg_t *m) {
+static void link_signal(moat_pool_t *pool, after_t *a, moat__proc_t *q,
+                        moat_pid_t from, moat_term_t *reason, moat_msg_t *m) {
     if (q->trap) {
         m->from = from;
         m->term = moat_term_ref(reason);
-        enqueue(q, m);
+        enqueue(pool, q, m);
         return;
     }
     moat_msg_free(m);
     if (!moat_term_is(reason, MOAT_A_NORMAL))
-        start_dying(a, q, reason);
+        end_with(pool, a, q, from, reason);
+}
+
+/* Queues a claimed task for moat__task_settle after the unlock. */
+static void settle_later(after_t *a, moat_task_t *t, moat_term_t *reason) {
+    atomic_fetch_add(&t->refs, 1);
+    t->end_reason = moat_term_ref(reason);
+    t->end_next = a->tasks;
+    a->tasks = t;
 }
 
 /* Delivers every exit of the dying stack, to a fixed point. */
@@ -261,7 +302,7 @@ static void finish_dying(moat_pool_t *pool, after_t *a) {
             if (q != NULL) {
                 link_t l = link_take(q, d->pid);
                 if (l.msg != NULL)
-                    link_signal(a, q, d->pid, reason, l.msg);
+                    link_signal(pool, a, q, d->pid, reason, l.msg);
             }
         }
         d->nlinks = 0;
@@ -272,7 +313,7 @@ static void finish_dying(moat_pool_t *pool, after_t *a) {
                 if (m.msg != NULL) {
                     m.msg->from = d->pid;
                     m.msg->term = moat_term_ref(reason);
-                    enqueue(q, m.msg);
+                    enqueue(pool, q, m.msg);
                 }
             }
         }
@@ -285,21 +326,39 @@ static void finish_dying(moat_pool_t *pool, after_t *a) {
         d->nmons = 0;
         if (d->waiter != NULL)
             uv_cond_signal(d->waiter);
+        if (d->srv != NULL) {
+            moat__server_t *srv = d->srv;
+            moat_task_t *c = srv->current;
+            int open = MOAT__OPEN;
+            /* The call in progress: its caller sees the reason, as a
+             * monitor would, and the reply that follows loses. */
+            if (c != NULL && atomic_compare_exchange_strong(
+                                 &c->claim, &open, MOAT__CLAIMED))
+                settle_later(a, c, reason);
+            srv->dead = 1;
+            srv->reason = moat_term_ref(reason);
+            srv->leftover = d->head;
+            d->head = NULL;
+            d->tail = &d->head;
+            wake_server(pool, srv);
+        }
         if (d->kind == KIND_TASK && !d->task->proc_done) {
+            /* Killed by a signal: its task's outcome is this reason, if
+             * nobody had decided it (who would have ended us too). */
             moat_task_t *t = d->task;
+            int open = MOAT__OPEN;
             t->proc_done = 1;
-            atomic_fetch_add(&t->refs, 1);
-            t->end_reason = moat_term_ref(reason);
-            t->end_next = a->tasks;
-            a->tasks = t;
+            if (atomic_compare_exchange_strong(&t->claim, &open,
+                                               MOAT__CLAIMED))
+                settle_later(a, t, reason);
         }
         moat_term_unref(reason);
         proc_free(pool, d);
     }
 }
 
-/* Unlocks sig_lock after finishing every exit, then ends the tasks whose
- * processes died (outside the lock: ending calls the transport). */
+/* Unlocks sig_lock after finishing every exit, then settles the tasks
+ * whose processes died (outside the lock: that calls the transport). */
 static void unlock_after(moat_pool_t *pool, after_t *a) {
     moat_task_t *t;
     finish_dying(pool, a);
@@ -310,7 +369,7 @@ static void unlock_after(moat_pool_t *pool, after_t *a) {
         moat_task_t *next = t->end_next;
         moat_term_t *reason = t->end_reason;
         t->end_reason = NULL;
-        moat__task_end(t, reason, 0);
+        moat__task_settle(t, reason, 0);
         moat_term_unref(reason);
         moat__task_unref(t);
         t = next;
@@ -343,9 +402,13 @@ void moat__proc_table_free(moat_pool_t *pool) {
 
 int moat_proc_open(moat_pool_t *pool, moat_pid_t *pid) {
     moat__proc_t *p;
-    if (atomic_load(&pool->stopping))
-        return MOAT_ECLOSED;
     uv_mutex_lock(&pool->sig_lock);
+    /* Checked under the lock that stop's shutdown_all takes after setting
+     * `stopping`: no process outlives the stop. */
+    if (atomic_load(&pool->stopping)) {
+        uv_mutex_unlock(&pool->sig_lock);
+        return MOAT_ECLOSED;
+    }
     p = proc_new(pool, KIND_EXTERNAL);
     if (p != NULL)
         *pid = p->pid;
@@ -385,6 +448,13 @@ int moat_proc_receive(moat_pool_t *pool, moat_pid_t self, int timeout_ms,
         p = lookup(pool, self);
         if (p == NULL) {
             rc = MOAT_EDEAD;
+            break;
+        }
+        if (p->kind == KIND_SERVER ||
+            (p->waiter != NULL && (!cond_ready || p->waiter != &cond))) {
+            /* A server's messages go to its callbacks; and a process has
+             * one receiver at a time, as on the BEAM. */
+            rc = MOAT_EINVAL;
             break;
         }
         p->waiter = NULL;
@@ -442,17 +512,17 @@ int moat_proc_link(moat_pool_t *pool, moat_pid_t self, moat_pid_t other) {
         /* E1: noproc raised, or an EXIT for a trapping caller. */
         if (!s->trap) {
             rc = MOAT_ENOPROC;
-        } else if ((ms = msg_new(MOAT_MSG_EXIT)) == NULL) {
+        } else if ((ms = moat__msg_new(MOAT_MSG_EXIT)) == NULL) {
             rc = -ENOMEM;
         } else {
             ms->from = other;
             ms->term = moat_atom(MOAT_A_NOPROC);
-            enqueue(s, ms);
+            enqueue(pool, s, ms);
         }
         goto out;
     }
-    ms = msg_new(MOAT_MSG_EXIT);
-    mo = msg_new(MOAT_MSG_EXIT);
+    ms = moat__msg_new(MOAT_MSG_EXIT);
+    mo = moat__msg_new(MOAT_MSG_EXIT);
     if (ms == NULL || mo == NULL ||
         grow((void **)&s->links, &s->caplinks, s->nlinks, sizeof(link_t)) ||
         grow((void **)&o->links, &o->caplinks, o->nlinks, sizeof(link_t))) {
@@ -495,7 +565,7 @@ int moat_proc_monitor(moat_pool_t *pool, moat_pid_t self, moat_pid_t target,
         rc = MOAT_EDEAD;
         goto out;
     }
-    if ((m = msg_new(MOAT_MSG_DOWN)) == NULL) {
+    if ((m = moat__msg_new(MOAT_MSG_DOWN)) == NULL) {
         rc = -ENOMEM;
         goto out;
     }
@@ -505,7 +575,7 @@ int moat_proc_monitor(moat_pool_t *pool, moat_pid_t self, moat_pid_t target,
         /* E2: a ref, and the DOWN at once. */
         m->from = target;
         m->term = moat_atom(MOAT_A_NOPROC);
-        enqueue(s, m);
+        enqueue(pool, s, m);
     } else if (grow((void **)&s->mons, &s->capmons, s->nmons, sizeof(mon_t)) ||
                grow((void **)&t->watchers, &t->capwatchers, t->nwatchers,
                     sizeof(mon_t))) {
@@ -573,16 +643,16 @@ int moat_proc_exit(moat_pool_t *pool, moat_pid_t self, moat_pid_t to,
     } else if (moat_term_is(reason, MOAT_A_KILL)) {
         start_dying(&a, t, moat_atom(MOAT_A_KILLED)); /* E5 */
     } else if (t->trap) {
-        moat_msg_t *m = msg_new(MOAT_MSG_EXIT);
+        moat_msg_t *m = moat__msg_new(MOAT_MSG_EXIT);
         if (m == NULL) {
             rc = -ENOMEM;
         } else {
             m->from = self;
             m->term = moat_term_ref(reason);
-            enqueue(t, m);
+            enqueue(pool, t, m);
         }
     } else if (!moat_term_is(reason, MOAT_A_NORMAL) || to == self) {
-        start_dying(&a, t, reason); /* E4, and E6's exit(self(), normal) */
+        end_with(pool, &a, t, self, reason); /* E4; E6's exit(self(), normal) */
     }
     unlock_after(pool, &a);
     return rc;
@@ -596,12 +666,12 @@ int moat_proc_send(moat_pool_t *pool, moat_pid_t self, moat_pid_t to,
     uv_mutex_lock(&pool->sig_lock);
     t = lookup(pool, to);
     if (t != NULL) {
-        if ((m = msg_new(MOAT_MSG_USER)) == NULL) {
+        if ((m = moat__msg_new(MOAT_MSG_USER)) == NULL) {
             rc = -ENOMEM;
         } else {
             m->from = self;
             m->term = moat_term_ref(msg);
-            enqueue(t, m);
+            enqueue(pool, t, m);
         }
     }
     uv_mutex_unlock(&pool->sig_lock);
@@ -626,17 +696,20 @@ moat_pid_t moat__task_pid(moat_task_t *t) {
     return pid;
 }
 
-void moat__proc_task_done(moat_pool_t *pool, moat_task_t *t,
-                          moat_term_t *reason) {
+int moat__proc_claim(moat_task_t *t, moat_term_t *reason) {
+    moat_pool_t *pool = t->pool;
     after_t a = {NULL, NULL};
+    int open = MOAT__OPEN, won;
     uv_mutex_lock(&pool->sig_lock);
-    if (!t->proc_done) {
+    won = atomic_compare_exchange_strong(&t->claim, &open, MOAT__CLAIMED);
+    if (won && !t->proc_done) {
         moat__proc_t *p = lookup(pool, t->pid);
         t->proc_done = 1;
         if (p != NULL)
             start_dying(&a, p, reason);
     }
     unlock_after(pool, &a);
+    return won;
 }
 
 int moat_proc_spawn(moat_pool_t *pool, moat_pid_t parent, moat_task_fn fn,
@@ -658,10 +731,10 @@ int moat__spawn(moat_pool_t *pool, moat_pid_t parent, moat_task_fn fn,
         return MOAT_EINVAL;
     if ((rc = moat__task_prepare(pool, &job, &t)) != 0)
         return rc;
-    if ((flags & MOAT_SPAWN_LINK) && ((m1 = msg_new(MOAT_MSG_EXIT)) == NULL ||
-                                      (m2 = msg_new(MOAT_MSG_EXIT)) == NULL))
+    if ((flags & MOAT_SPAWN_LINK) && ((m1 = moat__msg_new(MOAT_MSG_EXIT)) == NULL ||
+                                      (m2 = moat__msg_new(MOAT_MSG_EXIT)) == NULL))
         rc = -ENOMEM;
-    if ((flags & MOAT_SPAWN_MONITOR) && (md = msg_new(MOAT_MSG_DOWN)) == NULL)
+    if ((flags & MOAT_SPAWN_MONITOR) && (md = moat__msg_new(MOAT_MSG_DOWN)) == NULL)
         rc = -ENOMEM;
     uv_mutex_lock(&pool->sig_lock);
     if (rc == 0 && parent != 0 && (pp = lookup(pool, parent)) == NULL)
@@ -746,5 +819,159 @@ int moat__proc_receive_etf(moat_pool_t *pool, moat_pid_t self, int timeout_ms,
         return rc;
     rc = encode_msg(m, out);
     moat_msg_free(m);
+    return rc;
+}
+
+/* --------------------------------------------------------------- servers */
+
+int moat__proc_server_new(moat_pool_t *pool, moat__server_t *srv) {
+    moat__proc_t *p;
+    moat_msg_t *stop = NULL;
+    if (srv->def != NULL && (stop = moat__msg_new(MOAT_MSG_EXIT)) == NULL)
+        return -ENOMEM;
+    uv_mutex_lock(&pool->sig_lock);
+    p = atomic_load(&pool->stopping) ? NULL : proc_new(pool, KIND_SERVER);
+    if (p != NULL) {
+        p->srv = srv;
+        p->trap = srv->info != NULL;
+        srv->pid = p->pid;
+        srv->stop_msg = stop;
+        /* Not scheduled until published: messages wait for init. */
+        srv->scheduled = 1;
+    }
+    uv_mutex_unlock(&pool->sig_lock);
+    if (p == NULL) {
+        moat_msg_free(stop);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+int moat__proc_server_publish(moat_pool_t *pool, moat__server_t *srv,
+                              moat_pid_t parent, unsigned flags) {
+    moat__proc_t *p, *pp;
+    moat_msg_t *m1 = NULL, *m2 = NULL;
+    int rc = 0;
+    if ((flags & MOAT_SPAWN_LINK) &&
+        ((m1 = moat__msg_new(MOAT_MSG_EXIT)) == NULL ||
+         (m2 = moat__msg_new(MOAT_MSG_EXIT)) == NULL)) {
+        moat_msg_free(m1);
+        return -ENOMEM;
+    }
+    uv_mutex_lock(&pool->sig_lock);
+    p = lookup(pool, srv->pid);
+    if (p == NULL) {
+        rc = MOAT_EDEAD;
+    } else if (flags & MOAT_SPAWN_LINK) {
+        pp = lookup(pool, parent);
+        if (pp == NULL) {
+            rc = MOAT_EDEAD;
+        } else if (grow((void **)&pp->links, &pp->caplinks, pp->nlinks,
+                        sizeof(link_t)) ||
+                   grow((void **)&p->links, &p->caplinks, p->nlinks,
+                        sizeof(link_t))) {
+            rc = -ENOMEM;
+        } else {
+            pp->links[pp->nlinks++] = (link_t){srv->pid, m1};
+            p->links[p->nlinks++] = (link_t){parent, m2};
+            m1 = m2 = NULL;
+        }
+    }
+    if (rc == 0) {
+        srv->scheduled = 0;
+        if (p->head != NULL)
+            wake_server(pool, srv);
+    }
+    uv_mutex_unlock(&pool->sig_lock);
+    moat_msg_free(m1);
+    moat_msg_free(m2);
+    return rc;
+}
+
+int moat__proc_server_next(moat__server_t *srv, moat_msg_t **m) {
+    moat_pool_t *pool = srv->pool;
+    moat_task_t *prev;
+    moat__proc_t *p;
+    int rc = 0;
+    uv_mutex_lock(&pool->sig_lock);
+    prev = srv->current;
+    srv->current = NULL;
+    if (srv->dead) {
+        rc = -1;
+    } else if ((p = lookup(pool, srv->pid)) != NULL && p->head != NULL) {
+        *m = p->head;
+        p->head = p->head->next;
+        if (p->head == NULL)
+            p->tail = &p->head;
+        (*m)->next = NULL;
+        srv->current = (*m)->call; /* the message's reference moves here */
+        rc = 1;
+    } else {
+        srv->scheduled = 0;
+    }
+    uv_mutex_unlock(&pool->sig_lock);
+    if (prev != NULL)
+        moat__task_unref(prev);
+    return rc;
+}
+
+void moat__proc_server_yield(moat__server_t *srv) {
+    moat_pool_t *pool = srv->pool;
+    moat_task_t *prev;
+    moat__proc_t *p;
+    uv_mutex_lock(&pool->sig_lock);
+    prev = srv->current;
+    srv->current = NULL;
+    p = lookup(pool, srv->pid);
+    if (srv->dead || (p != NULL && p->head != NULL))
+        moat__pool_ready_sys(pool, &srv->item); /* still scheduled */
+    else
+        srv->scheduled = 0;
+    uv_mutex_unlock(&pool->sig_lock);
+    if (prev != NULL)
+        moat__task_unref(prev);
+}
+
+void moat__proc_server_exit(moat__server_t *srv, moat_term_t *reason) {
+    moat_pool_t *pool = srv->pool;
+    after_t a = {NULL, NULL};
+    moat__proc_t *p;
+    uv_mutex_lock(&pool->sig_lock);
+    if ((p = lookup(pool, srv->pid)) != NULL)
+        start_dying(&a, p, reason);
+    unlock_after(pool, &a);
+}
+
+moat_msg_t *moat__proc_server_leftover(moat__server_t *srv) {
+    moat_pool_t *pool = srv->pool;
+    moat_msg_t *m;
+    uv_mutex_lock(&pool->sig_lock);
+    m = srv->leftover;
+    srv->leftover = NULL;
+    uv_mutex_unlock(&pool->sig_lock);
+    return m;
+}
+
+int moat__proc_server_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m) {
+    moat__proc_t *p;
+    int rc = 0;
+    uv_mutex_lock(&pool->sig_lock);
+    p = lookup(pool, pid);
+    if (p == NULL || p->srv == NULL || p->srv->def == NULL)
+        rc = MOAT_ENOPROC;
+    else
+        enqueue(pool, p, m);
+    uv_mutex_unlock(&pool->sig_lock);
+    return rc;
+}
+
+int moat__proc_with_server(moat_pool_t *pool, moat_pid_t pid,
+                           int (*fn)(moat__server_t *s, void *arg), void *arg) {
+    moat__proc_t *p;
+    int rc;
+    uv_mutex_lock(&pool->sig_lock);
+    p = lookup(pool, pid);
+    rc = p != NULL && p->srv != NULL ? fn(p->srv, arg) : MOAT_ENOPROC;
+    uv_mutex_unlock(&pool->sig_lock);
     return rc;
 }

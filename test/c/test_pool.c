@@ -605,6 +605,47 @@ static void test_pool_exactly_one_outcome_stress(void **state) {
     assert_int_equal(atomic_load(&total_outcomes), accepted);
 }
 
+/* An owner cancelled again and again while its tasks are being submitted:
+ * every accepted task still has exactly one outcome, a refused one none,
+ * and stop returns. */
+typedef struct owner_race_s {
+    moat_pool_t *pool;
+    atomic_int done;
+} owner_race_t;
+
+static void *cancel_loop(void *arg) {
+    owner_race_t *o = arg;
+    while (!atomic_load(&o->done))
+        moat_pool_cancel_owner(o->pool, 7, MOAT_A_SHUTDOWN, 0);
+    return NULL;
+}
+
+static void test_pool_cancel_owner_races_submit(void **state) {
+    enum { N = 20000 };
+    owner_race_t o = {pool_make(2, 64), 0};
+    rec_t *r = calloc(N, sizeof *r);
+    pthread_t th;
+    int accepted = 0;
+    (void)state;
+    assert_int_equal(pthread_create(&th, NULL, cancel_loop, &o), 0);
+    for (int i = 0; i < N; i++) {
+        moat_job_t j = job(t_ok, &r[i]);
+        j.owner = 7;
+        if (moat_pool_submit(o.pool, &j, NULL) == 0)
+            accepted++;
+        else
+            moat_term_unref(j.args);
+    }
+    atomic_store(&o.done, 1);
+    pthread_join(th, NULL);
+    moat_pool_free(o.pool);
+    for (int i = 0; i < N; i++)
+        assert_true(atomic_load(&r[i].outcomes) <= 1);
+    assert_int_equal(atomic_load(&total_outcomes), accepted);
+    rec_clear(r, N);
+    free(r);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pool_result_and_reasons),
@@ -622,6 +663,7 @@ int main(void) {
         cmocka_unit_test(test_pool_threads_named_signals_blocked),
         cmocka_unit_test(test_pool_invalid_arguments),
         cmocka_unit_test(test_pool_exactly_one_outcome_stress),
+        cmocka_unit_test(test_pool_cancel_owner_races_submit),
     };
     return cmocka_run_group_tests_name("pool", tests, NULL, NULL);
 }

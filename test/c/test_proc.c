@@ -3,6 +3,7 @@
  * transport gives, E9 in test_term.c's predicate and here in cascades). */
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sched.h>
 #include <stdlib.h>
 
 #include "core_util.h"
@@ -431,6 +432,71 @@ static void test_proc_spawn_dead_parent(void **state) {
     moat_term_unref(args);
 }
 
+/* A task that has a process and is killed while it returns: its outcome
+ * and its monitors always give the same reason. */
+static atomic_uint_fast64_t racer_pid;
+static atomic_int racer_go;
+
+static int task_publish_self(moat_ctx_t *ctx, const char *a, int n,
+                             ei_x_buff *out) {
+    (void)a;
+    (void)n;
+    atomic_store(&racer_pid, moat_self(ctx));
+    while (!atomic_load(&racer_go) && !moat_should_stop(ctx))
+        sched_yield();
+    ei_x_encode_atom(out, "ok");
+    return MOAT_OK;
+}
+
+typedef struct seen_s {
+    atomic_int n;
+    atomic_int ok;
+} seen_t;
+
+static void seen_outcome(moat_task_t *t, const moat_outcome_t *o, void *d) {
+    seen_t *s = moat_task_data(t);
+    (void)d;
+    atomic_store(&s->ok, o->kind == MOAT_OK);
+    atomic_fetch_add(&s->n, 1);
+}
+
+static void test_proc_kill_racing_return_agrees(void **state) {
+    moat_pool_opts_t o = {0};
+    moat_pool_t *pool;
+    moat_pid_t w;
+    (void)state;
+    o.nthreads = 2;
+    o.complete = seen_outcome;
+    assert_int_equal(moat_pool_new(&o, &pool), 0);
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    for (int i = 0; i < 2000; i++) {
+        seen_t seen = {0, 0};
+        moat_job_t j = {task_publish_self, "race", NULL, t_nil(), 0, -1,
+                        &seen};
+        moat_pid_t pid;
+        uint64_t ref;
+        moat_msg_t *m;
+        atomic_store(&racer_pid, 0);
+        atomic_store(&racer_go, 0);
+        assert_int_equal(moat_pool_submit(pool, &j, NULL), 0);
+        while ((pid = atomic_load(&racer_pid)) == 0)
+            sched_yield();
+        assert_int_equal(moat_proc_monitor(pool, w, pid, &ref), 0);
+        atomic_store(&racer_go, 1); /* the return races the kill */
+        moat_proc_exit(pool, w, pid, moat_atom(MOAT_A_KILL));
+        m = t_recv(pool, w);
+        while (atomic_load(&seen.n) == 0)
+            sched_yield();
+        assert_int_equal(atomic_load(&seen.n), 1);
+        assert_int_equal(m->kind, MOAT_MSG_DOWN);
+        assert_int_equal(atomic_load(&seen.ok),
+                         moat_term_is(m->term, MOAT_A_NORMAL));
+        moat_msg_free(m);
+    }
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+    moat_pool_free(pool);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_signal_link_dead_not_trapping_is_noproc),
@@ -453,6 +519,7 @@ int main(void) {
         cmocka_unit_test(test_proc_spawn_monitor_normal),
         cmocka_unit_test(test_proc_kill_running_task),
         cmocka_unit_test(test_proc_spawn_dead_parent),
+        cmocka_unit_test(test_proc_kill_racing_return_agrees),
     };
     return cmocka_run_group_tests_name("proc", tests, setup, teardown);
 }

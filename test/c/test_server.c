@@ -1,0 +1,323 @@
+/* test_server.c: native servers: state across calls, casts, one outcome
+ * per call whatever ends it, stop requests run terminate, kill, calls to
+ * dead servers, timeouts. */
+#include <sched.h>
+#include <stdlib.h>
+
+#include "core_util.h"
+#include "tsrv.h"
+
+typedef struct rec_s {
+    atomic_int outcomes;
+    atomic_int ready;
+    int kind;
+    moat_term_t *term;
+} rec_t;
+
+static void record(moat_task_t *t, const moat_outcome_t *o, void *d) {
+    rec_t *r = moat_task_data(t);
+    (void)d;
+    if (atomic_fetch_add(&r->outcomes, 1) == 0) {
+        r->kind = o->kind;
+        r->term = moat_term_ref(o->term);
+        atomic_store_explicit(&r->ready, 1, memory_order_release);
+    }
+}
+
+static void wait_rec(rec_t *r) {
+    for (long i = 0; !atomic_load_explicit(&r->ready, memory_order_acquire);
+         i++) {
+        assert_true(i < 200000000L);
+        sched_yield();
+    }
+}
+
+static void rec_done(rec_t *r) {
+    assert_int_equal(atomic_load(&r->outcomes), 1);
+    moat_term_unref(r->term);
+    r->term = NULL;
+}
+
+static int setup(void **state) {
+    moat_pool_opts_t o = {0};
+    moat_pool_t *pool;
+    o.nthreads = 2;
+    o.name = "tsrv";
+    o.complete = record;
+    if (moat_pool_new(&o, &pool) != 0)
+        return -1;
+    *state = pool;
+    return 0;
+}
+
+static int teardown(void **state) {
+    moat_pool_free(*state);
+    return 0;
+}
+
+static int before(void **state) {
+    (void)state;
+    tsrv_reset();
+    return 0;
+}
+
+static moat_pid_t start(moat_pool_t *pool, int n) {
+    moat_pid_t pid = 0;
+    moat_term_t *reason = NULL, *args = tsrv_args(n);
+    assert_int_equal(
+        moat_server_start(pool, 0, &tsrv_def, NULL, args, 0, &pid, &reason),
+        0);
+    moat_term_unref(args);
+    assert_null(reason);
+    return pid;
+}
+
+/* A call with a fresh record; returns after its one outcome. */
+static void call(moat_pool_t *pool, moat_pid_t srv, const char *req,
+                 int64_t timeout, rec_t *r) {
+    moat_term_t *q = t_atom(req);
+    assert_int_equal(moat_server_call(pool, srv, q, 0, timeout, r, NULL), 0);
+    moat_term_unref(q);
+    wait_rec(r);
+}
+
+static long call_long(moat_pool_t *pool, moat_pid_t srv, const char *req) {
+    rec_t r = {0};
+    long v;
+    int i = 0, ver;
+    size_t len;
+    const char *d;
+    call(pool, srv, req, -1, &r);
+    assert_int_equal(r.kind, MOAT_OK);
+    d = moat_term_data(r.term, &len);
+    assert_int_equal(ei_decode_version(d, &i, &ver), 0);
+    assert_int_equal(ei_decode_long(d, &i, &v), 0);
+    rec_done(&r);
+    return v;
+}
+
+static uint64_t watch(moat_pool_t *pool, moat_pid_t w, moat_pid_t target) {
+    uint64_t ref = 0;
+    assert_int_equal(moat_proc_monitor(pool, w, target, &ref), 0);
+    return ref;
+}
+
+/* The server keeps its state across calls, and casts reach it in order. */
+static void test_server_state_across_calls(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t s = start(pool, 1);
+    moat_term_t *inc = t_atom("inc");
+    assert_int_equal(call_long(pool, s, "inc"), 1);
+    assert_int_equal(call_long(pool, s, "inc"), 2);
+    for (int i = 0; i < 10; i++)
+        assert_int_equal(moat_server_cast(pool, s, inc), 0);
+    assert_int_equal(call_long(pool, s, "get"), 12);
+    moat_term_unref(inc);
+    moat_proc_exit(pool, 0, s, moat_atom(MOAT_A_SHUTDOWN));
+    tsrv_wait('t', 1, 1);
+}
+
+/* A crash in handle_call gives that caller the reason, ends the server
+ * with it (monitors see it), and terminate runs once. */
+static void test_server_crash_in_call(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t w, s = start(pool, 2);
+    rec_t r = {0};
+    uint64_t ref;
+    moat_term_t *crash = moat_term_tagged_binary("native_error", "crash", 5);
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    ref = watch(pool, w, s);
+    call(pool, s, "crash", -1, &r);
+    assert_int_equal(r.kind, MOAT_EXIT);
+    assert_true(moat_term_equal(r.term, crash));
+    t_expect_down(pool, w, ref, s, crash);
+    tsrv_wait('t', 2, 1);
+    assert_int_equal(tsrv_count('t', 2), 1);
+    rec_done(&r);
+    moat_term_unref(crash);
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* A server that ends itself with a reason it chose gives it to the
+ * caller and to monitors, {shutdown, _} included. */
+static void test_server_stop_with_chosen_reason(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t w, s = start(pool, 3);
+    rec_t r = {0};
+    uint64_t ref;
+    moat_term_t *done = t_pair("shutdown", "done");
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    ref = watch(pool, w, s);
+    call(pool, s, "exit", -1, &r);
+    assert_true(moat_term_equal(r.term, done));
+    t_expect_down(pool, w, ref, s, done);
+    rec_done(&r);
+    moat_term_unref(done);
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* A call to a dead server is MOAT_ENOPROC and no callback; a cast to it
+ * is dropped. */
+static void test_server_call_dead_is_noproc(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t s = start(pool, 4);
+    rec_t r = {0};
+    moat_term_t *q = t_atom("get");
+    moat_proc_exit(pool, 0, s, moat_atom(MOAT_A_KILL));
+    assert_int_equal(moat_server_call(pool, s, q, 0, -1, &r, NULL),
+                     MOAT_ENOPROC);
+    assert_int_equal(moat_server_cast(pool, s, q), 0);
+    tsrv_wait('t', 4, 1);
+    assert_int_equal(atomic_load(&r.outcomes), 0);
+    moat_term_unref(q);
+}
+
+/* An exit signal is a stop request: queued calls before it are answered,
+ * terminate runs, then monitors see the reason; calls after it get the
+ * reason. */
+static void test_server_stop_request_in_order(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t w, s = start(pool, 5);
+    rec_t block = {0}, before = {0}, after = {0};
+    moat_term_t *qb = t_atom("block"), *qi = t_atom("inc");
+    uint64_t ref;
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    ref = watch(pool, w, s);
+    moat_server_call(pool, s, qb, 0, -1, &block, NULL);
+    moat_server_call(pool, s, qi, 0, -1, &before, NULL);
+    moat_proc_exit(pool, w, s, moat_atom(MOAT_A_SHUTDOWN));
+    moat_server_call(pool, s, qi, 0, -1, &after, NULL);
+    atomic_store(&tsrv_gate, 1);
+    wait_rec(&block);
+    wait_rec(&before);
+    wait_rec(&after);
+    assert_int_equal(block.kind, MOAT_OK);
+    assert_int_equal(before.kind, MOAT_OK);
+    assert_int_equal(after.kind, MOAT_EXIT);
+    assert_true(moat_term_is(after.term, MOAT_A_SHUTDOWN));
+    t_expect_down(pool, w, ref, s, moat_atom(MOAT_A_SHUTDOWN));
+    assert_int_equal(tsrv_count('t', 5), 1);
+    rec_done(&block);
+    rec_done(&before);
+    rec_done(&after);
+    moat_term_unref(qb);
+    moat_term_unref(qi);
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* `normal` from exit/2 is ignored by a server, as by a non-trapping
+ * process. */
+static void test_server_exit_normal_ignored(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t w, s = start(pool, 6);
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    moat_proc_exit(pool, w, s, moat_atom(MOAT_A_NORMAL));
+    assert_int_equal(call_long(pool, s, "inc"), 1);
+    assert_true(moat_proc_alive(pool, s));
+    moat_proc_exit(pool, w, s, moat_atom(MOAT_A_KILL));
+    tsrv_wait('t', 6, 1);
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* A kill during a call ends the server at once: the caller and monitors
+ * see `killed`, the late reply is dropped, terminate runs once after the
+ * callback returns. */
+static void test_server_kill_during_call(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t w, s = start(pool, 7);
+    rec_t r = {0};
+    moat_term_t *qb = t_atom("block");
+    uint64_t ref;
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    ref = watch(pool, w, s);
+    assert_int_equal(moat_server_call(pool, s, qb, 0, -1, &r, NULL), 0);
+    /* Whether the kill lands before or inside handle_call, the call ends
+     * with `killed`. */
+    moat_proc_exit(pool, w, s, moat_atom(MOAT_A_KILL));
+    t_expect_down(pool, w, ref, s, moat_atom(MOAT_A_KILLED));
+    wait_rec(&r);
+    assert_true(moat_term_is(r.term, MOAT_A_KILLED));
+    atomic_store(&tsrv_gate, 1);
+    tsrv_wait('t', 7, 1);
+    assert_int_equal(tsrv_count('t', 7), 1);
+    rec_done(&r);
+    moat_term_unref(qb);
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* A call past its timeout ends with `timeout`, and its late reply never
+ * arrives (exactly one outcome). */
+static void test_server_call_timeout(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t s = start(pool, 8);
+    rec_t r = {0}, late = {0};
+    moat_term_t *qb = t_atom("block");
+    assert_int_equal(moat_server_call(pool, s, qb, 0, -1, &late, NULL), 0);
+    call(pool, s, "get", 20, &r);
+    assert_true(moat_term_is(r.term, MOAT_A_TIMEOUT));
+    atomic_store(&tsrv_gate, 1);
+    wait_rec(&late);
+    assert_int_equal(call_long(pool, s, "get"), 0);
+    assert_int_equal(atomic_load(&r.outcomes), 1);
+    rec_done(&r);
+    rec_done(&late);
+    moat_term_unref(qb);
+    moat_proc_exit(pool, 0, s, moat_atom(MOAT_A_SHUTDOWN));
+    tsrv_wait('t', 8, 1);
+}
+
+/* A failed init is a value with its reason, and no process remains. */
+static void test_server_init_failure(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t pid = 0;
+    moat_term_t *reason = NULL, *args = tsrv_args(9),
+                *want = moat_term_tagged_binary("native_error",
+                                                "init failed", 11);
+    atomic_store(&tsrv_fail_init, 9);
+    assert_int_equal(moat_server_start(pool, 0, &tsrv_def, NULL, args, 0,
+                                       &pid, &reason),
+                     MOAT_ESTART);
+    assert_true(moat_term_equal(reason, want));
+    assert_int_equal(tsrv_count('t', 9), 0);
+    moat_term_unref(reason);
+    moat_term_unref(want);
+    moat_term_unref(args);
+}
+
+/* A linked server started with MOAT_SPAWN_LINK takes its parent's exit
+ * as a stop request: terminate runs before it is gone. */
+static void test_server_linked_to_parent(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t parent, w, s = 0;
+    moat_term_t *reason = NULL, *args = tsrv_args(10),
+                *crash = t_atom("crash");
+    uint64_t ref;
+    assert_int_equal(moat_proc_open(pool, &parent), 0);
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    assert_int_equal(moat_server_start(pool, parent, &tsrv_def, NULL, args,
+                                       MOAT_SPAWN_LINK, &s, &reason),
+                     0);
+    ref = watch(pool, w, s);
+    moat_proc_close(pool, parent, crash);
+    t_expect_down(pool, w, ref, s, crash);
+    assert_int_equal(tsrv_count('t', 10), 1);
+    moat_term_unref(crash);
+    moat_term_unref(args);
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup(test_server_state_across_calls, before),
+        cmocka_unit_test_setup(test_server_crash_in_call, before),
+        cmocka_unit_test_setup(test_server_stop_with_chosen_reason, before),
+        cmocka_unit_test_setup(test_server_call_dead_is_noproc, before),
+        cmocka_unit_test_setup(test_server_stop_request_in_order, before),
+        cmocka_unit_test_setup(test_server_exit_normal_ignored, before),
+        cmocka_unit_test_setup(test_server_kill_during_call, before),
+        cmocka_unit_test_setup(test_server_call_timeout, before),
+        cmocka_unit_test_setup(test_server_init_failure, before),
+        cmocka_unit_test_setup(test_server_linked_to_parent, before),
+    };
+    return cmocka_run_group_tests_name("server", tests, setup, teardown);
+}

@@ -1,0 +1,575 @@
+/* test_sup.c: the native supervisor against OTP's rules (REFERENCE.md
+ * §3, S2-S7), with a test clock for the intensity window. */
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "core_util.h"
+#include "tsrv.h"
+
+static atomic_int_fast64_t clock_now;
+static atomic_int escalations;
+
+static int64_t test_clock(void *data) {
+    (void)data;
+    return atomic_load(&clock_now);
+}
+
+static void on_escalate(moat_pid_t sup, moat_term_t *reason, void *data) {
+    (void)sup;
+    (void)data;
+    assert_true(moat_term_is(reason, MOAT_A_SHUTDOWN));
+    atomic_fetch_add(&escalations, 1);
+}
+
+static void ignore_outcome(moat_task_t *t, const moat_outcome_t *o, void *d) {
+    (void)t;
+    (void)o;
+    (void)d;
+}
+
+static int setup(void **state) {
+    moat_pool_opts_t o = {0};
+    moat_pool_t *pool;
+    o.nthreads = 2;
+    o.name = "tsup";
+    o.complete = ignore_outcome;
+    if (moat_pool_new(&o, &pool) != 0)
+        return -1;
+    *state = pool;
+    return 0;
+}
+
+static int teardown(void **state) {
+    moat_pool_free(*state);
+    return 0;
+}
+
+static int before(void **state) {
+    (void)state;
+    tsrv_reset();
+    atomic_store(&clock_now, 0);
+    atomic_store(&escalations, 0);
+    return 0;
+}
+
+/* Child specs: instance n of the test server, with id c<n>. */
+static void kid_free(void *arg) {
+    moat_server_child_t *c = arg;
+    moat_term_unref(c->args);
+    free(c);
+}
+
+static moat_child_spec_t kid(int n, moat_restart_t restart, int shutdown) {
+    moat_server_child_t *c = calloc(1, sizeof *c);
+    char id[16];
+    moat_child_spec_t s;
+    snprintf(id, sizeof id, "c%d", n);
+    c->def = &tsrv_def;
+    c->args = tsrv_args(n);
+    s.id = t_atom(id);
+    s.start = moat_server_child_start;
+    s.arg = c;
+    s.arg_free = kid_free;
+    s.restart = restart;
+    s.shutdown_ms = shutdown;
+    s.type = MOAT_WORKER;
+    return s;
+}
+
+static moat_pid_t start_sup(moat_pool_t *pool, moat_strategy_t strategy,
+                            int intensity, int period, moat_child_spec_t *k,
+                            size_t n) {
+    moat_sup_opts_t o = {strategy, intensity, period, on_escalate,
+                         test_clock, NULL};
+    moat_pid_t sup = 0;
+    moat_term_t *reason = NULL;
+    assert_int_equal(moat_sup_start(pool, 0, &o, k, n, &sup, &reason), 0);
+    assert_null(reason);
+    for (size_t i = 0; i < n; i++)
+        moat_term_unref(k[i].id); /* the supervisor took its own */
+    return sup;
+}
+
+/* The pid of child i now (0 if not running). */
+static moat_pid_t child_pid(moat_pool_t *pool, moat_pid_t sup, int i) {
+    moat_child_info_t *ci;
+    int n = moat_sup_which_children(pool, sup, &ci);
+    moat_pid_t pid;
+    assert_true(n > i);
+    pid = ci[i].state == MOAT_CHILD_RUNNING ? ci[i].pid : 0;
+    moat_sup_children_free(ci, n);
+    return pid;
+}
+
+/* Waits until child i runs with a pid other than `old`. */
+static moat_pid_t wait_restarted(moat_pool_t *pool, moat_pid_t sup, int i,
+                                 moat_pid_t old) {
+    moat_pid_t pid;
+    for (long k = 0; (pid = child_pid(pool, sup, i)) == 0 || pid == old;
+         k++) {
+        assert_true(k < 100000000L);
+        sched_yield();
+    }
+    return pid;
+}
+
+static void cast(moat_pool_t *pool, moat_pid_t pid, const char *req) {
+    moat_term_t *q = t_atom(req);
+    assert_int_equal(moat_server_cast(pool, pid, q), 0);
+    moat_term_unref(q);
+}
+
+/* Stops the supervisor from outside and waits until it is gone. */
+static void stop_sup(moat_pool_t *pool, moat_pid_t sup, moat_term_t *want) {
+    moat_pid_t w;
+    uint64_t ref;
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    assert_int_equal(moat_proc_monitor(pool, w, sup, &ref), 0);
+    moat_proc_exit(pool, 0, sup, moat_atom(MOAT_A_SHUTDOWN));
+    t_expect_down(pool, w, ref, sup, want);
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+static void expect_log(const char *want) {
+    tsrv_event_t ev[64];
+    char got[256] = "";
+    int n = tsrv_log(ev, 64);
+    for (int i = 0; i < n; i++) {
+        char one[16];
+        snprintf(one, sizeof one, "%s%c%d", i ? " " : "", ev[i].what,
+                 ev[i].n);
+        strncat(got, one, sizeof got - strlen(got) - 1);
+    }
+    if (strcmp(got, want) != 0)
+        fail_msg("log is \"%s\", want \"%s\"", got, want);
+}
+
+/* S2: children start in list order, and stop in reverse order. */
+static void test_sup_start_order_and_reverse_stop(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[3] = {kid(1, MOAT_PERMANENT, 1000),
+                              kid(2, MOAT_PERMANENT, 1000),
+                              kid(3, MOAT_PERMANENT, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 3, 5, k, 3);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+    expect_log("s1 s2 s3 t3 t2 t1");
+}
+
+/* S2: when a child fails to start, those started stop in reverse order
+ * and the start fails with {shutdown, {failed_to_start_child, Id, R}}. */
+static void test_sup_failed_start(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[4] = {
+        kid(1, MOAT_PERMANENT, 1000), kid(2, MOAT_PERMANENT, 1000),
+        kid(3, MOAT_PERMANENT, 1000), kid(4, MOAT_PERMANENT, 1000)};
+    moat_sup_opts_t o = {MOAT_ONE_FOR_ONE, 3, 5, NULL, NULL, NULL};
+    moat_pid_t sup = 0, w;
+    moat_term_t *reason = NULL;
+    ei_x_buff x;
+    moat_term_t *want;
+    uint64_t ref;
+    atomic_store(&tsrv_fail_init, 3);
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    assert_int_equal(moat_sup_start(pool, 0, &o, k, 4, &sup, &reason),
+                     MOAT_ESTART);
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "shutdown");
+    ei_x_encode_tuple_header(&x, 3);
+    ei_x_encode_atom(&x, "failed_to_start_child");
+    ei_x_encode_atom(&x, "c3");
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "native_error");
+    ei_x_encode_binary(&x, "init failed", 11);
+    want = moat_term_from_x(&x);
+    assert_true(moat_term_equal(reason, want));
+    /* The supervisor may be gone already (then the DOWN says noproc);
+     * either way it ends with that reason after stopping 2, then 1. */
+    assert_int_equal(moat_proc_monitor(pool, w, sup, &ref), 0);
+    {
+        moat_msg_t *m = t_recv(pool, w);
+        assert_int_equal(m->kind, MOAT_MSG_DOWN);
+        assert_true(moat_term_equal(m->term, want) ||
+                    moat_term_is(m->term, MOAT_A_NOPROC));
+        moat_msg_free(m);
+    }
+    expect_log("s1 s2 t2 t1");
+    for (int i = 0; i < 4; i++)
+        moat_term_unref(k[i].id);
+    moat_term_unref(reason);
+    moat_term_unref(want);
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* S3: a permanent child is restarted even after a normal exit. */
+static void test_sup_permanent_restarts_on_normal(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[1] = {kid(1, MOAT_PERMANENT, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 3, 5, k, 1);
+    moat_pid_t p = child_pid(pool, sup, 0);
+    moat_term_t *stop = t_atom("stop");
+    moat_server_call(pool, p, stop, 0, -1, NULL, NULL);
+    wait_restarted(pool, sup, 0, p);
+    moat_term_unref(stop);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+    expect_log("s1 t1 s1 t1");
+}
+
+/* S3: a transient child is not restarted after normal, shutdown or
+ * {shutdown, _}, and is after a crash. */
+static void test_sup_transient_rules(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[3] = {kid(1, MOAT_TRANSIENT, 1000),
+                              kid(2, MOAT_TRANSIENT, 1000),
+                              kid(3, MOAT_TRANSIENT, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 9, 5, k, 3);
+    moat_pid_t p1 = child_pid(pool, sup, 0), p2 = child_pid(pool, sup, 1),
+               p3 = child_pid(pool, sup, 2);
+    moat_term_t *stop = t_atom("stop"), *exit = t_atom("exit");
+    moat_child_info_t *ci;
+    int n;
+    moat_server_call(pool, p1, stop, 0, -1, NULL, NULL);
+    moat_server_call(pool, p2, exit, 0, -1, NULL, NULL);
+    cast(pool, p3, "crash");
+    wait_restarted(pool, sup, 2, p3);
+    tsrv_wait('t', 1, 1);
+    tsrv_wait('t', 2, 1);
+    /* The supervisor has handled the EXITs of 1 and 2 before that of 3
+     * only if they came first; wait for its view to settle. */
+    for (long i = 0; child_pid(pool, sup, 0) || child_pid(pool, sup, 1); i++)
+        assert_true(i < 100000000L);
+    n = moat_sup_which_children(pool, sup, &ci);
+    assert_int_equal(n, 3);
+    assert_int_equal(ci[0].state, MOAT_CHILD_UNDEFINED);
+    assert_int_equal(ci[1].state, MOAT_CHILD_UNDEFINED);
+    assert_int_equal(ci[2].state, MOAT_CHILD_RUNNING);
+    moat_sup_children_free(ci, n);
+    assert_int_equal(tsrv_count('s', 1), 1);
+    assert_int_equal(tsrv_count('s', 2), 1);
+    assert_int_equal(tsrv_count('s', 3), 2);
+    moat_term_unref(stop);
+    moat_term_unref(exit);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+}
+
+/* S3: a temporary child is never restarted and its spec is dropped. */
+static void test_sup_temporary_removed(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[2] = {kid(1, MOAT_PERMANENT, 1000),
+                              kid(2, MOAT_TEMPORARY, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 3, 5, k, 2);
+    moat_child_counts_t c;
+    cast(pool, child_pid(pool, sup, 1), "crash");
+    do {
+        assert_int_equal(moat_sup_count_children(pool, sup, &c), 0);
+    } while (c.specs == 2);
+    assert_int_equal(c.specs, 1);
+    assert_int_equal(c.active, 1);
+    assert_int_equal(tsrv_count('s', 2), 1);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+}
+
+/* Crashes child 0 of a one-child supervisor and waits for the restart. */
+static moat_pid_t crash_and_wait(moat_pool_t *pool, moat_pid_t sup) {
+    moat_pid_t p = child_pid(pool, sup, 0);
+    cast(pool, p, "crash");
+    return wait_restarted(pool, sup, 0, p);
+}
+
+/* Crashes child 0 and waits for the supervisor to give up. */
+static void crash_and_give_up(moat_pool_t *pool, moat_pid_t sup) {
+    moat_pid_t w;
+    uint64_t ref;
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    assert_int_equal(moat_proc_monitor(pool, w, sup, &ref), 0);
+    cast(pool, child_pid(pool, sup, 0), "crash");
+    t_expect_down(pool, w, ref, sup, moat_atom(MOAT_A_SHUTDOWN));
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+    assert_int_equal(atomic_load(&escalations), 1);
+}
+
+/* S4: restarts at T are kept while T >= Now - Period: with intensity 2,
+ * period 5, two restarts at 0 and one at 5 (the period's edge) is too
+ * many, and the supervisor gives up (shutdown, escalated once). */
+static void test_sup_intensity_edge_gives_up(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[1] = {kid(1, MOAT_PERMANENT, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 2, 5, k, 1);
+    crash_and_wait(pool, sup);
+    crash_and_wait(pool, sup);
+    atomic_store(&clock_now, 5);
+    crash_and_give_up(pool, sup);
+    expect_log("s1 t1 s1 t1 s1 t1");
+}
+
+/* S4: one second later (period + 1) the old restarts have left the
+ * window and the restart goes through. */
+static void test_sup_intensity_window_slides(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[1] = {kid(1, MOAT_PERMANENT, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 2, 5, k, 1);
+    crash_and_wait(pool, sup);
+    crash_and_wait(pool, sup);
+    atomic_store(&clock_now, 6);
+    crash_and_wait(pool, sup);
+    crash_and_wait(pool, sup);
+    assert_int_equal(atomic_load(&escalations), 0);
+    crash_and_give_up(pool, sup);
+}
+
+/* S4: intensity 0 means the first restart already gives up. */
+static void test_sup_intensity_zero(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[1] = {kid(1, MOAT_PERMANENT, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 0, 5, k, 1);
+    crash_and_give_up(pool, sup);
+    expect_log("s1 t1");
+}
+
+/* S5: one_for_all stops the others in reverse start order (a temporary
+ * sibling for good), then starts all in start order. */
+static void test_sup_one_for_all(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[4] = {
+        kid(1, MOAT_PERMANENT, 1000), kid(2, MOAT_PERMANENT, 1000),
+        kid(3, MOAT_PERMANENT, 1000), kid(4, MOAT_TEMPORARY, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ALL, 3, 5, k, 4);
+    moat_pid_t p2 = child_pid(pool, sup, 1);
+    moat_child_counts_t c;
+    cast(pool, p2, "crash");
+    wait_restarted(pool, sup, 1, p2);
+    do {
+        assert_int_equal(moat_sup_count_children(pool, sup, &c), 0);
+    } while (c.active < 3);
+    expect_log("s1 s2 s3 s4 t2 t4 t3 t1 s1 s2 s3");
+    assert_int_equal(c.specs, 3);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+}
+
+/* S5: rest_for_one restarts the failed child and those after it only. */
+static void test_sup_rest_for_one(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[3] = {kid(1, MOAT_PERMANENT, 1000),
+                              kid(2, MOAT_PERMANENT, 1000),
+                              kid(3, MOAT_PERMANENT, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_REST_FOR_ONE, 3, 5, k, 3);
+    moat_pid_t p1 = child_pid(pool, sup, 0), p2 = child_pid(pool, sup, 1);
+    cast(pool, p2, "crash");
+    wait_restarted(pool, sup, 1, p2);
+    wait_restarted(pool, sup, 2, 0);
+    tsrv_wait('s', 3, 2);
+    expect_log("s1 s2 s3 t2 t3 s2 s3");
+    assert_int_equal(child_pid(pool, sup, 0), p1);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+}
+
+/* S6: a child slower than its shutdown timeout is killed: the supervisor
+ * moves on to the next child, and the slow terminate still runs once. */
+static void test_sup_shutdown_timeout_kills(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[3] = {kid(1, MOAT_PERMANENT, 1000),
+                              kid(101, MOAT_PERMANENT, 30),
+                              kid(3, MOAT_PERMANENT, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 3, 5, k, 3);
+    moat_pid_t w, slow = child_pid(pool, sup, 1);
+    uint64_t ref;
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    assert_int_equal(moat_proc_monitor(pool, w, slow, &ref), 0);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+    t_expect_down(pool, w, ref, slow, moat_atom(MOAT_A_KILLED));
+    expect_log("s1 s101 s3 t3 t1");
+    atomic_store(&tsrv_gate, 1);
+    tsrv_wait('t', 101, 1);
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* S6: brutal_kill kills at once: the child's DOWN says killed. */
+static void test_sup_shutdown_brutal(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[1] = {kid(102, MOAT_PERMANENT, MOAT_SHUTDOWN_BRUTAL)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 3, 5, k, 1);
+    moat_pid_t w, p = child_pid(pool, sup, 0);
+    uint64_t ref;
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    assert_int_equal(moat_proc_monitor(pool, w, p, &ref), 0);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+    t_expect_down(pool, w, ref, p, moat_atom(MOAT_A_KILLED));
+    atomic_store(&tsrv_gate, 1);
+    tsrv_wait('t', 102, 1);
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* S6: shutdown infinity waits for a slow terminate however long. */
+static void test_sup_shutdown_infinity_waits(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[1] = {
+        kid(103, MOAT_PERMANENT, MOAT_SHUTDOWN_INFINITY)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 3, 5, k, 1);
+    moat_pid_t w, p = child_pid(pool, sup, 0);
+    moat_msg_t *m = NULL;
+    uint64_t rs, rp;
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    assert_int_equal(moat_proc_monitor(pool, w, sup, &rs), 0);
+    assert_int_equal(moat_proc_monitor(pool, w, p, &rp), 0);
+    moat_proc_exit(pool, 0, sup, moat_atom(MOAT_A_SHUTDOWN));
+    assert_int_equal(moat_proc_receive(pool, w, 100, &m), MOAT_ETIMEDOUT);
+    assert_true(moat_proc_alive(pool, sup));
+    atomic_store(&tsrv_gate, 1);
+    t_expect_down(pool, w, rp, p, moat_atom(MOAT_A_SHUTDOWN));
+    t_expect_down(pool, w, rs, sup, moat_atom(MOAT_A_SHUTDOWN));
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* S7: which_children gives ids, states and types in start order;
+ * count_children adds them up. */
+static void test_sup_which_and_count(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[2] = {kid(1, MOAT_PERMANENT, 1000),
+                              kid(2, MOAT_TRANSIENT, 1000)};
+    moat_pid_t sup;
+    moat_child_info_t *ci;
+    moat_child_counts_t c;
+    moat_term_t *c1 = t_atom("c1"), *c2 = t_atom("c2"), *stop = t_atom("stop");
+    int n;
+    k[1].type = MOAT_SUPERVISOR; /* as declared; it is a server here */
+    sup = start_sup(pool, MOAT_ONE_FOR_ONE, 3, 5, k, 2);
+    moat_server_call(pool, child_pid(pool, sup, 1), stop, 0, -1, NULL, NULL);
+    do {
+        assert_int_equal(moat_sup_count_children(pool, sup, &c), 0);
+    } while (c.active == 2);
+    n = moat_sup_which_children(pool, sup, &ci);
+    assert_int_equal(n, 2);
+    assert_true(moat_term_equal(ci[0].id, c1));
+    assert_true(moat_term_equal(ci[1].id, c2));
+    assert_int_equal(ci[0].state, MOAT_CHILD_RUNNING);
+    assert_int_not_equal(ci[0].pid, 0);
+    assert_int_equal(ci[0].type, MOAT_WORKER);
+    assert_int_equal(ci[1].state, MOAT_CHILD_UNDEFINED);
+    assert_int_equal(ci[1].type, MOAT_SUPERVISOR);
+    moat_sup_children_free(ci, n);
+    assert_int_equal(c.specs, 2);
+    assert_int_equal(c.active, 1);
+    assert_int_equal(c.workers, 1);
+    assert_int_equal(c.supervisors, 1);
+    assert_int_equal(moat_sup_which_children(pool, 12345, &ci), MOAT_ENOPROC);
+    moat_term_unref(c1);
+    moat_term_unref(c2);
+    moat_term_unref(stop);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+}
+
+/* Bad specs are values: a missing start, a duplicate id, period 0. */
+static void test_sup_invalid_specs(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[2] = {kid(1, MOAT_PERMANENT, 1000),
+                              kid(1, MOAT_PERMANENT, 1000)};
+    moat_sup_opts_t o = {MOAT_ONE_FOR_ONE, 3, 5, NULL, NULL, NULL};
+    moat_pid_t sup;
+    moat_term_t *r;
+    assert_int_equal(moat_sup_start(pool, 0, &o, k, 2, &sup, &r),
+                     MOAT_EEXISTS);
+    o.period = 0;
+    assert_int_equal(moat_sup_start(pool, 0, &o, k, 1, &sup, &r),
+                     MOAT_EINVAL);
+    o.period = 5;
+    k[0].start = NULL;
+    assert_int_equal(moat_sup_start(pool, 0, &o, k, 1, &sup, &r),
+                     MOAT_EINVAL);
+    for (int i = 0; i < 2; i++) {
+        moat_term_unref(k[i].id);
+        kid_free(k[i].arg);
+    }
+}
+
+/* Thousands of restarts at a high intensity: the supervisor keeps up and
+ * counts each one. */
+static void test_sup_restart_storm(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[1] = {kid(1, MOAT_PERMANENT, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 1000000, 1, k, 1);
+    moat_pool_stats_t st0, st1;
+    moat_pool_stats(pool, &st0);
+    for (int i = 0; i < 3000; i++)
+        crash_and_wait(pool, sup);
+    moat_pool_stats(pool, &st1);
+    assert_int_equal(st1.restarts - st0.restarts, 3000);
+    assert_int_equal(tsrv_count('s', 1), 3001);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+    assert_int_equal(tsrv_count('t', 1), 3001);
+}
+
+/* Calls from several threads while the child keeps crashing and coming
+ * back: each call is accepted with one outcome, or refused with
+ * MOAT_ENOPROC; nothing crashes. */
+typedef struct caller_s {
+    moat_pool_t *pool;
+    moat_pid_t sup;
+    int refused, answered;
+} caller_t;
+
+static void *caller(void *arg) {
+    caller_t *c = arg;
+    moat_term_t *q = t_atom("inc");
+    for (int i = 0; i < 500; i++) {
+        moat_child_info_t *ci;
+        int n = moat_sup_which_children(c->pool, c->sup, &ci);
+        moat_pid_t p = n > 0 ? ci[0].pid : 0;
+        moat_task_t *t = NULL;
+        if (n > 0)
+            moat_sup_children_free(ci, n);
+        if (moat_server_call(c->pool, p, q, 0, -1, NULL, &t) != 0) {
+            c->refused++;
+            continue;
+        }
+        /* Either the outcome came, or this decides it: one either way,
+         * and no callback is in flight once cancel returns. */
+        moat_task_cancel(t, MOAT_A_SHUTDOWN, MOAT_CANCEL_SILENT);
+        moat_task_release(t);
+        c->answered++;
+    }
+    moat_term_unref(q);
+    return NULL;
+}
+
+static void test_sup_calls_during_restarts(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[1] = {kid(1, MOAT_PERMANENT, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 1000000, 1, k, 1);
+    caller_t c[2] = {{pool, sup, 0, 0}, {pool, sup, 0, 0}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_create(&th[i], NULL, caller, &c[i]), 0);
+    for (int i = 0; i < 200; i++)
+        crash_and_wait(pool, sup);
+    for (int i = 0; i < 2; i++) {
+        pthread_join(th[i], NULL);
+        assert_int_equal(c[i].refused + c[i].answered, 500);
+    }
+    assert_true(moat_proc_alive(pool, sup));
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup(test_sup_start_order_and_reverse_stop, before),
+        cmocka_unit_test_setup(test_sup_failed_start, before),
+        cmocka_unit_test_setup(test_sup_permanent_restarts_on_normal, before),
+        cmocka_unit_test_setup(test_sup_transient_rules, before),
+        cmocka_unit_test_setup(test_sup_temporary_removed, before),
+        cmocka_unit_test_setup(test_sup_intensity_edge_gives_up, before),
+        cmocka_unit_test_setup(test_sup_intensity_window_slides, before),
+        cmocka_unit_test_setup(test_sup_intensity_zero, before),
+        cmocka_unit_test_setup(test_sup_one_for_all, before),
+        cmocka_unit_test_setup(test_sup_rest_for_one, before),
+        cmocka_unit_test_setup(test_sup_shutdown_timeout_kills, before),
+        cmocka_unit_test_setup(test_sup_shutdown_brutal, before),
+        cmocka_unit_test_setup(test_sup_shutdown_infinity_waits, before),
+        cmocka_unit_test_setup(test_sup_which_and_count, before),
+        cmocka_unit_test_setup(test_sup_invalid_specs, before),
+        cmocka_unit_test_setup(test_sup_restart_storm, before),
+        cmocka_unit_test_setup(test_sup_calls_during_restarts, before),
+    };
+    return cmocka_run_group_tests_name("sup", tests, setup, teardown);
+}
