@@ -2,8 +2,8 @@
  * bench/core.c: the core's figures (DESIGN.md section 10) beside their
  * targets and beside a naive peer pool measured in the same run.
  *
- *   make bench                          (builds and runs every benchmark in bench/)
- *   _build/c/plain/bench_core [--quick] [--row N]
+ *   make bench           (builds and runs every benchmark in bench/)
+ *   _build/c/plain/bench_core [--quick] [--row N] [--moat-only]
  *
  * --quick (or MOAT_BENCH_QUICK=1) is a smoke run of about two seconds;
  * --row N runs one row alone and --moat-only skips the peer, e.g. for
@@ -37,7 +37,6 @@
  * workers still build and free each result term.
  */
 #include <errno.h>
-#include <limits.h>
 #include <linux/futex.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -414,7 +413,10 @@ static int bpool_submit(bpool_t *bp, moat_task_fn fn, size_t n, int batched) {
         return 0;
     }
     for (size_t i = 0; i < n; i++) {
-        moat_job_t j = {fn, "bench", NULL, moat_atom(MOAT_A_OK), 0, -1, NULL};
+        moat_job_t j = {.fn = fn,
+                        .name = "bench",
+                        .args = moat_atom(MOAT_A_OK),
+                        .timeout_ms = -1};
         bp->jobs[i] = j;
     }
     for (size_t done = 0; done < n;) {
@@ -476,7 +478,12 @@ static void tally_trial(tally_t *t, bpool_t *bp, uint64_t submitted,
 /* Prints an ERROR row unless every submission has its one outcome. */
 static void check(const char *row, const char *who, const tally_t *t,
                   int is_moat) {
-    int bad = t->completed != t->submitted || t->failed != 0 ||
+    int bad;
+    if (t->overloaded != 0)
+        printf("    note: %s: moat refused %llu submissions as overloaded; "
+               "the bench retried them\n",
+               who, (unsigned long long)t->overloaded);
+    bad = t->completed != t->submitted || t->failed != 0 ||
               t->drain_timeout ||
               (is_moat && t->stats_completed != t->submitted);
     if (!bad)
@@ -520,6 +527,8 @@ static void fmt_ratio(char *buf, size_t len, double moat, double peer,
     double x = lower_is_better ? peer / moat : moat / peer;
     if (moat <= 0 || peer <= 0)
         snprintf(buf, len, "-");
+    else if (x > 0.95 && x < 1.05)
+        snprintf(buf, len, "about equal");
     else if (x >= 1)
         snprintf(buf, len, "moat %.1fx %s", x,
                  lower_is_better ? "faster" : "more");
@@ -972,8 +981,8 @@ static void print_header(const config_t *cfg) {
     printf("  peer:    naive pool in this file: one mutex + condvar FIFO, "
            "a condvar signal per submit, workers sleep when it is empty\n");
     printf("  repeat:  make bench   or   _build/c/plain/bench_core "
-           "[--quick] [--row N]   (%s run; figures drift 20-40%% between runs: "
-           "compare within one run)\n\n",
+           "[--quick] [--row N]   (%s run; figures drift 20-40%% between "
+           "runs: compare within one run)\n\n",
            cfg->quick ? "quick smoke" : "full");
     printf(ROW_FMT, "row", "figure", "moat", "target", "verdict",
            "naive peer", "moat vs peer");
@@ -1035,9 +1044,9 @@ int main(int argc, char **argv) {
         row_spawn(&cfg, 1);
     }
     if (only == 0 || only == 4)
-        printf("    reference for row 4 (reference figure, not measured in this "
-           "run): BEAM spawn_monitor + reply, batched, ~300 k tasks/s on "
-           "this kind of machine (REFERENCE.md section 8)\n");
+        printf("    reference for row 4 (reference figure, not measured in "
+               "this run): BEAM spawn_monitor + reply, batched, ~300 k "
+               "tasks/s on this kind of machine (REFERENCE.md section 8)\n");
     /* row 5, supervisor restarts: added with the supervisor */
     /* A quarter of a core taken by others already moves the round trip
      * and the 10 us row by more than their margins. */

@@ -174,10 +174,12 @@ extern const moat_api_t moat__server_api;
 moat__server_t *moat__server_alloc(moat_pool_t *pool);
 /* Makes the server's process, runs `init` on this thread (it returns NULL
  * or the failure reason, which goes to *reason with MOAT_ESTART), then
- * links it to `parent` and lets it run.  Frees `s` on any failure. */
+ * links it to `parent` and lets it run.  *pid is set before it can run:
+ * once this returns, `s` may already be freed.  Frees `s` (and a
+ * built-in's state, through finish) on any failure. */
 int moat__server_launch(moat__server_t *s, moat_pid_t parent, unsigned flags,
                         moat_term_t *(*init)(moat__server_t *s, void *arg),
-                        void *arg, moat_term_t **reason);
+                        void *arg, moat_pid_t *pid, moat_term_t **reason);
 
 /* proc.c's side of servers; each takes sig_lock itself. */
 int moat__proc_server_new(moat_pool_t *pool, moat__server_t *s);
@@ -193,6 +195,8 @@ void moat__proc_server_exit(moat__server_t *s, moat_term_t *reason);
 moat_msg_t *moat__proc_server_leftover(moat__server_t *s);
 /* Queues a call or cast message; MOAT_ENOPROC when no server is there. */
 int moat__proc_server_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m);
+/* Queues any message to any live process; MOAT_ENOPROC when dead. */
+int moat__proc_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m);
 moat_msg_t *moat__msg_new(moat_msg_kind_t kind);
 /* Runs fn on the live server `pid` with sig_lock held (so the server
  * cannot be freed meanwhile); MOAT_ENOPROC when there is none. */

@@ -253,7 +253,8 @@ typedef enum {
     MOAT_MSG_EXIT,     /* {'EXIT', from, term} */
     MOAT_MSG_DOWN,     /* {'DOWN', ref, process, from, term} */
     MOAT_MSG_CALL,     /* internal: server mailboxes only */
-    MOAT_MSG_CAST      /* internal: server mailboxes only */
+    MOAT_MSG_CAST,     /* internal: server mailboxes only */
+    MOAT_MSG_SYS       /* internal: a supervisor's notes to itself */
 } moat_msg_kind_t;
 
 typedef struct moat_msg_s {

@@ -336,6 +336,7 @@ static void finish_dying(moat_pool_t *pool, after_t *a) {
                                  &c->claim, &open, MOAT__CLAIMED))
                 settle_later(a, c, reason);
             srv->dead = 1;
+            atomic_store(&srv->stopping, 1); /* moat_should_stop */
             srv->reason = moat_term_ref(reason);
             srv->leftover = d->head;
             d->head = NULL;
@@ -623,6 +624,8 @@ int moat_proc_trap_exit(moat_pool_t *pool, moat_pid_t self, int on) {
     s = lookup(pool, self);
     if (s == NULL) {
         rc = MOAT_EDEAD;
+    } else if (s->srv != NULL) {
+        rc = MOAT_EINVAL; /* servers' exit handling is fixed (server.c) */
     } else {
         rc = s->trap;
         s->trap = on != 0;
@@ -830,7 +833,12 @@ int moat__proc_server_new(moat_pool_t *pool, moat__server_t *srv) {
     if (srv->def != NULL && (stop = moat__msg_new(MOAT_MSG_EXIT)) == NULL)
         return -ENOMEM;
     uv_mutex_lock(&pool->sig_lock);
-    p = atomic_load(&pool->stopping) ? NULL : proc_new(pool, KIND_SERVER);
+    if (atomic_load(&pool->stopping)) {
+        uv_mutex_unlock(&pool->sig_lock);
+        moat_msg_free(stop);
+        return MOAT_ECLOSED;
+    }
+    p = proc_new(pool, KIND_SERVER);
     if (p != NULL) {
         p->srv = srv;
         p->trap = srv->info != NULL;
@@ -958,6 +966,18 @@ int moat__proc_server_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m) {
     uv_mutex_lock(&pool->sig_lock);
     p = lookup(pool, pid);
     if (p == NULL || p->srv == NULL || p->srv->def == NULL)
+        rc = MOAT_ENOPROC;
+    else
+        enqueue(pool, p, m);
+    uv_mutex_unlock(&pool->sig_lock);
+    return rc;
+}
+
+int moat__proc_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m) {
+    moat__proc_t *p;
+    int rc = 0;
+    uv_mutex_lock(&pool->sig_lock);
+    if ((p = lookup(pool, pid)) == NULL)
         rc = MOAT_ENOPROC;
     else
         enqueue(pool, p, m);

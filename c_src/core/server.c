@@ -170,13 +170,16 @@ moat__server_t *moat__server_alloc(moat_pool_t *pool) {
 
 int moat__server_launch(moat__server_t *s, moat_pid_t parent, unsigned flags,
                         moat_term_t *(*init)(moat__server_t *s, void *arg),
-                        void *arg, moat_term_t **reason) {
+                        void *arg, moat_pid_t *pid, moat_term_t **reason) {
     moat_term_t *failed;
     int rc = moat__proc_server_new(s->pool, s);
     if (rc != 0) {
+        if (s->finish != NULL) /* a built-in's state is its to free */
+            s->finish(s, moat_atom(MOAT_A_SHUTDOWN));
         server_free(s);
         return rc;
     }
+    *pid = s->pid;
     failed = init(s, arg);
     if (failed != NULL) {
         /* init failed: no terminate; links and monitors init made see the
@@ -189,11 +192,13 @@ int moat__server_launch(moat__server_t *s, moat_pid_t parent, unsigned flags,
     }
     rc = moat__proc_server_publish(s->pool, s, parent, flags);
     if (rc != 0) {
-        stop(s, moat_atom(MOAT_A_SHUTDOWN));
+        /* Not published, so no worker runs it: end it here.  terminate
+         * gets the reason it died with (killed, if it was killed). */
+        moat__proc_server_exit(s, moat_atom(MOAT_A_SHUTDOWN));
         finish(s);
         return rc;
     }
-    return 0;
+    return 0; /* s is the pool's now: it may be running, or freed */
 }
 
 typedef struct start_arg_s {
@@ -224,7 +229,6 @@ int moat_server_start(moat_pool_t *pool, moat_pid_t parent,
                       moat_term_t **reason) {
     moat__server_t *s;
     start_arg_t a = {args};
-    int rc;
     if (pool == NULL || def == NULL || def->init == NULL ||
         def->handle_call == NULL || args == NULL || pid == NULL ||
         reason == NULL || (flags & ~MOAT_SPAWN_LINK) != 0)
@@ -236,10 +240,7 @@ int moat_server_start(moat_pool_t *pool, moat_pid_t parent,
     s->def = def;
     s->lib = lib;
     *reason = NULL;
-    rc = moat__server_launch(s, parent, flags, user_init, &a, reason);
-    if (rc == 0)
-        *pid = s->pid;
-    return rc;
+    return moat__server_launch(s, parent, flags, user_init, &a, pid, reason);
 }
 
 int moat_server_child_start(moat_pool_t *pool, moat_pid_t sup, void *arg,

@@ -44,6 +44,7 @@ typedef struct child_s {
     moat_restart_t restart;
     int shutdown_ms;
     moat_child_type_t type;
+    uint64_t uid;    /* names it in retry notes, across compactions */
     moat_pid_t pid;  /* 0 when not running */
     int restarting;  /* a restart is pending */
     int removed;     /* a temporary child gone; compacted after the op */
@@ -91,19 +92,8 @@ typedef struct sup_s {
 
     moat_msg_t *deferred, **deferred_tail;
     moat_term_t *start_failure; /* set when the first start failed */
+    int exited; /* it has ended: nothing more is dispatched */
 } sup_t;
-
-static moat_term_t *try_again_atom;
-static uv_once_t atoms_once = UV_ONCE_INIT;
-
-static void make_atoms(void) {
-    ei_x_buff x;
-    if (ei_x_new_with_version(&x) == 0 &&
-        ei_x_encode_atom(&x, "moat_try_again") == 0)
-        try_again_atom = moat_term_from_x(&x);
-    else
-        ei_x_free(&x);
-}
 
 static int64_t now_sec(sup_t *sup) {
     if (sup->opts.now_sec != NULL)
@@ -156,18 +146,26 @@ static void child_drop(child_t *c) {
         c->arg_free(c->arg);
 }
 
-/* Removes children marked removed.  Not during an operation (indices). */
+/* Removes children marked removed.  Not during an operation (indices).
+ * Their arg_free runs after the unlock: it is the caller's code. */
 static void compact(sup_t *sup) {
-    size_t j = 0;
-    uv_mutex_lock(&sup->lock);
-    for (size_t i = 0; i < sup->nchildren; i++) {
-        if (sup->children[i].removed)
-            child_drop(&sup->children[i]);
-        else
-            sup->children[j++] = sup->children[i];
+    for (;;) {
+        child_t gone;
+        size_t i;
+        uv_mutex_lock(&sup->lock);
+        for (i = 0; i < sup->nchildren && !sup->children[i].removed; i++)
+            ;
+        if (i == sup->nchildren) {
+            uv_mutex_unlock(&sup->lock);
+            return;
+        }
+        gone = sup->children[i];
+        memmove(&sup->children[i], &sup->children[i + 1],
+                (sup->nchildren - i - 1) * sizeof *sup->children);
+        sup->nchildren--;
+        uv_mutex_unlock(&sup->lock);
+        child_drop(&gone);
     }
-    sup->nchildren = j;
-    uv_mutex_unlock(&sup->lock);
 }
 
 static long child_of(sup_t *sup, moat_pid_t pid) {
@@ -313,17 +311,34 @@ static size_t *running_reversed(sup_t *sup, size_t from, size_t to,
     return v;
 }
 
-static void post_try_again(sup_t *sup) {
-    moat_pid_t self = sup->srv->pid;
-    if (try_again_atom == NULL ||
-        moat_proc_send(sup->pool, self, self, try_again_atom) != 0) {
-        /* Without the retry message the child would never come back. */
-        moat__proc_server_exit(sup->srv, moat_atom(MOAT_A_ENOMEM));
+/* Queues a note to retry the restart of the child `uid` (OTP's
+ * try_again_restart): each retry counts as a restart. */
+static void post_try_again(sup_t *sup, uint64_t uid) {
+    moat_msg_t *m = moat__msg_new(MOAT_MSG_SYS);
+    if (m != NULL) {
+        m->ref = uid;
+        if (moat__proc_post(sup->pool, sup->srv->pid, m) == 0)
+            return;
+        moat_msg_free(m);
     }
+    /* Without the note the child would never come back. */
+    sup->exited = 1;
+    moat__proc_server_exit(sup->srv, moat_atom(MOAT_A_ENOMEM));
+}
+
+/* Starts child i again; on a failure it stays restarting, retried. */
+static void start_one(sup_t *sup, size_t i) {
+    moat_term_t *reason;
+    if (start_child(sup, i, &reason) != 0) {
+        moat_term_unref(reason);
+        post_try_again(sup, sup->children[i].uid);
+        return;
+    }
+    atomic_fetch_add(&sup->pool->n_restarts, 1);
 }
 
 /* Starts every restarting child in order; on a failure the rest stay
- * restarting and a retry is queued (each retry counts as a restart). */
+ * restarting and the failed one is retried. */
 static void start_restarting(sup_t *sup) {
     for (size_t i = 0; i < sup->nchildren; i++) {
         moat_term_t *reason;
@@ -331,7 +346,7 @@ static void start_restarting(sup_t *sup) {
             continue;
         if (start_child(sup, i, &reason) != 0) {
             moat_term_unref(reason);
-            post_try_again(sup);
+            post_try_again(sup, sup->children[i].uid);
             return;
         }
         atomic_fetch_add(&sup->pool->n_restarts, 1);
@@ -344,7 +359,11 @@ static void finish_op(sup_t *sup) {
     sup->exit_reason = NULL;
     compact(sup);
     if (sup->then == THEN_EXIT) {
-        if (sup->escalate && sup->opts.escalate != NULL)
+        sup->exited = 1;
+        /* Escalate only for a supervisor still alive (not one killed
+         * meanwhile): giving up is its own decision. */
+        if (sup->escalate && sup->opts.escalate != NULL &&
+            moat_proc_alive(sup->pool, sup->srv->pid))
             sup->opts.escalate(sup->srv->pid, reason, sup->opts.data);
         moat__proc_server_exit(sup->srv, reason);
     } else {
@@ -401,7 +420,7 @@ static void restart(sup_t *sup, size_t i) {
         begin_op(sup, v, v != NULL ? n : 0, THEN_START, NULL, 0);
         break;
     default:
-        start_restarting(sup);
+        start_one(sup, i);
         break;
     }
 }
@@ -430,19 +449,12 @@ static void dispatch(sup_t *sup, moat_msg_t *m) {
             shut_down(sup, m->term, 0);
         /* else: a stale EXIT of a child already replaced */
         break;
-    case MOAT_MSG_USER:
-        if (sup->start_failure != NULL) {
-            moat_term_t *r = sup->start_failure;
-            sup->start_failure = NULL;
-            shut_down(sup, r, 0);
-            moat_term_unref(r);
-        } else if (moat_term_equal(m->term, try_again_atom)) {
-            for (size_t j = 0; j < sup->nchildren; j++) {
-                if (sup->children[j].restarting &&
-                    !sup->children[j].removed) {
+    case MOAT_MSG_SYS: /* a retry note (ref 0: the failed-start kick) */
+        for (size_t j = 0; m->ref != 0 && j < sup->nchildren; j++) {
+            if (sup->children[j].uid == m->ref) {
+                if (sup->children[j].restarting && !sup->children[j].removed)
                     restart(sup, j);
-                    break;
-                }
+                break;
             }
         }
         break;
@@ -454,6 +466,22 @@ static void dispatch(sup_t *sup, moat_msg_t *m) {
 
 static void sup_info(moat__server_t *s, moat_msg_t *m) {
     sup_t *sup = s->state;
+    if (sup->exited) {
+        moat_msg_free(m); /* its end is on its way */
+        return;
+    }
+    if (sup->start_failure != NULL && !sup->op_active) {
+        /* S2 comes first: before any EXIT of a child that died during
+         * the failed start is taken for a crash to restart. */
+        moat_term_t *r = sup->start_failure;
+        sup->start_failure = NULL;
+        shut_down(sup, r, 0);
+        moat_term_unref(r);
+    }
+    if (sup->exited) {
+        moat_msg_free(m);
+        return;
+    }
     if (!sup->op_active) {
         dispatch(sup, m);
     } else if (m->kind == MOAT_MSG_DOWN && m->ref == sup->cur_ref) {
@@ -467,7 +495,7 @@ static void sup_info(moat__server_t *s, moat_msg_t *m) {
         return;
     }
     /* Replay what waited, in order, until another operation starts. */
-    while (!sup->op_active && sup->deferred != NULL) {
+    while (!sup->op_active && !sup->exited && sup->deferred != NULL) {
         moat_msg_t *d = sup->deferred;
         sup->deferred = d->next;
         if (sup->deferred == NULL)
@@ -516,8 +544,15 @@ static moat_term_t *sup_init(moat__server_t *s, void *arg) {
                 failed_to_start(sup->children[i].id, reason);
             *failure = moat_term_ref(sup->start_failure);
             moat_term_unref(reason);
-            break;
+            return NULL;
         }
+    }
+    /* Linked while still unpublished: a parent already dead arrives as
+     * an EXIT (it traps), which stops it like the parent's exit would. */
+    if (sup->parent != 0 &&
+        moat_proc_link(sup->pool, s->pid, sup->parent) == -ENOMEM) {
+        sup->start_failure = moat_atom(MOAT_A_ENOMEM);
+        *failure = moat_atom(MOAT_A_ENOMEM);
     }
     return NULL;
 }
@@ -553,7 +588,6 @@ int moat_sup_start(moat_pool_t *pool, moat_pid_t parent,
         return MOAT_EINVAL;
     if ((rc = check_specs(opts, specs, n)) != 0)
         return rc;
-    uv_once(&atoms_once, make_atoms);
     *reason = NULL;
     sup = calloc(1, sizeof *sup);
     if (sup == NULL)
@@ -573,6 +607,7 @@ int moat_sup_start(moat_pool_t *pool, moat_pid_t parent,
         c->restart = specs[i].restart;
         c->shutdown_ms = specs[i].shutdown_ms;
         c->type = specs[i].type;
+        c->uid = i + 1;
     }
     sup->nchildren = n;
     sup->pool = pool;
@@ -588,22 +623,24 @@ int moat_sup_start(moat_pool_t *pool, moat_pid_t parent,
     s->finish = sup_finish;
     /* The supervisor process is made before its children start (they
      * link to it); it cannot fail its own init. */
-    rc = moat__server_launch(s, 0, 0, sup_init, &failure, reason);
+    rc = moat__server_launch(s, 0, 0, sup_init, &failure, &self, reason);
     if (rc != 0) {
         moat_term_unref(failure);
         return rc; /* launch freed s, and finish freed sup */
     }
-    self = s->pid; /* s may be freed from here on: use the pid */
+    /* s (and sup) may be freed from here on: only the pid is used. */
     *pid = self;
     if (failure != NULL) {
+        moat_msg_t *kick = moat__msg_new(MOAT_MSG_SYS);
+        *reason = failure;
         /* Its first message makes it stop the started children in
          * reverse order and exit with the reason. */
-        *reason = failure;
-        moat_proc_send(pool, self, self, try_again_atom);
+        if (kick == NULL || moat__proc_post(pool, self, kick) != 0) {
+            moat_msg_free(kick);
+            moat_proc_exit(pool, 0, self, moat_atom(MOAT_A_KILL));
+        }
         return MOAT_ESTART;
     }
-    if (parent != 0)
-        moat_proc_link(pool, self, parent);
     return 0;
 }
 
@@ -638,11 +675,11 @@ static int which_locked(moat__server_t *s, void *arg) {
         if (a->list) {
             moat_child_info_t *ci = &a->out[n];
             ci->id = moat_term_ref(c->id);
-            ci->pid = c->pid;
             ci->type = c->type;
             ci->state = c->restarting   ? MOAT_CHILD_RESTARTING
                         : c->pid != 0 ? MOAT_CHILD_RUNNING
                                       : MOAT_CHILD_UNDEFINED;
+            ci->pid = ci->state == MOAT_CHILD_RUNNING ? c->pid : 0;
         }
         if (a->counts != NULL) {
             a->counts->specs++;

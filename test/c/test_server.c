@@ -306,6 +306,22 @@ static void test_server_linked_to_parent(void **state) {
     moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
 }
 
+/* A kill turns moat_should_stop on for the callback in progress, so a
+ * polite callback returns and frees its thread. */
+static void test_server_kill_sets_should_stop(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t s = start(pool, 11);
+    rec_t r = {0};
+    moat_term_t *q = t_atom("poll");
+    assert_int_equal(moat_server_call(pool, s, q, 0, -1, &r, NULL), 0);
+    moat_proc_exit(pool, 0, s, moat_atom(MOAT_A_KILL));
+    wait_rec(&r);
+    assert_true(moat_term_is(r.term, MOAT_A_KILLED));
+    tsrv_wait('t', 11, 1); /* the callback returned: terminate ran */
+    rec_done(&r);
+    moat_term_unref(q);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_server_state_across_calls, before),
@@ -318,6 +334,7 @@ int main(void) {
         cmocka_unit_test_setup(test_server_call_timeout, before),
         cmocka_unit_test_setup(test_server_init_failure, before),
         cmocka_unit_test_setup(test_server_linked_to_parent, before),
+        cmocka_unit_test_setup(test_server_kill_sets_should_stop, before),
     };
     return cmocka_run_group_tests_name("server", tests, setup, teardown);
 }

@@ -155,6 +155,7 @@ static void test_sup_start_order_and_reverse_stop(void **state) {
     moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 3, 5, k, 3);
     stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
     expect_log("s1 s2 s3 t3 t2 t1");
+    assert_int_equal(atomic_load(&escalations), 0); /* not a give-up */
 }
 
 /* S2: when a child fails to start, those started stop in reverse order
@@ -551,6 +552,25 @@ static void test_sup_calls_during_restarts(void **state) {
     stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
 }
 
+/* one_for_one: a child whose restarts keep failing does not hold back a
+ * sibling's restart; it comes back once its start works again. */
+static void test_sup_failing_child_does_not_block_sibling(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[2] = {kid(1, MOAT_PERMANENT, 1000),
+                              kid(2, MOAT_PERMANENT, 1000)};
+    moat_pid_t sup = start_sup(pool, MOAT_ONE_FOR_ONE, 1000000, 1, k, 2);
+    moat_pid_t a = child_pid(pool, sup, 0), b = child_pid(pool, sup, 1);
+    atomic_store(&tsrv_fail_init, 1);
+    cast(pool, a, "crash");
+    tsrv_wait('t', 1, 1);
+    cast(pool, b, "crash");
+    wait_restarted(pool, sup, 1, b);
+    assert_int_equal(child_pid(pool, sup, 0), 0); /* still failing */
+    atomic_store(&tsrv_fail_init, -1);
+    wait_restarted(pool, sup, 0, a);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_sup_start_order_and_reverse_stop, before),
@@ -570,6 +590,8 @@ int main(void) {
         cmocka_unit_test_setup(test_sup_invalid_specs, before),
         cmocka_unit_test_setup(test_sup_restart_storm, before),
         cmocka_unit_test_setup(test_sup_calls_during_restarts, before),
+        cmocka_unit_test_setup(test_sup_failing_child_does_not_block_sibling,
+                               before),
     };
     return cmocka_run_group_tests_name("sup", tests, setup, teardown);
 }

@@ -122,6 +122,10 @@ static int call(moat_ctx_t *ctx, void *state, const char *req, int len,
         ei_x_encode_atom(out, "shutdown");
         ei_x_encode_atom(out, "done");
         return MOAT_EXIT;
+    } else if (strcmp(a, "poll") == 0) {
+        while (!atomic_load(&tsrv_gate) && !moat_should_stop(ctx))
+            sched_yield();
+        ei_x_encode_atom(out, moat_should_stop(ctx) ? "stopped" : "ok");
     } else if (strcmp(a, "block") == 0) {
         while (!atomic_load(&tsrv_gate))
             sched_yield();

@@ -6,7 +6,8 @@
  * Calls: get (the count), inc (adds one, replies the count), crash
  * (fails with {native_error, <<"crash">>}), stop (ends with normal),
  * exit (ends with {shutdown, done}), block (waits for the gate, replies
- * ok).  Casts: inc, crash. */
+ * ok), poll (waits for the gate or moat_should_stop).  Casts: inc,
+ * crash. */
 #ifndef MOAT_TEST_TSRV_H
 #define MOAT_TEST_TSRV_H
 
