@@ -89,9 +89,11 @@ struct moat_task_s {
     int where;          /* MOAT__QUEUED/RUNNING/DONE; pool->rq_lock */
     int abandoned;      /* its outcome came first; pool->rq_lock */
     int internal;       /* spawned by a process: no completion callback */
+    int has_deadline;   /* its timer may be armed */
     moat_pid_t pid;     /* 0 until the task uses its id; pool->sig_lock */
     int proc_done;      /* its process has had its end; pool->sig_lock */
-    moat_task_t *end_next;   /* proc.c's list of tasks to end; sig_lock */
+    moat_task_t *end_next;   /* proc.c's list of tasks to end; sig_lock;
+                                also the free list's link (task_cache) */
     moat_term_t *end_reason;
     char *errmsg;       /* set by moat_error, owned */
 };
@@ -104,6 +106,10 @@ int moat__task_end(moat_task_t *t, moat_term_t *reason, unsigned flags);
  * with the death of the task's process). */
 void moat__task_settle(moat_task_t *t, moat_term_t *reason, unsigned flags);
 void moat__task_unref(moat_task_t *t);
+/* Hands the calling thread's cache of free task structs to the shared
+ * depot (pool threads do it as they exit; moat_pool_free does it for its
+ * caller). */
+void moat__task_cache_flush(void);
 /* Admits and makes an internal task (no completion callback) without
  * queueing it, so that its process can be set up first.  The caller holds
  * one reference besides the run reference. */
@@ -224,8 +230,14 @@ typedef struct moat__worker_s {
     moat_pool_t *pool;
     uv_thread_t tid;
     unsigned index;
-    moat_task_t *current; /* the task it runs; pool->rq_lock */
+    /* The task it runs, or the one it finished, until its next pop;
+     * pool->rq_lock.  The worker holds a reference to it. */
+    moat_task_t *current;
     int exited; /* set by the thread as it leaves; pool->thr_lock */
+    /* Its own counters, on its own line: two workers bumping one shared
+     * counter per task would bounce a cache line between them. */
+    _Alignas(64) atomic_uint_fast64_t n_completed;
+    atomic_uint_fast64_t n_failed;
 } moat__worker_t;
 
 #define MOAT__OWNER_STRIPES 64
@@ -254,14 +266,15 @@ struct moat_pool_s {
     moat__node_t sysq;
     unsigned nsleeping;
     size_t njobs; /* tasks in `jobs` */
-    atomic_uint nspinning;
+    /* What spinning workers read without the lock: its own cache line. */
+    _Alignas(64) atomic_uint nspinning;
     atomic_size_t nqueued;
     atomic_int stopping;
 
     /* Admission: queued plus running (not abandoned) tasks. */
-    atomic_uint_fast64_t admitted;
+    _Alignas(64) atomic_uint_fast64_t admitted;
     uint64_t max_admitted;
-    atomic_uint_fast64_t seq;
+    _Alignas(64) atomic_uint_fast64_t seq;
 
     /* Threads.  `serving` counts workers not stuck in an abandoned task. */
     uv_mutex_t thr_lock; /* guards workers, nworkers, serving, want_spawn */
@@ -293,8 +306,8 @@ struct moat_pool_s {
 
     int stopped;
 
-    atomic_uint_fast64_t n_completed, n_failed, n_cancelled, n_timeouts,
-        n_rejected, n_abandoned, n_restarts;
+    _Alignas(64) atomic_uint_fast64_t n_completed, n_failed, n_cancelled,
+        n_timeouts, n_rejected, n_abandoned, n_restarts;
 };
 
 /* Pushes a runnable item onto sysq and wakes a worker if needed.  The
