@@ -199,10 +199,10 @@ void moat__proc_server_yield(moat__server_t *s);
 /* Ends the server's process with `reason` (after its terminate). */
 void moat__proc_server_exit(moat__server_t *s, moat_term_t *reason);
 moat_msg_t *moat__proc_server_leftover(moat__server_t *s);
-/* Queues a call or cast message; MOAT_ENOPROC when no server is there. */
-int moat__proc_server_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m);
-/* Queues any message to any live process; MOAT_ENOPROC when dead. */
-int moat__proc_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m);
+/* Queues a message to a live process (with user_servers, only to a native
+ * server with a def: calls and casts); MOAT_ENOPROC when there is none. */
+int moat__proc_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m,
+                    int user_servers);
 moat_msg_t *moat__msg_new(moat_msg_kind_t kind);
 /* Runs fn on the live server `pid` with sig_lock held (so the server
  * cannot be freed meanwhile); MOAT_ENOPROC when there is none. */

@@ -960,24 +960,14 @@ moat_msg_t *moat__proc_server_leftover(moat__server_t *srv) {
     return m;
 }
 
-int moat__proc_server_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m) {
+int moat__proc_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m,
+                    int user_servers) {
     moat__proc_t *p;
     int rc = 0;
     uv_mutex_lock(&pool->sig_lock);
     p = lookup(pool, pid);
-    if (p == NULL || p->srv == NULL || p->srv->def == NULL)
-        rc = MOAT_ENOPROC;
-    else
-        enqueue(pool, p, m);
-    uv_mutex_unlock(&pool->sig_lock);
-    return rc;
-}
-
-int moat__proc_post(moat_pool_t *pool, moat_pid_t pid, moat_msg_t *m) {
-    moat__proc_t *p;
-    int rc = 0;
-    uv_mutex_lock(&pool->sig_lock);
-    if ((p = lookup(pool, pid)) == NULL)
+    if (p == NULL ||
+        (user_servers && (p->srv == NULL || p->srv->def == NULL)))
         rc = MOAT_ENOPROC;
     else
         enqueue(pool, p, m);

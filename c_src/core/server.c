@@ -270,7 +270,7 @@ int moat_server_call(moat_pool_t *pool, moat_pid_t server,
     /* Ours until the end of this call: the server may answer and drop
      * the message's reference at any moment after the post. */
     atomic_fetch_add(&t->refs, 1);
-    rc = moat__proc_server_post(pool, server, m);
+    rc = moat__proc_post(pool, server, m, 1);
     if (rc != 0) {
         moat_msg_free(m);
         moat__task_call_drop(t);
@@ -294,7 +294,7 @@ int moat_server_cast(moat_pool_t *pool, moat_pid_t server,
     if ((m = moat__msg_new(MOAT_MSG_CAST)) == NULL)
         return -ENOMEM;
     m->term = moat_term_ref(request);
-    if (moat__proc_server_post(pool, server, m) != 0)
+    if (moat__proc_post(pool, server, m, 1) != 0)
         moat_msg_free(m); /* to a dead server: dropped */
     return 0;
 }

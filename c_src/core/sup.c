@@ -317,7 +317,7 @@ static void post_try_again(sup_t *sup, uint64_t uid) {
     moat_msg_t *m = moat__msg_new(MOAT_MSG_SYS);
     if (m != NULL) {
         m->ref = uid;
-        if (moat__proc_post(sup->pool, sup->srv->pid, m) == 0)
+        if (moat__proc_post(sup->pool, sup->srv->pid, m, 0) == 0)
             return;
         moat_msg_free(m);
     }
@@ -635,7 +635,7 @@ int moat_sup_start(moat_pool_t *pool, moat_pid_t parent,
         *reason = failure;
         /* Its first message makes it stop the started children in
          * reverse order and exit with the reason. */
-        if (kick == NULL || moat__proc_post(pool, self, kick) != 0) {
+        if (kick == NULL || moat__proc_post(pool, self, kick, 0) != 0) {
             moat_msg_free(kick);
             moat_proc_exit(pool, 0, self, moat_atom(MOAT_A_KILL));
         }

@@ -4,14 +4,80 @@
 #ifndef MOAT_TEST_CORE_UTIL_H
 #define MOAT_TEST_CORE_UTIL_H
 
+#include <sched.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <string.h>
 
 #include <cmocka.h>
 
 #include "moat_core.h"
+
+/* What the completion callback saw for one task (its data pointer). */
+typedef struct t_rec_s {
+    atomic_int outcomes;
+    atomic_int ready; /* set (release) once kind/term/id are written */
+    int kind;
+    moat_term_t *term;
+    uint64_t id;
+} t_rec_t;
+
+/* A complete callback that records the outcome in the task's t_rec_t. */
+static inline void t_record(moat_task_t *t, const moat_outcome_t *o,
+                            void *d) {
+    t_rec_t *r = moat_task_data(t);
+    (void)d;
+    if (atomic_fetch_add(&r->outcomes, 1) == 0) {
+        r->kind = o->kind;
+        r->term = moat_term_ref(o->term);
+        r->id = moat_task_id(t);
+        atomic_store_explicit(&r->ready, 1, memory_order_release);
+    }
+}
+
+static inline void t_ignore(moat_task_t *t, const moat_outcome_t *o,
+                            void *d) {
+    (void)t;
+    (void)o;
+    (void)d;
+}
+
+/* Waits (yielding) until r has its outcome; bounded, so that a lost
+ * outcome fails the test instead of hanging it. */
+static inline void t_wait(t_rec_t *r) {
+    for (long i = 0; !atomic_load_explicit(&r->ready, memory_order_acquire);
+         i++) {
+        assert_true(i < 200000000L);
+        sched_yield();
+    }
+}
+
+static inline void t_rec_clear(t_rec_t *r, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        moat_term_unref(r[i].term);
+        r[i].term = NULL;
+    }
+}
+
+static inline moat_pool_t *t_pool(unsigned threads, unsigned max_queue,
+                                  const char *name, moat_complete_cb cb) {
+    moat_pool_opts_t o = {0};
+    moat_pool_t *pool = NULL;
+    o.nthreads = threads;
+    o.max_queue = max_queue;
+    o.name = name;
+    o.complete = cb;
+    assert_int_equal(moat_pool_new(&o, &pool), 0);
+    return pool;
+}
+
+/* cmocka group teardown for suites whose state is one pool. */
+static inline int t_pool_teardown(void **state) {
+    moat_pool_free(*state);
+    return 0;
+}
 
 /* The atom `name` as a term. */
 static inline moat_term_t *t_atom(const char *name) {

@@ -9,56 +9,18 @@
 
 #include "core_util.h"
 
-/* What the completion callback saw for one task. */
-typedef struct rec_s {
-    atomic_int outcomes;
-    atomic_int ready; /* set (release) once kind/term/id are written */
-    int kind;
-    moat_term_t *term;
-    uint64_t id;
-} rec_t;
+typedef t_rec_t rec_t;
 
-static atomic_int total_outcomes;
+static atomic_int total_outcomes; /* every callback, for the stress cases */
 
 static void record(moat_task_t *t, const moat_outcome_t *o, void *d) {
-    rec_t *r = moat_task_data(t);
-    (void)d;
-    if (atomic_fetch_add(&r->outcomes, 1) == 0) {
-        r->kind = o->kind;
-        r->term = moat_term_ref(o->term);
-        r->id = moat_task_id(t);
-        atomic_store_explicit(&r->ready, 1, memory_order_release);
-    }
+    t_record(t, o, d);
     atomic_fetch_add(&total_outcomes, 1);
 }
 
-static void rec_clear(rec_t *r, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        moat_term_unref(r[i].term);
-        r[i].term = NULL;
-    }
-}
-
 static moat_pool_t *pool_make(unsigned threads, unsigned max_queue) {
-    moat_pool_opts_t o = {0};
-    moat_pool_t *pool = NULL;
-    o.nthreads = threads;
-    o.max_queue = max_queue;
-    o.name = "tpool";
-    o.complete = record;
-    assert_int_equal(moat_pool_new(&o, &pool), 0);
     atomic_store(&total_outcomes, 0);
-    return pool;
-}
-
-/* Waits (yielding) until `r` has had its outcome; bounded so that a lost
- * outcome fails the test instead of hanging it. */
-static void wait_outcome(rec_t *r) {
-    for (long i = 0; !atomic_load_explicit(&r->ready, memory_order_acquire);
-         i++) {
-        assert_true(i < 200000000L);
-        sched_yield();
-    }
+    return t_pool(threads, max_queue, "tpool", record);
 }
 
 /* ------------------------------------------------------------- tasks */
@@ -172,7 +134,7 @@ static void test_pool_result_and_reasons(void **state) {
     for (int i = 0; i < 6; i++)
         moat_task_release(submit(pool, fns[i], &r[i], 0, -1));
     for (int i = 0; i < 6; i++)
-        wait_outcome(&r[i]);
+        t_wait(&r[i]);
     assert_int_equal(r[0].kind, MOAT_OK);
     assert_true(moat_term_equal(r[0].term, ok));
     assert_int_equal(r[1].kind, MOAT_OK);
@@ -192,7 +154,7 @@ static void test_pool_result_and_reasons(void **state) {
     moat_pool_free(pool);
     for (int i = 0; i < 6; i++)
         assert_int_equal(atomic_load(&r[i].outcomes), 1);
-    rec_clear(r, 6);
+    t_rec_clear(r, 6);
     moat_term_unref(ok);
     moat_term_unref(mine);
     moat_term_unref(nil);
@@ -216,10 +178,10 @@ static void test_pool_overload_is_a_value(void **state) {
     assert_int_equal(st.queued, 2);
     atomic_store(&gate, 1);
     for (int i = 0; i < 3; i++)
-        wait_outcome(&r[i]);
+        t_wait(&r[i]);
     moat_pool_free(pool);
     assert_int_equal(atomic_load(&r[3].outcomes), 0);
-    rec_clear(r, 4);
+    t_rec_clear(r, 4);
 }
 
 /* A batch is queued whole when it fits, and cut at the admission limit
@@ -241,14 +203,14 @@ static void test_pool_batch_submit(void **state) {
         moat_term_unref(jobs[i].args);
     atomic_store(&gate, 1);
     for (int i = 0; i < k; i++) {
-        wait_outcome(&r[i]);
+        t_wait(&r[i]);
         moat_task_release(ts[i]);
     }
     moat_pool_free(pool);
     for (int i = 0; i < N; i++)
         assert_int_equal(atomic_load(&r[i].outcomes), i < k ? 1 : 0);
-    rec_clear(r, N);
-    rec_clear(g, 2);
+    t_rec_clear(r, N);
+    t_rec_clear(g, 2);
 }
 
 /* Cancelling a queued task removes it at once: the callback has run with
@@ -268,8 +230,8 @@ static void test_pool_cancel_queued(void **state) {
     atomic_store(&gate, 1);
     moat_pool_free(pool);
     assert_int_equal(atomic_load(&r.outcomes), 1);
-    rec_clear(&r, 1);
-    rec_clear(g, 1);
+    t_rec_clear(&r, 1);
+    t_rec_clear(g, 1);
 }
 
 /* Cancelling a running task flags it (moat_should_stop) and decides its
@@ -291,7 +253,7 @@ static void test_pool_cancel_running_flags_task(void **state) {
     moat_task_release(t);
     moat_pool_free(pool); /* joins: the polite body has seen the flag */
     assert_int_equal(atomic_load(&r.outcomes), 1);
-    rec_clear(&r, 1);
+    t_rec_clear(&r, 1);
 }
 
 /* A silent cancel decides the outcome without calling back; cancelling a
@@ -302,7 +264,7 @@ static void test_pool_cancel_silent_and_after_completion(void **state) {
     moat_task_t *t1, *t2;
     (void)state;
     t2 = submit(pool, t_ok, &r2, 0, -1);
-    wait_outcome(&r2);
+    t_wait(&r2);
     assert_int_equal(moat_task_cancel(t2, MOAT_A_SHUTDOWN, 0), 0);
     assert_int_equal(r2.kind, MOAT_OK);
     block_workers(pool, g, 1);
@@ -315,8 +277,8 @@ static void test_pool_cancel_silent_and_after_completion(void **state) {
     moat_pool_free(pool);
     assert_int_equal(atomic_load(&r1.outcomes), 0);
     assert_int_equal(atomic_load(&r2.outcomes), 1);
-    rec_clear(&r2, 1);
-    rec_clear(g, 1);
+    t_rec_clear(&r2, 1);
+    t_rec_clear(g, 1);
 }
 
 /* A deadline ends a running task with `timeout`, and a queued one without
@@ -329,8 +291,8 @@ static void test_pool_deadline_timeout(void **state) {
     atomic_store(&gate, 0);
     moat_task_release(submit(pool, t_polite, &r1, 0, 30));
     moat_task_release(submit(pool, t_ok, &r2, 0, 10));
-    wait_outcome(&r1);
-    wait_outcome(&r2);
+    t_wait(&r1);
+    t_wait(&r2);
     assert_true(moat_term_is(r1.term, MOAT_A_TIMEOUT));
     assert_true(moat_term_is(r2.term, MOAT_A_TIMEOUT));
     moat_pool_stats(pool, &st);
@@ -338,8 +300,8 @@ static void test_pool_deadline_timeout(void **state) {
     moat_pool_free(pool);
     assert_int_equal(atomic_load(&r1.outcomes), 1);
     assert_int_equal(atomic_load(&r2.outcomes), 1);
-    rec_clear(&r1, 1);
-    rec_clear(&r2, 1);
+    t_rec_clear(&r1, 1);
+    t_rec_clear(&r2, 1);
 }
 
 /* A task that finishes before its deadline keeps its result. */
@@ -350,11 +312,11 @@ static void test_pool_deadline_not_reached(void **state) {
     for (int i = 0; i < 20; i++)
         moat_task_release(submit(pool, t_ok, &r[i], 0, 60000));
     for (int i = 0; i < 20; i++) {
-        wait_outcome(&r[i]);
+        t_wait(&r[i]);
         assert_int_equal(r[i].kind, MOAT_OK);
     }
     moat_pool_free(pool); /* frees the still-armed deadlines */
-    rec_clear(r, 20);
+    t_rec_clear(r, 20);
 }
 
 /* Cancelling an owner ends exactly its tasks, queued and running. */
@@ -378,12 +340,12 @@ static void test_pool_cancel_owner(void **state) {
     for (int i = 0; i < 10; i++) {
         assert_int_equal(atomic_load(&a[i].outcomes), 1);
         assert_true(moat_term_is(a[i].term, MOAT_A_SHUTDOWN));
-        wait_outcome(&b[i]);
+        t_wait(&b[i]);
         assert_int_equal(b[i].kind, MOAT_OK);
     }
     moat_pool_free(pool);
-    rec_clear(a, 10);
-    rec_clear(b, 10);
+    t_rec_clear(a, 10);
+    t_rec_clear(b, 10);
 }
 
 /* Tasks that ignore cancellation keep their threads, and replacement
@@ -409,7 +371,7 @@ static void test_pool_abandoned_tasks_do_not_starve(void **state) {
     for (int i = 0; i < 50; i++)
         moat_task_release(submit(pool, t_ok, &r[i], 0, -1));
     for (int i = 0; i < 50; i++)
-        wait_outcome(&r[i]);
+        t_wait(&r[i]);
     moat_pool_stats(pool, &st);
     assert_int_equal(st.abandoned, 2);
     assert_int_equal(st.threads, 4);
@@ -421,8 +383,8 @@ static void test_pool_abandoned_tasks_do_not_starve(void **state) {
     moat_pool_free(pool);
     for (int i = 0; i < 2; i++)
         assert_int_equal(atomic_load(&stuck[i].outcomes), 1);
-    rec_clear(stuck, 2);
-    rec_clear(r, 50);
+    t_rec_clear(stuck, 2);
+    t_rec_clear(r, 50);
 }
 
 /* Stop gives every queued and running task `shutdown`, refuses new work
@@ -446,7 +408,7 @@ static void test_pool_stop_ends_everything(void **state) {
     moat_term_unref(j.args);
     moat_pool_stop(pool); /* idempotent */
     moat_pool_free(pool);
-    rec_clear(r, 20);
+    t_rec_clear(r, 20);
 }
 
 /* The counters add up: completed, failed, cancelled. */
@@ -461,7 +423,7 @@ static void test_pool_stats_counters(void **state) {
     for (int i = 5; i < 8; i++)
         moat_task_release(submit(pool, t_fail, &r[i], 0, -1));
     for (int i = 0; i < 8; i++)
-        wait_outcome(&r[i]);
+        t_wait(&r[i]);
     block_workers(pool, g, 1);
     t = submit(pool, t_ok, &r[8], 0, -1);
     moat_task_cancel(t, MOAT_A_SHUTDOWN, 0);
@@ -475,8 +437,8 @@ static void test_pool_stats_counters(void **state) {
     assert_int_equal(st.threads, 1);
     atomic_store(&gate, 1);
     moat_pool_free(pool);
-    rec_clear(r, 10);
-    rec_clear(g, 1);
+    t_rec_clear(r, 10);
+    t_rec_clear(g, 1);
 }
 
 /* Pool threads are named and block every signal. */
@@ -504,11 +466,11 @@ static void test_pool_threads_named_signals_blocked(void **state) {
     moat_term_t *want = t_pair("tpool:w0", "blocked");
     (void)state;
     moat_task_release(submit(pool, t_inspect, &r, 0, -1));
-    wait_outcome(&r);
+    t_wait(&r);
     assert_true(moat_term_equal(r.term, want));
     moat_term_unref(want);
     moat_pool_free(pool);
-    rec_clear(&r, 1);
+    t_rec_clear(&r, 1);
 }
 
 /* Bad arguments are values. */
@@ -567,7 +529,7 @@ static void *stress_thread(void *arg) {
     }
     for (int i = 0; i < s->n; i++) {
         if (ts[i] != NULL) {
-            wait_outcome(&s->recs[i]);
+            t_wait(&s->recs[i]);
             moat_task_release(ts[i]);
         }
     }
@@ -599,7 +561,7 @@ static void test_pool_exactly_one_outcome_stress(void **state) {
             assert_true(n == 1 || n == -1);
             accepted += n == 1;
         }
-        rec_clear(s[k].recs, PER);
+        t_rec_clear(s[k].recs, PER);
         free(s[k].recs);
     }
     assert_int_equal(atomic_load(&total_outcomes), accepted);
@@ -642,7 +604,7 @@ static void test_pool_cancel_owner_races_submit(void **state) {
     for (int i = 0; i < N; i++)
         assert_true(atomic_load(&r[i].outcomes) <= 1);
     assert_int_equal(atomic_load(&total_outcomes), accepted);
-    rec_clear(r, N);
+    t_rec_clear(r, N);
     free(r);
 }
 

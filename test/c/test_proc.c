@@ -8,26 +8,8 @@
 
 #include "core_util.h"
 
-static void ignore_outcome(moat_task_t *t, const moat_outcome_t *o, void *d) {
-    (void)t;
-    (void)o;
-    (void)d;
-}
-
 static int setup(void **state) {
-    moat_pool_opts_t o = {0};
-    moat_pool_t *pool;
-    o.nthreads = 2;
-    o.name = "tproc";
-    o.complete = ignore_outcome;
-    if (moat_pool_new(&o, &pool) != 0)
-        return -1;
-    *state = pool;
-    return 0;
-}
-
-static int teardown(void **state) {
-    moat_pool_free(*state);
+    *state = t_pool(2, 0, "tproc", t_ignore);
     return 0;
 }
 
@@ -521,5 +503,5 @@ int main(void) {
         cmocka_unit_test(test_proc_spawn_dead_parent),
         cmocka_unit_test(test_proc_kill_racing_return_agrees),
     };
-    return cmocka_run_group_tests_name("proc", tests, setup, teardown);
+    return cmocka_run_group_tests_name("proc", tests, setup, t_pool_teardown);
 }

@@ -7,30 +7,7 @@
 #include "core_util.h"
 #include "tsrv.h"
 
-typedef struct rec_s {
-    atomic_int outcomes;
-    atomic_int ready;
-    int kind;
-    moat_term_t *term;
-} rec_t;
-
-static void record(moat_task_t *t, const moat_outcome_t *o, void *d) {
-    rec_t *r = moat_task_data(t);
-    (void)d;
-    if (atomic_fetch_add(&r->outcomes, 1) == 0) {
-        r->kind = o->kind;
-        r->term = moat_term_ref(o->term);
-        atomic_store_explicit(&r->ready, 1, memory_order_release);
-    }
-}
-
-static void wait_rec(rec_t *r) {
-    for (long i = 0; !atomic_load_explicit(&r->ready, memory_order_acquire);
-         i++) {
-        assert_true(i < 200000000L);
-        sched_yield();
-    }
-}
+typedef t_rec_t rec_t;
 
 static void rec_done(rec_t *r) {
     assert_int_equal(atomic_load(&r->outcomes), 1);
@@ -39,19 +16,7 @@ static void rec_done(rec_t *r) {
 }
 
 static int setup(void **state) {
-    moat_pool_opts_t o = {0};
-    moat_pool_t *pool;
-    o.nthreads = 2;
-    o.name = "tsrv";
-    o.complete = record;
-    if (moat_pool_new(&o, &pool) != 0)
-        return -1;
-    *state = pool;
-    return 0;
-}
-
-static int teardown(void **state) {
-    moat_pool_free(*state);
+    *state = t_pool(2, 0, "tsrv", t_record);
     return 0;
 }
 
@@ -78,7 +43,7 @@ static void call(moat_pool_t *pool, moat_pid_t srv, const char *req,
     moat_term_t *q = t_atom(req);
     assert_int_equal(moat_server_call(pool, srv, q, 0, timeout, r, NULL), 0);
     moat_term_unref(q);
-    wait_rec(r);
+    t_wait(r);
 }
 
 static long call_long(moat_pool_t *pool, moat_pid_t srv, const char *req) {
@@ -188,9 +153,9 @@ static void test_server_stop_request_in_order(void **state) {
     moat_proc_exit(pool, w, s, moat_atom(MOAT_A_SHUTDOWN));
     moat_server_call(pool, s, qi, 0, -1, &after, NULL);
     atomic_store(&tsrv_gate, 1);
-    wait_rec(&block);
-    wait_rec(&before);
-    wait_rec(&after);
+    t_wait(&block);
+    t_wait(&before);
+    t_wait(&after);
     assert_int_equal(block.kind, MOAT_OK);
     assert_int_equal(before.kind, MOAT_OK);
     assert_int_equal(after.kind, MOAT_EXIT);
@@ -235,7 +200,7 @@ static void test_server_kill_during_call(void **state) {
      * with `killed`. */
     moat_proc_exit(pool, w, s, moat_atom(MOAT_A_KILL));
     t_expect_down(pool, w, ref, s, moat_atom(MOAT_A_KILLED));
-    wait_rec(&r);
+    t_wait(&r);
     assert_true(moat_term_is(r.term, MOAT_A_KILLED));
     atomic_store(&tsrv_gate, 1);
     tsrv_wait('t', 7, 1);
@@ -256,7 +221,7 @@ static void test_server_call_timeout(void **state) {
     call(pool, s, "get", 20, &r);
     assert_true(moat_term_is(r.term, MOAT_A_TIMEOUT));
     atomic_store(&tsrv_gate, 1);
-    wait_rec(&late);
+    t_wait(&late);
     assert_int_equal(call_long(pool, s, "get"), 0);
     assert_int_equal(atomic_load(&r.outcomes), 1);
     rec_done(&r);
@@ -315,7 +280,7 @@ static void test_server_kill_sets_should_stop(void **state) {
     moat_term_t *q = t_atom("poll");
     assert_int_equal(moat_server_call(pool, s, q, 0, -1, &r, NULL), 0);
     moat_proc_exit(pool, 0, s, moat_atom(MOAT_A_KILL));
-    wait_rec(&r);
+    t_wait(&r);
     assert_true(moat_term_is(r.term, MOAT_A_KILLED));
     tsrv_wait('t', 11, 1); /* the callback returned: terminate ran */
     rec_done(&r);
@@ -336,5 +301,6 @@ int main(void) {
         cmocka_unit_test_setup(test_server_linked_to_parent, before),
         cmocka_unit_test_setup(test_server_kill_sets_should_stop, before),
     };
-    return cmocka_run_group_tests_name("server", tests, setup, teardown);
+    return cmocka_run_group_tests_name("server", tests, setup,
+                                       t_pool_teardown);
 }

@@ -23,26 +23,8 @@ static void on_escalate(moat_pid_t sup, moat_term_t *reason, void *data) {
     atomic_fetch_add(&escalations, 1);
 }
 
-static void ignore_outcome(moat_task_t *t, const moat_outcome_t *o, void *d) {
-    (void)t;
-    (void)o;
-    (void)d;
-}
-
 static int setup(void **state) {
-    moat_pool_opts_t o = {0};
-    moat_pool_t *pool;
-    o.nthreads = 2;
-    o.name = "tsup";
-    o.complete = ignore_outcome;
-    if (moat_pool_new(&o, &pool) != 0)
-        return -1;
-    *state = pool;
-    return 0;
-}
-
-static int teardown(void **state) {
-    moat_pool_free(*state);
+    *state = t_pool(2, 0, "tsup", t_ignore);
     return 0;
 }
 
@@ -593,5 +575,5 @@ int main(void) {
         cmocka_unit_test_setup(test_sup_failing_child_does_not_block_sibling,
                                before),
     };
-    return cmocka_run_group_tests_name("sup", tests, setup, teardown);
+    return cmocka_run_group_tests_name("sup", tests, setup, t_pool_teardown);
 }
