@@ -326,31 +326,26 @@ static void post_try_again(sup_t *sup, uint64_t uid) {
     moat__proc_server_exit(sup->srv, moat_atom(MOAT_A_ENOMEM));
 }
 
-/* Starts child i again; on a failure it stays restarting, retried. */
-static void start_one(sup_t *sup, size_t i) {
+/* Starts child i again.  On a failure it stays restarting and a retry
+ * is queued; returns 0 then, 1 on success. */
+static int start_one(sup_t *sup, size_t i) {
     moat_term_t *reason;
     if (start_child(sup, i, &reason) != 0) {
         moat_term_unref(reason);
         post_try_again(sup, sup->children[i].uid);
-        return;
+        return 0;
     }
     atomic_fetch_add(&sup->pool->n_restarts, 1);
+    return 1;
 }
 
 /* Starts every restarting child in order; on a failure the rest stay
  * restarting and the failed one is retried. */
 static void start_restarting(sup_t *sup) {
-    for (size_t i = 0; i < sup->nchildren; i++) {
-        moat_term_t *reason;
-        if (!sup->children[i].restarting || sup->children[i].removed)
-            continue;
-        if (start_child(sup, i, &reason) != 0) {
-            moat_term_unref(reason);
-            post_try_again(sup, sup->children[i].uid);
+    for (size_t i = 0; i < sup->nchildren; i++)
+        if (sup->children[i].restarting && !sup->children[i].removed &&
+            !start_one(sup, i))
             return;
-        }
-        atomic_fetch_add(&sup->pool->n_restarts, 1);
-    }
 }
 
 static void finish_op(sup_t *sup) {
