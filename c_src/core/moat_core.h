@@ -130,11 +130,14 @@ typedef struct moat_outcome_s {
 } moat_outcome_t;
 
 /*
- * The completion interface: called exactly once per accepted task, on a
- * pool thread (a worker or the timer thread), or on the thread that called
- * moat_task_cancel / moat_pool_cancel_owner / moat_pool_stop when that call
- * decided the outcome without MOAT_CANCEL_SILENT.  It must not block and
- * must not call back into the pool except moat_task_id/moat_task_data.
+ * The completion interface: called exactly once per accepted task or
+ * server call, on the thread that decided its outcome: a pool worker (the
+ * body or handle_call returned), the housekeeping thread (a deadline), or
+ * the thread that called moat_task_cancel, moat_pool_cancel_owner or
+ * moat_pool_stop, or a moat_proc_* call whose exit signal killed a task
+ * process or a server with a call in progress (unless MOAT_CANCEL_SILENT).
+ * It must not block and must not call back into the pool except
+ * moat_task_id/moat_task_data.
  */
 typedef void (*moat_complete_cb)(moat_task_t *task, const moat_outcome_t *o,
                                  void *pool_data);
@@ -146,7 +149,9 @@ typedef struct moat_pool_opts_s {
                                abandoned tasks; 0: nthreads */
     unsigned spin_us;       /* how long an idle worker spins before it
                                sleeps; 0: 50 */
-    const char *name;       /* thread names "<name>:<n>", cut to 15 bytes */
+    const char *name;       /* threads are named "<name>:w<n>" (workers)
+                               and "<name>:hk0" (housekeeper), cut to 15
+                               bytes */
     moat_complete_cb complete;
     void *data;             /* passed to every callback */
     /* Optional: run on each pool thread (workers and timer) as it starts
@@ -162,7 +167,8 @@ int moat_pool_new(const moat_pool_opts_t *opts, moat_pool_t **pool);
  * Stops accepting work; every queued task and every running one gets the
  * outcome `shutdown` (running ones are flagged and abandoned), every native
  * process exits with `shutdown`; then waits until every task body has
- * returned and joins every thread.  Idempotent.  Never from a pool thread.
+ * returned and joins every thread.  A call after it returned does nothing;
+ * one caller at a time.  Never from a pool thread.
  */
 void moat_pool_stop(moat_pool_t *pool);
 
@@ -194,9 +200,9 @@ int moat_pool_submit(moat_pool_t *pool, const moat_job_t *job,
                      moat_task_t **task);
 
 /* Queues jobs[0..n) under one lock and wakes workers once.  Accepts a
- * prefix: returns how many were accepted (the rest are refused with
- * MOAT_EOVERLOADED or MOAT_ECLOSED as above), or a negative error when
- * none was.  tasks may be NULL. */
+ * prefix: returns how many were accepted (the rest are refused as above,
+ * or for want of memory), or a negative error when none was.  tasks may be
+ * NULL. */
 int moat_pool_submit_batch(moat_pool_t *pool, const moat_job_t *jobs,
                            size_t n, moat_task_t **tasks);
 
@@ -233,6 +239,9 @@ typedef struct moat_pool_stats_s {
     uint64_t restarts;  /* native supervisor restarts */
 } moat_pool_stats_t;
 
+/* A snapshot; each counter is exact once its events are over, but a
+ * monitor's DOWN for a task process can arrive just before the counter
+ * that task bumps. */
 void moat_pool_stats(moat_pool_t *pool, moat_pool_stats_t *stats);
 
 /* -------------------------------------------------- processes and signals */

@@ -201,15 +201,11 @@ int moat__server_launch(moat__server_t *s, moat_pid_t parent, unsigned flags,
     return 0; /* s is the pool's now: it may be running, or freed */
 }
 
-typedef struct start_arg_s {
-    moat_term_t *args;
-} start_arg_t;
-
+/* arg: the start argument list. */
 static moat_term_t *user_init(moat__server_t *s, void *arg) {
-    start_arg_t *a = arg;
     ei_x_buff x;
     size_t len;
-    const char *d = moat_term_data(a->args, &len);
+    const char *d = moat_term_data(arg, &len);
     moat_term_t *term;
     int rc, kind;
     if (ei_x_new_with_version(&x) != 0)
@@ -228,7 +224,6 @@ int moat_server_start(moat_pool_t *pool, moat_pid_t parent,
                       moat_term_t *args, unsigned flags, moat_pid_t *pid,
                       moat_term_t **reason) {
     moat__server_t *s;
-    start_arg_t a = {args};
     if (pool == NULL || def == NULL || def->init == NULL ||
         def->handle_call == NULL || args == NULL || pid == NULL ||
         reason == NULL || (flags & ~MOAT_SPAWN_LINK) != 0)
@@ -240,7 +235,7 @@ int moat_server_start(moat_pool_t *pool, moat_pid_t parent,
     s->def = def;
     s->lib = lib;
     *reason = NULL;
-    return moat__server_launch(s, parent, flags, user_init, &a, pid, reason);
+    return moat__server_launch(s, parent, flags, user_init, args, pid, reason);
 }
 
 int moat_server_child_start(moat_pool_t *pool, moat_pid_t sup, void *arg,
