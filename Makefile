@@ -110,6 +110,9 @@ DEMO_CPPFLAGS = -I$(GUARD_DIR) -Iinclude -Ic_src/demo -I$(EI_INC) \
     $(UV_CFLAGS) $(CPPFLAGS) -fvisibility=hidden
 TEST_CPPFLAGS = -Iinclude -Ic_src/core -Itest/c -I$(EI_INC) $(UV_CFLAGS) \
     $(CMOCKA_CFLAGS) $(CPPFLAGS)
+# The NIF is the one part built against ERTS.
+NIF_CPPFLAGS = -Iinclude -Ic_src/core -Ic_src/nif -I$(ERL_ROOT)/usr/include \
+    -I$(EI_INC) $(UV_CFLAGS) $(CPPFLAGS) -fvisibility=hidden
 BENCH_CPPFLAGS = -Iinclude -Ic_src/core -Ibench -I$(EI_INC) $(UV_CFLAGS) \
     $(CPPFLAGS)
 
@@ -145,6 +148,9 @@ TEST_HELPER_SRCS := $(filter-out $(TEST_SRCS),$(wildcard test/c/*.c))
 # Small task libraries, good and broken, that the loader tests open.
 FIXTURE_SRCS := $(wildcard test/c/fixtures/*.c)
 BENCH_SRCS := $(wildcard bench/*.c)
+NIF_SRCS := $(wildcard c_src/nif/*.c)
+NIF_OBJS := $(patsubst c_src/nif/%.c,$(B)/plain/obj/nif/%.o,$(NIF_SRCS))
+NIF_SO := $(if $(NIF_SRCS),priv/moat_nif.so)
 
 TEST_NAMES := $(basename $(notdir $(TEST_SRCS)))
 BENCH_BINS := $(patsubst bench/%.c,$(B)/plain/bench_%,$(BENCH_SRCS))
@@ -201,6 +207,16 @@ $(B)/$(1)/fixtures/%.so: $(B)/$(1)/obj/fixtures/%.o
 endef
 $(foreach v,$(VARIANTS),$(eval $(call variant_rules,$(v))))
 
+$(B)/plain/obj/nif/%.o: c_src/nif/%.c Makefile $(B)/plain/flags | check-build-env
+	$(call compile,plain,$(NIF_CPPFLAGS))
+
+# The core and ei are linked in and hidden: the NIF exports nif_init only.
+priv/moat_nif.so: $(NIF_OBJS) $(B)/plain/libmoat_core.a
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  LD [plain]  $@")
+	$(Q)$(CC) $(CFLAGS) $(MOAT_CFLAGS) $(CFLAGS_plain) $(LDFLAGS) -shared \
+	    -o $@ $^ -Wl,--exclude-libs,ALL $(LIBS)
+
 $(B)/plain/obj/bench/%.o: bench/%.c Makefile $(B)/plain/flags | check-build-env
 	$(call compile,plain,$(BENCH_CPPFLAGS))
 
@@ -237,7 +253,7 @@ check-test-env:
 
 # --- Main targets ------------------------------------------------------------
 
-c: check-build-env $(if $(CORE_SRCS),$(B)/plain/libmoat_core.a) $(DEMO_plain)
+c: check-build-env $(if $(CORE_SRCS),$(B)/plain/libmoat_core.a) $(DEMO_plain) $(NIF_SO)
 
 deps:
 	@[ "$(UNAME_S)" = Linux ] || { echo "moat supports Linux only for now" >&2; exit 1; }

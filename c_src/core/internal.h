@@ -305,6 +305,7 @@ struct moat_pool_s {
     uint64_t next_ref;
 
     int stopped;
+    atomic_int closed; /* 0 open, 1 closing, 2 closed (moat_pool_close) */
 
     _Alignas(64) atomic_uint_fast64_t n_completed, n_failed, n_cancelled,
         n_timeouts, n_rejected, n_abandoned, n_restarts;

@@ -437,6 +437,8 @@ const char *moat_lib_name(const moat_lib_t *lib) {
     return lib->def->name;
 }
 
+const moat_library_t *moat_lib_def(const moat_lib_t *lib) { return lib->def; }
+
 const moat_task_def_t *moat_lib_task(const moat_lib_t *lib, const char *name,
                                      size_t len) {
     return lookup(&lib->tasks, name, len);

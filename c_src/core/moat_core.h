@@ -110,6 +110,8 @@ typedef struct moat_lib_s moat_lib_t;
 int moat_lib_open(const char *path, moat_lib_t **lib, char **errmsg);
 void moat_lib_close(moat_lib_t *lib);
 const char *moat_lib_name(const moat_lib_t *lib);
+/* The library's own table (checked), e.g. to list its tasks. */
+const moat_library_t *moat_lib_def(const moat_lib_t *lib);
 /* Look-ups by name (not NUL-terminated); NULL when absent.  O(1). */
 const moat_task_def_t *moat_lib_task(const moat_lib_t *lib, const char *name,
                                      size_t len);
@@ -164,10 +166,19 @@ typedef struct moat_pool_opts_s {
 int moat_pool_new(const moat_pool_opts_t *opts, moat_pool_t **pool);
 
 /*
- * Stops accepting work; every queued task and every running one gets the
- * outcome `shutdown` (running ones are flagged and abandoned), every native
- * process exits with `shutdown`; then waits until every task body has
- * returned and joins every thread.  A call after it returned does nothing;
+ * Stops accepting work (submits return MOAT_ECLOSED); every queued task
+ * and every running one gets the outcome `shutdown` (running ones are
+ * flagged and abandoned) and every native process exits with `shutdown`,
+ * their callbacks running on this thread.  Waits for no pool thread, so a
+ * scheduler may call it; threads keep running until moat_pool_stop.
+ * Idempotent; a concurrent second caller returns once the first is done.
+ * Never from a pool thread or a complete callback.
+ */
+void moat_pool_close(moat_pool_t *pool);
+
+/*
+ * Closes the pool (moat_pool_close) if needed, then waits until every
+ * task body has returned and joins every thread.  A call after it returned does nothing;
  * one caller at a time.  Never from a pool thread.
  */
 void moat_pool_stop(moat_pool_t *pool);
@@ -216,6 +227,12 @@ int moat_pool_submit_batch(moat_pool_t *pool, const moat_job_t *jobs,
  * returned before this call returns.  Any thread.
  */
 int moat_task_cancel(moat_task_t *task, moat_atom_t reason, unsigned flags);
+
+/* 1 while the task's body is on a thread, abandoned or not.  Meant for a
+ * caller that decided the outcome with moat_task_cancel and wants to know
+ * whether the body has stopped since: the flag moat_should_stop reads is
+ * set, and a body that heeds it returns soon.  Any thread. */
+int moat_task_running(moat_task_t *task);
 
 uint64_t moat_task_id(const moat_task_t *task);   /* unique in the pool */
 void *moat_task_data(const moat_task_t *task);

@@ -32,8 +32,9 @@
  * (at most max_abandoned beyond N); when the abandoned body returns, its
  * thread retires if the pool has enough serving workers, else serves on.
  *
- * Shutdown.  moat_pool_stop refuses new work, ends every queued and
- * running task with `shutdown`, ends every native process, wakes everyone,
+ * Shutdown.  moat_pool_close refuses new work, ends every queued and
+ * running task with `shutdown` and ends every native process, without
+ * waiting for any thread.  moat_pool_stop closes, then wakes everyone,
  * joins the workers (waiting for abandoned bodies to return), then stops
  * and joins the housekeeper.
  *
@@ -658,6 +659,15 @@ int moat_task_cancel(moat_task_t *task, moat_atom_t reason, unsigned flags) {
     return end_from_outside(task, moat_atom(reason), flags, 1);
 }
 
+int moat_task_running(moat_task_t *task) {
+    moat_pool_t *pool = task->pool;
+    int running;
+    uv_mutex_lock(&pool->rq_lock);
+    running = task->where == MOAT__RUNNING;
+    uv_mutex_unlock(&pool->rq_lock);
+    return running;
+}
+
 uint64_t moat_task_id(const moat_task_t *task) { return task->id; }
 void *moat_task_data(const moat_task_t *task) { return task->data; }
 void moat_task_release(moat_task_t *task) { moat__task_unref(task); }
@@ -1225,10 +1235,14 @@ static int end_first_running(moat_pool_t *pool) {
     return 1;
 }
 
-void moat_pool_stop(moat_pool_t *pool) {
-    if (pool->stopped)
+void moat_pool_close(moat_pool_t *pool) {
+    int was = 0;
+    if (!atomic_compare_exchange_strong(&pool->closed, &was, 1)) {
+        /* Another caller is closing it: return once it has. */
+        while (atomic_load(&pool->closed) != 2)
+            sched_yield();
         return;
-    pool->stopped = 1;
+    }
     uv_mutex_lock(&pool->rq_lock);
     atomic_store(&pool->stopping, 1);
     uv_mutex_unlock(&pool->rq_lock);
@@ -1238,6 +1252,14 @@ void moat_pool_stop(moat_pool_t *pool) {
         ;
     while (end_first_running(pool))
         ;
+    atomic_store(&pool->closed, 2);
+}
+
+void moat_pool_stop(moat_pool_t *pool) {
+    if (pool->stopped)
+        return;
+    pool->stopped = 1;
+    moat_pool_close(pool);
 
     uv_mutex_lock(&pool->rq_lock);
     uv_cond_broadcast(&pool->rq_cond);

@@ -411,6 +411,56 @@ static void test_pool_stop_ends_everything(void **state) {
     t_rec_clear(r, 20);
 }
 
+/* Close settles every task with `shutdown` at once and waits for no
+ * thread: a body that ignores its stop flag is still running afterwards,
+ * moat_task_running says so until it returns, and stop then joins it. */
+static void test_pool_close_waits_for_no_thread(void **state) {
+    moat_pool_t *pool = pool_make(2, 0);
+    rec_t r[6] = {0};
+    moat_task_t *stuck, *queued;
+    moat_job_t j;
+    (void)state;
+    block_workers(pool, r, 2);
+    stuck = submit(pool, t_ok, &r[2], 0, -1); /* queued behind them */
+    queued = stuck;
+    assert_int_equal(moat_task_running(queued), 0);
+    moat_pool_close(pool);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(atomic_load(&r[i].outcomes), 1);
+        assert_true(moat_term_is(r[i].term, MOAT_A_SHUTDOWN));
+    }
+    assert_int_equal(moat_task_running(queued), 0);
+    j = job(t_ok, &r[3]);
+    assert_int_equal(moat_pool_submit(pool, &j, NULL), MOAT_ECLOSED);
+    moat_term_unref(j.args);
+    moat_pool_close(pool); /* idempotent */
+    atomic_store(&gate, 1);
+    moat_pool_stop(pool);
+    moat_task_release(queued);
+    moat_pool_free(pool);
+    t_rec_clear(r, 4);
+}
+
+/* moat_task_running follows a cancelled body until it returns. */
+static void test_pool_task_running_after_cancel(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    rec_t r[1] = {0};
+    moat_task_t *t;
+    (void)state;
+    atomic_store(&gate, 0);
+    t = submit(pool, t_gate, &r[0], 0, -1);
+    while (!moat_task_running(t))
+        sched_yield();
+    assert_int_equal(moat_task_cancel(t, MOAT_A_SHUTDOWN, MOAT_CANCEL_SILENT), 1);
+    assert_int_equal(moat_task_running(t), 1);
+    atomic_store(&gate, 1);
+    while (moat_task_running(t))
+        sched_yield();
+    assert_int_equal(atomic_load(&r[0].outcomes), 0); /* silent */
+    moat_task_release(t);
+    moat_pool_free(pool);
+}
+
 /* The counters add up: completed, failed, cancelled. */
 static void test_pool_stats_counters(void **state) {
     moat_pool_t *pool = pool_make(1, 0);
@@ -621,6 +671,8 @@ int main(void) {
         cmocka_unit_test(test_pool_cancel_owner),
         cmocka_unit_test(test_pool_abandoned_tasks_do_not_starve),
         cmocka_unit_test(test_pool_stop_ends_everything),
+        cmocka_unit_test(test_pool_close_waits_for_no_thread),
+        cmocka_unit_test(test_pool_task_running_after_cancel),
         cmocka_unit_test(test_pool_stats_counters),
         cmocka_unit_test(test_pool_threads_named_signals_blocked),
         cmocka_unit_test(test_pool_invalid_arguments),

@@ -1,0 +1,1349 @@
+/*
+ * moat_nif.c: the NIF transport (priv/moat_nif.so) over the core.
+ *
+ * DESIGN
+ *
+ * Objects.  A pool (`npool_t`, malloc'd and reference-counted) wraps one
+ * core pool and the task table of its libraries.  Three resource types
+ * stand for it in Erlang: a pool handle (held by the pool's owner process
+ * and by the registry), a task (returned by async/5; its term is the
+ * reference in the task's messages) and a stream (one async_stream).
+ * Every task and stream holds a reference on its npool_t, so the core pool
+ * outlives every handle into it.
+ *
+ * Finding pools.  A registry maps pool names (atoms) to pool handles under
+ * a read-write lock; a submit takes the read lock for the look-up and the
+ * submit, so a pool being closed either takes the task (and settles it) or
+ * is already gone (noproc).  No Erlang process is on this path.
+ *
+ * Outcomes.  The core calls `complete` exactly once per accepted task, on
+ * whichever thread decided it.  A task's outcome is sent to its owner with
+ * enif_send from that thread, in a message env reused per pool thread:
+ * {Ref, Result} or {'DOWN', Ref, process, Id, Reason}.  A stream's outcomes
+ * go into the stream's buffer instead, with one {moat_stream, S} message
+ * whenever the buffer goes from unannounced to announced (sent under the
+ * stream's lock, so a consumer that sees the flag set knows the message is
+ * in its mailbox); the consumer takes many outcomes per message.
+ *
+ * Giving up.  The owner's give-up paths (await timeout, shutdown, ignore,
+ * a halted stream) race the sender: cancelling uses the core's claim
+ * (MOAT_CANCEL_SILENT: the winner is known, the loser's callback has
+ * returned before cancel does), and ignore uses the task's own state word
+ * (OPEN -> SENDING -> SENT, or OPEN -> IGNORED).  Either way, once the
+ * give-up call returns, no message about the task is still to come.
+ *
+ * Owners.  A pool monitors (enif_monitor_process) every process that
+ * submitted to it, once, and its own owner process.  The `down` callback
+ * and the destructors only queue work: a janitor thread cancels a dead
+ * submitter's tasks and closes a pool whose owner died; a reaper thread
+ * stops and frees pools nobody references (joining their threads, which
+ * may wait for an abandoned task body).  Both threads start once, on first
+ * load, and live as long as the VM.
+ *
+ * Unloading.  The library pins itself with dlopen(RTLD_NODELETE) and the
+ * core pins task libraries the same way, so a module purge never unmaps
+ * code that a pool thread, the janitor or the reaper may still run; purge
+ * and reload therefore leave running pools working.
+ */
+#include <dlfcn.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+#include <sched.h>
+
+#include <erl_nif.h>
+#include <uv.h>
+
+#include "moat_core.h"
+
+/* ------------------------------------------------------------- atoms */
+
+#define ATOMS(X)                                                            \
+    X(ok) X(error) X(true) X(false) X(undefined) X(infinity) X(normal)      \
+    X(shutdown) X(killed) X(timeout) X(noproc) X(overloaded)                \
+    X(unknown_task) X(native_error) X(process) X(moat_stream)              \
+    X(moat_task_done) X(exit) X(cancelled) X(delivered) X(ignored)         \
+    X(already_started) X(bad_library) X(not_found) X(queued) X(running)    \
+    X(completed) X(failed) X(timeouts) X(rejected) X(abandoned)            \
+    X(threads) X(restarts) X(size) X(enomem) X(bad_option)
+
+#define DECLARE_ATOM(name) static ERL_NIF_TERM atom_##name;
+ATOMS(DECLARE_ATOM)
+static ERL_NIF_TERM atom_DOWN;
+
+static void make_atoms(ErlNifEnv *env) {
+#define MAKE_ATOM(name) atom_##name = enif_make_atom(env, #name);
+    ATOMS(MAKE_ATOM)
+    atom_DOWN = enif_make_atom(env, "DOWN");
+}
+
+/* ------------------------------------------------------------- threads */
+
+/* The env a pool thread builds messages in, reused (cleared) after each
+ * send; NULL on threads moat did not start (schedulers). */
+static _Thread_local ErlNifEnv *tl_msg_env;
+/* The caller env enif_send must be given on a scheduler thread; NULL on
+ * moat's own threads.  Set around core calls that may run callbacks. */
+static _Thread_local ErlNifEnv *tl_caller_env;
+
+static void thread_start(void *data) {
+    (void)data;
+    tl_msg_env = enif_alloc_env();
+}
+
+static void thread_stop(void *data) {
+    (void)data;
+    if (tl_msg_env != NULL)
+        enif_free_env(tl_msg_env);
+    tl_msg_env = NULL;
+}
+
+static ErlNifEnv *msg_env_get(void) {
+    return tl_msg_env != NULL ? tl_msg_env : enif_alloc_env();
+}
+
+/* After a send (or instead of one): the env is cleared for reuse. */
+static void msg_env_put(ErlNifEnv *env) {
+    if (env == tl_msg_env)
+        enif_clear_env(env);
+    else
+        enif_free_env(env);
+}
+
+static void send_msg(const ErlNifPid *to, ErlNifEnv *env, ERL_NIF_TERM msg) {
+    enif_send(tl_caller_env, to, env, msg);
+}
+
+/* ------------------------------------------------------------- pools */
+
+/* A task name of one of the pool's libraries, keyed by its atom. */
+typedef struct {
+    ERL_NIF_TERM name;
+    const moat_task_def_t *def;
+    const moat_lib_t *lib;
+} task_entry_t;
+
+typedef struct npool_s {
+    atomic_int refs;
+    moat_pool_t *pool;
+    ERL_NIF_TERM name; /* an atom: valid in every env */
+    ErlNifPid owner;   /* the moat_pool process */
+    unsigned size;
+    moat_lib_t **libs;
+    size_t nlibs;
+    task_entry_t *tasks; /* open addressing, capacity ntask_cap (2^k) */
+    size_t ntask_cap;
+    /* Submitters this pool monitors: their pid terms, open addressing,
+     * 0 empty, 1 deleted (no pid term is 0 or 1). */
+    uv_mutex_t mon_lock; /* guards mons, nmons, mon_cap, mon_used */
+    uint64_t *mons;
+    size_t nmons, mon_used, mon_cap;
+} npool_t;
+
+typedef struct {
+    npool_t *np;
+} pool_res_t;
+
+static ErlNifResourceType *pool_rt, *task_rt, *stream_rt;
+
+static void np_ref(npool_t *np) { atomic_fetch_add(&np->refs, 1); }
+static void reaper_push(npool_t *np);
+
+static void np_unref(npool_t *np) {
+    if (np != NULL && atomic_fetch_sub(&np->refs, 1) == 1)
+        reaper_push(np);
+}
+
+static void np_free(npool_t *np) {
+    moat_pool_free(np->pool);
+    for (size_t i = 0; i < np->nlibs; i++)
+        moat_lib_close(np->libs[i]);
+    free(np->libs);
+    free(np->tasks);
+    free(np->mons);
+    uv_mutex_destroy(&np->mon_lock);
+    free(np);
+}
+
+static size_t hash_term(ERL_NIF_TERM t) {
+    uint64_t x = (uint64_t)t;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return (size_t)x;
+}
+
+static const task_entry_t *task_find(const npool_t *np, ERL_NIF_TERM name) {
+    size_t mask = np->ntask_cap - 1;
+    for (size_t i = hash_term(name) & mask;; i = (i + 1) & mask) {
+        if (np->tasks[i].def == NULL)
+            return NULL;
+        if (np->tasks[i].name == name)
+            return &np->tasks[i];
+    }
+}
+
+/* Adds a submitter; returns 1 when it was new (monitor it). */
+static int mon_add(npool_t *np, uint64_t key) {
+    size_t mask, i, tomb = SIZE_MAX;
+    int added = 0;
+    uv_mutex_lock(&np->mon_lock);
+    if ((np->mon_used + 1) * 2 > np->mon_cap) {
+        /* At half full (deleted slots included), rehash into a table a
+         * quarter full. */
+        size_t cap = 16;
+        uint64_t *m;
+        while (cap < (np->nmons + 1) * 4)
+            cap *= 2;
+        if ((m = calloc(cap, sizeof *m)) == NULL) {
+            uv_mutex_unlock(&np->mon_lock);
+            return 0; /* unmonitored: its death will not cancel its tasks */
+        }
+        for (size_t j = 0; j < np->mon_cap; j++) {
+            uint64_t k = np->mons[j];
+            if (k > 1) {
+                size_t h = hash_term(k) & (cap - 1);
+                while (m[h] != 0)
+                    h = (h + 1) & (cap - 1);
+                m[h] = k;
+            }
+        }
+        free(np->mons);
+        np->mons = m;
+        np->mon_cap = cap;
+        np->mon_used = np->nmons;
+    }
+    mask = np->mon_cap - 1;
+    for (i = hash_term(key) & mask;; i = (i + 1) & mask) {
+        if (np->mons[i] == key)
+            break;
+        if (np->mons[i] == 1 && tomb == SIZE_MAX)
+            tomb = i;
+        if (np->mons[i] == 0) {
+            if (tomb != SIZE_MAX)
+                i = tomb;
+            else
+                np->mon_used++;
+            np->mons[i] = key;
+            np->nmons++;
+            added = 1;
+            break;
+        }
+    }
+    uv_mutex_unlock(&np->mon_lock);
+    return added;
+}
+
+static void mon_remove(npool_t *np, uint64_t key) {
+    uv_mutex_lock(&np->mon_lock);
+    if (np->mon_cap > 0) {
+        size_t mask = np->mon_cap - 1;
+        for (size_t i = hash_term(key) & mask; np->mons[i] != 0;
+             i = (i + 1) & mask) {
+            if (np->mons[i] == key) {
+                np->mons[i] = 1;
+                np->nmons--;
+                break;
+            }
+        }
+    }
+    uv_mutex_unlock(&np->mon_lock);
+}
+
+static uint64_t pid_key(const ErlNifPid *pid) {
+    return (uint64_t)enif_make_pid(NULL, pid);
+}
+
+/* Makes sure the pool monitors the calling process, so that its death
+ * cancels its tasks.  `res` is the pool's handle. */
+static void watch_caller(ErlNifEnv *env, pool_res_t *res, const ErlNifPid *self) {
+    if (mon_add(res->np, pid_key(self)) &&
+        enif_monitor_process(env, res, self, NULL) != 0)
+        mon_remove(res->np, pid_key(self)); /* cannot happen: self lives */
+}
+
+/* ----------------------------------------------------------- registry */
+
+typedef struct {
+    ERL_NIF_TERM name;
+    pool_res_t *res; /* holds a resource reference */
+} reg_entry_t;
+
+static uv_rwlock_t reg_lock; /* guards reg, nreg, capreg */
+static reg_entry_t *reg;
+static size_t nreg, capreg;
+
+/* Read-locked look-up; returns NULL (and unlocks) when absent.  On
+ * success the caller unlocks with reg_done. */
+static pool_res_t *reg_find(ERL_NIF_TERM name) {
+    uv_rwlock_rdlock(&reg_lock);
+    for (size_t i = 0; i < nreg; i++)
+        if (reg[i].name == name)
+            return reg[i].res;
+    uv_rwlock_rdunlock(&reg_lock);
+    return NULL;
+}
+
+static void reg_done(void) { uv_rwlock_rdunlock(&reg_lock); }
+
+/* Removes the entry of this pool, if it is still registered; returns the
+ * handle whose reference the caller must release, or NULL. */
+static pool_res_t *reg_remove(npool_t *np) {
+    pool_res_t *res = NULL;
+    uv_rwlock_wrlock(&reg_lock);
+    for (size_t i = 0; i < nreg; i++) {
+        if (reg[i].res->np == np) {
+            res = reg[i].res;
+            reg[i] = reg[--nreg];
+            break;
+        }
+    }
+    uv_rwlock_wrunlock(&reg_lock);
+    return res;
+}
+
+/* ------------------------------------------------- janitor and reaper */
+
+typedef enum { JOB_CANCEL_OWNER, JOB_CLOSE, JOB_FREE } job_kind_t;
+
+typedef struct job_s {
+    struct job_s *next;
+    job_kind_t kind;
+    npool_t *np; /* holds a reference, except for JOB_FREE */
+    uint64_t key;
+} job_t;
+
+typedef struct {
+    uv_mutex_t lock; /* guards head, tail */
+    uv_cond_t cond;
+    job_t *head, *tail;
+    uv_thread_t tid;
+} jobq_t;
+
+static jobq_t janitor, reaper;
+
+static void jobq_push(jobq_t *q, job_kind_t kind, npool_t *np, uint64_t key) {
+    job_t *j = malloc(sizeof *j);
+    if (j == NULL) {
+        /* Out of memory: do it here.  Freeing would join threads, so a
+         * pool that cannot be queued for freeing is left allocated. */
+        if (kind == JOB_CANCEL_OWNER)
+            moat_pool_cancel_owner(np->pool, key, MOAT_A_SHUTDOWN, 0);
+        else if (kind == JOB_CLOSE)
+            moat_pool_close(np->pool);
+        if (kind != JOB_FREE)
+            np_unref(np);
+        return;
+    }
+    j->next = NULL;
+    j->kind = kind;
+    j->np = np;
+    j->key = key;
+    uv_mutex_lock(&q->lock);
+    if (q->tail != NULL)
+        q->tail->next = j;
+    else
+        q->head = j;
+    q->tail = j;
+    uv_cond_signal(&q->cond);
+    uv_mutex_unlock(&q->lock);
+}
+
+static void reaper_push(npool_t *np) { jobq_push(&reaper, JOB_FREE, np, 0); }
+
+static void jobq_main(void *arg) {
+    jobq_t *q = arg;
+    thread_start(NULL);
+    for (;;) {
+        job_t *j;
+        uv_mutex_lock(&q->lock);
+        while (q->head == NULL)
+            uv_cond_wait(&q->cond, &q->lock);
+        j = q->head;
+        q->head = j->next;
+        if (q->head == NULL)
+            q->tail = NULL;
+        uv_mutex_unlock(&q->lock);
+        switch (j->kind) {
+        case JOB_CANCEL_OWNER:
+            moat_pool_cancel_owner(j->np->pool, j->key, MOAT_A_SHUTDOWN, 0);
+            np_unref(j->np);
+            break;
+        case JOB_CLOSE:
+            moat_pool_close(j->np->pool);
+            np_unref(j->np);
+            break;
+        case JOB_FREE:
+            np_free(j->np);
+            break;
+        }
+        free(j);
+    }
+}
+
+static int jobq_start(jobq_t *q, const char *name) {
+    sigset_t all, old;
+    int rc;
+    if ((rc = uv_mutex_init(&q->lock)) != 0)
+        return rc;
+    if ((rc = uv_cond_init(&q->cond)) != 0)
+        return rc;
+    /* Block every signal in moat's threads: the VM handles them. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = uv_thread_create(&q->tid, jobq_main, q);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc == 0)
+        pthread_setname_np(q->tid, name);
+    return rc;
+}
+
+/* ------------------------------------------------------------- tasks */
+
+enum { K_TASK = 1, K_STREAM };
+enum { T_OPEN, T_SENDING, T_SENT, T_IGNORED, T_CANCELLED };
+
+typedef struct {
+    int kind; /* K_TASK */
+    atomic_int state;
+    npool_t *np; /* NULL for a task refused before it had a pool */
+    moat_task_t *t;
+    ERL_NIF_TERM pool_name;
+    uint64_t id;
+    ErlNifPid owner;
+    ErlNifPid proxy; /* undefined unless linked */
+} ntask_t;
+
+static void task_dtor(ErlNifEnv *env, void *obj) {
+    ntask_t *nt = obj;
+    (void)env;
+    if (nt->t != NULL)
+        moat_task_release(nt->t);
+    np_unref(nt->np);
+}
+
+static ERL_NIF_TERM task_id_term(ErlNifEnv *env, const ntask_t *nt) {
+    if (!enif_is_pid_undefined(&nt->proxy))
+        return enif_make_pid(env, &nt->proxy);
+    return enif_make_tuple2(env, nt->pool_name, enif_make_uint64(env, nt->id));
+}
+
+/* Tells a linked task's proxy process how the task ended, so that it exits
+ * with that reason (normal on success). */
+static void proxy_notify(const ntask_t *nt, int kind, const moat_term_t *term,
+                         ERL_NIF_TERM fallback) {
+    ErlNifEnv *env;
+    ERL_NIF_TERM reason = atom_normal;
+    if (enif_is_pid_undefined(&nt->proxy))
+        return;
+    env = msg_env_get();
+    if (kind != MOAT_OK) {
+        size_t len;
+        const char *d = moat_term_data(term, &len);
+        if (term == NULL ||
+            enif_binary_to_term(env, (const unsigned char *)d, len, &reason,
+                                0) == 0)
+            reason = enif_make_copy(env, fallback);
+    }
+    send_msg(&nt->proxy, env,
+             enif_make_tuple2(env, atom_moat_task_done, reason));
+    msg_env_put(env);
+}
+
+static ERL_NIF_TERM bad_result(ErlNifEnv *env) {
+    static const char m[] = "result could not be decoded";
+    ERL_NIF_TERM bin;
+    unsigned char *p = enif_make_new_binary(env, sizeof m - 1, &bin);
+    memcpy(p, m, sizeof m - 1);
+    return enif_make_tuple2(env, atom_native_error, bin);
+}
+
+static void task_complete(ntask_t *nt, const moat_outcome_t *o) {
+    int open = T_OPEN;
+    if (atomic_compare_exchange_strong(&nt->state, &open, T_SENDING)) {
+        ErlNifEnv *env = msg_env_get();
+        ERL_NIF_TERM ref = enif_make_resource(env, nt), term, msg;
+        size_t len;
+        const char *d = moat_term_data(o->term, &len);
+        int kind = o->kind;
+        if (enif_binary_to_term(env, (const unsigned char *)d, len, &term,
+                                0) == 0) {
+            kind = MOAT_EXIT;
+            term = bad_result(env);
+        }
+        if (kind == MOAT_OK)
+            msg = enif_make_tuple2(env, ref, term);
+        else
+            msg = enif_make_tuple5(env, atom_DOWN, ref, atom_process,
+                                   task_id_term(env, nt), term);
+        send_msg(&nt->owner, env, msg);
+        msg_env_put(env);
+        atomic_store(&nt->state, T_SENT);
+        proxy_notify(nt, o->kind, o->term, atom_normal);
+    }
+    /* The reference the pool held for this callback. */
+    enif_release_resource(nt);
+}
+
+/* ------------------------------------------------------------ streams */
+
+typedef struct nstream_s nstream_t;
+
+typedef struct {
+    int kind; /* K_STREAM */
+    nstream_t *s;
+    uint64_t index;
+    moat_task_t *t;
+} sslot_t;
+
+enum { E_OK, E_EXIT, E_DEADLINE };
+
+typedef struct {
+    uint32_t slot;
+    uint32_t kind;
+    uint64_t index;
+    moat_term_t *term;
+} entry_t;
+
+struct nstream_s {
+    npool_t *np;
+    const task_entry_t *task; /* NULL: unknown task */
+    ERL_NIF_TERM task_name;
+    ErlNifPid owner;
+    int64_t timeout_ms;
+    sslot_t *slots;
+    uint32_t nslots;
+    uint32_t *free_slots; /* owner only */
+    uint32_t nfree;
+    int closed;           /* owner only */
+    int lock_ok;
+    uv_mutex_t lock;      /* guards buf, nbuf, notified */
+    entry_t *buf;         /* nslots entries */
+    size_t nbuf;
+    int notified;
+};
+
+
+static void entry_free(entry_t *e) {
+    if (e->term != NULL)
+        moat_term_unref(e->term);
+}
+
+static void stream_complete(sslot_t *sl, const moat_outcome_t *o) {
+    nstream_t *s = sl->s;
+    entry_t e = {0};
+    e.slot = (uint32_t)(sl - s->slots);
+    e.index = sl->index;
+    /* The deadline's outcome is the core's own `timeout` atom, never a
+     * term a task built: that is how a deadline is told from a task that
+     * chose the reason `timeout`. */
+    if (o->kind == MOAT_OK)
+        e.kind = E_OK;
+    else if (o->term == moat_atom(MOAT_A_TIMEOUT))
+        e.kind = E_DEADLINE;
+    else
+        e.kind = E_EXIT;
+    e.term = moat_term_ref(o->term);
+    uv_mutex_lock(&s->lock);
+    /* Room is certain: the buffer holds nslots entries and a slot has at
+     * most one outcome until stream_take frees it. */
+    s->buf[s->nbuf++] = e;
+    if (!s->notified) {
+        ErlNifEnv *env = msg_env_get();
+        s->notified = 1;
+        send_msg(&s->owner, env,
+                 enif_make_tuple2(env, atom_moat_stream,
+                                  enif_make_resource(env, s)));
+        msg_env_put(env);
+    }
+    uv_mutex_unlock(&s->lock);
+    enif_release_resource(s);
+}
+
+static void stream_dtor(ErlNifEnv *env, void *obj) {
+    nstream_t *s = obj;
+    (void)env;
+    /* No task holds the stream any more (each holds a reference), so only
+     * what was never taken is left. */
+    for (size_t i = 0; i < s->nbuf; i++)
+        entry_free(&s->buf[i]);
+    for (uint32_t i = 0; i < s->nslots; i++)
+        if (s->slots[i].t != NULL)
+            moat_task_release(s->slots[i].t);
+    free(s->buf);
+    free(s->slots);
+    free(s->free_slots);
+    if (s->lock_ok)
+        uv_mutex_destroy(&s->lock);
+    np_unref(s->np);
+}
+
+/* ------------------------------------------------------ core callback */
+
+static void on_complete(moat_task_t *t, const moat_outcome_t *o, void *data) {
+    int *kind = moat_task_data(t);
+    (void)data;
+    if (*kind == K_TASK)
+        task_complete((ntask_t *)kind, o);
+    else
+        stream_complete((sslot_t *)kind, o);
+}
+
+/* ------------------------------------------------------------ helpers */
+
+static ERL_NIF_TERM error_tuple(ErlNifEnv *env, ERL_NIF_TERM reason) {
+    return enif_make_tuple2(env, atom_error, reason);
+}
+
+/* Timeout in ms: a non-negative integer or `infinity` (-1). */
+static int get_timeout(ErlNifEnv *env, ERL_NIF_TERM t, int64_t *ms) {
+    ErlNifSInt64 v;
+    if (enif_is_identical(t, atom_infinity)) {
+        *ms = -1;
+        return 1;
+    }
+    if (!enif_get_int64(env, t, &v) || v < 0)
+        return 0;
+    *ms = v;
+    return 1;
+}
+
+/* Encodes a term as ETF into a core term.  NULL on out of memory. */
+static moat_term_t *encode(ErlNifEnv *env, ERL_NIF_TERM t) {
+    ErlNifBinary bin;
+    moat_term_t *term;
+    if (!enif_term_to_binary(env, t, &bin))
+        return NULL;
+    term = moat_term_new((const char *)bin.data, bin.size, NULL);
+    enif_release_binary(&bin);
+    return term;
+}
+
+/* ----------------------------------------------------------- NIFs: pool */
+
+/* pool_new(Name :: atom(), Size :: pos_integer(), MaxQueue :: pos_integer(),
+ *          Libs :: [iodata()]) ->
+ *     {ok, Handle} | {error, {already_started, pid()}}
+ *   | {error, {bad_library, binary()}} | {error, atom()}
+ * Called by the pool's owner process, which the pool then monitors.
+ * Dirty (it opens libraries and starts threads). */
+static ERL_NIF_TERM nif_pool_new(ErlNifEnv *env, int argc,
+                                 const ERL_NIF_TERM argv[]) {
+    unsigned size, max_queue, nlibs;
+    ERL_NIF_TERM list = argv[3], head, ret;
+    char name[256];
+    npool_t *np;
+    pool_res_t *res;
+    moat_pool_opts_t opts;
+    size_t ntasks = 0;
+    int rc;
+    (void)argc;
+    if (!enif_get_atom(env, argv[0], name, sizeof name, ERL_NIF_LATIN1) ||
+        !enif_get_uint(env, argv[1], &size) || size == 0 ||
+        !enif_get_uint(env, argv[2], &max_queue) || max_queue == 0 ||
+        !enif_get_list_length(env, list, &nlibs))
+        return enif_make_badarg(env);
+    np = calloc(1, sizeof *np);
+    if (np == NULL || uv_mutex_init(&np->mon_lock) != 0) {
+        free(np);
+        return error_tuple(env, atom_enomem);
+    }
+    atomic_init(&np->refs, 1);
+    np->name = argv[0];
+    np->size = size;
+    enif_self(env, &np->owner);
+    np->libs = calloc(nlibs ? nlibs : 1, sizeof *np->libs);
+    if (np->libs == NULL) {
+        ret = error_tuple(env, atom_enomem);
+        goto fail;
+    }
+    while (enif_get_list_cell(env, list, &head, &list)) {
+        ErlNifBinary path;
+        char *cpath, *msg = NULL;
+        if (!enif_inspect_iolist_as_binary(env, head, &path)) {
+            ret = enif_make_badarg(env);
+            goto fail;
+        }
+        cpath = malloc(path.size + 1);
+        if (cpath == NULL) {
+            ret = error_tuple(env, atom_enomem);
+            goto fail;
+        }
+        memcpy(cpath, path.data, path.size);
+        cpath[path.size] = 0;
+        rc = moat_lib_open(cpath, &np->libs[np->nlibs], &msg);
+        free(cpath);
+        if (rc != 0) {
+            const char *m = msg != NULL ? msg : moat_strerror(rc);
+            ERL_NIF_TERM bin;
+            memcpy(enif_make_new_binary(env, strlen(m), &bin), m, strlen(m));
+            free(msg);
+            ret = error_tuple(env, enif_make_tuple2(env, atom_bad_library, bin));
+            goto fail;
+        }
+        for (const moat_task_def_t *d = moat_lib_def(np->libs[np->nlibs])->tasks;
+             d->name != NULL; d++)
+            ntasks++;
+        np->nlibs++;
+    }
+    np->ntask_cap = 8;
+    while (np->ntask_cap < ntasks * 2)
+        np->ntask_cap *= 2;
+    np->tasks = calloc(np->ntask_cap, sizeof *np->tasks);
+    if (np->tasks == NULL) {
+        ret = error_tuple(env, atom_enomem);
+        goto fail;
+    }
+    /* Earlier libraries win a name two of them export. */
+    for (size_t l = 0; l < np->nlibs; l++) {
+        for (const moat_task_def_t *d = moat_lib_def(np->libs[l])->tasks;
+             d->name != NULL; d++) {
+            ERL_NIF_TERM a = enif_make_atom(env, d->name);
+            size_t mask = np->ntask_cap - 1, i;
+            for (i = hash_term(a) & mask; np->tasks[i].def != NULL &&
+                                          np->tasks[i].name != a;
+                 i = (i + 1) & mask)
+                ;
+            if (np->tasks[i].def == NULL) {
+                np->tasks[i].name = a;
+                np->tasks[i].def = d;
+                np->tasks[i].lib = np->libs[l];
+            }
+        }
+    }
+    memset(&opts, 0, sizeof opts);
+    opts.nthreads = size;
+    opts.max_queue = max_queue;
+    opts.name = name;
+    opts.complete = on_complete;
+    opts.data = np;
+    opts.thread_start = thread_start;
+    opts.thread_stop = thread_stop;
+    if ((rc = moat_pool_new(&opts, &np->pool)) != 0) {
+        ret = error_tuple(env, enif_make_atom(env, moat_err_name(rc)));
+        goto fail;
+    }
+
+    res = enif_alloc_resource(pool_rt, sizeof *res);
+    if (res == NULL) {
+        ret = error_tuple(env, atom_enomem);
+        goto fail;
+    }
+    res->np = np; /* the handle now owns the npool_t's first reference */
+    ret = enif_make_resource(env, res);
+
+    /* Register, unless a live pool has the name.  One whose owner is dead
+     * but whose `down` has not run yet gives way. */
+    uv_rwlock_wrlock(&reg_lock);
+    for (size_t i = 0; i < nreg; i++) {
+        if (reg[i].name != argv[0])
+            continue;
+        if (enif_is_process_alive(env, &reg[i].res->np->owner)) {
+            ERL_NIF_TERM pid = enif_make_pid(env, &reg[i].res->np->owner);
+            uv_rwlock_wrunlock(&reg_lock);
+            moat_pool_close(np->pool);
+            enif_release_resource(res);
+            return error_tuple(env,
+                               enif_make_tuple2(env, atom_already_started, pid));
+        }
+        /* Close it here: its `down` may never run once the registry lets
+         * go of its handle. */
+        np_ref(reg[i].res->np);
+        jobq_push(&janitor, JOB_CLOSE, reg[i].res->np, 0);
+        enif_release_resource(reg[i].res);
+        reg[i] = reg[--nreg];
+        break;
+    }
+    if (nreg == capreg) {
+        size_t cap = capreg ? capreg * 2 : 8;
+        reg_entry_t *r = realloc(reg, cap * sizeof *r);
+        if (r == NULL) {
+            uv_rwlock_wrunlock(&reg_lock);
+            moat_pool_close(np->pool);
+            enif_release_resource(res);
+            return error_tuple(env, atom_enomem);
+        }
+        reg = r;
+        capreg = cap;
+    }
+    reg[nreg].name = argv[0];
+    reg[nreg].res = res; /* keeps the creation reference */
+    nreg++;
+    uv_rwlock_wrunlock(&reg_lock);
+    enif_monitor_process(env, res, &np->owner, NULL);
+    return enif_make_tuple2(env, atom_ok, ret);
+fail:
+    for (size_t i = 0; i < np->nlibs; i++)
+        moat_lib_close(np->libs[i]);
+    free(np->libs);
+    free(np->tasks);
+    uv_mutex_destroy(&np->mon_lock);
+    free(np);
+    return ret;
+}
+
+/* pool_close(Handle) -> ok
+ * Unregisters the pool and gives every pending task its `shutdown`
+ * outcome before returning; threads are joined later, by the reaper.
+ * Dirty: settling a full queue sends one message per task. */
+static ERL_NIF_TERM nif_pool_close(ErlNifEnv *env, int argc,
+                                   const ERL_NIF_TERM argv[]) {
+    pool_res_t *res, *reg_res;
+    (void)argc;
+    if (!enif_get_resource(env, argv[0], pool_rt, (void **)&res))
+        return enif_make_badarg(env);
+    reg_res = reg_remove(res->np);
+    tl_caller_env = env;
+    moat_pool_close(res->np->pool);
+    tl_caller_env = NULL;
+    if (reg_res != NULL)
+        enif_release_resource(reg_res);
+    return atom_ok;
+}
+
+#define STAT(field) \
+    enif_make_map_put(env, map, atom_##field, enif_make_uint64(env, st.field), &map)
+
+/* pool_stats(Name :: atom()) -> map() | {error, not_found} */
+static ERL_NIF_TERM nif_pool_stats(ErlNifEnv *env, int argc,
+                                   const ERL_NIF_TERM argv[]) {
+    pool_res_t *res;
+    moat_pool_stats_t st;
+    ERL_NIF_TERM map = enif_make_new_map(env);
+    unsigned size;
+    (void)argc;
+    if (!enif_is_atom(env, argv[0]))
+        return enif_make_badarg(env);
+    if ((res = reg_find(argv[0])) == NULL)
+        return error_tuple(env, atom_not_found);
+    moat_pool_stats(res->np->pool, &st);
+    size = res->np->size;
+    reg_done();
+    STAT(queued);
+    STAT(running);
+    STAT(completed);
+    STAT(failed);
+    STAT(cancelled);
+    STAT(timeouts);
+    STAT(rejected);
+    STAT(abandoned);
+    STAT(threads);
+    STAT(restarts);
+    enif_make_map_put(env, map, atom_size, enif_make_uint(env, size), &map);
+    return map;
+}
+
+/* pool_owner(Name :: atom()) -> pid() | undefined */
+static ERL_NIF_TERM nif_pool_owner(ErlNifEnv *env, int argc,
+                                   const ERL_NIF_TERM argv[]) {
+    pool_res_t *res;
+    ERL_NIF_TERM pid;
+    (void)argc;
+    if (!enif_is_atom(env, argv[0]))
+        return enif_make_badarg(env);
+    if ((res = reg_find(argv[0])) == NULL)
+        return atom_undefined;
+    pid = enif_make_pid(env, &res->np->owner);
+    reg_done();
+    return pid;
+}
+
+static void pool_dtor(ErlNifEnv *env, void *obj) {
+    (void)env;
+    np_unref(((pool_res_t *)obj)->np);
+}
+
+static void pool_down(ErlNifEnv *env, void *obj, ErlNifPid *pid,
+                      ErlNifMonitor *mon) {
+    pool_res_t *res = obj;
+    npool_t *np = res->np;
+    (void)env;
+    (void)mon;
+    if (enif_compare_pids(pid, &np->owner) == 0) {
+        /* The owner died without closing the pool: close it now, off
+         * the scheduler. */
+        pool_res_t *reg_res = reg_remove(np);
+        np_ref(np);
+        jobq_push(&janitor, JOB_CLOSE, np, 0);
+        if (reg_res != NULL)
+            enif_release_resource(reg_res);
+        return;
+    }
+    mon_remove(np, pid_key(pid));
+    np_ref(np);
+    jobq_push(&janitor, JOB_CANCEL_OWNER, np, pid_key(pid));
+}
+
+/* ---------------------------------------------------------- NIFs: tasks */
+
+/* Gives a task that will never reach the pool its DOWN at once (and its
+ * proxy the reason), from the caller's own process. */
+static void refuse(ErlNifEnv *env, ntask_t *nt, ERL_NIF_TERM reason) {
+    ErlNifEnv *menv = enif_alloc_env();
+    ERL_NIF_TERM msg;
+    atomic_store(&nt->state, T_SENT);
+    msg = enif_make_tuple5(menv, atom_DOWN, enif_make_resource(menv, nt),
+                           atom_process, task_id_term(menv, nt),
+                           enif_make_copy(menv, reason));
+    enif_send(env, &nt->owner, menv, msg);
+    if (!enif_is_pid_undefined(&nt->proxy)) {
+        enif_clear_env(menv);
+        enif_send(env, &nt->proxy, menv,
+                  enif_make_tuple2(menv, atom_moat_task_done,
+                                   enif_make_copy(menv, reason)));
+    }
+    enif_free_env(menv);
+}
+
+/* async(Pool :: atom(), Task :: atom(), Args :: list(),
+ *       Timeout :: non_neg_integer() | infinity, Proxy :: pid() | undefined)
+ *     -> {Ref, Id}
+ * Ref is the task (a reference); exactly one message about it follows. */
+static ERL_NIF_TERM nif_async(ErlNifEnv *env, int argc,
+                              const ERL_NIF_TERM argv[]) {
+    ntask_t *nt;
+    pool_res_t *res;
+    const task_entry_t *te;
+    moat_job_t job;
+    int64_t timeout_ms;
+    unsigned nargs;
+    ERL_NIF_TERM ref, id, refusal = 0;
+    int rc;
+    (void)argc;
+    if (!enif_is_atom(env, argv[0]) || !enif_is_atom(env, argv[1]) ||
+        !enif_get_list_length(env, argv[2], &nargs) ||
+        !get_timeout(env, argv[3], &timeout_ms))
+        return enif_make_badarg(env);
+    nt = enif_alloc_resource(task_rt, sizeof *nt);
+    if (nt == NULL)
+        return enif_raise_exception(env, atom_enomem);
+    memset(nt, 0, sizeof *nt);
+    nt->kind = K_TASK;
+    atomic_init(&nt->state, T_OPEN);
+    nt->pool_name = argv[0];
+    enif_self(env, &nt->owner);
+    if (!enif_get_local_pid(env, argv[4], &nt->proxy)) {
+        if (!enif_is_identical(argv[4], atom_undefined)) {
+            enif_release_resource(nt);
+            return enif_make_badarg(env);
+        }
+        enif_set_pid_undefined(&nt->proxy);
+    }
+    ref = enif_make_resource(env, nt);
+    enif_release_resource(nt); /* the term holds it now */
+    /* Encoded before the registry's lock is taken: a large argument list
+     * must not hold up a pool being closed. */
+    if ((job.args = encode(env, argv[2])) == NULL)
+        return enif_raise_exception(env, atom_enomem);
+
+    if ((res = reg_find(argv[0])) == NULL) {
+        refusal = atom_noproc;
+    } else if ((te = task_find(res->np, argv[1])) == NULL) {
+        reg_done();
+        refusal = enif_make_tuple2(env, atom_unknown_task, argv[1]);
+    } else {
+        job.fn = te->def->run;
+        job.name = te->def->name;
+        job.lib = te->lib;
+        job.owner = pid_key(&nt->owner);
+        job.timeout_ms = timeout_ms;
+        job.data = nt;
+        watch_caller(env, res, &nt->owner);
+        nt->np = res->np;
+        np_ref(nt->np);
+        enif_keep_resource(nt); /* for the callback */
+        rc = moat_pool_submit(res->np->pool, &job, &nt->t);
+        reg_done();
+        if (rc != 0) {
+            enif_release_resource(nt);
+            refusal = rc == MOAT_EOVERLOADED ? atom_overloaded : atom_noproc;
+        } else {
+            nt->id = moat_task_id(nt->t);
+            job.args = NULL; /* the pool's now */
+        }
+    }
+    if (job.args != NULL)
+        moat_term_unref(job.args);
+    if (refusal != 0)
+        refuse(env, nt, refusal);
+    id = task_id_term(env, nt);
+    return enif_make_tuple2(env, ref, id);
+}
+
+static ntask_t *owned_task(ErlNifEnv *env, ERL_NIF_TERM t) {
+    ntask_t *nt;
+    ErlNifPid self;
+    if (!enif_get_resource(env, t, task_rt, (void **)&nt))
+        return NULL;
+    enif_self(env, &self);
+    return enif_compare_pids(&self, &nt->owner) == 0 ? nt : NULL;
+}
+
+/* task_cancel(Ref, Reason :: shutdown | killed) -> cancelled | delivered
+ * Owner only.  `cancelled`: this call ended the task and no message about
+ * it will come.  `delivered`: its message was sent before this call
+ * returned (or the task was refused, ignored or cancelled before). */
+static ERL_NIF_TERM nif_task_cancel(ErlNifEnv *env, int argc,
+                                    const ERL_NIF_TERM argv[]) {
+    ntask_t *nt = owned_task(env, argv[0]);
+    moat_atom_t reason;
+    (void)argc;
+    if (nt == NULL)
+        return enif_make_badarg(env);
+    if (enif_is_identical(argv[1], atom_shutdown))
+        reason = MOAT_A_SHUTDOWN;
+    else if (enif_is_identical(argv[1], atom_killed))
+        reason = MOAT_A_KILLED;
+    else
+        return enif_make_badarg(env);
+    if (nt->t == NULL)
+        return atom_delivered;
+    if (moat_task_cancel(nt->t, reason, MOAT_CANCEL_SILENT) == 1) {
+        atomic_store(&nt->state, T_CANCELLED);
+        enif_release_resource(nt); /* the callback's, which will not run */
+        return atom_cancelled;
+    }
+    return atom_delivered;
+}
+
+/* task_running(Ref) -> boolean()
+ * Whether the task's body is still on a thread (after a cancel). */
+static ERL_NIF_TERM nif_task_running(ErlNifEnv *env, int argc,
+                                     const ERL_NIF_TERM argv[]) {
+    ntask_t *nt = owned_task(env, argv[0]);
+    (void)argc;
+    if (nt == NULL)
+        return enif_make_badarg(env);
+    return nt->t != NULL && moat_task_running(nt->t) ? atom_true : atom_false;
+}
+
+/* task_ignore(Ref) -> ignored | delivered
+ * Owner only.  `ignored`: the task runs on and no message about it will
+ * come.  `delivered`: its message was sent before this call returned. */
+static ERL_NIF_TERM nif_task_ignore(ErlNifEnv *env, int argc,
+                                    const ERL_NIF_TERM argv[]) {
+    ntask_t *nt = owned_task(env, argv[0]);
+    int open = T_OPEN;
+    (void)argc;
+    if (nt == NULL)
+        return enif_make_badarg(env);
+    if (atomic_compare_exchange_strong(&nt->state, &open, T_IGNORED))
+        return atom_ignored;
+    while (atomic_load(&nt->state) == T_SENDING)
+        sched_yield(); /* a send in progress: a few microseconds */
+    return atomic_load(&nt->state) == T_SENT ? atom_delivered : atom_ignored;
+}
+
+/* -------------------------------------------------------- NIFs: streams */
+
+/* stream_new(Pool :: atom(), Task :: atom(), Timeout, MaxConcurrency)
+ *     -> Stream
+ * The calling process owns the stream.  A missing pool or task is not an
+ * error here: every element then ends with noproc or {unknown_task, T}. */
+static ERL_NIF_TERM nif_stream_new(ErlNifEnv *env, int argc,
+                                   const ERL_NIF_TERM argv[]) {
+    nstream_t *s;
+    pool_res_t *res;
+    unsigned maxc;
+    int64_t timeout_ms;
+    ERL_NIF_TERM term;
+    (void)argc;
+    if (!enif_is_atom(env, argv[0]) || !enif_is_atom(env, argv[1]) ||
+        !get_timeout(env, argv[2], &timeout_ms) ||
+        !enif_get_uint(env, argv[3], &maxc) || maxc == 0 || maxc > (1u << 24))
+        return enif_make_badarg(env);
+    s = enif_alloc_resource(stream_rt, sizeof *s);
+    if (s == NULL)
+        return enif_raise_exception(env, atom_enomem);
+    memset(s, 0, sizeof *s);
+    term = enif_make_resource(env, s);
+    enif_release_resource(s);
+    enif_self(env, &s->owner);
+    s->timeout_ms = timeout_ms;
+    s->task_name = argv[1];
+    s->slots = calloc(maxc, sizeof *s->slots);
+    s->free_slots = malloc(maxc * sizeof *s->free_slots);
+    s->buf = malloc(maxc * sizeof *s->buf);
+    s->lock_ok = uv_mutex_init(&s->lock) == 0;
+    if (s->slots == NULL || s->free_slots == NULL || s->buf == NULL ||
+        !s->lock_ok)
+        return enif_raise_exception(env, atom_enomem);
+    s->nslots = maxc;
+    for (uint32_t i = 0; i < maxc; i++) {
+        s->slots[i].kind = K_STREAM;
+        s->slots[i].s = s;
+        s->free_slots[i] = maxc - 1 - i;
+    }
+    s->nfree = maxc;
+    if ((res = reg_find(argv[0])) != NULL) {
+        s->np = res->np;
+        np_ref(s->np);
+        s->task = task_find(s->np, argv[1]);
+        if (s->task != NULL)
+            watch_caller(env, res, &s->owner);
+        reg_done();
+    }
+    return term;
+}
+
+static nstream_t *owned_stream(ErlNifEnv *env, ERL_NIF_TERM t) {
+    nstream_t *s;
+    ErlNifPid self;
+    if (!enif_get_resource(env, t, stream_rt, (void **)&s))
+        return NULL;
+    enif_self(env, &self);
+    return enif_compare_pids(&self, &s->owner) == 0 ? s : NULL;
+}
+
+static ERL_NIF_TERM refused(ErlNifEnv *env, uint64_t index, ERL_NIF_TERM why,
+                            ERL_NIF_TERM list) {
+    return enif_make_list_cell(
+        env, enif_make_tuple3(env, enif_make_uint64(env, index), atom_exit, why),
+        list);
+}
+
+#define BATCH 64
+
+/* stream_submit(Stream, Inputs :: list(), FirstIndex :: non_neg_integer())
+ *     -> Refused :: [{Index, exit, Reason}]
+ * Submits each input I as Args = [I], numbered from FirstIndex.  The caller
+ * keeps at most MaxConcurrency in flight (badarg beyond).  Inputs the pool
+ * refused (noproc, overloaded, {unknown_task, T}) are returned at once,
+ * last first; every other input has one outcome for stream_take. */
+static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
+                                      const ERL_NIF_TERM argv[]) {
+    nstream_t *s = owned_stream(env, argv[0]);
+    ERL_NIF_TERM list = argv[1], head, out = enif_make_list(env, 0);
+    ErlNifUInt64 index;
+    unsigned n;
+    (void)argc;
+    if (s == NULL || !enif_get_list_length(env, list, &n) ||
+        !enif_get_uint64(env, argv[2], &index) || n > s->nfree)
+        return enif_make_badarg(env);
+    while (n > 0) {
+        moat_job_t jobs[BATCH];
+        moat_task_t *tasks[BATCH];
+        uint32_t slots[BATCH];
+        unsigned k = n < BATCH ? n : BATCH, got = 0;
+        int accepted;
+        ERL_NIF_TERM why = atom_overloaded;
+        n -= k;
+        for (unsigned i = 0; i < k; i++) {
+            enif_get_list_cell(env, list, &head, &list);
+            if (s->closed || s->np == NULL) {
+                out = refused(env, index++, atom_noproc, out);
+                continue;
+            }
+            if (s->task == NULL) {
+                out = refused(env, index++,
+                              enif_make_tuple2(env, atom_unknown_task,
+                                               s->task_name),
+                              out);
+                continue;
+            }
+            jobs[got].args = encode(env, enif_make_list1(env, head));
+            if (jobs[got].args == NULL) {
+                out = refused(env, index++, atom_enomem, out);
+                continue;
+            }
+            slots[got] = s->free_slots[--s->nfree];
+            s->slots[slots[got]].index = index++;
+            jobs[got].fn = s->task->def->run;
+            jobs[got].name = s->task->def->name;
+            jobs[got].lib = s->task->lib;
+            jobs[got].owner = pid_key(&s->owner);
+            jobs[got].timeout_ms = s->timeout_ms;
+            jobs[got].data = &s->slots[slots[got]];
+            got++;
+        }
+        if (got == 0)
+            continue;
+        for (unsigned i = 0; i < got; i++)
+            enif_keep_resource(s); /* one per callback */
+        accepted = moat_pool_submit_batch(s->np->pool, jobs, got, tasks);
+        if (accepted < 0) {
+            if (accepted == MOAT_ECLOSED)
+                why = atom_noproc;
+            accepted = 0;
+        }
+        /* A refused suffix met a full queue (or, rarely, a pool closing or
+         * no memory: the pool's stats tell). */
+        for (unsigned i = 0; i < (unsigned)accepted; i++)
+            s->slots[slots[i]].t = tasks[i];
+        for (unsigned i = (unsigned)accepted; i < got; i++) {
+            moat_term_unref(jobs[i].args);
+            s->free_slots[s->nfree++] = slots[i];
+            out = refused(env, s->slots[slots[i]].index, why, out);
+            enif_release_resource(s);
+        }
+    }
+    return out;
+}
+
+/* stream_take(Stream, Ack :: boolean()) -> [Outcome]
+ *   Outcome = {Index, ok, Value} | {Index, exit, Reason} | {Index, timeout}
+ * The outcomes ready now, in the order they completed.  Ack says the
+ * caller has just received the stream's {moat_stream, S} message; a new
+ * one is sent when the next outcome arrives. */
+static ERL_NIF_TERM nif_stream_take(ErlNifEnv *env, int argc,
+                                    const ERL_NIF_TERM argv[]) {
+    nstream_t *s = owned_stream(env, argv[0]);
+    entry_t *buf, *fresh;
+    size_t n;
+    ERL_NIF_TERM list = enif_make_list(env, 0);
+    (void)argc;
+    if (s == NULL)
+        return enif_make_badarg(env);
+    /* A fresh buffer for the callbacks, taken before the swap so that no
+     * outcome can meet a buffer without room. */
+    if ((fresh = malloc(s->nslots * sizeof *fresh)) == NULL)
+        return enif_raise_exception(env, atom_enomem);
+    uv_mutex_lock(&s->lock);
+    buf = s->buf;
+    n = s->nbuf;
+    s->buf = fresh;
+    s->nbuf = 0;
+    if (enif_is_identical(argv[1], atom_true))
+        s->notified = 0;
+    uv_mutex_unlock(&s->lock);
+    for (size_t i = n; i-- > 0;) {
+        entry_t *e = &buf[i];
+        ERL_NIF_TERM idx = enif_make_uint64(env, e->index), out, v;
+        sslot_t *sl = &s->slots[e->slot];
+        moat_task_release(sl->t);
+        sl->t = NULL;
+        s->free_slots[s->nfree++] = e->slot;
+        if (e->kind == E_DEADLINE) {
+            out = enif_make_tuple2(env, idx, atom_timeout);
+        } else {
+            size_t len;
+            const char *d = moat_term_data(e->term, &len);
+            int kind = e->kind;
+            if (enif_binary_to_term(env, (const unsigned char *)d, len, &v,
+                                    0) == 0) {
+                kind = E_EXIT;
+                v = bad_result(env);
+            }
+            out = enif_make_tuple3(env, idx, kind == E_OK ? atom_ok : atom_exit,
+                                   v);
+        }
+        entry_free(e);
+        list = enif_make_list_cell(env, out, list);
+    }
+    free(buf);
+    return list;
+}
+
+/* stream_close(Stream) -> Flush :: boolean()
+ * Cancels every task of the stream still in flight (no outcome of theirs
+ * will be taken) and drops outcomes not yet taken.  Flush is true when a
+ * {moat_stream, S} message is in the caller's mailbox: receive it. */
+static ERL_NIF_TERM nif_stream_close(ErlNifEnv *env, int argc,
+                                     const ERL_NIF_TERM argv[]) {
+    nstream_t *s = owned_stream(env, argv[0]);
+    int notified;
+    (void)argc;
+    if (s == NULL)
+        return enif_make_badarg(env);
+    s->closed = 1;
+    for (uint32_t i = 0; i < s->nslots; i++) {
+        sslot_t *sl = &s->slots[i];
+        if (sl->t != NULL &&
+            moat_task_cancel(sl->t, MOAT_A_SHUTDOWN, MOAT_CANCEL_SILENT) == 1)
+            enif_release_resource(s); /* the callback's, which will not run */
+    }
+    uv_mutex_lock(&s->lock);
+    for (size_t i = 0; i < s->nbuf; i++) {
+        s->free_slots[s->nfree++] = s->buf[i].slot;
+        entry_free(&s->buf[i]);
+    }
+    s->nbuf = 0;
+    notified = s->notified;
+    s->notified = 0;
+    uv_mutex_unlock(&s->lock);
+    for (uint32_t i = 0; i < s->nslots; i++) {
+        if (s->slots[i].t != NULL) {
+            moat_task_release(s->slots[i].t);
+            s->slots[i].t = NULL;
+        }
+    }
+    return notified ? atom_true : atom_false;
+}
+
+/* ------------------------------------------------------------ loading */
+
+static uv_once_t once = UV_ONCE_INIT;
+static int init_rc;
+
+static void init_once(void) {
+    Dl_info info;
+    /* Pin this library: pool threads, the janitor and the reaper run its
+     * code whatever happens to the module. */
+    if (dladdr((void *)&init_once, &info) == 0 || info.dli_fname == NULL ||
+        dlopen(info.dli_fname, RTLD_NOW | RTLD_NODELETE) == NULL) {
+        init_rc = -1;
+        return;
+    }
+    if (uv_rwlock_init(&reg_lock) != 0 ||
+        jobq_start(&janitor, "moat_janitor") != 0 ||
+        jobq_start(&reaper, "moat_reaper") != 0)
+        init_rc = -1;
+}
+
+static int open_types(ErlNifEnv *env, ErlNifResourceFlags flags) {
+    ErlNifResourceTypeInit pool_init = {.dtor = pool_dtor, .down = pool_down};
+    ErlNifResourceTypeInit task_init = {.dtor = task_dtor};
+    ErlNifResourceTypeInit stream_init = {.dtor = stream_dtor};
+    pool_rt = enif_open_resource_type_x(env, "moat_pool", &pool_init, flags,
+                                        NULL);
+    task_rt = enif_open_resource_type_x(env, "moat_task", &task_init, flags,
+                                        NULL);
+    stream_rt = enif_open_resource_type_x(env, "moat_stream", &stream_init,
+                                          flags, NULL);
+    return pool_rt != NULL && task_rt != NULL && stream_rt != NULL ? 0 : -1;
+}
+
+static int on_load(ErlNifEnv *env, void **priv, ERL_NIF_TERM info) {
+    (void)priv;
+    (void)info;
+    uv_once(&once, init_once);
+    if (init_rc != 0)
+        return -1;
+    make_atoms(env);
+    /* A library loaded again after a purge (the pinned copy) finds its
+     * resource types still there: take them over. */
+    return open_types(env, ERL_NIF_RT_CREATE | ERL_NIF_RT_TAKEOVER);
+}
+
+static int on_upgrade(ErlNifEnv *env, void **priv, void **old_priv,
+                      ERL_NIF_TERM info) {
+    (void)old_priv;
+    return on_load(env, priv, info);
+}
+
+static void on_unload(ErlNifEnv *env, void *priv) {
+    (void)env;
+    (void)priv;
+    /* Nothing to undo: the library stays mapped (pinned), and its pools
+     * live as long as their handles. */
+}
+
+static ErlNifFunc funcs[] = {
+    {"pool_new", 4, nif_pool_new, ERL_NIF_DIRTY_JOB_IO_BOUND},
+    {"pool_close", 1, nif_pool_close, ERL_NIF_DIRTY_JOB_IO_BOUND},
+    {"pool_stats", 1, nif_pool_stats, 0},
+    {"pool_owner", 1, nif_pool_owner, 0},
+    {"async", 5, nif_async, 0},
+    {"task_cancel", 2, nif_task_cancel, 0},
+    {"task_running", 1, nif_task_running, 0},
+    {"task_ignore", 1, nif_task_ignore, 0},
+    {"stream_new", 4, nif_stream_new, 0},
+    {"stream_submit", 3, nif_stream_submit, 0},
+    {"stream_take", 2, nif_stream_take, 0},
+    {"stream_close", 1, nif_stream_close, 0},
+};
+
+ERL_NIF_INIT(moat_nif, funcs, on_load, NULL, on_upgrade, on_unload)

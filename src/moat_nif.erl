@@ -1,0 +1,65 @@
+%%% @private
+%%% @doc Internal: the NIF (priv/moat_nif.so) behind `moat'. Every function
+%%% here is replaced by its C implementation when the module loads; see
+%%% c_src/nif/moat_nif.c for each one's contract.
+-module(moat_nif).
+
+-export([pool_new/4, pool_close/1, pool_stats/1, pool_owner/1]).
+-export([async/5, task_cancel/2, task_running/1, task_ignore/1]).
+-export([stream_new/4, stream_submit/3, stream_take/2, stream_close/1]).
+
+-on_load(load/0).
+
+%% Loads priv/moat_nif.so. A failure names the path, so a broken install
+%% says what is missing.
+-spec load() -> ok | {error, term()}.
+load() ->
+    Dir =
+        case code:priv_dir(moat) of
+            {error, bad_name} ->
+                filename:join(filename:dirname(filename:dirname(code:which(?MODULE))), "priv");
+            D ->
+                D
+        end,
+    erlang:load_nif(filename:join(Dir, "moat_nif"), 0).
+
+-spec pool_new(atom(), pos_integer(), pos_integer(), [iodata()]) ->
+    {ok, reference()} | {error, term()}.
+pool_new(_Name, _Size, _MaxQueue, _Libs) -> nif_missing().
+
+-spec pool_close(reference()) -> ok.
+pool_close(_Handle) -> nif_missing().
+
+-spec pool_stats(atom()) -> map() | {error, not_found}.
+pool_stats(_Name) -> nif_missing().
+
+-spec pool_owner(atom()) -> pid() | undefined.
+pool_owner(_Name) -> nif_missing().
+
+-spec async(atom(), atom(), list(), timeout(), pid() | undefined) -> {reference(), term()}.
+async(_Pool, _Task, _Args, _Timeout, _Proxy) -> nif_missing().
+
+-spec task_cancel(reference(), shutdown | killed) -> cancelled | delivered.
+task_cancel(_Ref, _Reason) -> nif_missing().
+
+-spec task_running(reference()) -> boolean().
+task_running(_Ref) -> nif_missing().
+
+-spec task_ignore(reference()) -> ignored | delivered.
+task_ignore(_Ref) -> nif_missing().
+
+-spec stream_new(atom(), atom(), timeout(), pos_integer()) -> reference().
+stream_new(_Pool, _Task, _Timeout, _MaxConcurrency) -> nif_missing().
+
+-spec stream_submit(reference(), list(), non_neg_integer()) ->
+    [{non_neg_integer(), exit, term()}].
+stream_submit(_Stream, _Inputs, _FirstIndex) -> nif_missing().
+
+-spec stream_take(reference(), boolean()) ->
+    [{non_neg_integer(), ok | exit, term()} | {non_neg_integer(), timeout}].
+stream_take(_Stream, _Ack) -> nif_missing().
+
+-spec stream_close(reference()) -> boolean().
+stream_close(_Stream) -> nif_missing().
+
+nif_missing() -> erlang:nif_error({not_loaded, ?MODULE}).
