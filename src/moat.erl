@@ -725,6 +725,7 @@ priv_dir(App) ->
     end.
 
 %% The reason a pool could not start, without the supervisors' wrapping.
+start_error({Reason, Child}) when element(1, Child) =:= child -> start_error(Reason);
 start_error({shutdown, {failed_to_start_child, _, Reason}}) -> start_error(Reason);
 start_error({failed_to_start_child, _, Reason}) -> start_error(Reason);
 start_error(Reason) -> Reason.

@@ -286,12 +286,14 @@ struct moat_pool_s {
 
     /* The housekeeping thread: deadlines, replacement threads, joins. */
     uv_thread_t hk_tid;
-    uv_mutex_t timer_lock; /* guards heap, hk_stop, hk_work */
+    uv_mutex_t timer_lock; /* guards heap, hk_stop, hk_work, hk_wake_ns */
     uv_cond_t timer_cond;
     moat__timer_t **heap;
     unsigned nheap, capheap;
     int hk_stop;
     int hk_work; /* thread work is waiting: spawn or join */
+    uint64_t hk_wake_ns; /* when the sleeping housekeeper wakes by itself
+                            (UINT64_MAX: never; 0: it is awake) */
     int hk_started;
 
     moat__stripe_t stripes[MOAT__OWNER_STRIPES];

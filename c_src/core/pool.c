@@ -243,7 +243,11 @@ int moat__timer_insert(moat_pool_t *pool, moat__timer_t *timer, int64_t ms) {
     pool->heap[pool->nheap] = timer;
     timer->idx = (int)pool->nheap++;
     heap_up(pool, (unsigned)timer->idx);
-    if (timer->idx == 0)
+    /* Wake the housekeeper only if it would sleep past this deadline: a
+     * round trip with a deadline then costs no wake-up, since a deadline
+     * due after the last one the housekeeper waits for is found when it
+     * wakes for that one. */
+    if (timer->due_ns < pool->hk_wake_ns)
         uv_cond_signal(&pool->timer_cond);
     return 1;
 }
@@ -300,6 +304,7 @@ static void hk_main(void *arg) {
     uv_mutex_lock(&pool->timer_lock);
     while (!pool->hk_stop) {
         uint64_t now;
+        pool->hk_wake_ns = 0; /* awake: it looks at the heap again */
         if (pool->hk_work) {
             pool->hk_work = 0;
             uv_mutex_unlock(&pool->timer_lock);
@@ -315,9 +320,11 @@ static void hk_main(void *arg) {
             t->cb(t);
             uv_mutex_lock(&pool->timer_lock);
         } else if (pool->nheap > 0) {
+            pool->hk_wake_ns = pool->heap[0]->due_ns;
             uv_cond_timedwait(&pool->timer_cond, &pool->timer_lock,
                               pool->heap[0]->due_ns - now);
         } else {
+            pool->hk_wake_ns = UINT64_MAX;
             uv_cond_wait(&pool->timer_cond, &pool->timer_lock);
         }
     }
