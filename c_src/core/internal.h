@@ -45,13 +45,25 @@ typedef struct moat__sysitem_s {
 
 /* ---------------------------------------------------------------- timers */
 
-/* A deadline on the housekeeping thread's heap.  `idx` is its heap slot,
- * -1 when not armed; guarded by the pool's timer lock. */
+/* A deadline kept by the housekeeping thread.  `idx` is its heap slot
+ * (>= 0), -1 when not armed, or -2 - q while it waits in deadline queue q
+ * (on `node`); guarded by the pool's timer lock. */
 typedef struct moat__timer_s {
     uint64_t due_ns;
     int idx;
+    moat__node_t node;
     void (*cb)(struct moat__timer_s *timer);
 } moat__timer_t;
+
+/* Deadlines of one length, in the order they were armed, which is the
+ * order they fall due: arming and disarming one is O(1), where the heap
+ * is O(log n).  Task deadlines use them: a stream arms thousands of
+ * deadlines of one length. */
+#define MOAT__NDQ 8
+typedef struct moat__dq_s {
+    int64_t ms;
+    moat__node_t list;
+} moat__dq_t;
 
 /* Arms `timer` to fire `ms` from now on the housekeeping thread. */
 void moat__timer_start(moat_pool_t *pool, moat__timer_t *timer, int64_t ms);
@@ -290,6 +302,7 @@ struct moat_pool_s {
     uv_cond_t timer_cond;
     moat__timer_t **heap;
     unsigned nheap, capheap;
+    moat__dq_t dqs[MOAT__NDQ];
     int hk_stop;
     int hk_work; /* thread work is waiting: spawn or join */
     uint64_t hk_wake_ns; /* when the sleeping housekeeper wakes by itself

@@ -228,10 +228,65 @@ static void heap_remove(moat_pool_t *pool, moat__timer_t *t) {
  * overflowing): about 31 years. */
 #define MAX_TIMER_MS ((int64_t)1 << 40)
 
+/* The deadline queue for `ms`: the one holding that length, else an
+ * empty one, else none (-1).  Timer lock held. */
+static int dq_for(moat_pool_t *pool, int64_t ms) {
+    int empty = -1;
+    for (int q = 0; q < MOAT__NDQ; q++) {
+        if (pool->dqs[q].ms == ms)
+            return q;
+        if (empty < 0 && moat__list_empty(&pool->dqs[q].list))
+            empty = q;
+    }
+    if (empty >= 0)
+        pool->dqs[empty].ms = ms;
+    return empty;
+}
+
+/* The timer due first, or NULL.  Timer lock held. */
+static moat__timer_t *timer_first(moat_pool_t *pool) {
+    moat__timer_t *first = pool->nheap > 0 ? pool->heap[0] : NULL;
+    for (int q = 0; q < MOAT__NDQ; q++) {
+        moat__timer_t *t;
+        if (moat__list_empty(&pool->dqs[q].list))
+            continue;
+        t = MOAT__CONTAINER(pool->dqs[q].list.next, moat__timer_t, node);
+        if (first == NULL || t->due_ns < first->due_ns)
+            first = t;
+    }
+    return first;
+}
+
+static void timer_remove(moat_pool_t *pool, moat__timer_t *t) {
+    if (t->idx >= 0) {
+        heap_remove(pool, t);
+    } else {
+        moat__list_remove(&t->node);
+        t->idx = -1;
+    }
+}
+
+static void timer_wake(moat_pool_t *pool, moat__timer_t *timer) {
+    /* Wake the housekeeper only if it would sleep past this deadline: a
+     * round trip with a deadline then costs no wake-up, since a deadline
+     * due after the last one the housekeeper waits for is found when it
+     * wakes for that one. */
+    if (timer->due_ns < pool->hk_wake_ns)
+        uv_cond_signal(&pool->timer_cond);
+}
+
 int moat__timer_insert(moat_pool_t *pool, moat__timer_t *timer, int64_t ms) {
+    int q;
     if (ms > MAX_TIMER_MS)
         ms = MAX_TIMER_MS;
+    /* Read under the lock, so each queue's deadlines stay in order. */
     timer->due_ns = uv_hrtime() + (uint64_t)ms * 1000000u;
+    if ((q = dq_for(pool, ms)) >= 0) {
+        moat__list_push(&pool->dqs[q].list, &timer->node);
+        timer->idx = -2 - q;
+        timer_wake(pool, timer);
+        return 1;
+    }
     if (pool->nheap == pool->capheap) {
         unsigned cap = pool->capheap ? pool->capheap * 2 : 64;
         moat__timer_t **h = realloc(pool->heap, cap * sizeof *h);
@@ -243,12 +298,7 @@ int moat__timer_insert(moat_pool_t *pool, moat__timer_t *timer, int64_t ms) {
     pool->heap[pool->nheap] = timer;
     timer->idx = (int)pool->nheap++;
     heap_up(pool, (unsigned)timer->idx);
-    /* Wake the housekeeper only if it would sleep past this deadline: a
-     * round trip with a deadline then costs no wake-up, since a deadline
-     * due after the last one the housekeeper waits for is found when it
-     * wakes for that one. */
-    if (timer->due_ns < pool->hk_wake_ns)
-        uv_cond_signal(&pool->timer_cond);
+    timer_wake(pool, timer);
     return 1;
 }
 
@@ -266,9 +316,9 @@ void moat__timer_start(moat_pool_t *pool, moat__timer_t *timer, int64_t ms) {
 int moat__timer_stop(moat_pool_t *pool, moat__timer_t *timer) {
     int armed;
     uv_mutex_lock(&pool->timer_lock);
-    armed = timer->idx >= 0;
+    armed = timer->idx != -1;
     if (armed)
-        heap_remove(pool, timer);
+        timer_remove(pool, timer);
     uv_mutex_unlock(&pool->timer_lock);
     return armed;
 }
@@ -303,6 +353,7 @@ static void hk_main(void *arg) {
     thread_setup(pool, "hk", 0);
     uv_mutex_lock(&pool->timer_lock);
     while (!pool->hk_stop) {
+        moat__timer_t *first;
         uint64_t now;
         pool->hk_wake_ns = 0; /* awake: it looks at the heap again */
         if (pool->hk_work) {
@@ -313,16 +364,16 @@ static void hk_main(void *arg) {
             continue;
         }
         now = uv_hrtime();
-        if (pool->nheap > 0 && pool->heap[0]->due_ns <= now) {
-            moat__timer_t *t = pool->heap[0];
-            heap_remove(pool, t);
+        first = timer_first(pool);
+        if (first != NULL && first->due_ns <= now) {
+            timer_remove(pool, first);
             uv_mutex_unlock(&pool->timer_lock);
-            t->cb(t);
+            first->cb(first);
             uv_mutex_lock(&pool->timer_lock);
-        } else if (pool->nheap > 0) {
-            pool->hk_wake_ns = pool->heap[0]->due_ns;
+        } else if (first != NULL) {
+            pool->hk_wake_ns = first->due_ns;
             uv_cond_timedwait(&pool->timer_cond, &pool->timer_lock,
-                              pool->heap[0]->due_ns - now);
+                              first->due_ns - now);
         } else {
             pool->hk_wake_ns = UINT64_MAX;
             uv_cond_wait(&pool->timer_cond, &pool->timer_lock);
@@ -1165,6 +1216,10 @@ int moat_pool_new(const moat_pool_opts_t *opts, moat_pool_t **out) {
     if ((rc = uv_mutex_init(&pool->thr_lock)) != 0)
         goto fail;
     stage = 2;
+    for (int q = 0; q < MOAT__NDQ; q++) {
+        pool->dqs[q].ms = -1;
+        moat__list_init(&pool->dqs[q].list);
+    }
     if ((rc = uv_mutex_init(&pool->timer_lock)) != 0)
         goto fail;
     if ((rc = uv_cond_init(&pool->timer_cond)) != 0) {
@@ -1296,9 +1351,8 @@ void moat_pool_stop(moat_pool_t *pool) {
     /* Timers still armed: deadlines of tasks that already ended, and
      * supervisors' kill timers for processes now dead.  Firing them is
      * harmless and releases what each holds. */
-    while (pool->nheap > 0) {
-        moat__timer_t *t = pool->heap[0];
-        heap_remove(pool, t);
+    for (moat__timer_t *t; (t = timer_first(pool)) != NULL;) {
+        timer_remove(pool, t);
         t->cb(t);
     }
 }

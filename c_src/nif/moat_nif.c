@@ -520,9 +520,11 @@ struct nstream_s {
     uint32_t nfree;
     int closed;           /* owner only */
     int lock_ok;
-    uv_mutex_t lock;      /* guards buf, nbuf, notified */
+    uv_mutex_t lock;      /* guards buf, nbuf, pending, notified */
     entry_t *buf;         /* nslots entries */
     size_t nbuf;
+    size_t pending;       /* submitted, outcome not yet in buf */
+    size_t batch;         /* announce once this many are in buf */
     int notified;
 };
 
@@ -551,7 +553,12 @@ static void stream_complete(sslot_t *sl, const moat_outcome_t *o) {
     /* Room is certain: the buffer holds nslots entries and a slot has at
      * most one outcome until stream_take frees it. */
     s->buf[s->nbuf++] = e;
-    if (!s->notified) {
+    s->pending--;
+    /* Announce a batch, not each outcome: the consumer then takes many
+     * per wake-up while the rest keep the threads busy.  The last
+     * outcome in flight is always announced, so a consumer waiting for
+     * the message never waits for ever. */
+    if (!s->notified && (s->nbuf >= s->batch || s->pending == 0)) {
         ErlNifEnv *env = msg_env_get();
         s->notified = 1;
         send_msg(&s->owner, env,
@@ -1072,6 +1079,7 @@ static ERL_NIF_TERM nif_stream_new(ErlNifEnv *env, int argc,
         !s->lock_ok)
         return enif_raise_exception(env, atom_enomem);
     s->nslots = maxc;
+    s->batch = maxc / 4 > 256 ? 256 : maxc / 4 > 0 ? maxc / 4 : 1;
     for (uint32_t i = 0; i < maxc; i++) {
         s->slots[i].kind = K_STREAM;
         s->slots[i].s = s;
@@ -1163,6 +1171,9 @@ static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
             continue;
         for (unsigned i = 0; i < got; i++)
             enif_keep_resource(s); /* one per callback */
+        uv_mutex_lock(&s->lock);
+        s->pending += got; /* before any callback can run */
+        uv_mutex_unlock(&s->lock);
         accepted = moat_pool_submit_batch(s->np->pool, jobs, got, tasks);
         if (accepted < 0) {
             if (accepted == MOAT_ECLOSED)
@@ -1173,6 +1184,11 @@ static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
          * no memory: the pool's stats tell). */
         for (unsigned i = 0; i < (unsigned)accepted; i++)
             s->slots[slots[i]].t = tasks[i];
+        if ((unsigned)accepted < got) {
+            uv_mutex_lock(&s->lock);
+            s->pending -= got - (unsigned)accepted;
+            uv_mutex_unlock(&s->lock);
+        }
         for (unsigned i = (unsigned)accepted; i < got; i++) {
             moat_term_unref(jobs[i].args);
             s->free_slots[s->nfree++] = slots[i];

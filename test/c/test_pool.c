@@ -304,6 +304,44 @@ static void test_pool_deadline_timeout(void **state) {
     t_rec_clear(&r2, 1);
 }
 
+/* Deadlines of more lengths than there are deadline queues (the rest go
+ * on the heap), armed out of order: every one fires, each with `timeout`,
+ * and shorter ones never after longer ones armed at the same time. */
+static atomic_int fire_seq;
+static int fired_at[24];
+static rec_t *fired_recs;
+
+static void record_order(moat_task_t *t, const moat_outcome_t *o, void *d) {
+    rec_t *r = moat_task_data(t);
+    if (r >= fired_recs && r < fired_recs + 24) /* not the blocker */
+        fired_at[r - fired_recs] = atomic_fetch_add(&fire_seq, 1);
+    record(t, o, d);
+}
+
+static void test_pool_deadline_many_lengths(void **state) {
+    moat_pool_t *pool = t_pool(1, 0, "tdl", record_order);
+    rec_t blocker = {0}, r[24] = {0};
+    (void)state;
+    fired_recs = r;
+    atomic_store(&fire_seq, 0);
+    atomic_store(&gate, 0);
+    moat_task_release(submit(pool, t_gate, &blocker, 0, -1));
+    /* 12 lengths, 10 ms apart, two tasks each, longest first. */
+    for (int i = 23; i >= 0; i--)
+        moat_task_release(submit(pool, t_ok, &r[i], 0, 10 + 10 * (i / 2)));
+    for (int i = 0; i < 24; i++) {
+        t_wait(&r[i]);
+        assert_true(moat_term_is(r[i].term, MOAT_A_TIMEOUT));
+    }
+    for (int i = 2; i < 24; i++)
+        assert_true(fired_at[i - 2] < fired_at[i]);
+    atomic_store(&gate, 1);
+    t_wait(&blocker);
+    moat_pool_free(pool);
+    t_rec_clear(&blocker, 1);
+    t_rec_clear(r, 24);
+}
+
 /* A task that finishes before its deadline keeps its result. */
 static void test_pool_deadline_not_reached(void **state) {
     moat_pool_t *pool = pool_make(2, 0);
@@ -671,6 +709,7 @@ int main(void) {
         cmocka_unit_test(test_pool_cancel_owner),
         cmocka_unit_test(test_pool_abandoned_tasks_do_not_starve),
         cmocka_unit_test(test_pool_stop_ends_everything),
+        cmocka_unit_test(test_pool_deadline_many_lengths),
         cmocka_unit_test(test_pool_close_waits_for_no_thread),
         cmocka_unit_test(test_pool_task_running_after_cancel),
         cmocka_unit_test(test_pool_stats_counters),
