@@ -180,6 +180,7 @@ await(T) ->
 await(#{ref := Ref} = T, Timeout) ->
     owner_only(T),
     check_timeout(Timeout),
+    Timeout =:= 0 orelse nearly_done(T),
     receive
         {Ref, Reply} ->
             Reply;
@@ -306,11 +307,17 @@ run(Pool, Task, Args) ->
 -spec run(pool(), atom(), list(), timeout()) -> outcome().
 run(Pool, Task, Args, Timeout) when is_atom(Pool), is_atom(Task), is_list(Args) ->
     check_timeout(Timeout),
-    %% The pool's own deadline ends the task, so exactly one message comes.
-    {Ref, _} = moat_nif:async(Pool, Task, Args, Timeout, undefined),
-    receive
-        {Ref, Reply} -> {ok, Reply};
-        {'DOWN', Ref, process, _, Reason} -> {exit, Reason}
+    %% The NIF waits a few microseconds for a short task's outcome; else it
+    %% comes as a message.  The pool's own deadline ends the task, so
+    %% exactly one outcome comes either way.
+    case moat_nif:run(Pool, Task, Args, Timeout) of
+        {wait, Ref} ->
+            receive
+                {Ref, Reply} -> {ok, Reply};
+                {'DOWN', Ref, process, _, Reason} -> {exit, Reason}
+            end;
+        Outcome ->
+            Outcome
     end;
 run(_, _, _, _) ->
     error(badarg).
@@ -553,6 +560,12 @@ give_up(#{ref := Ref} = T, Reason) ->
     Result = moat_nif:task_cancel(Ref, Reason),
     kill_proxy(T),
     Result.
+
+%% Gives a short task a few microseconds to finish before the caller
+%% blocks: waking a sleeping scheduler costs more than that. Returns at
+%% once when the outcome was sent already.
+nearly_done(#{ref := Ref}) ->
+    moat_nif:task_spin(Ref).
 
 %% The task's outcome if its message is in the mailbox, else nil.
 take(#{ref := Ref}) ->

@@ -5,7 +5,7 @@
 -module(moat_nif).
 
 -export([pool_new/4, pool_close/1, pool_stats/1, pool_owner/1]).
--export([async/5, task_cancel/2, task_running/1, task_ignore/1]).
+-export([async/5, run/4, task_cancel/2, task_running/1, task_spin/1, task_ignore/1]).
 -export([stream_new/4, stream_submit/3, stream_take/2, stream_close/1]).
 
 -on_load(load/0).
@@ -39,11 +39,18 @@ pool_owner(_Name) -> nif_missing().
 -spec async(atom(), atom(), list(), timeout(), pid() | undefined) -> {reference(), term()}.
 async(_Pool, _Task, _Args, _Timeout, _Proxy) -> nif_missing().
 
+-spec run(atom(), atom(), list(), timeout()) ->
+    {ok, term()} | {exit, term()} | {wait, reference()}.
+run(_Pool, _Task, _Args, _Timeout) -> nif_missing().
+
 -spec task_cancel(reference(), shutdown | killed) -> cancelled | delivered.
 task_cancel(_Ref, _Reason) -> nif_missing().
 
 -spec task_running(reference()) -> boolean().
 task_running(_Ref) -> nif_missing().
+
+-spec task_spin(reference()) -> boolean().
+task_spin(_Ref) -> nif_missing().
 
 -spec task_ignore(reference()) -> ignored | delivered.
 task_ignore(_Ref) -> nif_missing().

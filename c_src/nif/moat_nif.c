@@ -404,7 +404,11 @@ static int jobq_start(jobq_t *q, const char *name) {
 /* ------------------------------------------------------------- tasks */
 
 enum { K_TASK = 1, K_STREAM };
-enum { T_OPEN, T_SENDING, T_SENT, T_IGNORED, T_CANCELLED };
+/* A task's state word.  OPEN: its outcome is to be sent.  SPIN: run/4's
+ * caller is spinning for it: the callback leaves the outcome in `held`
+ * and sets HELD instead of sending, unless the caller stopped spinning
+ * first (SPIN -> OPEN). */
+enum { T_OPEN, T_SENDING, T_SENT, T_IGNORED, T_CANCELLED, T_SPIN, T_HELD };
 
 typedef struct {
     int kind; /* K_TASK */
@@ -415,6 +419,8 @@ typedef struct {
     uint64_t id;
     ErlNifPid owner;
     ErlNifPid proxy; /* undefined unless linked */
+    moat_term_t *held; /* T_HELD: the outcome, for the spinning caller */
+    int held_kind;
 } ntask_t;
 
 static void task_dtor(ErlNifEnv *env, void *obj) {
@@ -422,6 +428,8 @@ static void task_dtor(ErlNifEnv *env, void *obj) {
     (void)env;
     if (nt->t != NULL)
         moat_task_release(nt->t);
+    if (nt->held != NULL)
+        moat_term_unref(nt->held);
     np_unref(nt->np);
 }
 
@@ -462,7 +470,17 @@ static ERL_NIF_TERM bad_result(ErlNifEnv *env) {
 }
 
 static void task_complete(ntask_t *nt, const moat_outcome_t *o) {
-    int open = T_OPEN;
+    int open = T_OPEN, spin = T_SPIN;
+    if (atomic_load(&nt->state) == T_SPIN) {
+        nt->held = moat_term_ref(o->term);
+        nt->held_kind = o->kind;
+        if (atomic_compare_exchange_strong(&nt->state, &spin, T_HELD)) {
+            enif_release_resource(nt);
+            return;
+        }
+        moat_term_unref(nt->held); /* the caller stopped spinning */
+        nt->held = NULL;
+    }
     if (atomic_compare_exchange_strong(&nt->state, &open, T_SENDING)) {
         ErlNifEnv *env = msg_env_get();
         ERL_NIF_TERM ref = enif_make_resource(env, nt), term, msg;
@@ -905,21 +923,22 @@ static void refuse(ErlNifEnv *env, ntask_t *nt, ERL_NIF_TERM reason) {
     enif_free_env(menv);
 }
 
-/* async(Pool :: atom(), Task :: atom(), Args :: list(),
- *       Timeout :: non_neg_integer() | infinity, Proxy :: pid() | undefined)
- *     -> {Ref, Id}
- * Ref is the task (a reference); exactly one message about it follows. */
-static ERL_NIF_TERM nif_async(ErlNifEnv *env, int argc,
-                              const ERL_NIF_TERM argv[]) {
+/* Makes a task and submits it: argv is Pool, Task, Args, Timeout.  The
+ * task starts in `state`.  Returns its term (a reference) and sets *ntp;
+ * *refusal is the reason the task never reached a pool (then nothing was
+ * sent yet), or 0.  Returns 0 after raising an exception. */
+static ERL_NIF_TERM task_start(ErlNifEnv *env, const ERL_NIF_TERM argv[],
+                               const ErlNifPid *proxy, int state,
+                               ntask_t **ntp, ERL_NIF_TERM *refusal) {
     ntask_t *nt;
     pool_res_t *res;
     const task_entry_t *te;
     moat_job_t job;
     int64_t timeout_ms;
     unsigned nargs;
-    ERL_NIF_TERM ref, id, refusal = 0;
+    ERL_NIF_TERM ref;
     int rc;
-    (void)argc;
+    *refusal = 0;
     if (!enif_is_atom(env, argv[0]) || !enif_is_atom(env, argv[1]) ||
         !enif_get_list_length(env, argv[2], &nargs) ||
         !get_timeout(env, argv[3], &timeout_ms))
@@ -929,28 +948,26 @@ static ERL_NIF_TERM nif_async(ErlNifEnv *env, int argc,
         return enif_raise_exception(env, atom_enomem);
     memset(nt, 0, sizeof *nt);
     nt->kind = K_TASK;
-    atomic_init(&nt->state, T_OPEN);
+    atomic_init(&nt->state, state);
     nt->pool_name = argv[0];
     enif_self(env, &nt->owner);
-    if (!enif_get_local_pid(env, argv[4], &nt->proxy)) {
-        if (!enif_is_identical(argv[4], atom_undefined)) {
-            enif_release_resource(nt);
-            return enif_make_badarg(env);
-        }
+    if (proxy != NULL)
+        nt->proxy = *proxy;
+    else
         enif_set_pid_undefined(&nt->proxy);
-    }
     ref = enif_make_resource(env, nt);
     enif_release_resource(nt); /* the term holds it now */
+    *ntp = nt;
     /* Encoded before the registry's lock is taken: a large argument list
      * must not hold up a pool being closed. */
     if ((job.args = encode(env, argv[2])) == NULL)
         return enif_raise_exception(env, atom_enomem);
 
     if ((res = reg_find(argv[0])) == NULL) {
-        refusal = atom_noproc;
+        *refusal = atom_noproc;
     } else if ((te = task_find(res->np, argv[1])) == NULL) {
         reg_done();
-        refusal = enif_make_tuple2(env, atom_unknown_task, argv[1]);
+        *refusal = enif_make_tuple2(env, atom_unknown_task, argv[1]);
     } else {
         job.fn = te->def->run;
         job.name = te->def->name;
@@ -966,7 +983,7 @@ static ERL_NIF_TERM nif_async(ErlNifEnv *env, int argc,
         reg_done();
         if (rc != 0) {
             enif_release_resource(nt);
-            refusal = rc == MOAT_EOVERLOADED ? atom_overloaded : atom_noproc;
+            *refusal = rc == MOAT_EOVERLOADED ? atom_overloaded : atom_noproc;
         } else {
             nt->id = moat_task_id(nt->t);
             job.args = NULL; /* the pool's now */
@@ -974,10 +991,82 @@ static ERL_NIF_TERM nif_async(ErlNifEnv *env, int argc,
     }
     if (job.args != NULL)
         moat_term_unref(job.args);
+    if (*refusal != 0)
+        atomic_store(&nt->state, T_SENT);
+    return ref;
+}
+
+/* async(Pool :: atom(), Task :: atom(), Args :: list(),
+ *       Timeout :: non_neg_integer() | infinity, Proxy :: pid() | undefined)
+ *     -> {Ref, Id}
+ * Ref is the task (a reference); exactly one message about it follows. */
+static ERL_NIF_TERM nif_async(ErlNifEnv *env, int argc,
+                              const ERL_NIF_TERM argv[]) {
+    ErlNifPid proxy;
+    ntask_t *nt = NULL;
+    ERL_NIF_TERM ref, refusal;
+    int linked = enif_get_local_pid(env, argv[4], &proxy);
+    (void)argc;
+    if (!linked && !enif_is_identical(argv[4], atom_undefined))
+        return enif_make_badarg(env);
+    ref = task_start(env, argv, linked ? &proxy : NULL, T_OPEN, &nt, &refusal);
+    if (nt == NULL || enif_is_exception(env, ref))
+        return ref;
     if (refusal != 0)
         refuse(env, nt, refusal);
-    id = task_id_term(env, nt);
-    return enif_make_tuple2(env, ref, id);
+    return enif_make_tuple2(env, ref, task_id_term(env, nt));
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* How long run/4 waits on the scheduler for an outcome before it falls
+ * back to a message: about ten pool round trips.  A scheduler woken by a
+ * message costs several microseconds; a short task is back sooner. */
+#define RUN_SPIN_NS 5000
+
+/* An outcome as {ok, Value} | {exit, Reason}. */
+static ERL_NIF_TERM outcome_term(ErlNifEnv *env, int kind,
+                                 const moat_term_t *term) {
+    size_t len;
+    const char *d = moat_term_data(term, &len);
+    ERL_NIF_TERM v;
+    if (enif_binary_to_term(env, (const unsigned char *)d, len, &v, 0) == 0) {
+        kind = MOAT_EXIT;
+        v = bad_result(env);
+    }
+    return enif_make_tuple2(env, kind == MOAT_OK ? atom_ok : atom_exit, v);
+}
+
+/* run(Pool, Task, Args, Timeout) -> {ok, Value} | {exit, Reason} | {wait, Ref}
+ * Starts the task and waits a few microseconds for its outcome on the
+ * scheduler.  {wait, Ref}: the outcome will come as a message, as for
+ * async/5. */
+static ERL_NIF_TERM nif_run(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    ntask_t *nt = NULL;
+    ERL_NIF_TERM ref, refusal, out;
+    uint64_t end;
+    int spin = T_SPIN;
+    (void)argc;
+    ref = task_start(env, argv, NULL, T_SPIN, &nt, &refusal);
+    if (nt == NULL || enif_is_exception(env, ref))
+        return ref;
+    if (refusal != 0)
+        return enif_make_tuple2(env, atom_exit, refusal);
+    end = uv_hrtime() + RUN_SPIN_NS;
+    for (unsigned i = 1; atomic_load(&nt->state) == T_SPIN; i++) {
+        cpu_relax();
+        if ((i & 15) == 0 && uv_hrtime() >= end)
+            break;
+    }
+    if (atomic_compare_exchange_strong(&nt->state, &spin, T_OPEN))
+        return enif_make_tuple2(env, enif_make_atom(env, "wait"), ref);
+    out = outcome_term(env, nt->held_kind, nt->held); /* T_HELD */
+    atomic_store(&nt->state, T_SENT);
+    return out;
 }
 
 static ntask_t *owned_task(ErlNifEnv *env, ERL_NIF_TERM t) {
@@ -1014,6 +1103,30 @@ static ERL_NIF_TERM nif_task_cancel(ErlNifEnv *env, int argc,
         return atom_cancelled;
     }
     return atom_delivered;
+}
+
+/* task_spin(Ref) -> boolean()
+ * Owner only.  Waits a few microseconds on the scheduler for the task's
+ * message to be sent; true when it is in the caller's mailbox.  Spares
+ * await/2 a scheduler wake-up when a short task is about to finish. */
+static ERL_NIF_TERM nif_task_spin(ErlNifEnv *env, int argc,
+                                  const ERL_NIF_TERM argv[]) {
+    ntask_t *nt = owned_task(env, argv[0]);
+    uint64_t end;
+    int st;
+    (void)argc;
+    if (nt == NULL)
+        return enif_make_badarg(env);
+    end = uv_hrtime() + RUN_SPIN_NS;
+    for (unsigned i = 1;; i++) {
+        st = atomic_load(&nt->state);
+        if (st != T_OPEN && st != T_SENDING)
+            break;
+        cpu_relax();
+        if ((i & 15) == 0 && uv_hrtime() >= end)
+            break;
+    }
+    return st == T_SENT ? atom_true : atom_false;
 }
 
 /* task_running(Ref) -> boolean()
@@ -1353,8 +1466,10 @@ static ErlNifFunc funcs[] = {
     {"pool_stats", 1, nif_pool_stats, 0},
     {"pool_owner", 1, nif_pool_owner, 0},
     {"async", 5, nif_async, 0},
+    {"run", 4, nif_run, 0},
     {"task_cancel", 2, nif_task_cancel, 0},
     {"task_running", 1, nif_task_running, 0},
+    {"task_spin", 1, nif_task_spin, 0},
     {"task_ignore", 1, nif_task_ignore, 0},
     {"stream_new", 4, nif_stream_new, 0},
     {"stream_submit", 3, nif_stream_submit, 0},
