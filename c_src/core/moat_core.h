@@ -139,7 +139,9 @@ typedef struct moat_outcome_s {
  * moat_pool_stop, or a moat_proc_* call whose exit signal killed a task
  * process or a server with a call in progress (unless MOAT_CANCEL_SILENT).
  * It must not block and must not call back into the pool except
- * moat_task_id/moat_task_data.
+ * moat_task_id, moat_task_data and moat_task_release (the pool holds a
+ * reference of its own during the callback, so releasing the caller's
+ * handle there never frees the task under it).
  */
 typedef void (*moat_complete_cb)(moat_task_t *task, const moat_outcome_t *o,
                                  void *pool_data);
