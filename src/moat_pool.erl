@@ -66,5 +66,14 @@ handle_info(Info, State) ->
     {noreply, State}.
 
 -spec terminate(term(), #state{}) -> ok.
-terminate(_Reason, #state{handle = Handle}) ->
-    moat_nif:pool_close(Handle).
+terminate(_Reason, #state{name = Name, handle = Handle}) ->
+    try
+        moat_nif:pool_close(Handle)
+    catch
+        error:badarg ->
+            %% The NIF module was deleted and loaded anew since this pool
+            %% started, so the new instance does not know this handle. The
+            %% NIF still watches this process and closes the pool when it
+            %% exits, a moment from now.
+            ?LOG_WARNING("moat pool ~p: closed on exit (moat_nif was reloaded)", [Name])
+    end.

@@ -20,7 +20,8 @@
     run_loop_survives_restarts/1,
     batch_server_keeps_its_pid/1,
     purge_and_reload_while_busy/1,
-    stats_counts/1
+    stats_counts/1,
+    delete_purge_reload/1
 ]).
 %% The batch server of batch_server_keeps_its_pid.
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
@@ -37,7 +38,8 @@ all() ->
         run_loop_survives_restarts,
         batch_server_keeps_its_pid,
         purge_and_reload_while_busy,
-        stats_counts
+        stats_counts,
+        delete_purge_reload
     ].
 
 init_per_suite(Config) ->
@@ -291,6 +293,32 @@ stats_counts(_Config) ->
     #{completed := 10, failed := 3, timeouts := 1, size := 2, threads := T} = moat:stats(st),
     ?assert(T >= 2),
     ?assertError(badarg, moat:stats("st")).
+
+%% Deleting and purging the NIF module outright (not an upgrade), then
+%% loading it again, leaves the VM up and the pool serving by name; the
+%% pool's running task still gets its one outcome, and stopping the pool
+%% settles it.
+delete_purge_reload(_Config) ->
+    {ok, _} = moat:start_pool(dp, #{size => 2}),
+    T = moat:async(dp, sleep, [200]),
+    Long = moat:async(dp, sleep, [60000]),
+    true = code:delete(moat_nif),
+    _ = code:purge(moat_nif),
+    {module, moat_nif} = code:ensure_loaded(moat_nif),
+    ?assertEqual({ok, 1}, moat:run(dp, echo, [1])),
+    #{ref := Ref} = T,
+    receive
+        {Ref, ok} -> ok
+    after 5000 -> ct:fail(no_outcome)
+    end,
+    ok = moat:stop_pool(dp),
+    #{ref := LongRef} = Long,
+    receive
+        {'DOWN', LongRef, process, _, shutdown} -> ok
+    after 5000 -> ct:fail(long_task_not_settled)
+    end,
+    ?assertEqual({exit, noproc}, moat:run(dp, echo, [1])),
+    no_stray().
 
 %%%===================================================================
 %%% The batch server and a test supervisor (this module is both)
