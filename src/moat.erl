@@ -155,14 +155,17 @@ async(Pool, Task, Args) ->
 -spec async(pool(), atom(), list(), map() | proplists:proplist()) -> task().
 async(Pool, Task, Args, Opts) when is_atom(Pool), is_atom(Task), is_list(Args) ->
     {Link, Timeout} = task_opts(Opts),
+    _ = length(Args), % an improper list is badarg before anything starts
     Owner = self(),
-    Proxy =
-        case Link of
-            true -> spawn_link(fun() -> proxy(Owner) end);
-            false -> undefined
-        end,
-    {Ref, Id} = moat_nif:async(Pool, Task, Args, Timeout, Proxy),
-    #{ref => Ref, pool => Pool, id => Id, owner => Owner, pid => Proxy};
+    case Link of
+        false ->
+            {Ref, Id} = moat_nif:async(Pool, Task, Args, Timeout, undefined),
+            #{ref => Ref, pool => Pool, id => Id, owner => Owner, pid => undefined};
+        true ->
+            Proxy = spawn_link(fun() -> proxy(Owner) end),
+            {Ref, Id} = moat_nif:async(Pool, Task, Args, Timeout, Proxy),
+            #{ref => Ref, pool => Pool, id => Id, owner => Owner, pid => Proxy}
+    end;
 async(_, _, _, _) ->
     error(badarg).
 
@@ -281,18 +284,16 @@ shutdown(_, _) ->
 
 %% @doc Lets the task run to completion and discards its outcome, as
 %% `Task.ignore/1' does: `{ok, R}' or `{exit, R}' if the outcome is
-%% already there, else `nil'; no message about the task arrives later.
+%% already there, else `nil'; no message about the task arrives later. A
+%% linked task is unlinked first; its process ends when the task does.
 -spec ignore(task()) -> outcome() | nil.
 ignore(#{ref := Ref} = T) ->
     owner_only(T),
     unlink_proxy(T),
-    Result =
-        case moat_nif:task_ignore(Ref) of
-            ignored -> nil;
-            delivered -> take(T)
-        end,
-    kill_proxy(T),
-    Result;
+    case moat_nif:task_ignore(Ref) of
+        ignored -> nil;
+        delivered -> take(T)
+    end;
 ignore(_) ->
     error(badarg).
 
@@ -406,7 +407,10 @@ drain(St, Acc) ->
         {Elem, St1} -> drain(St1, [Elem | Acc])
     end.
 
-stream_start(Pool, Task, Inputs, #{max_concurrency := Max} = O) ->
+stream_start(Pool, Task, Inputs, #{max_concurrency := Max0} = O) ->
+    %% The NIF keeps a slot per task in flight: no more than there are
+    %% inputs, nor than 2^24 (16M tasks in flight).
+    Max = max(1, min(Max0, min(length(Inputs), 1 bsl 24))),
     #st{
         s = moat_nif:stream_new(Pool, Task, maps:get(timeout, O), Max),
         inputs = Inputs,
@@ -534,6 +538,8 @@ stream_close(#st{s = S}) ->
 
 %% The process standing for a linked task: it exits with the task's
 %% reason when the NIF reports the outcome, or when the owner is gone.
+%% The NIF monitors it: if it dies first (killed, say), the task is
+%% cancelled and its outcome is `killed', as a BEAM task's would be.
 proxy(Owner) ->
     process_flag(trap_exit, true),
     receive
@@ -686,7 +692,7 @@ stream_opts(Pool, Opts0) ->
             Opts#{max_concurrency => Size}
     end.
 
-check_stream_opt(max_concurrency, N) when is_integer(N), N > 0, N =< 1 bsl 24 -> ok;
+check_stream_opt(max_concurrency, N) when is_integer(N), N > 0 -> ok;
 check_stream_opt(ordered, B) when is_boolean(B) -> ok;
 check_stream_opt(timeout, T) -> check_timeout(T);
 check_stream_opt(on_timeout, exit) -> ok;

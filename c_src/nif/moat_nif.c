@@ -307,13 +307,14 @@ static pool_res_t *reg_remove(npool_t *np) {
 
 /* ------------------------------------------------- janitor and reaper */
 
-typedef enum { JOB_CANCEL_OWNER, JOB_CLOSE, JOB_FREE } job_kind_t;
+typedef enum { JOB_CANCEL_OWNER, JOB_CLOSE, JOB_FREE, JOB_KILL_TASK } job_kind_t;
 
 typedef struct job_s {
     struct job_s *next;
     job_kind_t kind;
     npool_t *np; /* holds a reference, except for JOB_FREE */
     uint64_t key;
+    void *task;  /* JOB_KILL_TASK: a task resource, kept */
 } job_t;
 
 typedef struct {
@@ -325,9 +326,16 @@ typedef struct {
 
 static jobq_t janitor, reaper;
 
-static void jobq_push(jobq_t *q, job_kind_t kind, npool_t *np, uint64_t key) {
+static void kill_task(void *task);
+
+static void jobq_push(jobq_t *q, job_kind_t kind, npool_t *np, uint64_t key,
+                      void *task) {
     job_t *j = malloc(sizeof *j);
     if (j == NULL) {
+        if (kind == JOB_KILL_TASK) {
+            kill_task(task);
+            return;
+        }
         /* Out of memory: do it here.  Freeing would join threads, so a
          * pool that cannot be queued for freeing is left allocated. */
         if (kind == JOB_CANCEL_OWNER)
@@ -342,6 +350,7 @@ static void jobq_push(jobq_t *q, job_kind_t kind, npool_t *np, uint64_t key) {
     j->kind = kind;
     j->np = np;
     j->key = key;
+    j->task = task;
     uv_mutex_lock(&q->lock);
     if (q->tail != NULL)
         q->tail->next = j;
@@ -352,7 +361,9 @@ static void jobq_push(jobq_t *q, job_kind_t kind, npool_t *np, uint64_t key) {
     uv_mutex_unlock(&q->lock);
 }
 
-static void reaper_push(npool_t *np) { jobq_push(&reaper, JOB_FREE, np, 0); }
+static void reaper_push(npool_t *np) {
+    jobq_push(&reaper, JOB_FREE, np, 0, NULL);
+}
 
 static void jobq_main(void *arg) {
     jobq_t *q = arg;
@@ -378,6 +389,9 @@ static void jobq_main(void *arg) {
             break;
         case JOB_FREE:
             np_free(j->np);
+            break;
+        case JOB_KILL_TASK:
+            kill_task(j->task);
             break;
         }
         free(j);
@@ -431,6 +445,26 @@ static void task_dtor(ErlNifEnv *env, void *obj) {
     if (nt->held != NULL)
         moat_term_unref(nt->held);
     np_unref(nt->np);
+}
+
+/* The process standing for a linked task died (killed by someone, or its
+ * owner gone): the task dies with it, as a BEAM task would.  After the
+ * task's own outcome this finds the claim taken and does nothing.  On the
+ * janitor; `task` holds a reference for the job. */
+static void kill_task(void *task) {
+    ntask_t *nt = task;
+    if (nt->t != NULL)
+        moat_task_cancel(nt->t, MOAT_A_KILLED, 0);
+    enif_release_resource(nt);
+}
+
+static void task_down(ErlNifEnv *env, void *obj, ErlNifPid *pid,
+                      ErlNifMonitor *mon) {
+    (void)env;
+    (void)pid;
+    (void)mon;
+    enif_keep_resource(obj);
+    jobq_push(&janitor, JOB_KILL_TASK, NULL, 0, obj);
 }
 
 static ERL_NIF_TERM task_id_term(ErlNifEnv *env, const ntask_t *nt) {
@@ -501,6 +535,9 @@ static void task_complete(ntask_t *nt, const moat_outcome_t *o) {
         msg_env_put(env);
         atomic_store(&nt->state, T_SENT);
         proxy_notify(nt, o->kind, o->term, atom_normal);
+    } else if (open == T_IGNORED) {
+        /* The owner unlinked from the proxy; let it go now. */
+        proxy_notify(nt, o->kind, o->term, atom_normal);
     }
     /* The reference the pool held for this callback. */
     enif_release_resource(nt);
@@ -544,6 +581,7 @@ struct nstream_s {
     size_t pending;       /* submitted, outcome not yet in buf */
     size_t batch;         /* announce once this many are in buf */
     int notified;
+    int waiting;          /* the consumer found buf empty and blocks */
 };
 
 
@@ -572,11 +610,12 @@ static void stream_complete(sslot_t *sl, const moat_outcome_t *o) {
      * most one outcome until stream_take frees it. */
     s->buf[s->nbuf++] = e;
     s->pending--;
-    /* Announce a batch, not each outcome: the consumer then takes many
-     * per wake-up while the rest keep the threads busy.  The last
-     * outcome in flight is always announced, so a consumer waiting for
-     * the message never waits for ever. */
-    if (!s->notified && (s->nbuf >= s->batch || s->pending == 0)) {
+    /* Announce a batch, not each outcome, while the consumer is busy: it
+     * then takes many per wake-up while the rest keep the threads busy.
+     * A consumer that found nothing and blocks hears of the first
+     * outcome at once. */
+    if (!s->notified &&
+        (s->waiting || s->nbuf >= s->batch || s->pending == 0)) {
         ErlNifEnv *env = msg_env_get();
         s->notified = 1;
         send_msg(&s->owner, env,
@@ -777,7 +816,7 @@ static ERL_NIF_TERM nif_pool_new(ErlNifEnv *env, int argc,
         /* Close it here: its `down` may never run once the registry lets
          * go of its handle. */
         np_ref(reg[i].res->np);
-        jobq_push(&janitor, JOB_CLOSE, reg[i].res->np, 0);
+        jobq_push(&janitor, JOB_CLOSE, reg[i].res->np, 0, NULL);
         enif_release_resource(reg[i].res);
         reg[i] = reg[--nreg];
         break;
@@ -892,14 +931,14 @@ static void pool_down(ErlNifEnv *env, void *obj, ErlNifPid *pid,
          * the scheduler. */
         pool_res_t *reg_res = reg_remove(np);
         np_ref(np);
-        jobq_push(&janitor, JOB_CLOSE, np, 0);
+        jobq_push(&janitor, JOB_CLOSE, np, 0, NULL);
         if (reg_res != NULL)
             enif_release_resource(reg_res);
         return;
     }
     mon_remove(np, pid_key(pid));
     np_ref(np);
-    jobq_push(&janitor, JOB_CANCEL_OWNER, np, pid_key(pid));
+    jobq_push(&janitor, JOB_CANCEL_OWNER, np, pid_key(pid), NULL);
 }
 
 /* ---------------------------------------------------------- NIFs: tasks */
@@ -1014,6 +1053,8 @@ static ERL_NIF_TERM nif_async(ErlNifEnv *env, int argc,
         return ref;
     if (refusal != 0)
         refuse(env, nt, refusal);
+    else if (linked && enif_monitor_process(env, nt, &proxy, NULL) > 0)
+        task_down(env, nt, &proxy, NULL); /* the proxy is gone already */
     return enif_make_tuple2(env, ref, task_id_term(env, nt));
 }
 
@@ -1315,8 +1356,9 @@ static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
 /* stream_take(Stream, Ack :: boolean()) -> [Outcome]
  *   Outcome = {Index, ok, Value} | {Index, exit, Reason} | {Index, timeout}
  * The outcomes ready now, in the order they completed.  Ack says the
- * caller has just received the stream's {moat_stream, S} message; a new
- * one is sent when the next outcome arrives. */
+ * caller has just received the stream's {moat_stream, S} message, so a
+ * new one may be sent.  A caller that gets [] must wait for that message
+ * before it takes again. */
 static ERL_NIF_TERM nif_stream_take(ErlNifEnv *env, int argc,
                                     const ERL_NIF_TERM argv[]) {
     nstream_t *s = owned_stream(env, argv[0]);
@@ -1337,6 +1379,9 @@ static ERL_NIF_TERM nif_stream_take(ErlNifEnv *env, int argc,
     s->nbuf = 0;
     if (enif_is_identical(argv[1], atom_true))
         s->notified = 0;
+    /* Nothing for a caller that will now wait for the message: announce
+     * the next outcome as soon as it comes. */
+    s->waiting = n == 0;
     uv_mutex_unlock(&s->lock);
     for (size_t i = n; i-- > 0;) {
         entry_t *e = &buf[i];
@@ -1424,7 +1469,7 @@ static void init_once(void) {
 
 static int open_types(ErlNifEnv *env, ErlNifResourceFlags flags) {
     ErlNifResourceTypeInit pool_init = {.dtor = pool_dtor, .down = pool_down};
-    ErlNifResourceTypeInit task_init = {.dtor = task_dtor};
+    ErlNifResourceTypeInit task_init = {.dtor = task_dtor, .down = task_down};
     ErlNifResourceTypeInit stream_init = {.dtor = stream_dtor};
     pool_rt = enif_open_resource_type_x(env, "moat_pool", &pool_init, flags,
                                         NULL);
