@@ -279,7 +279,8 @@ clean:
 
 # --- Test stages ---------------------------------------------------------------
 
-TEST_STAGES ?= check-core test-c test-c-asan test-c-tsan test-c-valgrind test-erl
+TEST_STAGES ?= check-core test-c test-c-asan test-c-tsan test-c-valgrind test-erl \
+    test-elixir
 
 # Each stage runs in its own make, started after `deps`, so that a fresh
 # machine finds the tools that deps has just installed. The stage's build
@@ -393,6 +394,18 @@ test-erl:
 	    echo "moat: rebar3 not found: install the Debian package rebar3" >&2; exit 1; }
 	$(REBAR3_RUN) eunit
 	$(REBAR3_RUN) ct
+
+# test/elixir is a Mix project that uses moat as a path dependency: Mix
+# compiles moat with rebar3 (found through MIX_REBAR3), whose hook runs
+# `make c` in this directory, so MAKEFLAGS is dropped here too.
+test-elixir:
+	@command -v mix >/dev/null || { \
+	    echo "moat: mix not found: install the Debian package elixir" >&2; exit 1; }
+	@[ -n "$(MIX_REBAR3)" ] || { \
+	    echo "moat: rebar3 not found (Mix needs it, through MIX_REBAR3): install the Debian package rebar3" >&2; exit 1; }
+	cd test/elixir && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL MIX_ENV=test mix test
+
+.PHONY: test-elixir
 
 .PHONY: c deps shell clean test bench run-bench check-build-env check-test-env \
     check-core test-c test-c-asan test-c-tsan test-c-valgrind test-erl
