@@ -349,7 +349,9 @@ run(_, _, _, _) ->
 %% `max_concurrency' in flight, and returns every element, like
 %% `Task.Supervisor.async_stream_nolink/4' followed by `Enum.to_list/1'.
 %%
-%% Elements are `{ok, Result}' or `{exit, Reason}'. Options:
+%% `Inputs' is a list or, from Elixir, any finite Enumerable (read in full
+%% before the first task starts). Elements are `{ok, Result}' or
+%% `{exit, Reason}'. Options:
 %% `max_concurrency' (default: the pool's size), `ordered' (`true'),
 %% `timeout' (5000 ms per task, counted from when the stream submits it,
 %% or `infinity'), `on_timeout' (`exit': the caller exits with
@@ -357,8 +359,10 @@ run(_, _, _, _) ->
 %% stream is cancelled; `kill_task': that element is `{exit, timeout}'),
 %% `zip_input_on_exit' (`false'; `true' makes failed elements
 %% `{exit, {Input, Reason}}').
--spec async_stream(pool(), atom(), list(), map() | proplists:proplist()) -> [outcome()].
-async_stream(Pool, Task, Inputs, Opts) when is_atom(Pool), is_atom(Task), is_list(Inputs) ->
+-spec async_stream(pool(), atom(), list() | term(), map() | proplists:proplist()) ->
+    [outcome()].
+async_stream(Pool, Task, Inputs0, Opts) when is_atom(Pool), is_atom(Task) ->
+    Inputs = input_list(Inputs0),
     St = stream_start(Pool, Task, Inputs, stream_opts(Pool, Opts)),
     drain(St, []);
 async_stream(_, _, _, _) ->
@@ -370,12 +374,13 @@ async_stream(_, _, _, _) ->
 %% Nothing runs until it is reduced, and it runs in the reducing process.
 %% Halting early cancels the tasks not yet consumed and leaves no message
 %% behind.
--spec stream(pool(), atom(), list(), map() | proplists:proplist()) ->
+-spec stream(pool(), atom(), list() | term(), map() | proplists:proplist()) ->
     fun((term(), fun()) -> term()).
-stream(Pool, Task, Inputs, Opts) when is_atom(Pool), is_atom(Task), is_list(Inputs) ->
+stream(Pool, Task, Inputs, Opts) when is_atom(Pool), is_atom(Task) ->
+    is_list(Inputs) orelse elixir_enumerable(Inputs) orelse error(badarg),
     O = stream_opts(Pool, Opts),
     fun(Acc, Fun) when is_function(Fun, 2) ->
-        reduce(stream_start(Pool, Task, Inputs, O), Acc, Fun)
+        reduce(stream_start(Pool, Task, input_list(Inputs), O), Acc, Fun)
     end;
 stream(_, _, _, _) ->
     error(badarg).
@@ -535,6 +540,20 @@ stream_close(#st{s = S}) ->
 %%%===================================================================
 %%% Internal
 %%%===================================================================
+
+%% Inputs as a list: a list as it is; from Elixir, any other Enumerable (a
+%% range, a finite Stream) through Enum.to_list/1, read in full first.
+input_list(Inputs) when is_list(Inputs) ->
+    Inputs;
+input_list(Inputs) ->
+    case elixir_enumerable(Inputs) of
+        true -> 'Elixir.Enum':to_list(Inputs);
+        false -> error(badarg)
+    end.
+
+elixir_enumerable(Inputs) ->
+    code:ensure_loaded('Elixir.Enumerable') =:= {module, 'Elixir.Enumerable'} andalso
+        'Elixir.Enumerable':impl_for(Inputs) =/= nil.
 
 %% The process standing for a linked task: it exits with the task's
 %% reason when the NIF reports the outcome, or when the owner is gone.

@@ -193,14 +193,22 @@ defmodule MoatTest do
     assert_mailbox_empty(@settle)
   end
 
+  test "streams take ranges and finite Streams as inputs" do
+    assert :moat.async_stream(@pool, :echo, 1..3, []) == [ok: 1, ok: 2, ok: 3]
+    doubled = Stream.map(1..4, &(&1 * 2))
+    assert :moat.stream(@pool, :echo, doubled, max_concurrency: 2) |> Enum.take(2) == [ok: 2, ok: 4]
+    assert_mailbox_empty()
+  end
+
   test "bad arguments and options raise ArgumentError" do
     assert_raise ArgumentError, fn -> :moat.async(@pool, "echo", [1]) end
     assert_raise ArgumentError, fn -> :moat.async(@pool, :echo, [1], bogus: true) end
     assert_raise ArgumentError, fn -> :moat.run(@pool, :echo, {1}) end
     assert_raise ArgumentError, fn -> :moat.run(@pool, :echo, [1], -1) end
     assert_raise ArgumentError, fn -> :moat.await(:not_a_task) end
-    # Inputs are a list: a range must go through Enum.to_list/1 first.
-    assert_raise ArgumentError, fn -> :moat.async_stream(@pool, :echo, 1..3, []) end
+    # Inputs are a list or an Enumerable; anything else is an ArgumentError.
+    assert_raise ArgumentError, fn -> :moat.async_stream(@pool, :echo, {1, 2}, []) end
+    assert_raise ArgumentError, fn -> :moat.stream(@pool, :echo, 42, []) end
 
     assert_raise ArgumentError, fn ->
       :moat.async_stream(@pool, :echo, [1], max_concurrency: 0)
