@@ -7,7 +7,8 @@
 #                pre_hook runs, so it never calls apt.
 #   make test    deps, then each stage of TEST_STAGES in order, timed;
 #                stops at the first stage that fails
-#   make bench   deps, then every bench/*.c binary in turn
+#   make bench   deps, then every bench/*.c binary in turn, then the
+#                Erlang benchmarks (moat_bench:main/0)
 #   make shell   rebar3 shell
 #   make clean   remove the C build (_build/c) and what it put in priv/
 #
@@ -313,6 +314,12 @@ run-bench: $(BENCH_BINS) $(DEMO_plain)
 	    echo "== $$b"; \
 	    MOAT_DEMO_SO="$(CURDIR)/$(DEMO_SO_plain)" "./$$b" || exit 1; \
 	done
+	@command -v $(REBAR3) >/dev/null || { \
+	    echo "moat: rebar3 not found: install the Debian package rebar3" >&2; exit 1; }
+	$(REBAR3_RUN) compile
+	@echo "== moat_bench (bench/moat_bench.erl)"
+	ERL_CRASH_DUMP_BYTES=0 erl -noshell -pa _build/default/lib/moat/ebin \
+	    -eval 'moat_bench:main() =:= ok orelse halt(1), halt().'
 
 check-core: check-build-env $(GUARD_HEADERS)
 	@if grep -rsnE '^[[:space:]]*#[[:space:]]*include[[:space:]]*[<"]([^">]*/)?erl_(nif|driver)[a-z_]*\.h[">]' c_src/core; then \
