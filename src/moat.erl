@@ -434,14 +434,26 @@ stream_next(#st{inputs = [], inflight = 0} = St) ->
     done;
 stream_next(St0) ->
     St = top_up(St0),
+    S = St#st.s,
     case St#st.ready of
+        [] when not St#st.ordered, not St#st.zip ->
+            %% Unordered and unzipped: the NIF makes the elements.
+            Taken =
+                case moat_nif:stream_take(S, false, true) of
+                    {[], 0, _} ->
+                        receive
+                            {moat_stream, S} -> moat_nif:stream_take(S, true, true)
+                        end;
+                    Some ->
+                        Some
+                end,
+            stream_next(ready(Taken, St));
         [] ->
             Entries =
-                case moat_nif:stream_take(St#st.s, false) of
+                case moat_nif:stream_take(S, false, false) of
                     [] ->
-                        S = St#st.s,
                         receive
-                            {moat_stream, S} -> moat_nif:stream_take(S, true)
+                            {moat_stream, S} -> moat_nif:stream_take(S, true, false)
                         end;
                     Some ->
                         Some
@@ -450,6 +462,12 @@ stream_next(St0) ->
         _ ->
             stream_next(St)
     end.
+
+ready({_, _, true}, #st{on_timeout = exit, timeout = Timeout} = St) ->
+    stream_close(St),
+    exit({timeout, {moat, async_stream, [Timeout]}});
+ready({Elements, N, _}, #st{inflight = Inflight} = St) ->
+    St#st{ready = Elements, inflight = Inflight - N}.
 
 %% Submits inputs until max_concurrency are in flight.
 top_up(#st{inputs = []} = St) ->

@@ -6,7 +6,7 @@
 
 -export([pool_new/4, pool_close/1, pool_stats/1, pool_owner/1]).
 -export([async/5, run/4, task_cancel/2, task_running/1, task_spin/1, task_ignore/1]).
--export([stream_new/4, stream_submit/3, stream_take/2, stream_close/1]).
+-export([stream_new/4, stream_submit/3, stream_take/3, stream_close/1]).
 
 -on_load(load/0).
 
@@ -62,9 +62,10 @@ stream_new(_Pool, _Task, _Timeout, _MaxConcurrency) -> nif_missing().
     [{non_neg_integer(), exit, term()}].
 stream_submit(_Stream, _Inputs, _FirstIndex) -> nif_missing().
 
--spec stream_take(reference(), boolean()) ->
-    [{non_neg_integer(), ok | exit, term()} | {non_neg_integer(), timeout}].
-stream_take(_Stream, _Ack) -> nif_missing().
+-spec stream_take(reference(), boolean(), boolean()) ->
+    [{non_neg_integer(), ok | exit, term()} | {non_neg_integer(), timeout}]
+    | {[{ok | exit, term()}], non_neg_integer(), boolean()}.
+stream_take(_Stream, _Ack, _Elements) -> nif_missing().
 
 -spec stream_close(reference()) -> boolean().
 stream_close(_Stream) -> nif_missing().

@@ -577,6 +577,7 @@ struct nstream_s {
     int lock_ok;
     uv_mutex_t lock;      /* guards buf, nbuf, pending, notified */
     entry_t *buf;         /* nslots entries */
+    entry_t *spare;       /* owner only: the other buffer, nslots entries */
     size_t nbuf;
     size_t pending;       /* submitted, outcome not yet in buf */
     size_t batch;         /* announce once this many are in buf */
@@ -638,6 +639,7 @@ static void stream_dtor(ErlNifEnv *env, void *obj) {
         if (s->slots[i].t != NULL)
             moat_task_release(s->slots[i].t);
     free(s->buf);
+    free(s->spare);
     free(s->slots);
     free(s->free_slots);
     if (s->lock_ok)
@@ -1228,9 +1230,10 @@ static ERL_NIF_TERM nif_stream_new(ErlNifEnv *env, int argc,
     s->slots = calloc(maxc, sizeof *s->slots);
     s->free_slots = malloc(maxc * sizeof *s->free_slots);
     s->buf = malloc(maxc * sizeof *s->buf);
+    s->spare = malloc(maxc * sizeof *s->spare);
     s->lock_ok = uv_mutex_init(&s->lock) == 0;
     if (s->slots == NULL || s->free_slots == NULL || s->buf == NULL ||
-        !s->lock_ok)
+        s->spare == NULL || !s->lock_ok)
         return enif_raise_exception(env, atom_enomem);
     s->nslots = maxc;
     s->batch = maxc / 4 > 256 ? 256 : maxc / 4 > 0 ? maxc / 4 : 1;
@@ -1353,29 +1356,32 @@ static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
     return out;
 }
 
-/* stream_take(Stream, Ack :: boolean()) -> [Outcome]
+/* stream_take(Stream, Ack :: boolean(), Elements :: boolean())
+ *     -> [Outcome] | {[Element], N, Deadline :: boolean()}
  *   Outcome = {Index, ok, Value} | {Index, exit, Reason} | {Index, timeout}
- * The outcomes ready now, in the order they completed.  Ack says the
- * caller has just received the stream's {moat_stream, S} message, so a
- * new one may be sent.  A caller that gets [] must wait for that message
- * before it takes again. */
+ *   Element = {ok, Value} | {exit, Reason}
+ * The outcomes ready now, in the order they completed: as Outcomes, or
+ * (Elements) as async_stream's elements, a deadline being
+ * {exit, timeout}, with their count and whether a deadline was among
+ * them.  Ack says the caller has just received the stream's
+ * {moat_stream, S} message, so a new one may be sent.  A caller that gets
+ * nothing must wait for that message before it takes again. */
 static ERL_NIF_TERM nif_stream_take(ErlNifEnv *env, int argc,
                                     const ERL_NIF_TERM argv[]) {
     nstream_t *s = owned_stream(env, argv[0]);
-    entry_t *buf, *fresh;
+    int elements = enif_is_identical(argv[2], atom_true), deadline = 0;
+    entry_t *buf;
     size_t n;
     ERL_NIF_TERM list = enif_make_list(env, 0);
     (void)argc;
     if (s == NULL)
         return enif_make_badarg(env);
-    /* A fresh buffer for the callbacks, taken before the swap so that no
-     * outcome can meet a buffer without room. */
-    if ((fresh = malloc(s->nslots * sizeof *fresh)) == NULL)
-        return enif_raise_exception(env, atom_enomem);
+    /* The spare buffer goes to the callbacks: the swap never leaves them
+     * a buffer without room. */
     uv_mutex_lock(&s->lock);
     buf = s->buf;
     n = s->nbuf;
-    s->buf = fresh;
+    s->buf = s->spare;
     s->nbuf = 0;
     if (enif_is_identical(argv[1], atom_true))
         s->notified = 0;
@@ -1385,30 +1391,39 @@ static ERL_NIF_TERM nif_stream_take(ErlNifEnv *env, int argc,
     uv_mutex_unlock(&s->lock);
     for (size_t i = n; i-- > 0;) {
         entry_t *e = &buf[i];
-        ERL_NIF_TERM idx = enif_make_uint64(env, e->index), out, v;
+        ERL_NIF_TERM out, v;
         sslot_t *sl = &s->slots[e->slot];
+        int kind = e->kind;
         moat_task_release(sl->t);
         sl->t = NULL;
         s->free_slots[s->nfree++] = e->slot;
-        if (e->kind == E_DEADLINE) {
-            out = enif_make_tuple2(env, idx, atom_timeout);
+        if (kind == E_DEADLINE) {
+            deadline = 1;
+            v = atom_timeout;
         } else {
             size_t len;
             const char *d = moat_term_data(e->term, &len);
-            int kind = e->kind;
             if (enif_binary_to_term(env, (const unsigned char *)d, len, &v,
                                     0) == 0) {
                 kind = E_EXIT;
                 v = bad_result(env);
             }
-            out = enif_make_tuple3(env, idx, kind == E_OK ? atom_ok : atom_exit,
-                                   v);
         }
+        if (elements)
+            out = enif_make_tuple2(env, kind == E_OK ? atom_ok : atom_exit, v);
+        else if (kind == E_DEADLINE)
+            out = enif_make_tuple2(env, enif_make_uint64(env, e->index), v);
+        else
+            out = enif_make_tuple3(env, enif_make_uint64(env, e->index),
+                                   kind == E_OK ? atom_ok : atom_exit, v);
         entry_free(e);
         list = enif_make_list_cell(env, out, list);
     }
-    free(buf);
-    return list;
+    s->spare = buf;
+    if (!elements)
+        return list;
+    return enif_make_tuple3(env, list, enif_make_uint64(env, n),
+                            deadline ? atom_true : atom_false);
 }
 
 /* stream_close(Stream) -> Flush :: boolean()
@@ -1518,7 +1533,7 @@ static ErlNifFunc funcs[] = {
     {"task_ignore", 1, nif_task_ignore, 0},
     {"stream_new", 4, nif_stream_new, 0},
     {"stream_submit", 3, nif_stream_submit, 0},
-    {"stream_take", 2, nif_stream_take, 0},
+    {"stream_take", 3, nif_stream_take, 0},
     {"stream_close", 1, nif_stream_close, 0},
 };
 
