@@ -153,6 +153,8 @@ async(Pool, Task, Args) ->
 %% kills one that does not trap; the caller's death cancels the task
 %% either way.
 -spec async(pool(), atom(), list(), map() | proplists:proplist()) -> task().
+%% The proxy's fun never returns (the process exits with the task's reason).
+-dialyzer({nowarn_function, async/4}).
 async(Pool, Task, Args, Opts) when is_atom(Pool), is_atom(Task), is_list(Args) ->
     {Link, Timeout} = task_opts(Opts),
     _ = length(Args), % an improper list is badarg before anything starts
