@@ -332,6 +332,8 @@ static void jobq_push(jobq_t *q, job_kind_t kind, npool_t *np, uint64_t key,
                       void *task) {
     job_t *j = malloc(sizeof *j);
     if (j == NULL) {
+        /* Out of memory: do the job here, on a scheduler if called from a
+         * `down` callback, whose env is then tl_caller_env. */
         if (kind == JOB_KILL_TASK) {
             kill_task(task);
             return;
@@ -430,7 +432,6 @@ typedef struct {
     npool_t *np; /* NULL for a task refused before it had a pool */
     moat_task_t *t;
     ERL_NIF_TERM pool_name;
-    uint64_t id;
     ErlNifPid owner;
     ErlNifPid proxy; /* undefined unless linked */
     moat_term_t *held; /* T_HELD: the outcome, for the spinning caller */
@@ -464,13 +465,19 @@ static void task_down(ErlNifEnv *env, void *obj, ErlNifPid *pid,
     (void)pid;
     (void)mon;
     enif_keep_resource(obj);
+    tl_caller_env = env; /* for jobq_push's inline fallback */
     jobq_push(&janitor, JOB_KILL_TASK, NULL, 0, obj);
+    tl_caller_env = NULL;
 }
 
-static ERL_NIF_TERM task_id_term(ErlNifEnv *env, const ntask_t *nt) {
+/* The Id of the task's DOWN: its proxy, or {Pool, N} with N the core's id
+ * (0 for a refused task).  N is passed in rather than read from nt: the
+ * thread completing a task may do so before async/5 has stored it. */
+static ERL_NIF_TERM task_id_term(ErlNifEnv *env, const ntask_t *nt,
+                                 uint64_t id) {
     if (!enif_is_pid_undefined(&nt->proxy))
         return enif_make_pid(env, &nt->proxy);
-    return enif_make_tuple2(env, nt->pool_name, enif_make_uint64(env, nt->id));
+    return enif_make_tuple2(env, nt->pool_name, enif_make_uint64(env, id));
 }
 
 /* Tells a linked task's proxy process how the task ended, so that it exits
@@ -503,7 +510,7 @@ static ERL_NIF_TERM bad_result(ErlNifEnv *env) {
     return enif_make_tuple2(env, atom_native_error, bin);
 }
 
-static void task_complete(ntask_t *nt, const moat_outcome_t *o) {
+static void task_complete(ntask_t *nt, const moat_outcome_t *o, uint64_t id) {
     int open = T_OPEN, spin = T_SPIN;
     if (atomic_load(&nt->state) == T_SPIN) {
         nt->held = moat_term_ref(o->term);
@@ -530,7 +537,7 @@ static void task_complete(ntask_t *nt, const moat_outcome_t *o) {
             msg = enif_make_tuple2(env, ref, term);
         else
             msg = enif_make_tuple5(env, atom_DOWN, ref, atom_process,
-                                   task_id_term(env, nt), term);
+                                   task_id_term(env, nt, id), term);
         send_msg(&nt->owner, env, msg);
         msg_env_put(env);
         atomic_store(&nt->state, T_SENT);
@@ -653,7 +660,7 @@ static void on_complete(moat_task_t *t, const moat_outcome_t *o, void *data) {
     int *kind = moat_task_data(t);
     (void)data;
     if (*kind == K_TASK)
-        task_complete((ntask_t *)kind, o);
+        task_complete((ntask_t *)kind, o, moat_task_id(t));
     else
         stream_complete((sslot_t *)kind, o);
 }
@@ -795,6 +802,7 @@ static ERL_NIF_TERM nif_pool_new(ErlNifEnv *env, int argc,
 
     res = enif_alloc_resource(pool_rt, sizeof *res);
     if (res == NULL) {
+        moat_pool_free(np->pool); /* no task yet: joins at once */
         ret = error_tuple(env, atom_enomem);
         goto fail;
     }
@@ -818,7 +826,9 @@ static ERL_NIF_TERM nif_pool_new(ErlNifEnv *env, int argc,
         /* Close it here: its `down` may never run once the registry lets
          * go of its handle. */
         np_ref(reg[i].res->np);
+        tl_caller_env = env; /* for jobq_push's inline fallback */
         jobq_push(&janitor, JOB_CLOSE, reg[i].res->np, 0, NULL);
+        tl_caller_env = NULL;
         enif_release_resource(reg[i].res);
         reg[i] = reg[--nreg];
         break;
@@ -933,14 +943,18 @@ static void pool_down(ErlNifEnv *env, void *obj, ErlNifPid *pid,
          * the scheduler. */
         pool_res_t *reg_res = reg_remove(np);
         np_ref(np);
+        tl_caller_env = env; /* for jobq_push's inline fallback */
         jobq_push(&janitor, JOB_CLOSE, np, 0, NULL);
+        tl_caller_env = NULL;
         if (reg_res != NULL)
             enif_release_resource(reg_res);
         return;
     }
     mon_remove(np, pid_key(pid));
     np_ref(np);
+    tl_caller_env = env; /* for jobq_push's inline fallback */
     jobq_push(&janitor, JOB_CANCEL_OWNER, np, pid_key(pid), NULL);
+    tl_caller_env = NULL;
 }
 
 /* ---------------------------------------------------------- NIFs: tasks */
@@ -952,7 +966,7 @@ static void refuse(ErlNifEnv *env, ntask_t *nt, ERL_NIF_TERM reason) {
     ERL_NIF_TERM msg;
     atomic_store(&nt->state, T_SENT);
     msg = enif_make_tuple5(menv, atom_DOWN, enif_make_resource(menv, nt),
-                           atom_process, task_id_term(menv, nt),
+                           atom_process, task_id_term(menv, nt, 0),
                            enif_make_copy(menv, reason));
     enif_send(env, &nt->owner, menv, msg);
     if (!enif_is_pid_undefined(&nt->proxy)) {
@@ -1026,7 +1040,6 @@ static ERL_NIF_TERM task_start(ErlNifEnv *env, const ERL_NIF_TERM argv[],
             enif_release_resource(nt);
             *refusal = rc == MOAT_EOVERLOADED ? atom_overloaded : atom_noproc;
         } else {
-            nt->id = moat_task_id(nt->t);
             job.args = NULL; /* the pool's now */
         }
     }
@@ -1057,7 +1070,8 @@ static ERL_NIF_TERM nif_async(ErlNifEnv *env, int argc,
         refuse(env, nt, refusal);
     else if (linked && enif_monitor_process(env, nt, &proxy, NULL) > 0)
         task_down(env, nt, &proxy, NULL); /* the proxy is gone already */
-    return enif_make_tuple2(env, ref, task_id_term(env, nt));
+    return enif_make_tuple2(env, ref,
+                            task_id_term(env, nt, nt->t ? moat_task_id(nt->t) : 0));
 }
 
 static inline void cpu_relax(void) {
@@ -1445,19 +1459,20 @@ static ERL_NIF_TERM nif_stream_close(ErlNifEnv *env, int argc,
             enif_release_resource(s); /* the callback's, which will not run */
     }
     uv_mutex_lock(&s->lock);
-    for (size_t i = 0; i < s->nbuf; i++) {
-        s->free_slots[s->nfree++] = s->buf[i].slot;
+    for (size_t i = 0; i < s->nbuf; i++)
         entry_free(&s->buf[i]);
-    }
     s->nbuf = 0;
     notified = s->notified;
     s->notified = 0;
     uv_mutex_unlock(&s->lock);
+    /* Every slot is free now: a later submit gets noproc refusals. */
+    s->nfree = 0;
     for (uint32_t i = 0; i < s->nslots; i++) {
         if (s->slots[i].t != NULL) {
             moat_task_release(s->slots[i].t);
             s->slots[i].t = NULL;
         }
+        s->free_slots[s->nfree++] = s->nslots - 1 - i;
     }
     return notified ? atom_true : atom_false;
 }
