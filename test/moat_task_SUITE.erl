@@ -50,6 +50,7 @@
     stop_pool_sends_shutdown/1,
     pool_restart_gives_shutdown/1,
     ignored_task_silent_on_stop/1,
+    async_stream_inputs_round_trip/1,
     async_stream_ordered/1,
     async_stream_unordered/1,
     async_stream_failures_and_refusals/1,
@@ -121,6 +122,7 @@ all() ->
         stop_pool_sends_shutdown,
         pool_restart_gives_shutdown,
         ignored_task_silent_on_stop,
+        async_stream_inputs_round_trip,
         async_stream_ordered,
         async_stream_unordered,
         async_stream_failures_and_refusals,
@@ -942,6 +944,25 @@ ignored_task_silent_on_stop(Config) ->
 %%%===================================================================
 %%% async_stream
 %%%===================================================================
+
+async_stream_inputs_round_trip(Config) ->
+    %% Every kind of input reaches its task intact, whatever the encoding of
+    %% the input list (a list of bytes is encoded as a string).
+    P = ?config(pool, Config),
+    Bytes = [0, 1, 2, 255],
+    Mixed = [
+        256, -1, 1 bsl 70, -(1 bsl 70), 1.5, <<"bin">>, <<1:3>>, "str", #{a => [1]},
+        self(), make_ref(), fun() -> ok end, fun lists:map/2, {a, [b, {c}]}, [], atom,
+        'ünïcode', lists:seq(1, 300)
+    ],
+    [
+        begin
+            Out = moat:async_stream(P, echo, In, #{max_concurrency => 3}),
+            ?assertEqual([{ok, X} || X <- In], Out)
+        end
+     || In <- [Bytes, Mixed, Bytes ++ Mixed]
+    ],
+    sweep().
 
 async_stream_ordered(Config) ->
     %% An ordered async_stream returns one element per input, in input order.

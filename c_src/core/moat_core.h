@@ -64,6 +64,11 @@ moat_term_t *moat_term_new(const char *etf, size_t len, int *err);
 moat_term_t *moat_term_wrap(const char *etf, size_t len,
                             void (*release)(void *opaque), void *opaque);
 
+/* Makes [T] (with the version byte) from the encoding of T alone (no
+ * version byte), which must be one well-formed term: it is not checked
+ * again.  One allocation.  NULL on out of memory. */
+moat_term_t *moat_term_list1(const char *elem, size_t len);
+
 /* Takes over an ei_x_buff's memory (x->buff becomes NULL).  The bytes are
  * not checked (run moat_etf_check first).  Returns NULL, leaving the buffer
  * to the caller, when x holds no buffer or on out of memory. */

@@ -797,6 +797,77 @@ static moat_task_t *task_make(moat_pool_t *pool, const moat_job_t *job,
  * caller's). */
 static void task_unmake(moat_task_t *t) { task_release(t); }
 
+/* Puts ts[i] on its owner's list, and the tasks after it that have the
+ * same owner, under one stripe lock (a batch usually has one owner).  The
+ * others are added by their own turn of the caller's loop: a task already
+ * on a list is skipped there (orec set).  rq_lock held. */
+static int owner_add_run(moat_pool_t *pool, moat_task_t **ts, size_t i,
+                         size_t k) {
+    moat__stripe_t *s;
+    moat__owner_t **p, *o;
+    uint64_t key = ts[i]->owner;
+    if (ts[i]->orec != NULL)
+        return 0; /* added with an earlier task of its owner */
+    s = stripe_of(pool, key);
+    uv_mutex_lock(&s->lock);
+    p = owner_find(s, key);
+    o = *p;
+    if (o == NULL) {
+        o = malloc(sizeof *o);
+        if (o == NULL) {
+            uv_mutex_unlock(&s->lock);
+            return -ENOMEM;
+        }
+        o->key = key;
+        o->next = NULL;
+        moat__list_init(&o->tasks);
+        *p = o;
+    }
+    /* Newest first, as owner_add does. */
+    for (size_t j = i; j < k && ts[j]->owner == key; j++) {
+        moat__list_push_front(&o->tasks, &ts[j]->onode);
+        ts[j]->orec = o;
+    }
+    uv_mutex_unlock(&s->lock);
+    return 0;
+}
+
+/* Arms the deadlines of a batch under one timer lock; see arm_deadline. */
+static void arm_deadlines(moat_pool_t *pool, const moat_job_t *jobs,
+                          moat_task_t **ts, size_t k) {
+    enum { NOTHING, ARMED, DROP, FIRE };
+    unsigned char st[64];
+    for (size_t base = 0; base < k; base += sizeof st) {
+        size_t m = k - base < sizeof st ? k - base : sizeof st;
+        int any = 0;
+        for (size_t i = 0; i < m; i++)
+            any |= jobs[base + i].timeout_ms >= 0;
+        if (!any)
+            continue;
+        uv_mutex_lock(&pool->timer_lock);
+        for (size_t i = 0; i < m; i++) {
+            moat_task_t *t = ts[base + i];
+            int64_t ms = jobs[base + i].timeout_ms;
+            int rc;
+            if (ms < 0)
+                st[i] = NOTHING;
+            else if (atomic_load(&t->claim) != MOAT__OPEN)
+                st[i] = DROP;
+            else if ((rc = moat__timer_insert(pool, &t->timer, ms)) < 0)
+                st[i] = FIRE;
+            else
+                st[i] = rc ? ARMED : DROP;
+        }
+        uv_mutex_unlock(&pool->timer_lock);
+        for (size_t i = 0; i < m; i++) {
+            if (st[i] == FIRE)
+                deadline_fired(&ts[base + i]->timer);
+            else if (st[i] == DROP)
+                moat__task_unref(ts[base + i]);
+        }
+    }
+}
+
 static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
                        moat_task_t **out, int internal, int *err) {
     moat_task_t *stack[64];
@@ -843,7 +914,7 @@ static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
     /* A task becomes visible (to its owner's cancel, to workers) only
      * here, queued, so nothing can end it before it is. */
     for (size_t i = 0; i < k; i++) {
-        if (ts[i]->owner != 0 && owner_add(pool, ts[i], 0) != 0) {
+        if (ts[i]->owner != 0 && owner_add_run(pool, ts, i, k) != 0) {
             size_t j = k;
             atomic_fetch_sub(&pool->admitted, k - i);
             while (j > i)
@@ -862,12 +933,10 @@ static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
     uv_mutex_unlock(&pool->rq_lock);
     if (wake)
         uv_cond_signal(&pool->rq_cond);
-    for (size_t i = 0; i < k; i++) {
-        if (jobs[i].timeout_ms >= 0)
-            arm_deadline(ts[i], jobs[i].timeout_ms);
-        if (out != NULL)
+    arm_deadlines(pool, jobs, ts, k);
+    if (out != NULL)
+        for (size_t i = 0; i < k; i++)
             out[i] = ts[i];
-    }
 done:
     if (ts != stack)
         free(ts);

@@ -334,6 +334,19 @@ fail:
     return NULL;
 }
 
+moat_term_t *moat_term_list1(const char *elem, size_t len) {
+    static const char head[] = {(char)131, 108, 0, 0, 0, 1};
+    moat_term_t *t;
+    if (len > SIZE_MAX - sizeof head - 1 ||
+        (t = alloc_inline(sizeof head + len + 1)) == NULL)
+        return NULL;
+    memcpy(t->bytes, head, sizeof head);
+    memcpy(t->bytes + sizeof head, elem, len);
+    t->bytes[sizeof head + len] = 106; /* NIL_EXT */
+    init(t, t->bytes, sizeof head + len + 1, NULL, NULL);
+    return t;
+}
+
 moat_term_t *moat_term_wrap(const char *etf, size_t len,
                             void (*release)(void *opaque), void *opaque) {
     moat_term_t *t = malloc(sizeof(*t));

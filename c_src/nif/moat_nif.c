@@ -1286,6 +1286,46 @@ static ERL_NIF_TERM refused(ErlNifEnv *env, uint64_t index, ERL_NIF_TERM why,
 
 #define BATCH 64
 
+/* A cursor over the elements of a proper list's ETF, as
+ * enif_term_to_binary made it: LIST_EXT, or STRING_EXT for a list of
+ * bytes.  Trusted input (the VM encoded it), walked with ei_skip_term. */
+typedef struct {
+    const ErlNifBinary *etf;
+    int string; /* STRING_EXT: each element is one byte */
+    int lost;   /* ei could not skip an element: encode one by one */
+    int index;
+    ERL_NIF_TERM list; /* the rest of the list, for that case */
+    char small[2];
+} elems_t;
+
+static void elems_open(elems_t *c, const ErlNifBinary *etf,
+                       ERL_NIF_TERM list) {
+    c->etf = etf;
+    c->string = etf != NULL && etf->data[1] == 107;
+    c->lost = 0;
+    c->index = 1 + (c->string ? 3 : 5); /* version, tag, length */
+    c->list = list;
+}
+
+/* The next input as a task's argument list [Input].  NULL on out of
+ * memory. */
+static moat_term_t *elems_next(ErlNifEnv *env, elems_t *c) {
+    const char *buf = (const char *)c->etf->data;
+    ERL_NIF_TERM head;
+    int start = c->index;
+    enif_get_list_cell(env, c->list, &head, &c->list);
+    if (c->string) {
+        c->small[0] = 97; /* SMALL_INTEGER_EXT */
+        c->small[1] = buf[c->index++];
+        return moat_term_list1(c->small, 2);
+    }
+    /* A term ei does not know (a newer VM's) ends the shortcut. */
+    if (!c->lost && ei_skip_term(buf, &c->index) == 0)
+        return moat_term_list1(buf + start, (size_t)(c->index - start));
+    c->lost = 1;
+    return encode(env, enif_make_list1(env, head));
+}
+
 /* stream_submit(Stream, Inputs :: list(), FirstIndex :: non_neg_integer())
  *     -> Refused :: [{Index, exit, Reason}]
  * Submits each input I as Args = [I], numbered from FirstIndex.  The caller
@@ -1295,13 +1335,19 @@ static ERL_NIF_TERM refused(ErlNifEnv *env, uint64_t index, ERL_NIF_TERM why,
 static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
                                       const ERL_NIF_TERM argv[]) {
     nstream_t *s = owned_stream(env, argv[0]);
-    ERL_NIF_TERM list = argv[1], head, out = enif_make_list(env, 0);
+    ERL_NIF_TERM out = enif_make_list(env, 0);
     ErlNifUInt64 index;
+    ErlNifBinary etf;
+    elems_t cur;
     unsigned n;
     (void)argc;
-    if (s == NULL || !enif_get_list_length(env, list, &n) ||
+    if (s == NULL || !enif_get_list_length(env, argv[1], &n) ||
         !enif_get_uint64(env, argv[2], &index) || n > s->nfree)
         return enif_make_badarg(env);
+    /* One encoding for all the inputs, cut into each task's [Input]. */
+    if (n > 0 && !enif_term_to_binary(env, argv[1], &etf))
+        return enif_raise_exception(env, atom_enomem);
+    elems_open(&cur, n > 0 ? &etf : NULL, argv[1]);
     while (n > 0) {
         moat_job_t jobs[BATCH];
         moat_task_t *tasks[BATCH];
@@ -1311,7 +1357,11 @@ static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
         ERL_NIF_TERM why = atom_overloaded;
         n -= k;
         for (unsigned i = 0; i < k; i++) {
-            enif_get_list_cell(env, list, &head, &list);
+            moat_term_t *args = elems_next(env, &cur);
+            if (s->closed || s->np == NULL || s->task == NULL) {
+                moat_term_unref(args);
+                args = NULL;
+            }
             if (s->closed || s->np == NULL) {
                 out = refused(env, index++, atom_noproc, out);
                 continue;
@@ -1323,7 +1373,7 @@ static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
                               out);
                 continue;
             }
-            jobs[got].args = encode(env, enif_make_list1(env, head));
+            jobs[got].args = args;
             if (jobs[got].args == NULL) {
                 out = refused(env, index++, atom_enomem, out);
                 continue;
@@ -1367,6 +1417,8 @@ static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
             enif_release_resource(s);
         }
     }
+    if (cur.etf != NULL)
+        enif_release_binary(&etf);
     return out;
 }
 

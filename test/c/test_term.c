@@ -666,6 +666,34 @@ static void test_term_new_rejects_malformed_bytes(void **state) {
     assert_int_equal(err, MOAT_EBADTERM);
 }
 
+/* list1 wraps one encoded term (no version byte) into a checked [T]. */
+static void test_term_list1_wraps_one_term(void **state) {
+    ei_x_buff x;
+    moat_term_t *t;
+    const char *d;
+    size_t len;
+    int index = 0, version, arity;
+    char atom[MAXATOMLEN];
+    (void)state;
+    ei_x_new(&x);
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "hello");
+    ei_x_encode_long(&x, 1234567);
+    t = moat_term_list1(x.buff, (size_t)x.index);
+    assert_non_null(t);
+    d = moat_term_data(t, &len);
+    assert_int_equal(moat_etf_check(d, len), 0);
+    assert_int_equal(ei_decode_version(d, &index, &version), 0);
+    assert_int_equal(ei_decode_list_header(d, &index, &arity), 0);
+    assert_int_equal(arity, 1);
+    assert_int_equal(ei_decode_tuple_header(d, &index, &arity), 0);
+    assert_int_equal(arity, 2);
+    assert_int_equal(ei_decode_atom(d, &index, atom), 0);
+    assert_string_equal(atom, "hello");
+    moat_term_unref(t);
+    ei_x_free(&x);
+}
+
 static void test_term_refcount_frees_at_last_unref(void **state) {
     static const char data[] = {(char)131, 'a', 1};
     moat_term_t *t;
@@ -1181,6 +1209,7 @@ static void test_etf_check_survives_mutations(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_term_list1_wraps_one_term),
         cmocka_unit_test(test_atom_static_terms_encode_their_names),
         cmocka_unit_test(test_atom_ref_and_unref_do_nothing),
         cmocka_unit_test(test_atom_out_of_range_is_null),
