@@ -407,29 +407,33 @@ static moat__owner_t **owner_find(moat__stripe_t *s, uint64_t key) {
     return p;
 }
 
+/* The owner record for key, made if there is none; NULL on out of
+ * memory.  Stripe lock held. */
+static moat__owner_t *owner_get(moat__stripe_t *s, uint64_t key) {
+    moat__owner_t **p = owner_find(s, key), *o = *p;
+    if (o == NULL && (o = malloc(sizeof *o)) != NULL) {
+        o->key = key;
+        o->next = NULL;
+        moat__list_init(&o->tasks);
+        *p = o;
+    }
+    return o;
+}
+
 /* Puts t on its owner's list; with if_open, only while its claim is open
  * (checked under the stripe lock, which deliver's owner_remove takes after
  * claiming, so an answered task is never left on the list). */
 static int owner_add(moat_pool_t *pool, moat_task_t *t, int if_open) {
     moat__stripe_t *s = stripe_of(pool, t->owner);
-    moat__owner_t **p, *o;
+    moat__owner_t *o;
     uv_mutex_lock(&s->lock);
     if (if_open && atomic_load(&t->claim) != MOAT__OPEN) {
         uv_mutex_unlock(&s->lock);
         return 0;
     }
-    p = owner_find(s, t->owner);
-    o = *p;
-    if (o == NULL) {
-        o = malloc(sizeof *o);
-        if (o == NULL) {
-            uv_mutex_unlock(&s->lock);
-            return -ENOMEM;
-        }
-        o->key = t->owner;
-        o->next = NULL;
-        moat__list_init(&o->tasks);
-        *p = o;
+    if ((o = owner_get(s, t->owner)) == NULL) {
+        uv_mutex_unlock(&s->lock);
+        return -ENOMEM;
     }
     /* Newest first: cancel_owner then ends queued tasks before it abandons
      * a running one, whose replacement thread would otherwise run them. */
@@ -804,24 +808,15 @@ static void task_unmake(moat_task_t *t) { task_release(t); }
 static int owner_add_run(moat_pool_t *pool, moat_task_t **ts, size_t i,
                          size_t k) {
     moat__stripe_t *s;
-    moat__owner_t **p, *o;
+    moat__owner_t *o;
     uint64_t key = ts[i]->owner;
     if (ts[i]->orec != NULL)
         return 0; /* added with an earlier task of its owner */
     s = stripe_of(pool, key);
     uv_mutex_lock(&s->lock);
-    p = owner_find(s, key);
-    o = *p;
-    if (o == NULL) {
-        o = malloc(sizeof *o);
-        if (o == NULL) {
-            uv_mutex_unlock(&s->lock);
-            return -ENOMEM;
-        }
-        o->key = key;
-        o->next = NULL;
-        moat__list_init(&o->tasks);
-        *p = o;
+    if ((o = owner_get(s, key)) == NULL) {
+        uv_mutex_unlock(&s->lock);
+        return -ENOMEM;
     }
     /* Newest first, as owner_add does. */
     for (size_t j = i; j < k && ts[j]->owner == key; j++) {
