@@ -48,6 +48,7 @@
 #include <dlfcn.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,7 +69,7 @@
     X(moat_task_done) X(exit) X(cancelled) X(delivered) X(ignored)         \
     X(already_started) X(bad_library) X(not_found) X(queued) X(running)    \
     X(completed) X(failed) X(timeouts) X(rejected) X(abandoned)            \
-    X(threads) X(restarts) X(size) X(enomem) X(bad_option)
+    X(threads) X(restarts) X(size) X(enomem) X(bad_option) X(wait)
 
 #define DECLARE_ATOM(name) static ERL_NIF_TERM atom_##name;
 ATOMS(DECLARE_ATOM)
@@ -964,7 +965,6 @@ static void pool_down(ErlNifEnv *env, void *obj, ErlNifPid *pid,
 static void refuse(ErlNifEnv *env, ntask_t *nt, ERL_NIF_TERM reason) {
     ErlNifEnv *menv = enif_alloc_env();
     ERL_NIF_TERM msg;
-    atomic_store(&nt->state, T_SENT);
     msg = enif_make_tuple5(menv, atom_DOWN, enif_make_resource(menv, nt),
                            atom_process, task_id_term(menv, nt, 0),
                            enif_make_copy(menv, reason));
@@ -1120,19 +1120,28 @@ static ERL_NIF_TERM nif_run(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
             break;
     }
     if (atomic_compare_exchange_strong(&nt->state, &spin, T_OPEN))
-        return enif_make_tuple2(env, enif_make_atom(env, "wait"), ref);
+        return enif_make_tuple2(env, atom_wait, ref);
     out = outcome_term(env, nt->held_kind, nt->held); /* T_HELD */
     atomic_store(&nt->state, T_SENT);
     return out;
 }
 
-static ntask_t *owned_task(ErlNifEnv *env, ERL_NIF_TERM t) {
-    ntask_t *nt;
+/* The resource `t` of type `rt` if the caller is its owner (the pid at
+ * owner_off in it), else NULL: give-ups and streams are the owner's. */
+static void *owned(ErlNifEnv *env, ERL_NIF_TERM t, ErlNifResourceType *rt,
+                   size_t owner_off) {
+    void *obj;
     ErlNifPid self;
-    if (!enif_get_resource(env, t, task_rt, (void **)&nt))
+    if (!enif_get_resource(env, t, rt, &obj))
         return NULL;
     enif_self(env, &self);
-    return enif_compare_pids(&self, &nt->owner) == 0 ? nt : NULL;
+    return enif_compare_pids(&self, (ErlNifPid *)((char *)obj + owner_off)) == 0
+               ? obj
+               : NULL;
+}
+
+static ntask_t *owned_task(ErlNifEnv *env, ERL_NIF_TERM t) {
+    return owned(env, t, task_rt, offsetof(ntask_t, owner));
 }
 
 /* task_cancel(Ref, Reason :: shutdown | killed) -> cancelled | delivered
@@ -1269,12 +1278,7 @@ static ERL_NIF_TERM nif_stream_new(ErlNifEnv *env, int argc,
 }
 
 static nstream_t *owned_stream(ErlNifEnv *env, ERL_NIF_TERM t) {
-    nstream_t *s;
-    ErlNifPid self;
-    if (!enif_get_resource(env, t, stream_rt, (void **)&s))
-        return NULL;
-    enif_self(env, &self);
-    return enif_compare_pids(&self, &s->owner) == 0 ? s : NULL;
+    return owned(env, t, stream_rt, offsetof(nstream_t, owner));
 }
 
 static ERL_NIF_TERM refused(ErlNifEnv *env, uint64_t index, ERL_NIF_TERM why,
