@@ -39,6 +39,7 @@
 -export([async/3, async/4, await/1, await/2, yield/2, yield_many/2]).
 -export([shutdown/1, shutdown/2, ignore/1, run/3, run/4]).
 -export([async_stream/4, stream/4]).
+-export([call/3, call/4, cast/3, which_children/1, count_children/1]).
 
 -export_type([task/0, pool/0, outcome/0]).
 
@@ -64,10 +65,22 @@
 %% online), `max_queue' (tasks waiting beyond the threads before new ones
 %% are `overloaded'; 65536), `libraries' (task libraries: a path to a
 %% `.so', `{priv, App, File}' or `moat_demo'; default `[moat_demo]'),
-%% `max_restarts' and `max_seconds' (how often the pool may be restarted:
-%% 3 in 5 s), `backend' (`nif', the only one so far). Bad options raise
-%% `badarg'; a library that cannot be loaded is
+%% `max_restarts' and `max_seconds' (3 in 5 s: the restart intensity of
+%% the pool's native supervisor, and of the OTP supervisor that restarts
+%% the pool when the native one gives up), `backend' (`nif', the only one
+%% so far). Bad options raise `badarg'; a library that cannot be loaded is
 %% `{error, {bad_library, Message}}'.
+%%
+%% Native servers (see {@link call/4}): `servers' is a list of child
+%% specs, each a map or proplist with `id' (any term, unique), `start'
+%% (`{Lib, Server, Args}': server `Server' of task library `Lib', in the
+%% same forms as `libraries' (added to them if absent), started with the
+%% argument list `Args'), `restart' (`permanent' (default), `transient' or
+%% `temporary') and `shutdown' (ms, 5000 by default, `brutal_kill' or
+%% `infinity'); `strategy' is the native supervisor's (`one_for_one'
+%% (default), `one_for_all' or `rest_for_one'). They start in list order,
+%% before this returns; one that fails to start fails the pool with
+%% `{error, {shutdown, {failed_to_start_child, Id, Reason}}}'.
 -spec start_pool(pool(), map() | proplists:proplist()) ->
     {ok, pid()} | {error, {already_started, pid()} | term()}.
 start_pool(Name, Opts) when is_atom(Name) ->
@@ -323,6 +336,76 @@ run(Pool, Task, Args, Timeout) when is_atom(Pool), is_atom(Task), is_list(Args) 
             Outcome
     end;
 run(_, _, _, _) ->
+    error(badarg).
+
+%%%===================================================================
+%%% Native servers
+%%%===================================================================
+
+%% @equiv call(Pool, Server, Request, 5000)
+-spec call(pool(), term(), term()) -> outcome().
+call(Pool, Server, Request) ->
+    call(Pool, Server, Request, ?DEFAULT_TIMEOUT).
+
+%% @doc Calls native server `Server' of `Pool' (its `id' in the pool's
+%% `servers') and waits for the reply: `{ok, Reply}' or `{exit, Reason}'.
+%%
+%% Never raises for a failed call: `{exit, noproc}' when the pool or the
+%% server is not running (restarting, ended, or no such id),
+%% `{exit, timeout}' past `Timeout' (the server still handles the request,
+%% but its late reply is dropped: no message follows), and the server's
+%% exit reason when it ends before replying (it crashed on this request or
+%% an earlier one, or stopped), e.g. `{exit, {native_error, <<"crash">>}}'.
+%% Requests to one server are handled one at a time, in order, on the
+%% pool's threads.
+-spec call(pool(), term(), term(), timeout()) -> outcome().
+call(Pool, Server, Request, Timeout) when is_atom(Pool) ->
+    check_timeout(Timeout),
+    %% As run/4: the NIF waits a few microseconds for the reply, else it
+    %% comes as a message; the pool's deadline makes it exactly one.
+    case moat_nif:call(Pool, Server, Request, Timeout) of
+        {wait, Ref} ->
+            receive
+                {Ref, Reply} -> {ok, Reply};
+                {'DOWN', Ref, process, _, Reason} -> {exit, Reason}
+            end;
+        Outcome ->
+            Outcome
+    end;
+call(_, _, _, _) ->
+    error(badarg).
+
+%% @doc Sends `Request' to native server `Server' of `Pool' without
+%% waiting. Always `ok': a cast to a server that is not running is
+%% dropped, as `gen_server:cast/2' drops it.
+-spec cast(pool(), term(), term()) -> ok.
+cast(Pool, Server, Request) when is_atom(Pool) ->
+    moat_nif:cast(Pool, Server, Request);
+cast(_, _, _) ->
+    error(badarg).
+
+%% @doc The pool's native servers in start order, as
+%% `supervisor:which_children/1' lists them, with `running' in place of
+%% the pid: `restarting' while a restart is pending (also for every server
+%% from the moment the native supervisor gives up until the pool is
+%% restarted), `undefined' for a child that ended and is not restarted.
+-spec which_children(pool()) ->
+    [{term(), running | restarting | undefined, worker | supervisor}]
+    | {error, not_found}.
+which_children(Pool) when is_atom(Pool) ->
+    moat_nif:which_children(Pool);
+which_children(_) ->
+    error(badarg).
+
+%% @doc Counts of the pool's native servers, as
+%% `supervisor:count_children/1' gives them.
+-spec count_children(pool()) ->
+    #{specs := non_neg_integer(), active := non_neg_integer(),
+      supervisors := non_neg_integer(), workers := non_neg_integer()}
+    | {error, not_found}.
+count_children(Pool) when is_atom(Pool) ->
+    moat_nif:count_children(Pool);
+count_children(_) ->
     error(badarg).
 
 %%%===================================================================
@@ -746,18 +829,70 @@ pool_opts(Opts) ->
         max_queue => 65536,
         libraries => [moat_demo],
         max_restarts => 3,
-        max_seconds => 5
+        max_seconds => 5,
+        strategy => one_for_one,
+        servers => []
     },
     Merged = maps:merge(Defaults, Opts),
     maps:foreach(fun check_pool_opt/2, Merged),
-    Merged#{libraries := [library_path(L) || L <- maps:get(libraries, Merged)]}.
+    Libs0 = [library_path(L) || L <- maps:get(libraries, Merged)],
+    {Servers, Libs} = server_specs(maps:get(servers, Merged), Libs0),
+    Merged#{libraries := Libs, servers := Servers}.
+
+%% Child specs as the NIF takes them, {Id, LibIndex, Server, Args,
+%% Restart, Shutdown}, and the libraries with the servers' own appended.
+server_specs(Specs, Libs0) ->
+    {Rev, Libs} = lists:foldl(
+        fun(Spec, {Acc, Libs}) ->
+            {S, Libs1} = server_spec(opts_map(Spec), Libs),
+            {[S | Acc], Libs1}
+        end,
+        {[], Libs0},
+        Specs
+    ),
+    Servers = lists:reverse(Rev),
+    Ids = [element(1, S) || S <- Servers],
+    length(lists:usort(Ids)) =:= length(Ids) orelse error(badarg),
+    {Servers, Libs}.
+
+server_spec(#{id := Id, start := {Lib, Server, Args}} = Spec, Libs) when
+    is_atom(Server), is_list(Args)
+->
+    Keys = [id, start, restart, shutdown, type],
+    [] =:= maps:keys(maps:without(Keys, Spec)) orelse error(badarg),
+    _ = length(Args),
+    Restart = maps:get(restart, Spec, permanent),
+    lists:member(Restart, [permanent, transient, temporary]) orelse error(badarg),
+    Shutdown = maps:get(shutdown, Spec, 5000),
+    case Shutdown of
+        brutal_kill -> ok;
+        infinity -> ok;
+        Ms when is_integer(Ms), Ms >= 0, Ms < 1 bsl 31 -> ok;
+        _ -> error(badarg)
+    end,
+    worker =:= maps:get(type, Spec, worker) orelse error(badarg),
+    Path = library_path(Lib),
+    Libs1 =
+        case lists:member(Path, Libs) of
+            true -> Libs;
+            false -> Libs ++ [Path]
+        end,
+    Index = length(lists:takewhile(fun(L) -> L =/= Path end, Libs1)),
+    {{Id, Index, Server, Args, Restart, Shutdown}, Libs1};
+server_spec(_, _) ->
+    error(badarg).
 
 check_pool_opt(backend, nif) -> ok;
 check_pool_opt(size, N) when is_integer(N), N > 0, N =< 1024 -> ok;
 check_pool_opt(max_queue, N) when is_integer(N), N > 0, N < 1 bsl 32 -> ok;
 check_pool_opt(libraries, [_ | _] = L) -> lists:foreach(fun library_path/1, L);
-check_pool_opt(max_restarts, N) when is_integer(N), N >= 0 -> ok;
-check_pool_opt(max_seconds, N) when is_integer(N), N > 0 -> ok;
+check_pool_opt(max_restarts, N) when is_integer(N), N >= 0, N < 1 bsl 31 -> ok;
+check_pool_opt(max_seconds, N) when is_integer(N), N > 0, N < 1 bsl 31 -> ok;
+check_pool_opt(strategy, S) when
+    S =:= one_for_one; S =:= one_for_all; S =:= rest_for_one
+->
+    ok;
+check_pool_opt(servers, L) when is_list(L) -> ok;
 check_pool_opt(_, _) -> error(badarg).
 
 library_path(moat_demo) ->
@@ -784,6 +919,5 @@ priv_dir(App) ->
 
 %% The reason a pool could not start, without the supervisors' wrapping.
 start_error({Reason, Child}) when element(1, Child) =:= child -> start_error(Reason);
-start_error({shutdown, {failed_to_start_child, _, Reason}}) -> start_error(Reason);
-start_error({failed_to_start_child, _, Reason}) -> start_error(Reason);
+start_error({shutdown, {failed_to_start_child, owner, Reason}}) -> Reason;
 start_error(Reason) -> Reason.

@@ -7,6 +7,7 @@
 -export([pool_new/4, pool_close/1, pool_stats/1, pool_owner/1]).
 -export([async/5, run/4, task_cancel/2, task_running/1, task_spin/1, task_ignore/1]).
 -export([stream_new/4, stream_submit/3, stream_take/3, stream_close/1]).
+-export([sup_start/3, call/4, cast/3, which_children/1, count_children/1]).
 
 -on_load(load/0).
 
@@ -69,5 +70,23 @@ stream_take(_Stream, _Ack, _Elements) -> nif_missing().
 
 -spec stream_close(reference()) -> boolean().
 stream_close(_Stream) -> nif_missing().
+
+-spec sup_start(reference(), {atom(), non_neg_integer(), pos_integer()},
+                [{term(), non_neg_integer(), atom(), list(), atom(), term()}]) ->
+    ok | {error, term()}.
+sup_start(_Handle, _Flags, _Servers) -> nif_missing().
+
+-spec call(atom(), term(), term(), timeout()) ->
+    {ok, term()} | {exit, term()} | {wait, reference()}.
+call(_Pool, _Server, _Request, _Timeout) -> nif_missing().
+
+-spec cast(atom(), term(), term()) -> ok.
+cast(_Pool, _Server, _Request) -> nif_missing().
+
+-spec which_children(atom()) -> [{term(), atom(), atom()}] | {error, not_found}.
+which_children(_Pool) -> nif_missing().
+
+-spec count_children(atom()) -> map() | {error, not_found}.
+count_children(_Pool) -> nif_missing().
 
 nif_missing() -> erlang:nif_error({not_loaded, ?MODULE}).

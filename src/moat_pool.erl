@@ -34,11 +34,19 @@ start_link(Name, Opts) ->
 %%%===================================================================
 
 -spec init({atom(), map()}) -> {ok, #state{}} | {stop, term()}.
-init({Name, #{size := Size, max_queue := MaxQueue, libraries := Libs}}) ->
+init({Name, #{size := Size, max_queue := MaxQueue, libraries := Libs} = Opts}) ->
     process_flag(trap_exit, true),
+    #{strategy := Strategy, max_restarts := Intensity, max_seconds := Period,
+      servers := Servers} = Opts,
     case moat_nif:pool_new(Name, Size, MaxQueue, Libs) of
         {ok, Handle} ->
-            {ok, #state{name = Name, handle = Handle}};
+            case moat_nif:sup_start(Handle, {Strategy, Intensity, Period}, Servers) of
+                ok ->
+                    {ok, #state{name = Name, handle = Handle}};
+                {error, Reason} ->
+                    ok = moat_nif:pool_close(Handle),
+                    {stop, Reason}
+            end;
         {error, Reason} ->
             {stop, Reason}
     end.
@@ -57,7 +65,20 @@ handle_cast(Request, State) ->
 %% Exits from the parent supervisor are handled by gen_server itself (it
 %% terminates with that reason); any other linked process exiting is not
 %% ours to follow.
--spec handle_info(term(), #state{}) -> {noreply, #state{}}.
+-spec handle_info(term(), #state{}) -> {noreply, #state{}} | {stop, shutdown, #state{}}.
+handle_info({moat_gave_up, Name, Reason}, #state{name = Name} = State) ->
+    %% The native supervisor reached its intensity and stopped its
+    %% servers. Exit as an OTP supervisor does when it gives up, so that
+    %% the one above restarts the pool, under its own intensity.
+    ?LOG_ERROR(
+        #{
+            label => {moat, native_supervisor_gave_up},
+            pool => Name,
+            reason => Reason
+        },
+        #{domain => [moat]}
+    ),
+    {stop, shutdown, State};
 handle_info({'EXIT', Pid, Reason}, State) ->
     ?LOG_INFO("moat pool ~p: linked process ~0p exited: ~0p", [State#state.name, Pid, Reason]),
     {noreply, State};

@@ -452,7 +452,10 @@ typedef struct moat_sup_opts_s {
  * start, returns MOAT_ESTART with *reason {shutdown, {failed_to_start_child,
  * Id, Reason}}: the supervisor then stops the children it started, in
  * reverse order, and exits with that reason (monitor *pid to see it end).
- * The specs are copied (their ids referenced).
+ * The specs are copied (their ids referenced).  Each spec's arg belongs
+ * to the supervisor once this is called, whatever it returns (arg_free
+ * runs when it is done with it), except MOAT_EINVAL and MOAT_EEXISTS:
+ * specs refused as invalid are left to the caller.
  */
 int moat_sup_start(moat_pool_t *pool, moat_pid_t parent,
                    const moat_sup_opts_t *opts, const moat_child_spec_t *specs,
@@ -483,6 +486,12 @@ typedef struct moat_child_counts_s {
 
 int moat_sup_count_children(moat_pool_t *pool, moat_pid_t sup,
                             moat_child_counts_t *counts);
+
+/* The pid of the running child with this id (compared by value), for
+ * calls and casts to it: MOAT_ENOPROC when the supervisor is gone or the
+ * child is not running (restarting, ended, or no such id). */
+int moat_sup_child_pid(moat_pool_t *pool, moat_pid_t sup,
+                       const moat_term_t *id, moat_pid_t *pid);
 
 #ifdef __cplusplus
 }

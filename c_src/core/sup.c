@@ -585,11 +585,17 @@ int moat_sup_start(moat_pool_t *pool, moat_pid_t parent,
         return rc;
     *reason = NULL;
     sup = calloc(1, sizeof *sup);
-    if (sup == NULL)
-        return -ENOMEM;
-    sup->children = calloc(n > 0 ? n : 1, sizeof *sup->children);
-    if (sup->children == NULL || uv_mutex_init(&sup->lock) != 0) {
+    if (sup != NULL &&
+        (sup->children = calloc(n > 0 ? n : 1, sizeof *sup->children)) != NULL &&
+        uv_mutex_init(&sup->lock) != 0) {
         free(sup->children);
+        sup->children = NULL;
+    }
+    if (sup == NULL || sup->children == NULL) {
+        /* The args are ours from here on, as on every later failure. */
+        for (size_t i = 0; i < n; i++)
+            if (specs[i].arg_free != NULL)
+                specs[i].arg_free(specs[i].arg);
         free(sup);
         return -ENOMEM;
     }
@@ -711,4 +717,42 @@ int moat_sup_count_children(moat_pool_t *pool, moat_pid_t sup,
     if (rc < 0)
         return rc == MOAT_EINVAL ? MOAT_ENOPROC : rc;
     return 0;
+}
+
+typedef struct child_arg_s {
+    const moat_term_t *id;
+    moat_pid_t pid;
+} child_arg_t;
+
+static int child_locked(moat__server_t *s, void *arg) {
+    child_arg_t *a = arg;
+    sup_t *sup;
+    if (s->info != sup_info)
+        return MOAT_EINVAL;
+    sup = s->state;
+    uv_mutex_lock(&sup->lock);
+    for (size_t i = 0; i < sup->nchildren; i++) {
+        child_t *c = &sup->children[i];
+        /* The id a caller kept from the spec is the same term: most
+         * look-ups end at the pointer compare. */
+        if (!c->removed && (c->id == a->id || moat_term_equal(c->id, a->id))) {
+            a->pid = c->restarting ? 0 : c->pid;
+            break;
+        }
+    }
+    uv_mutex_unlock(&sup->lock);
+    return 0;
+}
+
+int moat_sup_child_pid(moat_pool_t *pool, moat_pid_t sup,
+                       const moat_term_t *id, moat_pid_t *pid) {
+    child_arg_t a = {id, 0};
+    int rc;
+    if (id == NULL || pid == NULL)
+        return MOAT_EINVAL;
+    rc = moat__proc_with_server(pool, sup, child_locked, &a);
+    if (rc < 0)
+        return rc == MOAT_EINVAL ? MOAT_ENOPROC : rc;
+    *pid = a.pid;
+    return a.pid != 0 ? 0 : MOAT_ENOPROC;
 }

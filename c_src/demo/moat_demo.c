@@ -30,17 +30,26 @@
  *                    the last that fits 64 bits); ignores cancellation
  *   sum [Binary]     the sum of the bytes
  *
- * Server `counter`, started with [Initial]:
+ * Server `counter`, started with [Initial] or [Initial, StopMs]:
  *   call get         replies the count
  *   call {add, N}    adds N, replies the new count
  *   call crash       fails with {native_error, <<"crash">>}
  *   call stop        stops with reason normal
+ *   call {stop, R}   stops with reason R, byte for byte
+ *   call {sleep, Ms} sleeps Ms milliseconds (less if the server is
+ *                    killed meanwhile), then replies the count
+ *   call start_seq   replies which counter start this one was, counted
+ *                    from 1 across every counter of the loaded library
+ *                    (so tests can see the order of restarts)
  *   cast {add, N}    adds N
+ * terminate sleeps StopMs milliseconds (0 by default) before freeing the
+ * state: a server that is slow to stop, for shutdown tests.
  * Any other call, or an add that would overflow 64 bits, is answered with
  * {error, badarg} and the server carries on: a bad request is the caller's
  * fault, not a reason to lose the count.  Other casts are dropped.
  */
 #include <limits.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -178,6 +187,24 @@ static long long deadline_after(long long delta, long long unit) {
     return now + delta * unit;
 }
 
+/* Sleeps ms milliseconds in steps, returning early once should_stop says
+ * so (ctx may be NULL: no early return). */
+static void sleep_ms(moat_ctx_t *ctx, long long ms) {
+    struct timespec step;
+    long long deadline = deadline_after(ms, 1000000LL), left;
+
+    while (ctx == NULL || !moat_should_stop(ctx)) {
+        left = deadline - now_ns();
+        if (left <= 0)
+            break;
+        if (left > SLEEP_STEP_NS)
+            left = SLEEP_STEP_NS;
+        step.tv_sec = 0;
+        step.tv_nsec = (long)left;
+        nanosleep(&step, NULL);
+    }
+}
+
 /* ---------------------------------------------------------------- tasks */
 
 static int task_echo(moat_ctx_t *ctx, const char *args, int len,
@@ -191,24 +218,13 @@ static int task_echo(moat_ctx_t *ctx, const char *args, int len,
 
 static int task_sleep(moat_ctx_t *ctx, const char *args, int len,
                       ei_x_buff *out) {
-    struct timespec step;
-    long long ms, deadline, left;
+    long long ms;
     args_t a;
 
     if (args_open(args, len, 1, &a) < 0 || arg_integer(&a, &ms) < 0 ||
         ms < 0)
         return badarg(ctx, out);
-    deadline = deadline_after(ms, 1000000LL);
-    while (!moat_should_stop(ctx)) {
-        left = deadline - now_ns();
-        if (left <= 0)
-            break;
-        if (left > SLEEP_STEP_NS)
-            left = SLEEP_STEP_NS;
-        step.tv_sec = 0;
-        step.tv_nsec = (long)left;
-        nanosleep(&step, NULL);
-    }
+    sleep_ms(ctx, ms);
     return ok(ctx, out);
 }
 
@@ -418,18 +434,27 @@ static int task_sum(moat_ctx_t *ctx, const char *args, int len,
 
 typedef struct {
     long long count;
+    long long stop_ms;
+    long long seq;
 } counter_t;
+
+static atomic_llong counter_starts;
 
 typedef enum {
     REQ_BAD,
     REQ_GET,
     REQ_ADD,
     REQ_CRASH,
-    REQ_STOP
+    REQ_STOP,
+    REQ_STOP_WITH,
+    REQ_SLEEP,
+    REQ_START_SEQ
 } request_t;
 
-/* Parses get, crash, stop and {add, N}. */
-static request_t parse_request(const char *req, int len, long long *n) {
+/* Parses get, crash, stop, start_seq, {add, N}, {sleep, Ms} and
+ * {stop, Reason}; for the last, *arg is where Reason starts in req. */
+static request_t parse_request(const char *req, int len, long long *n,
+                               int *arg) {
     char name[MAXATOMLEN_UTF8];
     int index = term_start(req, len), arity;
 
@@ -443,28 +468,47 @@ static request_t parse_request(const char *req, int len, long long *n) {
             return REQ_CRASH;
         if (strcmp(name, "stop") == 0)
             return REQ_STOP;
+        if (strcmp(name, "start_seq") == 0)
+            return REQ_START_SEQ;
         return REQ_BAD;
     }
-    if (ei_decode_tuple_header(req, &index, &arity) == 0 && arity == 2 &&
+    if (ei_decode_tuple_header(req, &index, &arity) < 0 || arity != 2 ||
         ei_decode_atom_as(req, &index, name, sizeof(name), ERLANG_UTF8, NULL,
-                          NULL) == 0 &&
-        strcmp(name, "add") == 0 && ei_decode_longlong(req, &index, n) == 0)
+                          NULL) < 0)
+        return REQ_BAD;
+    *arg = index;
+    if (strcmp(name, "stop") == 0)
+        return ei_skip_term(req, &index) == 0 && index <= len ? REQ_STOP_WITH
+                                                              : REQ_BAD;
+    if (ei_decode_longlong(req, &index, n) < 0)
+        return REQ_BAD;
+    if (strcmp(name, "add") == 0)
         return REQ_ADD;
+    if (strcmp(name, "sleep") == 0 && *n >= 0)
+        return REQ_SLEEP;
     return REQ_BAD;
 }
 
 static int counter_init(moat_ctx_t *ctx, const char *args, int len,
                         void **state, ei_x_buff *out) {
-    long long initial;
+    long long initial, stop_ms = 0;
     counter_t *c;
     args_t a;
 
-    if (args_open(args, len, 1, &a) < 0 || arg_integer(&a, &initial) < 0)
+    if (args_open(args, len, 1, &a) == 0) {
+        if (arg_integer(&a, &initial) < 0)
+            return badarg(ctx, out);
+    } else if (args_open(args, len, 2, &a) < 0 ||
+               arg_integer(&a, &initial) < 0 ||
+               arg_integer(&a, &stop_ms) < 0 || stop_ms < 0) {
         return badarg(ctx, out);
+    }
     c = malloc(sizeof(*c));
     if (c == NULL)
         return moat_error(ctx, "out of memory");
     c->count = initial;
+    c->stop_ms = stop_ms;
+    c->seq = atomic_fetch_add(&counter_starts, 1) + 1;
     *state = c;
     return MOAT_OK;
 }
@@ -480,8 +524,9 @@ static int counter_call(moat_ctx_t *ctx, void *state, const char *req,
                         int len, ei_x_buff *out) {
     counter_t *c = state;
     long long n, sum;
+    int arg = 0, end;
 
-    switch (parse_request(req, len, &n)) {
+    switch (parse_request(req, len, &n, &arg)) {
     case REQ_GET:
         return done(ctx, MOAT_OK, ei_x_encode_longlong(out, c->count));
     case REQ_ADD:
@@ -493,6 +538,15 @@ static int counter_call(moat_ctx_t *ctx, void *state, const char *req,
         return moat_error(ctx, "crash");
     case REQ_STOP:
         return done(ctx, MOAT_EXIT, ei_x_encode_atom(out, "normal"));
+    case REQ_STOP_WITH:
+        end = arg;
+        ei_skip_term(req, &end); /* checked by parse_request */
+        return done(ctx, MOAT_EXIT, ei_x_append_buf(out, req + arg, end - arg));
+    case REQ_SLEEP:
+        sleep_ms(ctx, n); /* a kill ends it early */
+        return done(ctx, MOAT_OK, ei_x_encode_longlong(out, c->count));
+    case REQ_START_SEQ:
+        return done(ctx, MOAT_OK, ei_x_encode_longlong(out, c->seq));
     default:
         return reply_bad_request(ctx, out);
     }
@@ -502,10 +556,11 @@ static int counter_cast(moat_ctx_t *ctx, void *state, const char *req,
                         int len, ei_x_buff *out) {
     counter_t *c = state;
     long long n, sum;
+    int arg;
 
     (void)ctx;
     (void)out;
-    if (parse_request(req, len, &n) == REQ_ADD &&
+    if (parse_request(req, len, &n, &arg) == REQ_ADD &&
         !__builtin_add_overflow(c->count, n, &sum))
         c->count = sum;
     return MOAT_OK;
@@ -513,10 +568,14 @@ static int counter_cast(moat_ctx_t *ctx, void *state, const char *req,
 
 static void counter_terminate(moat_ctx_t *ctx, void *state,
                               const char *reason, int reason_len) {
+    counter_t *c = state;
+
     (void)ctx;
     (void)reason;
     (void)reason_len;
-    free(state);
+    if (c->stop_ms > 0)
+        sleep_ms(NULL, c->stop_ms);
+    free(c);
 }
 
 /* ----------------------------------------------------------------- table */

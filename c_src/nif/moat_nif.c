@@ -46,6 +46,7 @@
  * and reload therefore leave running pools working.
  */
 #include <dlfcn.h>
+#include <errno.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -69,7 +70,11 @@
     X(moat_task_done) X(exit) X(cancelled) X(delivered) X(ignored)         \
     X(already_started) X(bad_library) X(not_found) X(queued) X(running)    \
     X(completed) X(failed) X(timeouts) X(rejected) X(abandoned)            \
-    X(threads) X(restarts) X(size) X(enomem) X(bad_option) X(wait)
+    X(threads) X(restarts) X(size) X(enomem) X(bad_option) X(wait)        \
+    X(restarting) X(worker) X(supervisor) X(specs) X(active)               \
+    X(supervisors) X(workers) X(moat_gave_up) X(permanent) X(transient)    \
+    X(temporary) X(brutal_kill) X(one_for_one) X(one_for_all)              \
+    X(rest_for_one) X(unknown_server) X(failed_to_start_child)
 
 #define DECLARE_ATOM(name) static ERL_NIF_TERM atom_##name;
 ATOMS(DECLARE_ATOM)
@@ -142,7 +147,23 @@ typedef struct npool_s {
     uv_mutex_t mon_lock; /* guards mons, nmons, mon_cap, mon_used */
     uint64_t *mons;
     size_t nmons, mon_used, mon_cap;
+    /* The native supervisor and its servers, once sup_start made them;
+     * never changed after that, so readers need no lock. */
+    _Atomic(struct servers_s *) servers;
 } npool_t;
+
+/* A pool's native servers: the supervisor's pid and each child's id, as
+ * an Erlang term (in `env`) for look-ups and as ETF, the very term the
+ * supervisor's spec holds, so that finding a child is a pointer compare. */
+typedef struct servers_s {
+    moat_pid_t sup;
+    ErlNifEnv *env;
+    size_t n;
+    struct {
+        ERL_NIF_TERM id;
+        moat_term_t *etf;
+    } ids[];
+} servers_t;
 
 typedef struct {
     npool_t *np;
@@ -152,14 +173,25 @@ static ErlNifResourceType *pool_rt, *task_rt, *stream_rt;
 
 static void np_ref(npool_t *np) { atomic_fetch_add(&np->refs, 1); }
 static void reaper_push(npool_t *np);
+static void sup_stop(ErlNifEnv *env, npool_t *np);
 
 static void np_unref(npool_t *np) {
     if (np != NULL && atomic_fetch_sub(&np->refs, 1) == 1)
         reaper_push(np);
 }
 
+static void servers_free(servers_t *sv) {
+    if (sv == NULL)
+        return;
+    for (size_t i = 0; i < sv->n; i++)
+        moat_term_unref(sv->ids[i].etf);
+    enif_free_env(sv->env);
+    free(sv);
+}
+
 static void np_free(npool_t *np) {
     moat_pool_free(np->pool);
+    servers_free(atomic_load(&np->servers));
     for (size_t i = 0; i < np->nlibs; i++)
         moat_lib_close(np->libs[i]);
     free(np->libs);
@@ -863,8 +895,10 @@ fail:
 }
 
 /* pool_close(Handle) -> ok
- * Unregisters the pool and gives every pending task its `shutdown`
- * outcome before returning; threads are joined later, by the reaper.
+ * Stops the native supervisor (its servers in reverse order, each within
+ * its shutdown time), then unregisters the pool and gives every pending
+ * task its `shutdown` outcome before returning; threads are joined later,
+ * by the reaper.
  * Dirty: settling a full queue sends one message per task. */
 static ERL_NIF_TERM nif_pool_close(ErlNifEnv *env, int argc,
                                    const ERL_NIF_TERM argv[]) {
@@ -872,8 +906,10 @@ static ERL_NIF_TERM nif_pool_close(ErlNifEnv *env, int argc,
     (void)argc;
     if (!enif_get_resource(env, argv[0], pool_rt, (void **)&res))
         return enif_make_badarg(env);
-    reg_res = reg_remove(res->np);
     tl_caller_env = env;
+    /* Servers first, in order, while the pool still takes their calls. */
+    sup_stop(env, res->np);
+    reg_res = reg_remove(res->np);
     moat_pool_close(res->np->pool);
     tl_caller_env = NULL;
     if (reg_res != NULL)
@@ -978,6 +1014,28 @@ static void refuse(ErlNifEnv *env, ntask_t *nt, ERL_NIF_TERM reason) {
     enif_free_env(menv);
 }
 
+/* A new task of pool `pool_name`, owned by the caller, in `state`; *ref is
+ * its term, which holds the only reference.  NULL on out of memory. */
+static ntask_t *ntask_new(ErlNifEnv *env, ERL_NIF_TERM pool_name,
+                          const ErlNifPid *proxy, int state,
+                          ERL_NIF_TERM *ref) {
+    ntask_t *nt = enif_alloc_resource(task_rt, sizeof *nt);
+    if (nt == NULL)
+        return NULL;
+    memset(nt, 0, sizeof *nt);
+    nt->kind = K_TASK;
+    atomic_init(&nt->state, state);
+    nt->pool_name = pool_name;
+    enif_self(env, &nt->owner);
+    if (proxy != NULL)
+        nt->proxy = *proxy;
+    else
+        enif_set_pid_undefined(&nt->proxy);
+    *ref = enif_make_resource(env, nt);
+    enif_release_resource(nt); /* the term holds it now */
+    return nt;
+}
+
 /* Makes a task and submits it: argv is Pool, Task, Args, Timeout.  The
  * task starts in `state`.  Returns its term (a reference) and sets *ntp;
  * *refusal is the reason the task never reached a pool (then nothing was
@@ -998,20 +1056,8 @@ static ERL_NIF_TERM task_start(ErlNifEnv *env, const ERL_NIF_TERM argv[],
         !enif_get_list_length(env, argv[2], &nargs) ||
         !get_timeout(env, argv[3], &timeout_ms))
         return enif_make_badarg(env);
-    nt = enif_alloc_resource(task_rt, sizeof *nt);
-    if (nt == NULL)
+    if ((nt = ntask_new(env, argv[0], proxy, state, &ref)) == NULL)
         return enif_raise_exception(env, atom_enomem);
-    memset(nt, 0, sizeof *nt);
-    nt->kind = K_TASK;
-    atomic_init(&nt->state, state);
-    nt->pool_name = argv[0];
-    enif_self(env, &nt->owner);
-    if (proxy != NULL)
-        nt->proxy = *proxy;
-    else
-        enif_set_pid_undefined(&nt->proxy);
-    ref = enif_make_resource(env, nt);
-    enif_release_resource(nt); /* the term holds it now */
     *ntp = nt;
     /* Encoded before the registry's lock is taken: a large argument list
      * must not hold up a pool being closed. */
@@ -1098,21 +1144,13 @@ static ERL_NIF_TERM outcome_term(ErlNifEnv *env, int kind,
     return enif_make_tuple2(env, kind == MOAT_OK ? atom_ok : atom_exit, v);
 }
 
-/* run(Pool, Task, Args, Timeout) -> {ok, Value} | {exit, Reason} | {wait, Ref}
- * Starts the task and waits a few microseconds for its outcome on the
- * scheduler.  {wait, Ref}: the outcome will come as a message, as for
- * async/5. */
-static ERL_NIF_TERM nif_run(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
-    ntask_t *nt = NULL;
-    ERL_NIF_TERM ref, refusal, out;
+/* The outcome of a task started in T_SPIN, if it comes within
+ * RUN_SPIN_NS, else {wait, Ref}: it will come as a message. */
+static ERL_NIF_TERM spin_outcome(ErlNifEnv *env, ntask_t *nt,
+                                 ERL_NIF_TERM ref) {
+    ERL_NIF_TERM out;
     uint64_t end;
     int spin = T_SPIN;
-    (void)argc;
-    ref = task_start(env, argv, NULL, T_SPIN, &nt, &refusal);
-    if (nt == NULL || enif_is_exception(env, ref))
-        return ref;
-    if (refusal != 0)
-        return enif_make_tuple2(env, atom_exit, refusal);
     end = uv_hrtime() + RUN_SPIN_NS;
     for (unsigned i = 1; atomic_load(&nt->state) == T_SPIN; i++) {
         cpu_relax();
@@ -1124,6 +1162,22 @@ static ERL_NIF_TERM nif_run(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
     out = outcome_term(env, nt->held_kind, nt->held); /* T_HELD */
     atomic_store(&nt->state, T_SENT);
     return out;
+}
+
+/* run(Pool, Task, Args, Timeout) -> {ok, Value} | {exit, Reason} | {wait, Ref}
+ * Starts the task and waits a few microseconds for its outcome on the
+ * scheduler.  {wait, Ref}: the outcome will come as a message, as for
+ * async/5. */
+static ERL_NIF_TERM nif_run(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    ntask_t *nt = NULL;
+    ERL_NIF_TERM ref, refusal;
+    (void)argc;
+    ref = task_start(env, argv, NULL, T_SPIN, &nt, &refusal);
+    if (nt == NULL || enif_is_exception(env, ref))
+        return ref;
+    if (refusal != 0)
+        return enif_make_tuple2(env, atom_exit, refusal);
+    return spin_outcome(env, nt, ref);
 }
 
 /* The resource `t` of type `rt` if the caller is its owner (the pid at
@@ -1221,6 +1275,402 @@ static ERL_NIF_TERM nif_task_ignore(ErlNifEnv *env, int argc,
     while (atomic_load(&nt->state) == T_SENDING)
         sched_yield(); /* a send in progress: a few microseconds */
     return atomic_load(&nt->state) == T_SENT ? atom_delivered : atom_ignored;
+}
+
+/* -------------------------------------------------------- NIFs: servers */
+
+/* The escalate callback of a pool's native supervisor: it gave up (its
+ * intensity reached, its servers stopped).  Tells the pool's owner, which
+ * then exits so that the OTP supervisor above decides.  On a pool thread. */
+static void on_gave_up(moat_pid_t sup, moat_term_t *reason, void *data) {
+    npool_t *np = data;
+    ErlNifEnv *env = msg_env_get();
+    ERL_NIF_TERM r;
+    size_t len;
+    const char *d = moat_term_data(reason, &len);
+    (void)sup;
+    if (enif_binary_to_term(env, (const unsigned char *)d, len, &r, 0) == 0)
+        r = atom_shutdown;
+    send_msg(&np->owner, env,
+             enif_make_tuple3(env, atom_moat_gave_up, np->name, r));
+    msg_env_put(env);
+}
+
+static void server_child_free(void *arg) {
+    moat_server_child_t *c = arg;
+    moat_term_unref(c->args);
+    free(c);
+}
+
+static int get_restart(ERL_NIF_TERM t, moat_restart_t *r) {
+    if (enif_is_identical(t, atom_permanent))
+        *r = MOAT_PERMANENT;
+    else if (enif_is_identical(t, atom_transient))
+        *r = MOAT_TRANSIENT;
+    else if (enif_is_identical(t, atom_temporary))
+        *r = MOAT_TEMPORARY;
+    else
+        return 0;
+    return 1;
+}
+
+static int get_shutdown(ErlNifEnv *env, ERL_NIF_TERM t, int *ms) {
+    if (enif_is_identical(t, atom_brutal_kill))
+        *ms = MOAT_SHUTDOWN_BRUTAL;
+    else if (enif_is_identical(t, atom_infinity))
+        *ms = MOAT_SHUTDOWN_INFINITY;
+    else if (!enif_get_int(env, t, ms) || *ms < 0)
+        return 0;
+    return 1;
+}
+
+static int get_strategy(ERL_NIF_TERM t, moat_strategy_t *st) {
+    if (enif_is_identical(t, atom_one_for_one))
+        *st = MOAT_ONE_FOR_ONE;
+    else if (enif_is_identical(t, atom_one_for_all))
+        *st = MOAT_ONE_FOR_ALL;
+    else if (enif_is_identical(t, atom_rest_for_one))
+        *st = MOAT_REST_FOR_ONE;
+    else
+        return 0;
+    return 1;
+}
+
+/* Decodes one child spec {Id, LibIndex, Server, Args, Restart, Shutdown}
+ * into *spec (its arg a new moat_server_child_t) and the id entry.
+ * Returns 0, -1 for a bad spec (badarg), or -2 out of memory; *unknown is
+ * set when the library has no such server. */
+static int child_spec(ErlNifEnv *env, npool_t *np, servers_t *sv,
+                      ERL_NIF_TERM t, moat_child_spec_t *spec, int *unknown) {
+    const ERL_NIF_TERM *e;
+    int arity;
+    unsigned lib, nargs;
+    char name[256];
+    const moat_server_def_t *def;
+    moat_server_child_t *c;
+    if (!enif_get_tuple(env, t, &arity, &e) || arity != 6 ||
+        !enif_get_uint(env, e[1], &lib) || lib >= np->nlibs ||
+        !enif_get_atom(env, e[2], name, sizeof name, ERL_NIF_LATIN1) ||
+        !enif_get_list_length(env, e[3], &nargs) ||
+        !get_restart(e[4], &spec->restart) ||
+        !get_shutdown(env, e[5], &spec->shutdown_ms))
+        return -1;
+    if ((def = moat_lib_server(np->libs[lib], name, strlen(name))) == NULL) {
+        *unknown = 1;
+        return 0;
+    }
+    if ((c = calloc(1, sizeof *c)) == NULL)
+        return -2;
+    c->def = def;
+    c->lib = np->libs[lib];
+    if ((c->args = encode(env, e[3])) == NULL ||
+        (sv->ids[sv->n].etf = encode(env, e[0])) == NULL) {
+        server_child_free(c);
+        return -2;
+    }
+    sv->ids[sv->n].id = enif_make_copy(sv->env, e[0]);
+    sv->n++;
+    spec->id = sv->ids[sv->n - 1].etf;
+    spec->start = moat_server_child_start;
+    spec->arg = c;
+    spec->arg_free = server_child_free;
+    spec->type = MOAT_WORKER;
+    return 0;
+}
+
+/* sup_start(Handle, {Strategy, Intensity, Period},
+ *           [{Id, LibIndex, Server, Args, Restart, Shutdown}]) ->
+ *     ok | {error, Reason}
+ * Starts the pool's native supervisor and its servers in order, running
+ * each init on this (dirty) thread.  A server that fails to start makes
+ * it {error, {shutdown, {failed_to_start_child, Id, Reason}}}, as OTP's
+ * supervisor says it; the servers started are then stopped.  Once per
+ * pool; a supervisor with no children is started all the same, so that
+ * which_children and count_children answer. */
+static ERL_NIF_TERM nif_sup_start(ErlNifEnv *env, int argc,
+                                  const ERL_NIF_TERM argv[]) {
+    pool_res_t *res;
+    npool_t *np;
+    const ERL_NIF_TERM *flags;
+    ERL_NIF_TERM list = argv[2], head, ret = atom_ok;
+    moat_sup_opts_t opts;
+    moat_child_spec_t *specs = NULL;
+    moat_term_t *reason = NULL;
+    servers_t *sv, *none = NULL;
+    unsigned n;
+    int arity, rc, unknown = 0;
+    size_t i;
+    (void)argc;
+    memset(&opts, 0, sizeof opts);
+    if (!enif_get_resource(env, argv[0], pool_rt, (void **)&res) ||
+        !enif_get_tuple(env, argv[1], &arity, &flags) || arity != 3 ||
+        !get_strategy(flags[0], &opts.strategy) ||
+        !enif_get_int(env, flags[1], &opts.intensity) || opts.intensity < 0 ||
+        !enif_get_int(env, flags[2], &opts.period) || opts.period < 1 ||
+        !enif_get_list_length(env, list, &n))
+        return enif_make_badarg(env);
+    np = res->np;
+    if (atomic_load(&np->servers) != NULL)
+        return enif_make_badarg(env);
+    sv = calloc(1, sizeof *sv + (n ? n : 1) * sizeof sv->ids[0]);
+    specs = calloc(n ? n : 1, sizeof *specs);
+    if (sv == NULL || specs == NULL || (sv->env = enif_alloc_env()) == NULL) {
+        free(sv);
+        free(specs);
+        return error_tuple(env, atom_enomem);
+    }
+    for (i = 0; enif_get_list_cell(env, list, &head, &list); i++) {
+        rc = child_spec(env, np, sv, head, &specs[i], &unknown);
+        if (rc == -1 || rc == -2) {
+            ret = rc == -1 ? enif_make_badarg(env) : error_tuple(env, atom_enomem);
+            goto done;
+        }
+        if (unknown) {
+            const ERL_NIF_TERM *e;
+            enif_get_tuple(env, head, &arity, &e);
+            ret = error_tuple(
+                env, enif_make_tuple2(
+                         env, atom_shutdown,
+                         enif_make_tuple3(
+                             env, atom_failed_to_start_child, e[0],
+                             enif_make_tuple2(env, atom_unknown_server, e[2]))));
+            goto done;
+        }
+    }
+    for (size_t j = 0; j < sv->n; j++)
+        for (size_t k = 0; k < j; k++)
+            if (enif_is_identical(sv->ids[j].id, sv->ids[k].id)) {
+                ret = enif_make_badarg(env); /* two children, one id */
+                goto done;
+            }
+    opts.escalate = on_gave_up;
+    opts.data = np;
+    tl_caller_env = env;
+    rc = moat_sup_start(np->pool, 0, &opts, specs, sv->n, &sv->sup, &reason);
+    tl_caller_env = NULL;
+    /* The supervisor owns the args now, unless it refused the specs. */
+    if (rc != MOAT_EINVAL && rc != MOAT_EEXISTS)
+        for (size_t j = 0; j < sv->n; j++)
+            specs[j].arg_free = NULL;
+    if (rc == 0) {
+        if (atomic_compare_exchange_strong(&np->servers, &none, sv))
+            sv = NULL;
+    } else if (reason != NULL) {
+        size_t len;
+        const char *d = moat_term_data(reason, &len);
+        ERL_NIF_TERM r;
+        if (enif_binary_to_term(env, (const unsigned char *)d, len, &r, 0) == 0)
+            r = atom_enomem;
+        ret = error_tuple(env, r);
+        moat_term_unref(reason);
+    } else {
+        ret = error_tuple(env, enif_make_atom(env, moat_err_name(rc)));
+    }
+done:
+    for (i = 0; i < n; i++)
+        if (specs[i].arg_free != NULL)
+            specs[i].arg_free(specs[i].arg);
+    free(specs);
+    servers_free(sv);
+    return ret;
+}
+
+/* Stops the pool's native supervisor as its parent would (exit shutdown)
+ * and waits for it to end: its servers stop in reverse order, each within
+ * its shutdown time, running terminate.  Gives up waiting if the calling
+ * process is killed meanwhile: closing the pool then ends the rest. */
+static void sup_stop(ErlNifEnv *env, npool_t *np) {
+    servers_t *sv = atomic_load(&np->servers);
+    moat_pid_t w;
+    moat_msg_t *m;
+    uint64_t ref;
+    if (sv == NULL || moat_proc_open(np->pool, &w) != 0)
+        return;
+    if (moat_proc_monitor(np->pool, w, sv->sup, &ref) == 0) {
+        moat_proc_exit(np->pool, 0, sv->sup, moat_atom(MOAT_A_SHUTDOWN));
+        for (;;) {
+            int rc = moat_proc_receive(np->pool, w, 50, &m), down;
+            if (rc == MOAT_ETIMEDOUT) {
+                if (!enif_is_current_process_alive(env))
+                    break;
+                continue;
+            }
+            if (rc != 0)
+                break;
+            down = m->kind == MOAT_MSG_DOWN && m->ref == ref;
+            moat_msg_free(m);
+            if (down)
+                break;
+        }
+    }
+    moat_proc_close(np->pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* The running server with this id, or 0. */
+static moat_pid_t server_pid(npool_t *np, ERL_NIF_TERM id) {
+    servers_t *sv = atomic_load(&np->servers);
+    moat_pid_t pid;
+    if (sv == NULL)
+        return 0;
+    for (size_t i = 0; i < sv->n; i++)
+        if (enif_is_identical(sv->ids[i].id, id))
+            return moat_sup_child_pid(np->pool, sv->sup, sv->ids[i].etf,
+                                      &pid) == 0
+                       ? pid
+                       : 0;
+    return 0;
+}
+
+/* call(Pool, Id, Request, Timeout) ->
+ *     {ok, Reply} | {exit, Reason} | {wait, Ref}
+ * A call to the pool's server Id.  {exit, noproc} when no such server is
+ * running (no pool, no such id, restarting, ended).  Waits a few
+ * microseconds for the reply on the scheduler, as run/4 does; {wait, Ref}:
+ * the outcome comes as a message, {Ref, Reply} or {'DOWN', Ref, ...}.
+ * Past Timeout the outcome is `timeout` and no reply follows. */
+static ERL_NIF_TERM nif_call(ErlNifEnv *env, int argc,
+                             const ERL_NIF_TERM argv[]) {
+    pool_res_t *res;
+    ntask_t *nt;
+    moat_term_t *req;
+    moat_pid_t pid;
+    int64_t timeout_ms;
+    ERL_NIF_TERM ref;
+    int rc;
+    (void)argc;
+    if (!enif_is_atom(env, argv[0]) || !get_timeout(env, argv[3], &timeout_ms))
+        return enif_make_badarg(env);
+    if ((nt = ntask_new(env, argv[0], NULL, T_SPIN, &ref)) == NULL ||
+        (req = encode(env, argv[2])) == NULL)
+        return enif_raise_exception(env, atom_enomem);
+    if ((res = reg_find(argv[0])) == NULL) {
+        moat_term_unref(req);
+        return enif_make_tuple2(env, atom_exit, atom_noproc);
+    }
+    if ((pid = server_pid(res->np, argv[1])) == 0) {
+        reg_done();
+        moat_term_unref(req);
+        return enif_make_tuple2(env, atom_exit, atom_noproc);
+    }
+    watch_caller(env, res, &nt->owner);
+    nt->np = res->np;
+    np_ref(nt->np);
+    enif_keep_resource(nt); /* for the callback */
+    rc = moat_server_call(res->np->pool, pid, req, pid_key(&nt->owner),
+                          timeout_ms, nt, &nt->t);
+    reg_done();
+    moat_term_unref(req);
+    if (rc != 0) {
+        enif_release_resource(nt);
+        atomic_store(&nt->state, T_SENT);
+        return enif_make_tuple2(env, atom_exit,
+                                rc == -ENOMEM ? atom_enomem : atom_noproc);
+    }
+    return spin_outcome(env, nt, ref);
+}
+
+/* cast(Pool, Id, Request) -> ok
+ * Queues a cast to the pool's server Id; dropped when there is no such
+ * server running, as gen_server:cast/2 drops it. */
+static ERL_NIF_TERM nif_cast(ErlNifEnv *env, int argc,
+                             const ERL_NIF_TERM argv[]) {
+    pool_res_t *res;
+    moat_term_t *req;
+    moat_pid_t pid;
+    (void)argc;
+    if (!enif_is_atom(env, argv[0]))
+        return enif_make_badarg(env);
+    if ((res = reg_find(argv[0])) == NULL)
+        return atom_ok;
+    if ((pid = server_pid(res->np, argv[1])) != 0 &&
+        (req = encode(env, argv[2])) != NULL) {
+        moat_server_cast(res->np->pool, pid, req);
+        moat_term_unref(req);
+    }
+    reg_done();
+    return atom_ok;
+}
+
+/* which_children(Pool) -> [{Id, running | restarting | undefined, worker}]
+ *                       | {error, not_found}
+ * In start order.  Once the supervisor has given up and until the pool
+ * restarts, every child is `restarting`. */
+static ERL_NIF_TERM nif_which_children(ErlNifEnv *env, int argc,
+                                       const ERL_NIF_TERM argv[]) {
+    pool_res_t *res;
+    servers_t *sv;
+    moat_child_info_t *ci = NULL;
+    ERL_NIF_TERM list = enif_make_list(env, 0);
+    int n;
+    (void)argc;
+    if (!enif_is_atom(env, argv[0]))
+        return enif_make_badarg(env);
+    if ((res = reg_find(argv[0])) == NULL)
+        return error_tuple(env, atom_not_found);
+    if ((sv = atomic_load(&res->np->servers)) == NULL) {
+        reg_done();
+        return list;
+    }
+    n = moat_sup_which_children(res->np->pool, sv->sup, &ci);
+    reg_done();
+    if (n == MOAT_ENOPROC) {
+        for (size_t i = sv->n; i > 0; i--)
+            list = enif_make_list_cell(
+                env,
+                enif_make_tuple3(env, enif_make_copy(env, sv->ids[i - 1].id),
+                                 atom_restarting, atom_worker),
+                list);
+        return list;
+    }
+    if (n < 0)
+        return error_tuple(env, atom_enomem);
+    for (int i = n; i > 0; i--) {
+        moat_child_info_t *c = &ci[i - 1];
+        size_t len;
+        const char *d = moat_term_data(c->id, &len);
+        ERL_NIF_TERM id;
+        if (enif_binary_to_term(env, (const unsigned char *)d, len, &id, 0) == 0)
+            id = atom_undefined;
+        list = enif_make_list_cell(
+            env,
+            enif_make_tuple3(env, id,
+                             c->state == MOAT_CHILD_RUNNING      ? atom_running
+                             : c->state == MOAT_CHILD_RESTARTING ? atom_restarting
+                                                                 : atom_undefined,
+                             c->type == MOAT_WORKER ? atom_worker : atom_supervisor),
+            list);
+    }
+    moat_sup_children_free(ci, n);
+    return list;
+}
+
+/* count_children(Pool) -> #{specs, active, supervisors, workers}
+ *                       | {error, not_found} */
+static ERL_NIF_TERM nif_count_children(ErlNifEnv *env, int argc,
+                                       const ERL_NIF_TERM argv[]) {
+    pool_res_t *res;
+    servers_t *sv;
+    moat_child_counts_t c;
+    ERL_NIF_TERM map = enif_make_new_map(env);
+    (void)argc;
+    if (!enif_is_atom(env, argv[0]))
+        return enif_make_badarg(env);
+    if ((res = reg_find(argv[0])) == NULL)
+        return error_tuple(env, atom_not_found);
+    memset(&c, 0, sizeof c);
+    if ((sv = atomic_load(&res->np->servers)) != NULL &&
+        moat_sup_count_children(res->np->pool, sv->sup, &c) != 0) {
+        /* Given up, restart pending: the specs, none active. */
+        memset(&c, 0, sizeof c);
+        c.specs = c.workers = (int)sv->n;
+    }
+    reg_done();
+    enif_make_map_put(env, map, atom_specs, enif_make_int(env, c.specs), &map);
+    enif_make_map_put(env, map, atom_active, enif_make_int(env, c.active), &map);
+    enif_make_map_put(env, map, atom_supervisors,
+                      enif_make_int(env, c.supervisors), &map);
+    enif_make_map_put(env, map, atom_workers, enif_make_int(env, c.workers), &map);
+    return map;
 }
 
 /* -------------------------------------------------------- NIFs: streams */
@@ -1606,6 +2056,11 @@ static ErlNifFunc funcs[] = {
     {"stream_submit", 3, nif_stream_submit, 0},
     {"stream_take", 3, nif_stream_take, 0},
     {"stream_close", 1, nif_stream_close, 0},
+    {"sup_start", 3, nif_sup_start, ERL_NIF_DIRTY_JOB_IO_BOUND},
+    {"call", 4, nif_call, 0},
+    {"cast", 3, nif_cast, 0},
+    {"which_children", 1, nif_which_children, 0},
+    {"count_children", 1, nif_count_children, 0},
 };
 
 ERL_NIF_INIT(moat_nif, funcs, on_load, NULL, on_upgrade, on_unload)

@@ -169,6 +169,20 @@ static void expect_integer(const run_t *r, long long v) {
     assert_int_equal(index, r->out.index);
 }
 
+/* The integer result of a run. */
+static void index_integer(const run_t *r, long long *v) {
+    int index = 1;
+
+    assert_int_equal(ei_decode_longlong(r->out.buff, &index, v), 0);
+}
+
+static long long now_ms(void) {
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static void expect_badarg(const char *name, ei_x_buff args) {
     run_t r;
 
@@ -655,6 +669,99 @@ static void test_demo_counter_refuses_bad_start_args(void **state) {
     ei_x_free(&args);
 }
 
+/* Sends a request given as ready ETF (version byte first). */
+static int call_raw(fake_ctx_t *f, void *st, ei_x_buff *req, ei_x_buff *out) {
+    int rc;
+
+    ei_x_new_with_version(out);
+    rc = counter()->handle_call(&f->ctx, st, req->buff, req->index, out);
+    ei_x_free(req);
+    return rc;
+}
+
+/* {stop, Reason} ends with Reason byte for byte; {sleep, Ms} replies the
+ * count after about Ms, sooner once the server is asked to stop. */
+static void test_demo_counter_stop_with_reason_and_sleep(void **state) {
+    ei_x_buff req, out;
+    char atom[MAXATOMLEN_UTF8];
+    fake_ctx_t f;
+    long long t0;
+    int index = 1, arity;
+    void *st;
+    run_t r;
+
+    (void)state;
+    fake_ctx_init(&f);
+    st = start(&f, 7);
+    ei_x_new_with_version(&req);
+    ei_x_encode_tuple_header(&req, 2);
+    ei_x_encode_atom(&req, "stop");
+    ei_x_encode_tuple_header(&req, 2);
+    ei_x_encode_atom(&req, "shutdown");
+    ei_x_encode_atom(&req, "bye");
+    assert_int_equal(call_raw(&f, st, &req, &out), MOAT_EXIT);
+    assert_int_equal(ei_decode_tuple_header(out.buff, &index, &arity), 0);
+    assert_int_equal(arity, 2);
+    assert_int_equal(ei_decode_atom(out.buff, &index, atom), 0);
+    assert_string_equal(atom, "shutdown");
+    assert_int_equal(ei_decode_atom(out.buff, &index, atom), 0);
+    assert_string_equal(atom, "bye");
+    assert_int_equal(index, out.index);
+    ei_x_free(&out);
+
+    t0 = now_ms();
+    r.status = call(&f, st, "sleep", 1, 30, &r.out);
+    expect_integer(&r, 7);
+    done(&r);
+    assert_true(now_ms() - t0 >= 30);
+    f.stop_after = 1;
+    t0 = now_ms();
+    r.status = call(&f, st, "sleep", 1, 60000, &r.out);
+    expect_integer(&r, 7);
+    done(&r);
+    assert_true(now_ms() - t0 < 30000);
+    call_expect_bad_request(&f, st, "sleep", 1, -1);
+    stop(&f, st);
+}
+
+/* start_seq numbers starts across counters; [Initial, StopMs] makes
+ * terminate take StopMs. */
+static void test_demo_counter_start_seq_and_slow_stop(void **state) {
+    ei_x_buff args, out;
+    fake_ctx_t f;
+    long long a, b, t0;
+    void *st1, *st2 = NULL;
+    run_t r;
+
+    (void)state;
+    fake_ctx_init(&f);
+    st1 = start(&f, 0);
+    ei_x_new_with_version(&args);
+    ei_x_encode_list_header(&args, 2);
+    ei_x_encode_longlong(&args, 3);
+    ei_x_encode_longlong(&args, 40);
+    ei_x_encode_empty_list(&args);
+    ei_x_new_with_version(&out);
+    assert_int_equal(
+        counter()->init(&f.ctx, args.buff, args.index, &st2, &out), MOAT_OK);
+    ei_x_free(&args);
+    ei_x_free(&out);
+    r.status = call(&f, st1, "start_seq", 0, 0, &r.out);
+    assert_int_equal(r.status, MOAT_OK);
+    index_integer(&r, &a);
+    done(&r);
+    r.status = call(&f, st2, "start_seq", 0, 0, &r.out);
+    index_integer(&r, &b);
+    done(&r);
+    assert_true(a >= 1);
+    assert_int_equal(b, a + 1);
+    call_expect_count(&f, st2, "get", 0, 0, 3);
+    stop(&f, st1);
+    t0 = now_ms();
+    stop(&f, st2);
+    assert_true(now_ms() - t0 >= 40);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_demo_table_has_segfault_and_abort),
@@ -676,6 +783,8 @@ int main(void) {
         cmocka_unit_test(test_demo_counter_answers_bad_requests),
         cmocka_unit_test(test_demo_counter_crash_and_stop),
         cmocka_unit_test(test_demo_counter_refuses_bad_start_args),
+        cmocka_unit_test(test_demo_counter_stop_with_reason_and_sleep),
+        cmocka_unit_test(test_demo_counter_start_seq_and_slow_stop),
     };
 
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -405,6 +405,43 @@ static void test_sup_shutdown_infinity_waits(void **state) {
     moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
 }
 
+/* moat_sup_child_pid finds a running child by an equal id (not only the
+ * same term), follows it across a restart and says noproc for an ended
+ * child, an unknown id and a supervisor gone. */
+static void test_sup_child_pid(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[2] = {kid(1, MOAT_PERMANENT, 1000),
+                              kid(2, MOAT_TRANSIENT, 1000)};
+    moat_term_t *c1 = t_atom("c1"), *c2 = t_atom("c2"), *c3 = t_atom("c3"),
+                *stop = t_atom("stop");
+    moat_pid_t sup, p1, p1b, p2;
+    moat_child_counts_t c;
+    sup = start_sup(pool, MOAT_ONE_FOR_ONE, 3, 5, k, 2);
+    assert_int_equal(moat_sup_child_pid(pool, sup, c1, &p1), 0);
+    assert_int_equal(p1, child_pid(pool, sup, 0));
+    assert_int_equal(moat_sup_child_pid(pool, sup, c2, &p2), 0);
+    assert_int_equal(p2, child_pid(pool, sup, 1));
+    assert_int_equal(moat_sup_child_pid(pool, sup, c3, &p2), MOAT_ENOPROC);
+    /* A crash: the new pid once it runs again. */
+    cast(pool, p1, "crash");
+    p1b = wait_restarted(pool, sup, 0, p1);
+    assert_int_equal(moat_sup_child_pid(pool, sup, c1, &p1), 0);
+    assert_int_equal(p1, p1b);
+    /* A transient child that ended normally is not running. */
+    moat_server_call(pool, child_pid(pool, sup, 1), stop, 0, -1, NULL, NULL);
+    do {
+        assert_int_equal(moat_sup_count_children(pool, sup, &c), 0);
+    } while (c.active == 2);
+    assert_int_equal(moat_sup_child_pid(pool, sup, c2, &p2), MOAT_ENOPROC);
+    assert_int_equal(moat_sup_child_pid(pool, sup, NULL, &p2), MOAT_EINVAL);
+    stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
+    assert_int_equal(moat_sup_child_pid(pool, sup, c1, &p1), MOAT_ENOPROC);
+    moat_term_unref(c1);
+    moat_term_unref(c2);
+    moat_term_unref(c3);
+    moat_term_unref(stop);
+}
+
 /* S7: which_children gives ids, states and types in start order;
  * count_children adds them up. */
 static void test_sup_which_and_count(void **state) {
@@ -569,6 +606,7 @@ int main(void) {
         cmocka_unit_test_setup(test_sup_shutdown_brutal, before),
         cmocka_unit_test_setup(test_sup_shutdown_infinity_waits, before),
         cmocka_unit_test_setup(test_sup_which_and_count, before),
+        cmocka_unit_test_setup(test_sup_child_pid, before),
         cmocka_unit_test_setup(test_sup_invalid_specs, before),
         cmocka_unit_test_setup(test_sup_restart_storm, before),
         cmocka_unit_test_setup(test_sup_calls_during_restarts, before),

@@ -568,6 +568,29 @@ int enif_get_ulong(ErlNifEnv *env, ERL_NIF_TERM term, unsigned long *ip) {
     return 1;
 }
 
+int enif_get_int(ErlNifEnv *env, ERL_NIF_TERM term, int *ip) {
+    long v;
+    if (!enif_get_long(env, term, &v) || v < INT32_MIN || v > INT32_MAX)
+        return 0;
+    *ip = (int)v;
+    return 1;
+}
+
+ERL_NIF_TERM enif_make_int(ErlNifEnv *env, int i) {
+    env_check(env, "enif_make_int");
+    return make_int(env, i < 0, i < 0 ? -(uint64_t)(int64_t)i : (uint64_t)i);
+}
+
+int enif_get_tuple(ErlNifEnv *env, ERL_NIF_TERM tpl, int *arity,
+                   const ERL_NIF_TERM **array) {
+    (void)env;
+    if (!IS_NODE(tpl, N_TUPLE))
+        return 0;
+    *arity = (int)NODE(tpl)->n;
+    *array = NODE(tpl)->v;
+    return 1;
+}
+
 int enif_get_uint(ErlNifEnv *env, ERL_NIF_TERM term, unsigned *ip) {
     unsigned long v;
     if (!enif_get_ulong(env, term, &v) || v > UINT32_MAX)
@@ -1106,6 +1129,17 @@ int enif_is_process_alive(ErlNifEnv *env, ErlNifPid *pid) {
         alive = p->alive;
         pthread_mutex_unlock(&p->lock);
     }
+    return alive;
+}
+
+int enif_is_current_process_alive(ErlNifEnv *env) {
+    int alive;
+    env_check(env, "enif_is_current_process_alive");
+    if (env->proc == NULL)
+        return 0;
+    pthread_mutex_lock(&env->proc->lock);
+    alive = env->proc->alive;
+    pthread_mutex_unlock(&env->proc->lock);
     return alive;
 }
 

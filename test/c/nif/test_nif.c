@@ -301,7 +301,8 @@ static void test_nif_load_exports_the_table(void **state) {
         "pool_new/4",    "pool_close/1",   "pool_stats/1",  "pool_owner/1",
         "async/5",       "run/4",          "task_cancel/2", "task_running/1",
         "task_spin/1",   "task_ignore/1",  "stream_new/4",  "stream_submit/3",
-        "stream_take/3", "stream_close/1",
+        "stream_take/3", "stream_close/1", "sup_start/3",   "call/4",
+        "cast/3",        "which_children/1", "count_children/1",
     };
     ErlNifEntry *e = nif_init();
     (void)state;
