@@ -281,6 +281,7 @@ struct moat_pool_s {
     /* What spinning workers read without the lock: its own cache line. */
     _Alignas(64) atomic_uint nspinning;
     atomic_size_t nqueued;
+    atomic_int draining; /* moat_pool_drain: new tasks refused */
     atomic_int stopping;
 
     /* Admission: queued plus running (not abandoned) tasks. */

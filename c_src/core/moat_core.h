@@ -245,6 +245,14 @@ uint64_t moat_task_id(const moat_task_t *task);   /* unique in the pool */
 void *moat_task_data(const moat_task_t *task);
 void moat_task_release(moat_task_t *task);
 
+/* The first half of a close: from now on new tasks are refused
+ * (MOAT_ECLOSED), and every queued and running one ends with `reason`, as
+ * moat_task_cancel ends it; native processes, server calls and task
+ * processes go on.  Freeing a busy pool's threads this way lets its
+ * servers run, e.g. to stop them in order before moat_pool_close.  Not
+ * from a pool thread. */
+void moat_pool_drain(moat_pool_t *pool, moat_atom_t reason);
+
 /* Cancels every task submitted with this owner, as moat_task_cancel does.
  * Returns how many outcomes it decided. */
 int moat_pool_cancel_owner(moat_pool_t *pool, uint64_t owner,

@@ -874,7 +874,8 @@ static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
         *err = -ENOMEM;
         return 0;
     }
-    if (atomic_load(&pool->stopping)) {
+    if (atomic_load(&pool->stopping) ||
+        (!internal && atomic_load(&pool->draining))) {
         *err = MOAT_ECLOSED;
         goto done;
     }
@@ -898,7 +899,8 @@ static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
         }
     }
     uv_mutex_lock(&pool->rq_lock);
-    if (atomic_load(&pool->stopping)) {
+    if (atomic_load(&pool->stopping) ||
+        (!internal && atomic_load(&pool->draining))) {
         uv_mutex_unlock(&pool->rq_lock);
         atomic_fetch_sub(&pool->admitted, k);
         while (k > 0)
@@ -1322,8 +1324,8 @@ fail:
     return rc;
 }
 
-/* Ends the first queued task; 0 when none. */
-static int end_first_queued(moat_pool_t *pool) {
+/* Ends the first queued task with reason; 0 when none. */
+static int end_first_queued(moat_pool_t *pool, moat_atom_t reason) {
     moat_task_t *t;
     uv_mutex_lock(&pool->rq_lock);
     if (moat__list_empty(&pool->jobs)) {
@@ -1333,13 +1335,14 @@ static int end_first_queued(moat_pool_t *pool) {
     t = MOAT__CONTAINER(pool->jobs.next, moat_task_t, qnode);
     atomic_fetch_add(&t->refs, 1);
     uv_mutex_unlock(&pool->rq_lock);
-    end_from_outside(t, moat_atom(MOAT_A_SHUTDOWN), 0, 1);
+    end_from_outside(t, moat_atom(reason), 0, 1);
     moat__task_unref(t);
     return 1;
 }
 
-/* Ends the first running task that is not abandoned yet; 0 when none. */
-static int end_first_running(moat_pool_t *pool) {
+/* Ends the first running task that is not abandoned yet with reason; 0
+ * when none. */
+static int end_first_running(moat_pool_t *pool, moat_atom_t reason) {
     moat_task_t *t = NULL;
     uv_mutex_lock(&pool->rq_lock);
     uv_mutex_lock(&pool->thr_lock);
@@ -1356,9 +1359,16 @@ static int end_first_running(moat_pool_t *pool) {
     uv_mutex_unlock(&pool->rq_lock);
     if (t == NULL)
         return 0;
-    end_from_outside(t, moat_atom(MOAT_A_SHUTDOWN), 0, 1);
+    end_from_outside(t, moat_atom(reason), 0, 1);
     moat__task_unref(t);
     return 1;
+}
+
+static void end_all(moat_pool_t *pool, moat_atom_t reason) {
+    while (end_first_queued(pool, reason))
+        ;
+    while (end_first_running(pool, reason))
+        ;
 }
 
 void moat_pool_close(moat_pool_t *pool) {
@@ -1374,11 +1384,17 @@ void moat_pool_close(moat_pool_t *pool) {
     uv_mutex_unlock(&pool->rq_lock);
 
     moat__proc_shutdown_all(pool);
-    while (end_first_queued(pool))
-        ;
-    while (end_first_running(pool))
-        ;
+    end_all(pool, MOAT_A_SHUTDOWN);
     atomic_store(&pool->closed, 2);
+}
+
+void moat_pool_drain(moat_pool_t *pool, moat_atom_t reason) {
+    /* Under the lock submit_n checks it under: a batch either sees the
+     * flag or is queued before end_all looks. */
+    uv_mutex_lock(&pool->rq_lock);
+    atomic_store(&pool->draining, 1);
+    uv_mutex_unlock(&pool->rq_lock);
+    end_all(pool, reason);
 }
 
 void moat_pool_stop(moat_pool_t *pool) {

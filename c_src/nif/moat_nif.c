@@ -895,10 +895,10 @@ fail:
 }
 
 /* pool_close(Handle) -> ok
- * Stops the native supervisor (its servers in reverse order, each within
- * its shutdown time), then unregisters the pool and gives every pending
- * task its `shutdown` outcome before returning; threads are joined later,
- * by the reaper.
+ * Unregisters the pool, gives every pending task its `shutdown` outcome,
+ * stops the native supervisor (its servers in reverse order, each within
+ * its shutdown time, on the threads the tasks freed), then closes the
+ * pool; threads are joined later, by the reaper.
  * Dirty: settling a full queue sends one message per task. */
 static ERL_NIF_TERM nif_pool_close(ErlNifEnv *env, int argc,
                                    const ERL_NIF_TERM argv[]) {
@@ -906,10 +906,12 @@ static ERL_NIF_TERM nif_pool_close(ErlNifEnv *env, int argc,
     (void)argc;
     if (!enif_get_resource(env, argv[0], pool_rt, (void **)&res))
         return enif_make_badarg(env);
-    tl_caller_env = env;
-    /* Servers first, in order, while the pool still takes their calls. */
-    sup_stop(env, res->np);
+    /* No new work from here on; then the tasks end, freeing the threads
+     * the servers need to stop in order, each running terminate. */
     reg_res = reg_remove(res->np);
+    tl_caller_env = env;
+    moat_pool_drain(res->np->pool, MOAT_A_SHUTDOWN);
+    sup_stop(env, res->np);
     moat_pool_close(res->np->pool);
     tl_caller_env = NULL;
     if (reg_res != NULL)

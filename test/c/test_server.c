@@ -287,6 +287,56 @@ static void test_server_kill_sets_should_stop(void **state) {
     moat_term_unref(q);
 }
 
+/* Runs until asked to stop. */
+static int t_until_stopped(moat_ctx_t *ctx, const char *args, int len,
+                           ei_x_buff *out) {
+    (void)args;
+    (void)len;
+    while (!moat_should_stop(ctx))
+        sched_yield();
+    return ei_x_encode_atom(out, "ok") == 0 ? MOAT_OK : MOAT_ERROR;
+}
+
+/* moat_pool_drain ends the tasks that hold every thread and refuses new
+ * ones, while the servers go on answering: what a pool's close needs to
+ * stop its servers in order. */
+static void test_server_serves_through_drain(void **state) {
+    moat_pool_t *pool = t_pool(2, 0, "tdrain", t_record);
+    moat_pid_t s = start(pool, 1);
+    moat_task_t *t[2];
+    rec_t r[3] = {{0}};
+    moat_job_t j = {0};
+    (void)state;
+    assert_int_equal(call_long(pool, s, "inc"), 1);
+    for (int i = 0; i < 2; i++) {
+        j.fn = t_until_stopped;
+        j.name = "until_stopped";
+        j.args = t_nil();
+        j.timeout_ms = -1;
+        j.data = &r[i];
+        assert_int_equal(moat_pool_submit(pool, &j, &t[i]), 0);
+    }
+    for (int i = 0; i < 2; i++)
+        while (!moat_task_running(t[i]))
+            sched_yield();
+    moat_pool_drain(pool, MOAT_A_SHUTDOWN);
+    for (int i = 0; i < 2; i++) {
+        t_wait(&r[i]);
+        assert_int_equal(r[i].kind, MOAT_EXIT);
+        assert_true(moat_term_is(r[i].term, MOAT_A_SHUTDOWN));
+        rec_done(&r[i]);
+        moat_task_release(t[i]);
+    }
+    j.args = t_nil();
+    j.data = &r[2];
+    assert_int_equal(moat_pool_submit(pool, &j, NULL), MOAT_ECLOSED);
+    moat_term_unref(j.args);
+    assert_int_equal(call_long(pool, s, "inc"), 2);
+    assert_int_equal(atomic_load(&r[2].outcomes), 0);
+    moat_pool_free(pool);
+    tsrv_wait('t', 1, 1); /* the close ended the server, terminate ran */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_server_state_across_calls, before),
@@ -300,6 +350,7 @@ int main(void) {
         cmocka_unit_test_setup(test_server_init_failure, before),
         cmocka_unit_test_setup(test_server_linked_to_parent, before),
         cmocka_unit_test_setup(test_server_kill_sets_should_stop, before),
+        cmocka_unit_test_setup(test_server_serves_through_drain, before),
     };
     return cmocka_run_group_tests_name("server", tests, setup,
                                        t_pool_teardown);
