@@ -14,9 +14,11 @@
 %%% '''
 %%%
 %%% {@link run/1} starts moat if it is not running, starts the pool
-%%% `moat_bench' with one thread per online scheduler, prints one table and
-%%% stops the pool. The rows (DESIGN.md section 10: inputs and concurrency
-%%% are printed under each row):
+%%% `moat_bench' with one thread per online scheduler and two native
+%%% servers, `c' and `crasher' (both `moat_demo' `counter [0]', restart
+%%% intensity 100,000,000 in 1 s), prints one table and stops the pool.
+%%% The rows (DESIGN.md section 10: inputs and concurrency are printed
+%%% under each row):
 %%%
 %%% <ol>
 %%% <li>fan-out of trivial tasks (`echo') through
@@ -40,7 +42,22 @@
 %%%     by less than 16 MiB or by less than 5%. Samples every 1,000,000 in
 %%%     between give the range and the trend, since the resident set
 %%%     moves by several MiB from one sample to the next as allocators
-%%%     keep and return memory. No peer.</li>
+%%%     keep and return memory. No peer;</li>
+%%% <li>the round trip of one `moat:call(Pool, c, get, 5000)' to a native
+%%%     server, one outstanding, timed as in row 2; target a median of at
+%%%     most 3 us; peer: `gen_server:call/3' to a registered Erlang
+%%%     gen_server counter (this module's own callbacks);</li>
+%%% <li>native server restarts per second through the whole path, a
+%%%     `moat:call/4' round trip included in each: the caller crashes
+%%%     `crasher' with a call, the exit signal reaches the pool's native
+%%%     supervisor, which restarts it and runs its init, and the caller's
+%%%     next call goes as soon as its reply is in (retried while the restart
+%%%     is pending); restarts counted by `moat:stats/1'. Target at least 10x
+%%%     the peer: an OTP supervisor (one_for_one, the same intensity)
+%%%     restarting a gen_server crashed the same way, logger off for it
+%%%     meanwhile. Every crash must be followed by exactly one restart, on
+%%%     both sides, else the figure is replaced by ERROR. The restart alone
+%%%     in C (target at least 1,000,000/s) is row 5 of `bench/core.c'.</li>
 %%% </ol>
 %%%
 %%% Where Elixir cannot be loaded (it is looked for in the code path, then
@@ -48,19 +65,25 @@
 %%% Erlang equivalent, and its label says so: at most one `spawn_monitor'ed
 %%% worker per scheduler at a time, each replying once.
 %%%
-%%% The full run takes about a minute on two cores, the quick one
+%%% The full run takes about 80 seconds on two cores, the quick one
 %%% (`#{quick => true}', or `MOAT_BENCH_QUICK=1' for {@link main/0}) about
-%%% ten seconds. Figures drift 20-40% between runs on shared machines:
+%%% 12 seconds. Figures drift 20-40% between runs on shared machines:
 %%% compare moat with the peer of the same run, and read the CPU figures
 %%% under each row (cores used by the schedulers, by the pool's threads and
 %%% by other processes on the machine). Each trial runs in a fresh
 %%% process, so that no trial inherits another's heap; moat and peer
 %%% trials alternate. Benchmarks never gate CI; a row that loses or fails
-%%% tasks prints an ERROR line, and {@link main/0} then returns `error'.
+%%% tasks, or whose counts do not add up (row 6), prints an ERROR line,
+%%% and {@link main/0} then returns `error'.
 -module(moat_bench).
 
 -export([main/0, run/1]).
 -export([fanout/3, fanout/4]).
+% The Erlang peers of rows 5 and 6: a gen_server counter, and the OTP
+% supervisor that restarts it.
+-export([init/1, handle_call/3, handle_cast/2]).
+
+-behaviour(gen_server).
 
 -export_type([fanout_result/0, row/0]).
 
@@ -81,7 +104,7 @@
 %% `failed' counts the elements that were not `{ok, _}'.
 
 -type row() :: #{
-    row := 1..4,
+    row := 1..6,
     figure := string(),
     moat := number(),
     unit := string(),
@@ -99,10 +122,29 @@
 %% moat's advantage over the peer (above 1: moat does better), `undefined'
 %% where there is no peer; `failed' counts moat's tasks that did not
 %% succeed; `inputs' and `detail' are the row's printed notes. Rows add
-%% their own figures: `p99' and `peer_p99' (row 2), `vm_growth' and
-%% `rss_growth' (row 4), `peer_failed'.
+%% their own figures: `p99' and `peer_p99' (rows 2 and 5), `vm_growth'
+%% and `rss_growth' (row 4), `peer_failed', and `moat_error' and
+%% `peer_error' (row 6: why that side's figure cannot be trusted, printed
+%% as ERROR in its place, or `undefined').
 
 -type peer() :: {elixir, string()} | erlang.
+
+%% Row 6: whose restarts a trial measures (the peer's with its counter of
+%% starts), and what one trial found.
+-type restart_side() :: moat | {peer, atomics:atomics_ref()}.
+-type restart_result() :: #{
+    restarts := non_neg_integer(),
+    crashes := non_neg_integer(),
+    retries := non_neg_integer(),
+    stale := non_neg_integer(),
+    others := non_neg_integer(),
+    warm_restarts := non_neg_integer(),
+    warm_crashes := non_neg_integer(),
+    warm_retries := non_neg_integer(),
+    up := boolean(),
+    seconds := float(),
+    per_second := float()
+}.
 
 %% CPU time over some wall time, all in nanoseconds: of the VM's schedulers
 %% (the callers, spinning included), of the bench pool's threads, of the
@@ -129,6 +171,12 @@
 -define(GROWTH_SHARE, 0.05).
 % The columns: row, figure, moat, target, verdict, peer, moat vs peer.
 -define(COLUMNS, [3, 35, 27, 26, 7, 38, 0]).
+-define(ROWS, 6).
+% Rows 5 and 6: the peer's registered name, and the restart intensity of
+% the bench pool's native supervisor and of the peer's OTP supervisor.
+-define(PEER_SERVER, moat_bench_peer).
+-define(INTENSITY, 100000000).
+-define(PERIOD, 1).
 
 %%%===================================================================
 %%% API
@@ -148,7 +196,11 @@ main() ->
             _ -> true
         end,
     Rows = run(#{quick => Quick}),
-    Clean = fun(#{failed := F} = R) -> F + maps:get(peer_failed, R, 0) =:= 0 end,
+    Clean = fun(#{failed := F} = R) ->
+        F + maps:get(peer_failed, R, 0) =:= 0 andalso
+            maps:get(moat_error, R, undefined) =:= undefined andalso
+            maps:get(peer_error, R, undefined) =:= undefined
+    end,
     case lists:all(Clean, Rows) of
         true -> ok;
         false -> error
@@ -171,7 +223,15 @@ run(Opts) when is_map(Opts) ->
     {ok, _} = application:ensure_all_started(moat),
     Size = erlang:system_info(schedulers_online),
     _ = moat:stop_pool(?POOL),
-    {ok, _} = moat:start_pool(?POOL, #{size => Size}),
+    {ok, _} = moat:start_pool(?POOL, #{
+        size => Size,
+        servers => [
+            #{id => c, start => {moat_demo, counter, [0]}},
+            #{id => crasher, start => {moat_demo, counter, [0]}}
+        ],
+        max_restarts => ?INTENSITY,
+        max_seconds => ?PERIOD
+    }),
     T0 = erlang:monotonic_time(millisecond),
     try
         Peer = peer(),
@@ -180,7 +240,9 @@ run(Opts) when is_map(Opts) ->
             row_fanout(Quick, Size, Peer),
             row_round_trip(Quick),
             row_cpu(Quick, Size, Peer),
-            row_memory(Quick)
+            row_memory(Quick),
+            row_call(Quick),
+            row_restarts(Quick)
         ],
         status(""),
         Seconds = (erlang:monotonic_time(millisecond) - T0) / 1000,
@@ -293,15 +355,7 @@ row_round_trip(Quick) ->
     Pool = ?POOL,
     MoatCall = fun() -> moat:run(Pool, echo, [1]) =:= {ok, 1} end,
     PeerCall = fun spawn_reply/0,
-    Block = fun(Who, Call, I) ->
-        status(io_lib:format("moat_bench: row 2 of 4, block ~b, ~s ...", [I, Who])),
-        isolated(fun() ->
-            _ = time_calls(Call, 1000, []),
-            usage(fun() -> time_calls(Call, Calls div Blocks, []) end)
-        end)
-    end,
-    Results = [{Block(moat, MoatCall, I), Block(peer, PeerCall, I)} || I <- lists:seq(1, Blocks)],
-    {MoatBlocks, PeerBlocks} = lists:unzip(Results),
+    {MoatBlocks, PeerBlocks} = timed_blocks(2, Calls, Blocks, MoatCall, PeerCall),
     {MoatMed, MoatP99, MoatMean, MoatFailed} = latencies(MoatBlocks),
     {PeerMed, PeerP99, PeerMean, PeerFailed} = latencies(PeerBlocks),
     MoatUsage = [U || {_, U} <- MoatBlocks],
@@ -452,15 +506,186 @@ row_memory(Quick) ->
         )
     }.
 
+
+%% Row 5: one moat:call/4 to a native counter at a time against one
+%% gen_server:call/3 to an Erlang counter at a time, in alternating blocks,
+%% every call timed on its own.
+-spec row_call(boolean()) -> row().
+row_call(Quick) ->
+    Calls = pick(Quick, 20000, 100000),
+    Blocks = 10,
+    Pool = ?POOL,
+    {ok, Peer} = gen_server:start({local, ?PEER_SERVER}, ?MODULE, {counter, undefined}, []),
+    try
+        MoatCall = fun() -> moat:call(Pool, c, get, 5000) =:= {ok, 0} end,
+        PeerCall = fun() ->
+            try
+                gen_server:call(?PEER_SERVER, get, 5000) =:= 0
+            catch
+                exit:_ -> false
+            end
+        end,
+        {MoatBlocks, PeerBlocks} = timed_blocks(5, Calls, Blocks, MoatCall, PeerCall),
+        {MoatMed, MoatP99, MoatMean, MoatFailed} = latencies(MoatBlocks),
+        {PeerMed, PeerP99, PeerMean, PeerFailed} = latencies(PeerBlocks),
+        MoatUsage = [U || {_, U} <- MoatBlocks],
+        PeerUsage = [U || {_, U} <- PeerBlocks],
+        #{
+            row => 5,
+            figure => "call round trip, call/4 get, median",
+            moat => MoatMed,
+            unit => "us",
+            target => "median <= 3 us",
+            met => MoatMed =< 3.0,
+            peer => PeerMed,
+            peer_label => "gen_server:call",
+            ratio => ratio(MoatMed > 0 andalso PeerMed / MoatMed),
+            failed => MoatFailed,
+            peer_failed => PeerFailed,
+            p99 => MoatP99,
+            peer_p99 => PeerP99,
+            inputs => lists:flatten(
+                io_lib:format(
+                    "~b calls each, one outstanding, in ~b alternating blocks after "
+                    "1000 warm-up calls a block; each call timed on its own; moat: "
+                    "moat:call(~s, c, get, 5000) to the native server c (moat_demo "
+                    "counter [0]) of the bench pool; peer: gen_server:call(~s, get, "
+                    "5000) to a registered Erlang gen_server counter (moat_bench's "
+                    "own callbacks)",
+                    [Calls, Blocks, ?POOL, ?PEER_SERVER]
+                )
+            ),
+            detail => lists:flatten(
+                io_lib:format(
+                    "p99 (us): moat ~.2f, peer ~.2f; mean (us): moat ~.2f, peer ~.2f; "
+                    "block medians (us): moat ~s; peer ~s; ~s",
+                    [
+                        MoatP99,
+                        PeerP99,
+                        MoatMean,
+                        PeerMean,
+                        block_medians(MoatBlocks),
+                        block_medians(PeerBlocks),
+                        cpu_text(MoatUsage, PeerUsage)
+                    ]
+                )
+            )
+        }
+    after
+        gen_server:stop(Peer)
+    end.
+
+%% Row 6: restarts of a native server under the pool's native supervisor,
+%% each provoked by a moat:call/4 that crashes it, against an OTP
+%% supervisor restarting a gen_server crashed the same way; timed trials,
+%% alternating, each after a warm-up.
+-spec row_restarts(boolean()) -> row().
+row_restarts(Quick) ->
+    {WarmMs, TimedMs} = pick(Quick, {200, 400}, {1000, 2000}),
+    Starts = atomics:new(1, []),
+    {ok, Sup} = supervisor:start_link(?MODULE, {peer_sup, Starts}),
+    % The trials run in processes of their own; the row stops it.
+    true = unlink(Sup),
+    Quiet = [gen_server, proc_lib, supervisor],
+    Saved = logger:get_module_level(Quiet),
+    try
+        % Else every crash of the peer logs three reports (the gen_server's
+        % error, the crash report, the supervisor's child_terminated).
+        ok = logger:set_module_level(Quiet, none),
+        Trials = [
+            {
+                trial(6, I, moat, fun() -> restart_trial(moat, WarmMs, TimedMs) end),
+                trial(6, I, peer, fun() -> restart_trial({peer, Starts}, WarmMs, TimedMs) end)
+            }
+         || I <- [1, 2, 3]
+        ],
+        {MoatTrials, PeerTrials} = lists:unzip(Trials),
+        {MoatRuns, MoatUsage} = lists:unzip(MoatTrials),
+        {PeerRuns, PeerUsage} = lists:unzip(PeerTrials),
+        restarts_row(WarmMs, TimedMs, MoatRuns, MoatUsage, PeerRuns, PeerUsage)
+    after
+        ok = logger:unset_module_level(Quiet),
+        _ = [logger:set_module_level(M, L) || {M, L} <- Saved],
+        gen_server:stop(Sup)
+    end.
+
+-spec restarts_row(
+    pos_integer(), pos_integer(), [restart_result()], [usage()], [restart_result()], [usage()]
+) -> row().
+restarts_row(WarmMs, TimedMs, MoatRuns, MoatUsage, PeerRuns, PeerUsage) ->
+    MoatError = count_error(MoatRuns),
+    PeerError = count_error(PeerRuns),
+    Moat = median([R || #{per_second := R} <- MoatRuns]),
+    PeerRate = median([R || #{per_second := R} <- PeerRuns]),
+    Ratio =
+        MoatError =:= undefined andalso PeerError =:= undefined andalso PeerRate > 0 andalso
+            Moat / PeerRate,
+    #{
+        row => 6,
+        figure => "restarts incl. a call/4 round trip",
+        moat => Moat,
+        unit => "restarts/s",
+        target => ">= 10x peer",
+        met => Ratio =/= false andalso Ratio >= 10,
+        peer => PeerRate,
+        peer_label => "OTP supervisor",
+        ratio => ratio(Ratio),
+        failed => lists:sum([O || #{others := O} <- MoatRuns]),
+        peer_failed => lists:sum([O || #{others := O} <- PeerRuns]),
+        moat_error => MoatError,
+        peer_error => PeerError,
+        inputs => lists:flatten(
+            io_lib:format(
+                "a call round trip per restart, in the loop: call {stop, {crash, I}} "
+                "(I counts the calls, so each crash is told from a stale reply), the "
+                "server exits with that reason, the caller gets it as {exit, _}, exit "
+                "signal to the pool's native supervisor (one_for_one, intensity ~b in "
+                "~b s), restart, init of moat_demo counter [0] (server crasher of the "
+                "bench pool); the next call goes as soon as the reply is in, and "
+                "another follows, after erlang:yield(), while it gets {exit, noproc} "
+                "(restart pending) or a stale reply; restarts counted by "
+                "moat:stats/1; 3 trials each, alternating, each ~b ms of warm-up then "
+                "~b ms timed, until the server answers after the last crash; peer: "
+                "the same loop with gen_server:call/3 to a registered gen_server "
+                "whose handle_call({stop, R}) returns {stop, R, _}, under an OTP "
+                "supervisor (one_for_one, same intensity; its check scans the "
+                "restarts of the last second), starts counted in init; logger off "
+                "for gen_server, proc_lib and supervisor meanwhile. The restart alone, "
+                "in C with no Erlang in the loop (target >= 1 M/s), is bench_core's "
+                "row 5",
+                [?INTENSITY, ?PERIOD, WarmMs, TimedMs]
+            )
+        ),
+        detail => lists:flatten(
+            io_lib:format(
+                "trials (k restarts/s): moat ~s; peer ~s; noproc retries per restart: "
+                "moat ~.2f, peer ~.2f; stale calls (answered with the previous "
+                "call's crash): moat ~b, peer ~b; restarts counted (crashes), "
+                "warm-up + timed: moat ~s; peer ~s; ~s",
+                [
+                    restart_trials(MoatRuns),
+                    restart_trials(PeerRuns),
+                    retries_per_restart(MoatRuns),
+                    retries_per_restart(PeerRuns),
+                    lists:sum([S || #{stale := S} <- MoatRuns]),
+                    lists:sum([S || #{stale := S} <- PeerRuns]),
+                    restart_counts(MoatRuns),
+                    restart_counts(PeerRuns),
+                    cpu_text(MoatUsage, PeerUsage)
+                ]
+            )
+        )
+    }.
+
 %%%===================================================================
 %%% Measuring
 %%%===================================================================
 
 %% Runs Fun in a fresh process, with the status line naming it, and
 %% measures the CPU time it took.
--spec trial(1..4, pos_integer(), moat | peer, fun(() -> Result)) -> {Result, usage()}.
+-spec trial(1..6, pos_integer(), moat | peer, fun(() -> Result)) -> {Result, usage()}.
 trial(Row, I, Who, Fun) ->
-    status(io_lib:format("moat_bench: row ~b of 4, trial ~b, ~s ...", [Row, I, Who])),
+    status(io_lib:format("moat_bench: row ~b of ~b, trial ~b, ~s ...", [Row, ?ROWS, I, Who])),
     isolated(fun() -> usage(Fun) end).
 
 %% Fun's value, computed in a fresh process so that no trial inherits the
@@ -533,6 +758,202 @@ spawn_reply() ->
             end
     end.
 
+%% K calls of MoatCall and of PeerCall in alternating blocks, each block
+%% in a fresh process after 1000 warm-up calls, every call timed on its
+%% own: moat's blocks and the peer's, each {Samples, usage()}.
+-spec timed_blocks(
+    1..6, pos_integer(), pos_integer(), fun(() -> boolean()), fun(() -> boolean())
+) -> {[{[{integer(), boolean()}], usage()}], [{[{integer(), boolean()}], usage()}]}.
+timed_blocks(Row, Calls, Blocks, MoatCall, PeerCall) ->
+    Block = fun(Who, Call, I) ->
+        status(io_lib:format("moat_bench: row ~b of ~b, block ~b, ~s ...", [Row, ?ROWS, I, Who])),
+        isolated(fun() ->
+            _ = time_calls(Call, 1000, []),
+            usage(fun() -> time_calls(Call, Calls div Blocks, []) end)
+        end)
+    end,
+    lists:unzip([
+        {Block(moat, MoatCall, I), Block(peer, PeerCall, I)}
+     || I <- lists:seq(1, Blocks)
+    ]).
+
+%% One trial of row 6 on one side: WarmMs of crashes, then TimedMs of
+%% crashes timed from the first call to the moment the server answers
+%% again after the last one.
+-spec restart_trial(restart_side(), pos_integer(), pos_integer()) -> restart_result().
+restart_trial(Side, WarmMs, TimedMs) ->
+    Up0 = wait_up(Side),
+    R0 = restarts(Side),
+    {WarmCrashes, WarmRetries, WarmStale, WarmOthers} =
+        crash_loop(Side, deadline(WarmMs), {0, 0, 0, 0}),
+    Up1 = wait_up(Side),
+    R1 = restarts(Side),
+    T0 = erlang:monotonic_time(nanosecond),
+    {Crashes, Retries, Stale, Others} = crash_loop(Side, deadline(TimedMs), {0, 0, 0, 0}),
+    Up2 = wait_up(Side),
+    T1 = erlang:monotonic_time(nanosecond),
+    R2 = restarts(Side),
+    Seconds = (T1 - T0) / 1.0e9,
+    #{
+        restarts => R2 - R1,
+        crashes => Crashes,
+        retries => Retries + element(1, Up2),
+        stale => WarmStale + Stale,
+        others => WarmOthers + Others,
+        warm_restarts => R1 - R0,
+        warm_crashes => WarmCrashes,
+        warm_retries => WarmRetries,
+        up => lists:all(fun({_, Up}) -> Up end, [Up0, Up1, Up2]),
+        seconds => Seconds,
+        per_second => rate(R2 - R1, Seconds)
+    }.
+
+-spec deadline(pos_integer()) -> integer().
+deadline(Ms) ->
+    erlang:monotonic_time(nanosecond) + Ms * 1000000.
+
+%% Crashes the server until Deadline, one call at a time: {crashes, calls
+%% that found it restarting, stale calls, other outcomes}.
+%%
+%% Each call asks the server to stop with a reason of its own, `{crash, I}'
+%% (I counts the calls), so that a call taken in by the server that the
+%% previous call crashed, and answered with that crash's reason (moat:call/4
+%% allows it: "it crashed on this request or an earlier one"), is told
+%% apart from a crash of its own. Such stale calls are retried too, as
+%% calls that find the server restarting are, after erlang:yield/0.
+-spec crash_loop(restart_side(), integer(), {N, N, N, N}) -> {N, N, N, N} when
+    N :: non_neg_integer().
+crash_loop(Side, Deadline, Acc) ->
+    crash_loop(Side, Deadline, 1, Acc).
+
+-spec crash_loop(restart_side(), integer(), pos_integer(), {N, N, N, N}) -> {N, N, N, N} when
+    N :: non_neg_integer().
+crash_loop(Side, Deadline, I, {C, R, S, O} = Acc) ->
+    case erlang:monotonic_time(nanosecond) < Deadline of
+        false ->
+            Acc;
+        true ->
+            % Before a retry, the caller lets the processes of its scheduler
+            % run (the peer's restarting child may be one of them).
+            case crash(Side, I) of
+                crashed ->
+                    crash_loop(Side, Deadline, I + 1, {C + 1, R, S, O});
+                noproc ->
+                    erlang:yield(),
+                    crash_loop(Side, Deadline, I + 1, {C, R + 1, S, O});
+                stale ->
+                    erlang:yield(),
+                    crash_loop(Side, Deadline, I + 1, {C, R, S + 1, O});
+                other ->
+                    crash_loop(Side, Deadline, I + 1, {C, R, S, O + 1})
+            end
+    end.
+
+-spec crash(restart_side(), pos_integer()) -> crashed | noproc | stale | other.
+crash(moat, I) ->
+    case moat:call(?POOL, crasher, {stop, {crash, I}}, 5000) of
+        {exit, {crash, I}} -> crashed;
+        {exit, {crash, _}} -> stale;
+        {exit, noproc} -> noproc;
+        _ -> other
+    end;
+crash({peer, _}, I) ->
+    try gen_server:call(?PEER_SERVER, {stop, {crash, I}}, 5000) of
+        _ -> other
+    catch
+        exit:{{crash, I}, _} -> crashed;
+        exit:{{crash, _}, _} -> stale;
+        exit:{noproc, _} -> noproc;
+        exit:_ -> other
+    end.
+
+%% Calls get until the server answers, for at most 5 s: {the calls that
+%% found it restarting, whether it answered}.
+-spec wait_up(restart_side()) -> {non_neg_integer(), boolean()}.
+wait_up(Side) ->
+    wait_up(Side, deadline(5000), 0).
+
+-spec wait_up(restart_side(), integer(), non_neg_integer()) -> {non_neg_integer(), boolean()}.
+wait_up(Side, Deadline, Retries) ->
+    case answers(Side) of
+        true ->
+            {Retries, true};
+        false ->
+            case erlang:monotonic_time(nanosecond) < Deadline of
+                true ->
+                    erlang:yield(),
+                    wait_up(Side, Deadline, Retries + 1);
+                false ->
+                    {Retries, false}
+            end
+    end.
+
+-spec answers(restart_side()) -> boolean().
+answers(moat) ->
+    element(1, moat:call(?POOL, crasher, get, 5000)) =:= ok;
+answers({peer, _}) ->
+    try gen_server:call(?PEER_SERVER, get, 5000) of
+        _ -> true
+    catch
+        exit:_ -> false
+    end.
+
+%% The restarts done so far: the native supervisor's count, or the peer's
+%% starts (each init counts one).
+-spec restarts(restart_side()) -> non_neg_integer().
+restarts(moat) ->
+    #{restarts := N} = moat:stats(?POOL),
+    N;
+restarts({peer, Starts}) ->
+    atomics:get(Starts, 1).
+
+%% Why a side's restart figures cannot be trusted, or undefined when every
+%% crash was followed by exactly one restart.
+-spec count_error([restart_result()]) -> string() | undefined.
+count_error(Runs) ->
+    Bad = [
+        R
+     || #{restarts := Rs, crashes := Cs, warm_restarts := WRs, warm_crashes := WCs, up := Up} = R <-
+            Runs,
+        Rs =/= Cs orelse WRs =/= WCs orelse not Up
+    ],
+    case Bad of
+        [] ->
+            undefined;
+        _ ->
+            lists:flatten(
+                io_lib:format(
+                    "every crash must be followed by exactly one restart; restarts "
+                    "counted (crashes), warm-up + timed, per trial: ~s~s",
+                    [
+                        restart_counts(Runs),
+                        [
+                            "; the server did not answer within 5 s after some crash"
+                         || lists:any(fun(#{up := Up}) -> not Up end, Runs)
+                        ]
+                    ]
+                )
+            )
+    end.
+
+-spec restart_trials([restart_result()]) -> iolist().
+restart_trials(Runs) ->
+    lists:join(" / ", [io_lib:format("~.1f", [R / 1000]) || #{per_second := R} <- Runs]).
+
+-spec restart_counts([restart_result()]) -> iolist().
+restart_counts(Runs) ->
+    lists:join(
+        " / ",
+        [
+            io_lib:format("~b (~b) + ~b (~b)", [WRs, WCs, Rs, Cs])
+         || #{warm_restarts := WRs, warm_crashes := WCs, restarts := Rs, crashes := Cs} <- Runs
+        ]
+    ).
+
+-spec retries_per_restart([restart_result()]) -> float().
+retries_per_restart(Runs) ->
+    lists:sum([R || #{retries := R} <- Runs]) / max(1, lists:sum([C || #{crashes := C} <- Runs])).
+
 %% K calls of Call, each timed: [{Nanoseconds, Succeeded}].
 -spec time_calls(fun(() -> boolean()), non_neg_integer(), [{integer(), boolean()}]) ->
     [{integer(), boolean()}].
@@ -598,8 +1019,8 @@ chunks(Done, Until, Total, Failed) ->
     #{failed := F} = fanout(?POOL, echo, N),
     status(
         io_lib:format(
-            "moat_bench: row 4 of 4, memory: ~.1f of ~b M tasks",
-            [(Done + N) / 1.0e6, Total div 1000000]
+            "moat_bench: row 4 of ~b, memory: ~.1f of ~b M tasks",
+            [?ROWS, (Done + N) / 1.0e6, Total div 1000000]
         )
     ),
     chunks(Done + N, Until, Total, Failed + F).
@@ -778,6 +1199,42 @@ peer_label({elixir, _}) -> "Task.async_stream";
 peer_label(erlang) -> "Erlang workers (no Elixir)".
 
 %%%===================================================================
+%%% The peers of rows 5 and 6
+%%%===================================================================
+
+%% @private The Erlang counter (a gen_server whose state is the count), or
+%% the OTP supervisor that restarts it under ?PEER_SERVER, each init
+%% adding one to `Starts'.
+-spec init({counter, atomics:atomics_ref() | undefined} | {peer_sup, atomics:atomics_ref()}) ->
+    {ok, term()}.
+init({counter, undefined}) ->
+    {ok, 0};
+init({counter, Starts}) ->
+    atomics:add(Starts, 1, 1),
+    {ok, 0};
+init({peer_sup, Starts}) ->
+    Flags = #{strategy => one_for_one, intensity => ?INTENSITY, period => ?PERIOD},
+    Child = #{
+        id => counter,
+        start => {gen_server, start_link, [{local, ?PEER_SERVER}, ?MODULE, {counter, Starts}, []]}
+    },
+    {ok, {Flags, [Child]}}.
+
+%% @private `get' replies the count; `{stop, Reason}' ends the counter
+%% with `Reason' before it replies, as moat_demo's counter does.
+-spec handle_call(get | {stop, term()}, gen_server:from(), integer()) ->
+    {reply, integer(), integer()} | {stop, term(), integer()}.
+handle_call(get, _From, N) ->
+    {reply, N, N};
+handle_call({stop, Reason}, _From, N) ->
+    {stop, Reason, N}.
+
+%% @private
+-spec handle_cast(term(), integer()) -> {noreply, integer()}.
+handle_cast(_, N) ->
+    {noreply, N}.
+
+%%%===================================================================
 %%% Printing
 %%%===================================================================
 
@@ -801,7 +1258,11 @@ header(Quick, Size, Peer) ->
                 loadavg()
             ]
         ),
-        io_lib:format("  pool:    ~s with ~b threads (schedulers online)\n", [?POOL, Size]),
+        io_lib:format(
+            "  pool:    ~s with ~b threads (schedulers online), native servers c and "
+            "crasher (moat_demo counter [0]), restart intensity ~b in ~b s\n",
+            [?POOL, Size, ?INTENSITY, ?PERIOD]
+        ),
         io_lib:format("  peer:    ~s\n", [PeerText]),
         io_lib:format(
             "  repeat:  make bench   or, from erl or make shell,  "
@@ -840,14 +1301,23 @@ row_lines(#{row := N, figure := Figure, target := Target, met := Met} = R) ->
         end,
     Peer =
         case R of
-            #{peer := undefined, peer_label := Label} -> Label;
-            #{peer := P, peer_label := Label} -> io_lib:format("~s (~s)", [value(R, P), Label])
+            #{peer := undefined, peer_label := Label} ->
+                Label;
+            #{peer_error := PeerError, peer_label := Label} when PeerError =/= undefined ->
+                io_lib:format("ERROR (~s)", [Label]);
+            #{peer := P, peer_label := Label} ->
+                io_lib:format("~s (~s)", [value(R, P), Label])
+        end,
+    Moat =
+        case R of
+            #{moat_error := MoatError} when MoatError =/= undefined -> "ERROR";
+            #{moat := M} -> value(R, M)
         end,
     [
         columns([
             integer_to_list(N),
             Figure,
-            value(R, maps:get(moat, R)),
+            Moat,
             Target,
             Verdict,
             Peer,
@@ -858,11 +1328,18 @@ row_lines(#{row := N, figure := Figure, target := Target, met := Met} = R) ->
         errors(R)
     ].
 
-%% ERROR lines for tasks that did not succeed, moat's or the peer's.
+%% ERROR lines for tasks that did not succeed, moat's or the peer's, and
+%% for figures that cannot be trusted (`moat_error', `peer_error').
 -spec errors(map()) -> iolist().
 errors(#{row := N, failed := F} = R) ->
     PeerFailed = maps:get(peer_failed, R, 0),
     [
+        [
+            io_lib:format("ERROR ~b  ~s: ~s\n", [N, Who, E])
+         || {Who, Key} <- [{moat, moat_error}, {peer, peer_error}],
+            E <- [maps:get(Key, R, undefined)],
+            E =/= undefined
+        ],
         [io_lib:format("ERROR ~b  moat: ~b tasks did not succeed\n", [N, F]) || F > 0],
         [
             io_lib:format("ERROR ~b  peer: ~b tasks did not succeed\n", [N, PeerFailed])
@@ -887,6 +1364,9 @@ columns(Cells) ->
 value(#{unit := "tasks/s"}, R) when R >= 1.0e6 -> io_lib:format("~.2f M tasks/s", [R / 1.0e6]);
 value(#{unit := "tasks/s"}, R) -> io_lib:format("~b k tasks/s", [round(R / 1000)]);
 value(#{unit := "us"}, Us) -> io_lib:format("~.2f us", [Us]);
+value(#{unit := "restarts/s"}, R) when R >= 1.0e6 ->
+    io_lib:format("~.2f M restarts/s", [R / 1.0e6]);
+value(#{unit := "restarts/s"}, R) -> io_lib:format("~.1f k restarts/s", [R / 1000]);
 value(#{unit := "%"}, P) -> io_lib:format("~.1f%", [P]);
 value(#{row := 4, vm_growth := Vm, rss_growth := Rss}, _) ->
     io_lib:format("RSS ~s, VM ~s", [signed_mib(Rss), signed_mib(Vm)]).

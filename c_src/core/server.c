@@ -117,9 +117,14 @@ static void handle(moat__server_t *s, moat_msg_t *m) {
     switch (m->kind) {
     case MOAT_MSG_CALL: /* its reference is s->current's now (proc.c) */
         term = callback(s, m, &kind);
-        moat__task_finish(m->call, kind, term);
+        /* A call that stops the server is answered once the server is
+         * dead (the process exit settles the call in progress), as a
+         * monitor's DOWN follows a gen_server's end: a caller's next call
+         * can no longer reach the dying server.  The finish after it is
+         * for a call nothing else settled, and loses otherwise. */
         if (kind != MOAT_OK)
             stop(s, term);
+        moat__task_finish(m->call, kind, term);
         moat_term_unref(term);
         break;
     case MOAT_MSG_CAST:

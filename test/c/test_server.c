@@ -3,6 +3,7 @@
  * dead servers, timeouts. */
 #include <sched.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "core_util.h"
 #include "tsrv.h"
@@ -95,12 +96,37 @@ static void test_server_crash_in_call(void **state) {
     call(pool, s, "crash", -1, &r);
     assert_int_equal(r.kind, MOAT_EXIT);
     assert_true(moat_term_equal(r.term, crash));
-    t_expect_down(pool, w, ref, s, crash);
-    tsrv_wait('t', 2, 1);
+    /* Answered once the server is dead and its terminate has run, as a
+     * DOWN follows a gen_server's end: a next call finds no server. */
+    assert_int_equal(moat_proc_alive(pool, s), 0);
     assert_int_equal(tsrv_count('t', 2), 1);
+    t_expect_down(pool, w, ref, s, crash);
     rec_done(&r);
     moat_term_unref(crash);
     moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* The caller of a call that crashes the server hears of it only once
+ * the server's terminate has run and it is dead, however long terminate
+ * takes: no later call of that caller can reach the dying server. */
+static void test_server_crash_answered_after_terminate(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t s = start(pool, 102); /* terminate waits for the gate */
+    moat_term_t *q = t_atom("crash");
+    struct timespec pause = {0, 50 * 1000 * 1000};
+    rec_t r = {0};
+    atomic_store(&tsrv_gate, 0);
+    assert_int_equal(moat_server_call(pool, s, q, 0, -1, &r, NULL), 0);
+    moat_term_unref(q);
+    nanosleep(&pause, NULL);
+    assert_int_equal(atomic_load(&r.outcomes), 0);
+    assert_int_equal(moat_proc_alive(pool, s), 1);
+    atomic_store(&tsrv_gate, 1);
+    t_wait(&r);
+    assert_int_equal(moat_proc_alive(pool, s), 0);
+    assert_int_equal(tsrv_count('t', 102), 1);
+    assert_int_equal(r.kind, MOAT_EXIT);
+    rec_done(&r);
 }
 
 /* A server that ends itself with a reason it chose gives it to the
@@ -341,6 +367,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_server_state_across_calls, before),
         cmocka_unit_test_setup(test_server_crash_in_call, before),
+        cmocka_unit_test_setup(test_server_crash_answered_after_terminate, before),
         cmocka_unit_test_setup(test_server_stop_with_chosen_reason, before),
         cmocka_unit_test_setup(test_server_call_dead_is_noproc, before),
         cmocka_unit_test_setup(test_server_stop_request_in_order, before),
