@@ -313,6 +313,24 @@ deps:
 shell:
 	$(REBAR3) shell
 
+# EEP-48 doc chunks from the EDoc of the public modules, so that
+# `h :moat.async` (iex) and `h(moat, async)` (erl) show it: code:get_doc/1
+# finds doc/chunks/<module>.chunk beside the application's ebin.  rebar3's
+# compile post_hook runs this and says where that is: Mix's bare compile
+# sets REBAR_BARE_COMPILER_OUTPUT_DIR, rebar3 REBAR_DEPS_DIR.
+COMMA := ,
+SPACE := $(subst ,, )
+DOC_APP_DIR := $(or $(REBAR_BARE_COMPILER_OUTPUT_DIR),$(if $(REBAR_DEPS_DIR),$(REBAR_DEPS_DIR)/moat))
+DOC_MODULES := src/moat.erl bench/moat_bench.erl
+DOC_FILES := $(subst $(SPACE),$(COMMA),$(patsubst %,"%",$(DOC_MODULES)))
+DOC_CHUNKS := $(if $(DOC_APP_DIR),$(patsubst %.erl,$(DOC_APP_DIR)/doc/chunks/%.chunk,$(notdir $(DOC_MODULES))))
+
+doc-chunks: $(DOC_CHUNKS)
+
+$(DOC_CHUNKS): $(DOC_MODULES)
+	@mkdir -p $(@D)
+	$(Q)erl -noshell -eval 'ok = edoc:files([$(DOC_FILES)], [{doclet, edoc_doclet_chunks}, {layout, edoc_layout_chunks}, {dir, "$(abspath $(@D)/..)"}, {preprocess, true}, {todo, false}]), halt().'
+
 clean:
 	rm -rf $(B) priv/*.so priv/moat_cnode
 
@@ -458,7 +476,7 @@ test-elixir:
 
 .PHONY: test-elixir
 
-.PHONY: c deps shell clean test bench run-bench check-build-env check-test-env \
+.PHONY: c deps shell doc-chunks clean test bench run-bench check-build-env check-test-env \
     check-core test-c test-c-asan test-c-tsan test-c-valgrind test-erl
 .SECONDARY:
 .DELETE_ON_ERROR:

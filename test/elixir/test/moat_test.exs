@@ -237,6 +237,18 @@ defmodule MoatTest do
     assert_mailbox_empty()
   end
 
+  test "the API's docs are there for h/1 in iex" do
+    # EDoc's chunks hold HTML as Erlang terms, which h/1 renders.
+    assert {:docs_v1, _, :erlang, "application/erlang+html", %{"en" => [_ | _]}, _, docs} =
+             Code.fetch_docs(:moat)
+
+    for {name, arity} <- [async: 3, await: 2, call: 4, which_children: 1] do
+      assert [%{"en" => [_ | _]}] =
+               for({{:function, ^name, ^arity}, _, _, doc, _} <- docs, is_map(doc), do: doc),
+             "no doc for :moat.#{name}/#{arity}"
+    end
+  end
+
   # The pool's counters once cancelled and abandoned work has left its
   # threads (a cancelled sleep returns within about a millisecond), or
   # after five seconds.
