@@ -61,6 +61,12 @@
 
 %% @doc Starts pool `Name' under moat's own supervisor.
 %%
+%% The pool's supervisor restarts it (up to `max_restarts' in
+%% `max_seconds'); past that the pool is gone, its callers get `noproc',
+%% and other pools are not affected. To have a pool that gives up take
+%% your application's supervisor with it instead, put
+%% {@link child_spec/1} in your own tree.
+%%
 %% Options (a map or a proplist): `size' (threads; default: schedulers
 %% online), `max_queue' (tasks waiting beyond the threads before new ones
 %% are `overloaded'; 65536), `libraries' (task libraries: a path to a
@@ -84,7 +90,9 @@
 -spec start_pool(pool(), map() | proplists:proplist()) ->
     {ok, pid()} | {error, {already_started, pid()} | term()}.
 start_pool(Name, Opts) when is_atom(Name) ->
-    Spec = child_spec(maps:put(name, Name, opts_map(Opts))),
+    %% Temporary under moat_sup: a pool whose own supervisor gives up is
+    %% gone, and neither the other pools nor moat go with it.
+    Spec = (child_spec(maps:put(name, Name, opts_map(Opts))))#{restart := temporary},
     case supervisor:start_child(moat_sup, Spec) of
         {ok, Pid} ->
             {ok, Pid};

@@ -26,12 +26,10 @@ start_link() ->
 %%% supervisor callbacks
 %%%===================================================================
 
-%% Per-pool supervisors will be added here as children, one for each pool
-%% started with moat:start_pool/2 (a pool embedded with moat:child_spec/1
-%% lives in its caller's tree instead). More than three restarts in five seconds
-%% means something keeps failing: this supervisor then exits, which stops
-%% the moat application, and what happens next is for whoever started it
-%% to decide.
+%% Per-pool supervisors are added here as temporary children, one for
+%% each pool started with moat:start_pool/2 (a pool embedded with
+%% moat:child_spec/1 lives in its caller's tree instead): a pool that
+%% gives up is gone without taking the other pools or moat with it.
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init([]) ->
     SupFlags = #{strategy => one_for_one, intensity => 3, period => 5},

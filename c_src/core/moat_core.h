@@ -471,7 +471,8 @@ int moat_sup_start(moat_pool_t *pool, moat_pid_t parent,
 
 typedef enum {
     MOAT_CHILD_RUNNING,
-    MOAT_CHILD_RESTARTING, /* a restart is pending */
+    MOAT_CHILD_RESTARTING, /* a restart is pending (after a give-up: the
+                              tree above's, every child shows it) */
     MOAT_CHILD_UNDEFINED   /* not running (transient that ended normally) */
 } moat_child_state_t;
 

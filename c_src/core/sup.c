@@ -396,7 +396,11 @@ static void shut_down(sup_t *sup, moat_term_t *reason, int escalate) {
 static void restart(sup_t *sup, size_t i) {
     size_t n, *v;
     if (add_restart(sup)) {
-        set_child(sup, i, 0, 0, 0);
+        /* Giving up: from now on every child shows `restarting` (the
+         * restart that escalating asks of the tree above), also while
+         * they are being stopped. */
+        for (size_t j = 0; j < sup->nchildren; j++)
+            set_child(sup, j, j == i ? 0 : sup->children[j].pid, 1, 0);
         shut_down(sup, moat_atom(MOAT_A_SHUTDOWN), 1);
         return;
     }

@@ -174,6 +174,8 @@ static ErlNifResourceType *pool_rt, *task_rt, *stream_rt;
 static void np_ref(npool_t *np) { atomic_fetch_add(&np->refs, 1); }
 static void reaper_push(npool_t *np);
 static void sup_stop(ErlNifEnv *env, npool_t *np);
+static void sup_wait(ErlNifEnv *env, moat_pool_t *pool, moat_pid_t sup,
+                     int stop);
 
 static void np_unref(npool_t *np) {
     if (np != NULL && atomic_fetch_sub(&np->refs, 1) == 1)
@@ -1461,6 +1463,13 @@ static ERL_NIF_TERM nif_sup_start(ErlNifEnv *env, int argc,
         size_t len;
         const char *d = moat_term_data(reason, &len);
         ERL_NIF_TERM r;
+        /* The supervisor stops the servers it started, in reverse order,
+         * then ends: the start fails once it has, as OTP's does. */
+        if (rc == MOAT_ESTART) {
+            tl_caller_env = env;
+            sup_wait(env, np->pool, sv->sup, 0);
+            tl_caller_env = NULL;
+        }
         if (enif_binary_to_term(env, (const unsigned char *)d, len, &r, 0) == 0)
             r = atom_enomem;
         ret = error_tuple(env, r);
@@ -1483,15 +1492,24 @@ done:
  * process is killed meanwhile: closing the pool then ends the rest. */
 static void sup_stop(ErlNifEnv *env, npool_t *np) {
     servers_t *sv = atomic_load(&np->servers);
+    if (sv != NULL)
+        sup_wait(env, np->pool, sv->sup, 1);
+}
+
+/* Waits for supervisor `sup` to end, after sending it exit(shutdown) from
+ * outside if `stop`, giving up if the calling process is no longer alive. */
+static void sup_wait(ErlNifEnv *env, moat_pool_t *pool, moat_pid_t sup,
+                     int stop) {
     moat_pid_t w;
     moat_msg_t *m;
     uint64_t ref;
-    if (sv == NULL || moat_proc_open(np->pool, &w) != 0)
+    if (moat_proc_open(pool, &w) != 0)
         return;
-    if (moat_proc_monitor(np->pool, w, sv->sup, &ref) == 0) {
-        moat_proc_exit(np->pool, 0, sv->sup, moat_atom(MOAT_A_SHUTDOWN));
+    if (moat_proc_monitor(pool, w, sup, &ref) == 0) {
+        if (stop)
+            moat_proc_exit(pool, 0, sup, moat_atom(MOAT_A_SHUTDOWN));
         for (;;) {
-            int rc = moat_proc_receive(np->pool, w, 50, &m), down;
+            int rc = moat_proc_receive(pool, w, 50, &m), down;
             if (rc == MOAT_ETIMEDOUT) {
                 if (!enif_is_current_process_alive(env))
                     break;
@@ -1505,7 +1523,7 @@ static void sup_stop(ErlNifEnv *env, npool_t *np) {
                 break;
         }
     }
-    moat_proc_close(np->pool, w, moat_atom(MOAT_A_NORMAL));
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
 }
 
 /* The running server with this id, or 0. */

@@ -311,6 +311,46 @@ static void test_sup_intensity_zero(void **state) {
     expect_log("s1 t1");
 }
 
+/* Giving up marks every child restarting at once, also those still
+ * being stopped (the restart is the tree above's now), and calls to them
+ * are noproc from then on. */
+static void test_sup_give_up_shows_restarting(void **state) {
+    moat_pool_t *pool = *state;
+    moat_child_spec_t k[2] = {kid(1, MOAT_PERMANENT, 1000),
+                              kid(101, MOAT_PERMANENT, MOAT_SHUTDOWN_INFINITY)};
+    moat_pid_t sup, w, p2;
+    moat_child_info_t *ci;
+    moat_term_t *id2 = t_atom("c101");
+    uint64_t ref;
+    int n;
+    atomic_store(&tsrv_gate, 0); /* c101's terminate waits for it */
+    sup = start_sup(pool, MOAT_ONE_FOR_ONE, 0, 5, k, 2);
+    p2 = child_pid(pool, sup, 1);
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    assert_int_equal(moat_proc_monitor(pool, w, sup, &ref), 0);
+    cast(pool, child_pid(pool, sup, 0), "crash");
+    tsrv_wait('s', 101, 1);
+    for (long tries = 0;; tries++) { /* until the give-up is decided */
+        assert_true(tries < 100000000L);
+        n = moat_sup_which_children(pool, sup, &ci);
+        assert_int_equal(n, 2);
+        if (ci[0].state == MOAT_CHILD_RESTARTING)
+            break;
+        moat_sup_children_free(ci, n);
+        sched_yield();
+    }
+    assert_int_equal(ci[1].state, MOAT_CHILD_RESTARTING);
+    assert_int_equal(ci[1].pid, 0);
+    moat_sup_children_free(ci, n);
+    assert_int_equal(moat_proc_alive(pool, p2), 1); /* in terminate */
+    assert_int_equal(moat_sup_child_pid(pool, sup, id2, &p2), MOAT_ENOPROC);
+    atomic_store(&tsrv_gate, 1);
+    t_expect_down(pool, w, ref, sup, moat_atom(MOAT_A_SHUTDOWN));
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+    assert_int_equal(atomic_load(&escalations), 1);
+    moat_term_unref(id2);
+}
+
 /* S5: one_for_all stops the others in reverse start order (a temporary
  * sibling for good), then starts all in start order. */
 static void test_sup_one_for_all(void **state) {
@@ -607,6 +647,7 @@ int main(void) {
         cmocka_unit_test_setup(test_sup_shutdown_infinity_waits, before),
         cmocka_unit_test_setup(test_sup_which_and_count, before),
         cmocka_unit_test_setup(test_sup_child_pid, before),
+        cmocka_unit_test_setup(test_sup_give_up_shows_restarting, before),
         cmocka_unit_test_setup(test_sup_invalid_specs, before),
         cmocka_unit_test_setup(test_sup_restart_storm, before),
         cmocka_unit_test_setup(test_sup_calls_during_restarts, before),
