@@ -147,7 +147,9 @@ child_spec(Opts0) ->
 
 %% @doc Counters of a running pool: `queued' and `running' (now),
 %% `completed', `failed', `cancelled', `timeouts', `rejected' (since the
-%% pool started), `abandoned' and `threads' (now), `restarts' and `size'.
+%% pool started), `abandoned' and `threads' (now), `restarts' (of native
+%% servers) and `size'. Calls to native servers count as tasks: a reply
+%% is `completed', any other outcome `failed' (or `timeouts').
 -spec stats(pool()) -> #{atom() => non_neg_integer()} | {error, not_found}.
 stats(Name) when is_atom(Name) ->
     moat_nif:pool_stats(Name);
