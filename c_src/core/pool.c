@@ -1435,6 +1435,24 @@ void moat_pool_stop(moat_pool_t *pool) {
         timer_remove(pool, t);
         t->cb(t);
     }
+    /* Servers made runnable after the last worker left (the close's exit
+     * signals reach servers that were idle; a worker that saw `stopping`
+     * with nothing queued may have gone first): run them here, alone, so
+     * that each one's terminate runs and nothing of it is left. */
+    for (;;) {
+        moat__node_t *n;
+        uv_mutex_lock(&pool->rq_lock);
+        if (moat__list_empty(&pool->sysq)) {
+            uv_mutex_unlock(&pool->rq_lock);
+            break;
+        }
+        n = pool->sysq.next;
+        moat__list_remove(n);
+        atomic_fetch_sub(&pool->nqueued, 1);
+        uv_mutex_unlock(&pool->rq_lock);
+        MOAT__CONTAINER(n, moat__sysitem_t, node)->run(
+            MOAT__CONTAINER(n, moat__sysitem_t, node));
+    }
 }
 
 void moat_pool_free(moat_pool_t *pool) {

@@ -150,6 +150,7 @@ typedef struct npool_s {
     /* The native supervisor and its servers, once sup_start made them;
      * never changed after that, so readers need no lock. */
     _Atomic(struct servers_s *) servers;
+    atomic_int sup_claimed; /* sup_start ran (or runs): once per pool */
 } npool_t;
 
 /* A pool's native servers: the supervisor's pid and each child's id, as
@@ -1400,7 +1401,7 @@ static ERL_NIF_TERM nif_sup_start(ErlNifEnv *env, int argc,
     moat_sup_opts_t opts;
     moat_child_spec_t *specs = NULL;
     moat_term_t *reason = NULL;
-    servers_t *sv, *none = NULL;
+    servers_t *sv;
     unsigned n;
     int arity, rc, unknown = 0;
     size_t i;
@@ -1414,7 +1415,7 @@ static ERL_NIF_TERM nif_sup_start(ErlNifEnv *env, int argc,
         !enif_get_list_length(env, list, &n))
         return enif_make_badarg(env);
     np = res->np;
-    if (atomic_load(&np->servers) != NULL)
+    if (atomic_exchange(&np->sup_claimed, 1) != 0)
         return enif_make_badarg(env);
     sv = calloc(1, sizeof *sv + (n ? n : 1) * sizeof sv->ids[0]);
     specs = calloc(n ? n : 1, sizeof *specs);
@@ -1457,8 +1458,8 @@ static ERL_NIF_TERM nif_sup_start(ErlNifEnv *env, int argc,
         for (size_t j = 0; j < sv->n; j++)
             specs[j].arg_free = NULL;
     if (rc == 0) {
-        if (atomic_compare_exchange_strong(&np->servers, &none, sv))
-            sv = NULL;
+        atomic_store(&np->servers, sv);
+        sv = NULL;
     } else if (reason != NULL) {
         size_t len;
         const char *d = moat_term_data(reason, &len);

@@ -363,6 +363,24 @@ static void test_server_serves_through_drain(void **state) {
     tsrv_wait('t', 1, 1); /* the close ended the server, terminate ran */
 }
 
+/* Freeing a pool runs each server's terminate exactly once, also when the
+ * worker that served it was spinning for work as the close came (and so
+ * may leave before the close's exit signal makes the server runnable). */
+static void test_server_terminate_runs_when_pool_freed(void **state) {
+    (void)state;
+    for (int i = 0; i < 300; i++) {
+        moat_pool_t *pool = t_pool(1, 0, "tfree", t_record);
+        moat_pid_t s;
+        rec_t r = {0};
+        tsrv_reset();
+        s = start(pool, 7);
+        call(pool, s, "inc", -1, &r); /* its worker then spins for more */
+        rec_done(&r);
+        moat_pool_free(pool);
+        assert_int_equal(tsrv_count('t', 7), 1);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_server_state_across_calls, before),
@@ -378,6 +396,7 @@ int main(void) {
         cmocka_unit_test_setup(test_server_linked_to_parent, before),
         cmocka_unit_test_setup(test_server_kill_sets_should_stop, before),
         cmocka_unit_test_setup(test_server_serves_through_drain, before),
+        cmocka_unit_test_setup(test_server_terminate_runs_when_pool_freed, before),
     };
     return cmocka_run_group_tests_name("server", tests, setup,
                                        t_pool_teardown);
