@@ -150,7 +150,8 @@ typedef struct npool_s {
     /* The native supervisor and its servers, once sup_start made them;
      * never changed after that, so readers need no lock. */
     _Atomic(struct servers_s *) servers;
-    atomic_int sup_claimed; /* sup_start ran (or runs): once per pool */
+    atomic_int sup_claimed; /* a sup_start runs or succeeded: one at a time,
+                               and none after a success */
 } npool_t;
 
 /* A pool's native servers: the supervisor's pid and each child's id, as
@@ -1422,6 +1423,7 @@ static ERL_NIF_TERM nif_sup_start(ErlNifEnv *env, int argc,
     if (sv == NULL || specs == NULL || (sv->env = enif_alloc_env()) == NULL) {
         free(sv);
         free(specs);
+        atomic_store(&np->sup_claimed, 0);
         return error_tuple(env, atom_enomem);
     }
     for (i = 0; enif_get_list_cell(env, list, &head, &list); i++) {
@@ -1483,6 +1485,8 @@ done:
         if (specs[i].arg_free != NULL)
             specs[i].arg_free(specs[i].arg);
     free(specs);
+    if (sv != NULL) /* it failed, and no supervisor runs: may be retried */
+        atomic_store(&np->sup_claimed, 0);
     servers_free(sv);
     return ret;
 }
