@@ -333,20 +333,20 @@ run(Pool, Task, Args) ->
 -spec run(pool(), atom(), list(), timeout()) -> outcome().
 run(Pool, Task, Args, Timeout) when is_atom(Pool), is_atom(Task), is_list(Args) ->
     check_timeout(Timeout),
-    %% The NIF waits a few microseconds for a short task's outcome; else it
-    %% comes as a message.  The pool's own deadline ends the task, so
-    %% exactly one outcome comes either way.
-    case moat_nif:run(Pool, Task, Args, Timeout) of
-        {wait, Ref} ->
-            receive
-                {Ref, Reply} -> {ok, Reply};
-                {'DOWN', Ref, process, _, Reason} -> {exit, Reason}
-            end;
-        Outcome ->
-            Outcome
-    end;
+    settled(moat_nif:run(Pool, Task, Args, Timeout));
 run(_, _, _, _) ->
     error(badarg).
+
+%% The outcome of run/4 or call/4. The NIF waits a few microseconds for a
+%% short task's outcome; else ({wait, Ref}) it comes as a message. The
+%% pool's own deadline ends the task, so exactly one comes either way.
+settled({wait, Ref}) ->
+    receive
+        {Ref, Reply} -> {ok, Reply};
+        {'DOWN', Ref, process, _, Reason} -> {exit, Reason}
+    end;
+settled(Outcome) ->
+    Outcome.
 
 %%%===================================================================
 %%% Native servers
@@ -371,17 +371,7 @@ call(Pool, Server, Request) ->
 -spec call(pool(), term(), term(), timeout()) -> outcome().
 call(Pool, Server, Request, Timeout) when is_atom(Pool) ->
     check_timeout(Timeout),
-    %% As run/4: the NIF waits a few microseconds for the reply, else it
-    %% comes as a message; the pool's deadline makes it exactly one.
-    case moat_nif:call(Pool, Server, Request, Timeout) of
-        {wait, Ref} ->
-            receive
-                {Ref, Reply} -> {ok, Reply};
-                {'DOWN', Ref, process, _, Reason} -> {exit, Reason}
-            end;
-        Outcome ->
-            Outcome
-    end;
+    settled(moat_nif:call(Pool, Server, Request, Timeout));
 call(_, _, _, _) ->
     error(badarg).
 
