@@ -1332,13 +1332,14 @@ wait_restarted(P, Id, Old, Deadline) ->
     end.
 
 %% Waits until Pid's request is in the server's mailbox (being handled or
-%% queued): Pid waits in moat:call/4, or its call is over already.
+%% queued): Pid waits inside moat for the outcome of its call (call/4 hands
+%% the wait to a helper of moat's), or its call is over already.
 wait_calling(Pid) ->
     wait_until(
         fun() ->
             case process_info(Pid, [current_function, status]) of
                 undefined -> true;
-                [{current_function, {moat, call, 4}}, {status, S}] -> S =/= running;
+                [{current_function, {moat, _, _}}, {status, S}] -> S =/= running;
                 _ -> false
             end
         end,
