@@ -350,25 +350,40 @@ row_fanout(Quick, Size, Peer) ->
 %% a time, in alternating blocks, every call timed on its own.
 -spec row_round_trip(boolean()) -> row().
 row_round_trip(Quick) ->
+    Pool = ?POOL,
+    latency_row(
+        2,
+        Quick,
+        "round trip, run/3 echo, median",
+        "spawn_monitor + reply",
+        fun() -> moat:run(Pool, echo, [1]) =:= {ok, 1} end,
+        fun spawn_reply/0,
+        "peer: spawn_monitor of a process that sends one reply, then wait for the "
+        "reply and the DOWN (a dirty NIF call would need a NIF moat lacks)"
+    ).
+
+%% A latency row (2 and 5): one moat call at a time against one peer call
+%% at a time, in alternating blocks, every call timed on its own; medians
+%% against the 3 us target.
+-spec latency_row(pos_integer(), boolean(), string(), string(),
+                  fun(() -> boolean()), fun(() -> boolean()), string()) -> row().
+latency_row(Row, Quick, Figure, PeerLabel, MoatCall, PeerCall, What) ->
     Calls = pick(Quick, 20000, 100000),
     Blocks = 10,
-    Pool = ?POOL,
-    MoatCall = fun() -> moat:run(Pool, echo, [1]) =:= {ok, 1} end,
-    PeerCall = fun spawn_reply/0,
-    {MoatBlocks, PeerBlocks} = timed_blocks(2, Calls, Blocks, MoatCall, PeerCall),
+    {MoatBlocks, PeerBlocks} = timed_blocks(Row, Calls, Blocks, MoatCall, PeerCall),
     {MoatMed, MoatP99, MoatMean, MoatFailed} = latencies(MoatBlocks),
     {PeerMed, PeerP99, PeerMean, PeerFailed} = latencies(PeerBlocks),
     MoatUsage = [U || {_, U} <- MoatBlocks],
     PeerUsage = [U || {_, U} <- PeerBlocks],
     #{
-        row => 2,
-        figure => "round trip, run/3 echo, median",
+        row => Row,
+        figure => Figure,
         moat => MoatMed,
         unit => "us",
         target => "median <= 3 us",
         met => MoatMed =< 3.0,
         peer => PeerMed,
-        peer_label => "spawn_monitor + reply",
+        peer_label => PeerLabel,
         ratio => ratio(MoatMed > 0 andalso PeerMed / MoatMed),
         failed => MoatFailed,
         peer_failed => PeerFailed,
@@ -377,10 +392,8 @@ row_round_trip(Quick) ->
         inputs => lists:flatten(
             io_lib:format(
                 "~b calls each, one outstanding, in ~b alternating blocks after "
-                "1000 warm-up calls a block; each call timed on its own; peer: "
-                "spawn_monitor of a process that sends one reply, then wait for the "
-                "reply and the DOWN (a dirty NIF call would need a NIF moat lacks)",
-                [Calls, Blocks]
+                "1000 warm-up calls a block; each call timed on its own; ~s",
+                [Calls, Blocks, What]
             )
         ),
         detail => lists:flatten(
@@ -512,65 +525,32 @@ row_memory(Quick) ->
 %% every call timed on its own.
 -spec row_call(boolean()) -> row().
 row_call(Quick) ->
-    Calls = pick(Quick, 20000, 100000),
-    Blocks = 10,
     Pool = ?POOL,
     {ok, Peer} = gen_server:start({local, ?PEER_SERVER}, ?MODULE, {counter, undefined}, []),
     try
-        MoatCall = fun() -> moat:call(Pool, c, get, 5000) =:= {ok, 0} end,
-        PeerCall = fun() ->
-            try
-                gen_server:call(?PEER_SERVER, get, 5000) =:= 0
-            catch
-                exit:_ -> false
-            end
-        end,
-        {MoatBlocks, PeerBlocks} = timed_blocks(5, Calls, Blocks, MoatCall, PeerCall),
-        {MoatMed, MoatP99, MoatMean, MoatFailed} = latencies(MoatBlocks),
-        {PeerMed, PeerP99, PeerMean, PeerFailed} = latencies(PeerBlocks),
-        MoatUsage = [U || {_, U} <- MoatBlocks],
-        PeerUsage = [U || {_, U} <- PeerBlocks],
-        #{
-            row => 5,
-            figure => "call round trip, call/4 get, median",
-            moat => MoatMed,
-            unit => "us",
-            target => "median <= 3 us",
-            met => MoatMed =< 3.0,
-            peer => PeerMed,
-            peer_label => "gen_server:call",
-            ratio => ratio(MoatMed > 0 andalso PeerMed / MoatMed),
-            failed => MoatFailed,
-            peer_failed => PeerFailed,
-            p99 => MoatP99,
-            peer_p99 => PeerP99,
-            inputs => lists:flatten(
+        latency_row(
+            5,
+            Quick,
+            "call round trip, call/4 get, median",
+            "gen_server:call",
+            fun() -> moat:call(Pool, c, get, 5000) =:= {ok, 0} end,
+            fun() ->
+                try
+                    gen_server:call(?PEER_SERVER, get, 5000) =:= 0
+                catch
+                    exit:_ -> false
+                end
+            end,
+            lists:flatten(
                 io_lib:format(
-                    "~b calls each, one outstanding, in ~b alternating blocks after "
-                    "1000 warm-up calls a block; each call timed on its own; moat: "
-                    "moat:call(~s, c, get, 5000) to the native server c (moat_demo "
-                    "counter [0]) of the bench pool; peer: gen_server:call(~s, get, "
-                    "5000) to a registered Erlang gen_server counter (moat_bench's "
-                    "own callbacks)",
-                    [Calls, Blocks, ?POOL, ?PEER_SERVER]
-                )
-            ),
-            detail => lists:flatten(
-                io_lib:format(
-                    "p99 (us): moat ~.2f, peer ~.2f; mean (us): moat ~.2f, peer ~.2f; "
-                    "block medians (us): moat ~s; peer ~s; ~s",
-                    [
-                        MoatP99,
-                        PeerP99,
-                        MoatMean,
-                        PeerMean,
-                        block_medians(MoatBlocks),
-                        block_medians(PeerBlocks),
-                        cpu_text(MoatUsage, PeerUsage)
-                    ]
+                    "moat: moat:call(~s, c, get, 5000) to the native server c "
+                    "(moat_demo counter [0]) of the bench pool; peer: "
+                    "gen_server:call(~s, get, 5000) to a registered Erlang "
+                    "gen_server counter (moat_bench's own callbacks)",
+                    [?POOL, ?PEER_SERVER]
                 )
             )
-        }
+        )
     after
         gen_server:stop(Peer)
     end.
