@@ -76,7 +76,9 @@ int moat__timer_stop(moat_pool_t *pool, moat__timer_t *timer);
 /* ----------------------------------------------------------------- tasks */
 
 enum { MOAT__OPEN = 0, MOAT__CLAIMED = 1, MOAT__DELIVERED = 2 };
-enum { MOAT__QUEUED = 1, MOAT__RUNNING = 2, MOAT__DONE = 3 };
+/* MOAT__REMOTE: accepted by moat_pool_accept, its body elsewhere, until
+ * moat_pool_remote_done or _lost takes it out of the pool's table. */
+enum { MOAT__QUEUED = 1, MOAT__RUNNING = 2, MOAT__DONE = 3, MOAT__REMOTE = 4 };
 
 typedef struct moat__owner_s moat__owner_t;
 typedef struct moat__proc_s moat__proc_t;
@@ -98,7 +100,7 @@ struct moat_task_s {
     atomic_int refs;
     atomic_int claim;   /* MOAT__OPEN -> CLAIMED -> DELIVERED, once */
     atomic_int stop;    /* what moat_should_stop reads */
-    int where;          /* MOAT__QUEUED/RUNNING/DONE; pool->rq_lock */
+    int where;          /* MOAT__QUEUED/RUNNING/DONE/REMOTE; pool->rq_lock */
     int abandoned;      /* its outcome came first; pool->rq_lock */
     int internal;       /* spawned by a process: no completion callback */
     int has_deadline;   /* its timer may be armed */
@@ -272,7 +274,8 @@ struct moat_pool_s {
     /* The run queue.  `sysq` holds runnable native processes and is served
      * before `jobs`.  nqueued mirrors their length for lock-free peeking by
      * spinning workers. */
-    uv_mutex_t rq_lock; /* guards jobs, sysq, nsleeping, task where/abandoned */
+    uv_mutex_t rq_lock; /* guards jobs, sysq, nsleeping, remote, task
+                           where/abandoned */
     uv_cond_t rq_cond;
     moat__node_t jobs;
     moat__node_t sysq;
@@ -282,6 +285,10 @@ struct moat_pool_s {
     _Alignas(64) atomic_uint nspinning;
     atomic_size_t nqueued;
     atomic_int draining; /* moat_pool_drain: new tasks refused */
+    /* Remote tasks by id: open addressing, linear probing, NULL empty;
+     * each entry holds a task reference.  rq_lock. */
+    moat_task_t **remote;
+    size_t nremote, capremote;
     atomic_int stopping;
 
     /* Admission: queued plus running (not abandoned) tasks. */

@@ -167,6 +167,17 @@ typedef struct moat_pool_opts_s {
      * and before it exits, e.g. to make or free a per-thread message env. */
     void (*thread_start)(void *data);
     void (*thread_stop)(void *data);
+    /* Nonzero: the pool runs no bodies.  It starts no workers and takes
+     * tasks only through moat_pool_accept, for a transport that runs them
+     * elsewhere (the C-node backend); nthreads still sizes admission. */
+    int remote;
+    /* Optional, for remote tasks: called once when a remote task's outcome
+     * was decided here (cancel, deadline, owner, close), not by
+     * moat_pool_remote_done, so that the transport tells the other side to
+     * stop it.  On the deciding thread, after the complete callback (or
+     * instead of it, for a silent cancel); the same rules as complete. */
+    void (*remote_cancel)(moat_task_t *task, moat_term_t *reason,
+                          void *data);
 } moat_pool_opts_t;
 
 /* Allocates a pool and starts its threads.  Any thread. */
@@ -211,11 +222,39 @@ typedef struct moat_job_s {
  * Queues one job.  On success *task (when task is not NULL) is a handle the
  * caller must give back with moat_task_release.  Returns MOAT_EOVERLOADED
  * when size + max_queue tasks are already admitted, MOAT_ECLOSED when the
- * pool is stopping; then the callback never runs and the caller keeps
- * job->args.  Any thread.
+ * pool is stopping, MOAT_EINVAL on a remote pool; then the callback never
+ * runs and the caller keeps job->args.  Any thread.
  */
 int moat_pool_submit(moat_pool_t *pool, const moat_job_t *job,
                      moat_task_t **task);
+
+/*
+ * Remote tasks.  moat_pool_accept admits jobs like moat_pool_submit_batch
+ * (size + max_queue, owners, deadlines, one claim each) but queues none:
+ * their bodies run elsewhere, and the transport reports each one's end
+ * with moat_pool_remote_done, by moat_task_id.  A remote task whose
+ * outcome is decided here first (see remote_cancel) counts as abandoned
+ * until the transport reports its body ended.  jobs[i].fn is ignored and
+ * jobs[i].args may be NULL.  Returns how many were accepted (a prefix) or
+ * a negative error, as moat_pool_submit_batch.  Any thread.
+ */
+int moat_pool_accept(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
+                     moat_task_t **tasks);
+
+/* The body of remote task `id` ended: with the outcome `kind`/`term`
+ * (borrowed), or, when term is NULL, without one (it was cancelled; an
+ * outcome still open then becomes `killed`).  Returns 1 when this call
+ * decided the outcome (the complete callback ran on this thread), 0 when
+ * it was decided already (the report is dropped), MOAT_ENOPROC when the
+ * pool holds no remote task `id` (a report that came twice).  Any thread
+ * but a pool thread. */
+int moat_pool_remote_done(moat_pool_t *pool, uint64_t id, int kind,
+                          moat_term_t *term);
+
+/* The other side is gone with every remote body in it: each remote task
+ * still held ends, those with an open outcome with `reason` (borrowed).
+ * Returns how many outcomes it decided.  Any thread but a pool thread. */
+int moat_pool_remote_lost(moat_pool_t *pool, moat_term_t *reason);
 
 /* Queues jobs[0..n) under one lock and wakes workers once.  Accepts a
  * prefix: returns how many were accepted (the rest are refused as above,
@@ -235,7 +274,8 @@ int moat_pool_submit_batch(moat_pool_t *pool, const moat_job_t *jobs,
  */
 int moat_task_cancel(moat_task_t *task, moat_atom_t reason, unsigned flags);
 
-/* 1 while the task's body is on a thread, abandoned or not.  Meant for a
+/* 1 while the task's body is on a thread (for a remote task: until the
+ * transport reports it ended), abandoned or not.  Meant for a
  * caller that decided the outcome with moat_task_cancel and wants to know
  * whether the body has stopped since: the flag moat_should_stop reads is
  * set, and a body that heeds it returns soon.  Any thread. */

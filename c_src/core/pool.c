@@ -32,6 +32,15 @@
  * (at most max_abandoned beyond N); when the abandoned body returns, its
  * thread retires if the pool has enough serving workers, else serves on.
  *
+ * Remote tasks.  A transport that runs bodies elsewhere (the C-node)
+ * still decides outcomes here: moat_pool_accept admits tasks without
+ * queueing them and keeps them in a table by id until the transport
+ * reports their end (moat_pool_remote_done) or loses the other side
+ * (moat_pool_remote_lost).  An outcome decided here first (cancel,
+ * deadline, owner, close) abandons the remote body, as it would a local
+ * one, and calls remote_cancel so that the transport can stop it.  A
+ * remote pool starts no workers.
+ *
  * Shutdown.  moat_pool_close refuses new work, ends every queued and
  * running task with `shutdown` and ends every native process, without
  * waiting for any thread.  moat_pool_stop closes, then wakes everyone,
@@ -650,6 +659,7 @@ static atomic_uint_fast64_t *stat_for(moat_pool_t *pool, moat_term_t *r) {
 void moat__task_settle(moat_task_t *t, moat_term_t *reason, unsigned flags) {
     moat_pool_t *pool = t->pool;
     int was_queued = 0, was_running = 0;
+    int was_remote = 0;
     uv_mutex_lock(&pool->rq_lock);
     if (t->where == MOAT__QUEUED) {
         moat__list_remove(&t->qnode);
@@ -660,14 +670,20 @@ void moat__task_settle(moat_task_t *t, moat_term_t *reason, unsigned flags) {
     } else if (t->where == MOAT__RUNNING && !t->abandoned) {
         t->abandoned = 1;
         was_running = 1;
+    } else if (t->where == MOAT__REMOTE && !t->abandoned) {
+        t->abandoned = 1;
+        was_remote = 1;
+        atomic_fetch_add(&pool->n_abandoned, 1);
     }
     atomic_store(&t->stop, 1);
     uv_mutex_unlock(&pool->rq_lock);
-    if (was_queued || was_running)
+    if (was_queued || was_running || was_remote)
         atomic_fetch_sub(&pool->admitted, 1);
     if (was_running)
         abandon_thread(pool);
     deliver(t, MOAT_EXIT, reason, flags, stat_for(pool, reason));
+    if (was_remote && pool->opts.remote_cancel != NULL)
+        pool->opts.remote_cancel(t, reason, pool->opts.data);
     if (was_queued)
         moat__task_unref(t); /* the run queue's reference */
 }
@@ -725,7 +741,7 @@ int moat_task_running(moat_task_t *task) {
     moat_pool_t *pool = task->pool;
     int running;
     uv_mutex_lock(&pool->rq_lock);
-    running = task->where == MOAT__RUNNING;
+    running = task->where == MOAT__RUNNING || task->where == MOAT__REMOTE;
     uv_mutex_unlock(&pool->rq_lock);
     return running;
 }
@@ -863,8 +879,192 @@ static void arm_deadlines(moat_pool_t *pool, const moat_job_t *jobs,
     }
 }
 
+/* ---------------------------------------------------------- remote tasks */
+
+static size_t remote_hash(uint64_t id) {
+    id ^= id >> 33;
+    id *= 0xff51afd7ed558ccdULL;
+    id ^= id >> 33;
+    return (size_t)id;
+}
+
+static void remote_put(moat_pool_t *pool, moat_task_t *t) {
+    size_t mask = pool->capremote - 1, i;
+    for (i = remote_hash(t->id) & mask; pool->remote[i] != NULL;
+         i = (i + 1) & mask)
+        ;
+    pool->remote[i] = t;
+    pool->nremote++;
+}
+
+/* Makes room for n more remote tasks, keeping the table at most half
+ * full.  rq_lock held. */
+static int remote_reserve(moat_pool_t *pool, size_t n) {
+    size_t need = pool->nremote + n, cap = pool->capremote ? pool->capremote
+                                                           : 64;
+    moat_task_t **old = pool->remote;
+    size_t oldcap = pool->capremote;
+    if (need * 2 <= pool->capremote)
+        return 0;
+    while (need * 2 > cap)
+        cap *= 2;
+    if ((pool->remote = calloc(cap, sizeof *pool->remote)) == NULL) {
+        pool->remote = old;
+        return -ENOMEM;
+    }
+    pool->capremote = cap;
+    pool->nremote = 0;
+    for (size_t i = 0; i < oldcap; i++)
+        if (old[i] != NULL)
+            remote_put(pool, old[i]);
+    free(old);
+    return 0;
+}
+
+/* Takes remote task `id` out of the table (backward-shift deletion, so no
+ * tombstones); NULL when absent.  rq_lock held. */
+static moat_task_t *remote_take(moat_pool_t *pool, uint64_t id) {
+    size_t mask, i, j;
+    moat_task_t *t;
+    if (pool->capremote == 0)
+        return NULL;
+    mask = pool->capremote - 1;
+    for (i = remote_hash(id) & mask;; i = (i + 1) & mask) {
+        if (pool->remote[i] == NULL)
+            return NULL;
+        if (pool->remote[i]->id == id)
+            break;
+    }
+    t = pool->remote[i];
+    pool->remote[i] = NULL;
+    pool->nremote--;
+    for (j = (i + 1) & mask; pool->remote[j] != NULL; j = (j + 1) & mask) {
+        size_t home = remote_hash(pool->remote[j]->id) & mask;
+        /* Entry j stays unless its home lies cyclically outside (i, j]. */
+        int stays = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+        if (!stays) {
+            pool->remote[i] = pool->remote[j];
+            pool->remote[j] = NULL;
+            i = j;
+        }
+    }
+    return t;
+}
+
+/* A remote task has left the table: it gives back its admission slot, or
+ * stops counting as abandoned.  rq_lock held. */
+static void remote_left(moat_pool_t *pool, moat_task_t *t) {
+    if (t->abandoned)
+        atomic_fetch_sub(&pool->n_abandoned, 1);
+    else
+        atomic_fetch_sub(&pool->admitted, 1);
+    t->where = MOAT__DONE;
+}
+
+int moat_pool_remote_done(moat_pool_t *pool, uint64_t id, int kind,
+                          moat_term_t *term) {
+    moat_task_t *t;
+    int decided = 0;
+    if (pool == NULL || (term != NULL && kind != MOAT_OK && kind != MOAT_EXIT))
+        return MOAT_EINVAL;
+    uv_mutex_lock(&pool->rq_lock);
+    if ((t = remote_take(pool, id)) != NULL)
+        remote_left(pool, t);
+    uv_mutex_unlock(&pool->rq_lock);
+    if (t == NULL)
+        return MOAT_ENOPROC;
+    /* Its `where` is DONE now, so a canceller that wins this claim
+     * neither abandons it nor asks the transport to stop it: it ended. */
+    if (claim(t)) {
+        if (term == NULL)
+            deliver(t, MOAT_EXIT, moat_atom(MOAT_A_KILLED), 0,
+                    &pool->n_cancelled);
+        else
+            deliver(t, kind, term, 0,
+                    kind == MOAT_OK ? &pool->n_completed : &pool->n_failed);
+        decided = 1;
+    }
+    moat__task_unref(t); /* the table's reference */
+    return decided;
+}
+
+int moat_pool_remote_lost(moat_pool_t *pool, moat_term_t *reason) {
+    moat_task_t **tab;
+    size_t cap;
+    int n = 0;
+    if (pool == NULL || reason == NULL)
+        return MOAT_EINVAL;
+    uv_mutex_lock(&pool->rq_lock);
+    tab = pool->remote;
+    cap = pool->capremote;
+    pool->remote = NULL;
+    pool->capremote = pool->nremote = 0;
+    for (size_t i = 0; i < cap; i++)
+        if (tab[i] != NULL)
+            remote_left(pool, tab[i]);
+    uv_mutex_unlock(&pool->rq_lock);
+    for (size_t i = 0; i < cap; i++) {
+        if (tab[i] == NULL)
+            continue;
+        if (claim(tab[i])) {
+            deliver(tab[i], MOAT_EXIT, reason, 0, &pool->n_failed);
+            n++;
+        }
+        moat__task_unref(tab[i]);
+    }
+    free(tab);
+    return n;
+}
+
+/* Ends the first remote task whose outcome is open; 0 when none.  A scan
+ * of the table: only the fallback of end_remote. */
+static int end_first_remote(moat_pool_t *pool, moat_atom_t reason) {
+    moat_task_t *t = NULL;
+    uv_mutex_lock(&pool->rq_lock);
+    for (size_t i = 0; i < pool->capremote && t == NULL; i++) {
+        moat_task_t *c = pool->remote[i];
+        if (c != NULL && !c->abandoned && atomic_load(&c->claim) == MOAT__OPEN)
+            t = c;
+    }
+    if (t != NULL)
+        atomic_fetch_add(&t->refs, 1);
+    uv_mutex_unlock(&pool->rq_lock);
+    if (t == NULL)
+        return 0;
+    end_from_outside(t, moat_atom(reason), 0, 1);
+    moat__task_unref(t);
+    return 1;
+}
+
+/* Ends every remote task whose outcome is open, in one pass. */
+static void end_remote(moat_pool_t *pool, moat_atom_t reason) {
+    moat_task_t **ts = NULL;
+    size_t n = 0;
+    uv_mutex_lock(&pool->rq_lock);
+    if (pool->nremote > 0 &&
+        (ts = malloc(pool->nremote * sizeof *ts)) != NULL) {
+        for (size_t i = 0; i < pool->capremote; i++) {
+            moat_task_t *c = pool->remote[i];
+            if (c != NULL && !c->abandoned &&
+                atomic_load(&c->claim) == MOAT__OPEN) {
+                atomic_fetch_add(&c->refs, 1);
+                ts[n++] = c;
+            }
+        }
+    }
+    uv_mutex_unlock(&pool->rq_lock);
+    for (size_t i = 0; i < n; i++) {
+        end_from_outside(ts[i], moat_atom(reason), 0, 1);
+        moat__task_unref(ts[i]);
+    }
+    free(ts);
+    while (end_first_remote(pool, reason)) /* out of memory above, or */
+        ;                                  /* accepted meanwhile */
+}
+
 static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
-                       moat_task_t **out, int internal, int *err) {
+                       moat_task_t **out, int internal, int remote,
+                       int *err) {
     moat_task_t *stack[64];
     moat_task_t **ts = n <= 64 ? stack : malloc(n * sizeof *ts);
     size_t k = 0, taken;
@@ -900,12 +1100,15 @@ static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
     }
     uv_mutex_lock(&pool->rq_lock);
     if (atomic_load(&pool->stopping) ||
-        (!internal && atomic_load(&pool->draining))) {
+        (!internal && atomic_load(&pool->draining)) ||
+        (remote && remote_reserve(pool, k) != 0)) {
+        *err = atomic_load(&pool->stopping) || atomic_load(&pool->draining)
+                   ? MOAT_ECLOSED
+                   : -ENOMEM;
         uv_mutex_unlock(&pool->rq_lock);
         atomic_fetch_sub(&pool->admitted, k);
         while (k > 0)
             task_unmake(ts[--k]);
-        *err = MOAT_ECLOSED;
         goto done;
     }
     /* A task becomes visible (to its owner's cancel, to workers) only
@@ -921,12 +1124,21 @@ static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
             break;
         }
         ts[i]->args = jobs[i].args; /* accepted: the args are ours now */
-        ts[i]->where = MOAT__QUEUED;
-        moat__list_push(&pool->jobs, &ts[i]->qnode);
+        if (remote) {
+            /* The run reference is the table's. */
+            ts[i]->where = MOAT__REMOTE;
+            remote_put(pool, ts[i]);
+        } else {
+            ts[i]->where = MOAT__QUEUED;
+            moat__list_push(&pool->jobs, &ts[i]->qnode);
+        }
     }
-    pool->njobs += k;
-    atomic_fetch_add(&pool->nqueued, k);
-    wake = pool->nsleeping > 0 && atomic_load(&pool->nspinning) == 0;
+    if (!remote) {
+        pool->njobs += k;
+        atomic_fetch_add(&pool->nqueued, k);
+    }
+    wake = !remote && pool->nsleeping > 0 &&
+           atomic_load(&pool->nspinning) == 0;
     uv_mutex_unlock(&pool->rq_lock);
     if (wake)
         uv_cond_signal(&pool->rq_cond);
@@ -943,21 +1155,33 @@ done:
 int moat_pool_submit(moat_pool_t *pool, const moat_job_t *job,
                      moat_task_t **task) {
     int err;
-    if (pool == NULL || job == NULL || job->fn == NULL || job->args == NULL)
+    if (pool == NULL || job == NULL || job->fn == NULL || job->args == NULL ||
+        pool->opts.remote)
         return MOAT_EINVAL;
-    return submit_n(pool, job, 1, task, 0, &err) == 1 ? 0 : err;
+    return submit_n(pool, job, 1, task, 0, 0, &err) == 1 ? 0 : err;
 }
 
 int moat_pool_submit_batch(moat_pool_t *pool, const moat_job_t *jobs,
                            size_t n, moat_task_t **tasks) {
     int err;
     size_t k;
-    if (pool == NULL || jobs == NULL || n == 0 || n > INT32_MAX)
+    if (pool == NULL || jobs == NULL || n == 0 || n > INT32_MAX ||
+        pool->opts.remote)
         return MOAT_EINVAL;
     for (size_t i = 0; i < n; i++)
         if (jobs[i].fn == NULL || jobs[i].args == NULL)
             return MOAT_EINVAL;
-    k = submit_n(pool, jobs, n, tasks, 0, &err);
+    k = submit_n(pool, jobs, n, tasks, 0, 0, &err);
+    return k > 0 ? (int)k : err;
+}
+
+int moat_pool_accept(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
+                     moat_task_t **tasks) {
+    int err;
+    size_t k;
+    if (pool == NULL || jobs == NULL || n == 0 || n > INT32_MAX)
+        return MOAT_EINVAL;
+    k = submit_n(pool, jobs, n, tasks, 0, 1, &err);
     return k > 0 ? (int)k : err;
 }
 
@@ -1309,7 +1533,8 @@ int moat_pool_new(const moat_pool_opts_t *opts, moat_pool_t **out) {
         goto fail;
     pool->hk_started = 1;
     uv_mutex_lock(&pool->thr_lock);
-    for (unsigned i = 0; i < pool->opts.nthreads && rc == 0; i++)
+    for (unsigned i = 0; i < pool->opts.nthreads && rc == 0 && !opts->remote;
+         i++)
         rc = add_worker(pool);
     uv_mutex_unlock(&pool->thr_lock);
     if (rc != 0) {
@@ -1369,6 +1594,7 @@ static void end_all(moat_pool_t *pool, moat_atom_t reason) {
         ;
     while (end_first_running(pool, reason))
         ;
+    end_remote(pool, reason);
 }
 
 void moat_pool_close(moat_pool_t *pool) {
@@ -1459,6 +1685,11 @@ void moat_pool_free(moat_pool_t *pool) {
     if (pool == NULL)
         return;
     moat_pool_stop(pool);
+    /* Remote bodies never reported: their tasks go with the pool. */
+    for (size_t i = 0; i < pool->capremote; i++)
+        if (pool->remote[i] != NULL)
+            moat__task_unref(pool->remote[i]);
+    free(pool->remote);
     moat__task_cache_flush();
     pool_destroy_sync(pool, 5);
     free(pool->heap);
