@@ -3,7 +3,8 @@
 #   make deps    install the missing Debian packages (the only target that
 #                calls apt-get; a no-op when everything is installed)
 #   make c       build the C parts for the VM: the core library and
-#                priv/moat_demo.so. The default goal, and what rebar3's
+#                priv/ (moat_nif.so, moat_demo.so, the moat_cnode
+#                executable). The default goal, and what rebar3's
 #                pre_hook runs, so it never calls apt.
 #   make test    deps, then each stage of TEST_STAGES in order, timed;
 #                stops at the first stage that fails
@@ -26,6 +27,9 @@
 # tsan, moat_demo.so from c_src/demo/*.c, and fixtures/*.so from
 # test/c/fixtures/*.c (the loader tests' libraries). The plain demo goes to
 # priv/moat_demo.so; benchmarks bench/*.c become _build/c/plain/bench_*.
+# The C-node executable, from c_src/cnode, is priv/moat_cnode (plain) or
+# _build/c/V/moat_cnode, and test/c/cnode gives each variant test_cnode
+# and test_cnode_frame.
 # Sanitizer builds never write into priv/. New .c files are picked up by
 # the wildcards below without editing this file.
 
@@ -246,6 +250,56 @@ $(foreach v,$(VARIANTS),$(eval $(call nif_harness_rules,$(v))))
 endif
 endif
 
+# The C-node: c_src/cnode becomes the executable moat_cnode over each
+# variant's core: priv/moat_cnode for the VM (plain), $(B)/V/moat_cnode for
+# asan and tsan. Like the core it must not see ERTS, so the guard
+# directory comes first on its include path. Its tests join each variant's
+# TEST_BINS: test_cnode drives the variant's executable over its stdio
+# (run_c_tests says where it is in MOAT_CNODE, and where the tests' own
+# task library, test/c/cnode/cnode_lib.c, is in MOAT_CNODE_LIB), and
+# test_cnode_frame calls the frame decoder directly.
+CNODE_SRCS := $(wildcard c_src/cnode/*.c)
+CNODE_CPPFLAGS = -I$(GUARD_DIR) -Iinclude -Ic_src/core -Ic_src/cnode \
+    -I$(EI_INC) $(UV_CFLAGS) $(CPPFLAGS)
+CNODE_TEST_CPPFLAGS = $(TEST_CPPFLAGS) -Ic_src/cnode -Itest/c/cnode
+CNODE_plain := priv/moat_cnode
+CNODE_asan := $(B)/asan/moat_cnode
+CNODE_tsan := $(B)/tsan/moat_cnode
+
+# $(1): variant.
+define cnode_rules
+CNODE_OBJS_$(1) := $$(patsubst c_src/cnode/%.c,$(B)/$(1)/obj/cnode/%.o,$$(CNODE_SRCS))
+CNODE_LIB_$(1) := $(B)/$(1)/cnode/cnode_lib.so
+
+$(B)/$(1)/obj/cnode/%.o: c_src/cnode/%.c Makefile $(B)/$(1)/flags | $$(GUARD_HEADERS) check-build-env
+	$$(call compile,$(1),$$(CNODE_CPPFLAGS))
+
+$$(CNODE_$(1)): $$(CNODE_OBJS_$(1)) $(B)/$(1)/libmoat_core.a
+	@mkdir -p $$(@D)
+	$$(call link_program,$(1),)
+
+$(B)/$(1)/obj/cnode-test/%.o: test/c/cnode/%.c Makefile $(B)/$(1)/flags | check-build-env check-test-env
+	$$(call compile,$(1),$$(CNODE_TEST_CPPFLAGS))
+
+$(B)/$(1)/obj/cnode-lib/%.o: test/c/cnode/%.c Makefile $(B)/$(1)/flags | $$(GUARD_HEADERS) check-build-env
+	$$(call compile,$(1),$$(DEMO_CPPFLAGS))
+
+$(B)/$(1)/cnode/cnode_lib.so: $(B)/$(1)/obj/cnode-lib/cnode_lib.o
+	$$(call link_shared,$(1))
+
+# The executable and the library are run, not linked: order-only.
+$(B)/$(1)/test_cnode: $(B)/$(1)/obj/cnode-test/test_cnode.o | $$(CNODE_$(1)) $(B)/$(1)/cnode/cnode_lib.so
+	$$(call link_program,$(1),$$(CMOCKA_LIBS))
+
+$(B)/$(1)/test_cnode_frame: $(B)/$(1)/obj/cnode-test/test_frame.o $(B)/$(1)/obj/cnode/frame.o $(B)/$(1)/libmoat_core.a
+	$$(call link_program,$(1),$$(CMOCKA_LIBS))
+
+TEST_BINS_$(1) += $(B)/$(1)/test_cnode $(B)/$(1)/test_cnode_frame
+endef
+ifneq ($(CNODE_SRCS),)
+$(foreach v,$(VARIANTS),$(eval $(call cnode_rules,$(v))))
+endif
+
 $(B)/plain/obj/nif/%.o: c_src/nif/%.c Makefile $(B)/plain/flags | check-build-env
 	$(call compile,plain,$(NIF_CPPFLAGS))
 
@@ -292,7 +346,8 @@ check-test-env:
 
 # --- Main targets ------------------------------------------------------------
 
-c: check-build-env $(if $(CORE_SRCS),$(B)/plain/libmoat_core.a) $(DEMO_plain) $(NIF_SO)
+c: check-build-env $(if $(CORE_SRCS),$(B)/plain/libmoat_core.a) $(DEMO_plain) $(NIF_SO) \
+    $(if $(CNODE_SRCS),$(CNODE_plain))
 
 deps:
 	@[ "$(UNAME_S)" = Linux ] || { echo "moat supports Linux only for now" >&2; exit 1; }
@@ -411,7 +466,8 @@ passed=0; failed=""; \
 for t in $$bins; do \
     echo "-- $@: $$t"; \
     if MOAT_DEMO_SO="$(CURDIR)/$(DEMO_SO_$(1))" \
-        MOAT_FIXTURES_DIR="$(CURDIR)/$(B)/$(1)/fixtures" $(2) \
+        MOAT_FIXTURES_DIR="$(CURDIR)/$(B)/$(1)/fixtures" \
+        MOAT_CNODE="$(CURDIR)/$(CNODE_$(1))" MOAT_CNODE_LIB="$(CURDIR)/$(CNODE_LIB_$(1))" $(2) \
         timeout -k 10 $(C_TEST_TIMEOUT) $(3) "./$$t"; then \
         passed=$$((passed + 1)); \
     else \
@@ -438,6 +494,13 @@ VALGRIND := valgrind --error-exitcode=99 --leak-check=full \
     --errors-for-leak-kinds=definite,indirect,possible --track-fds=no -q \
     $(addprefix --suppressions=,$(VALGRIND_SUPP))
 
+# test_cnode runs the C-node it spawns under valgrind too, with the
+# C-node's own suppressions, and with fair scheduling: valgrind runs one
+# thread at a time, and by default a task body that spins (the demo's
+# spin) keeps the C-node's loop thread from reading frames until it ends.
+CNODE_VALGRIND_ENV = MOAT_CNODE_RUNNER="$(VALGRIND) --fair-sched=yes \
+    --suppressions=test/c/cnode/valgrind.supp"
+
 test-c: $(TEST_BINS_plain) $(DEMO_plain) $(FIXTURES_plain)
 	$(call run_c_tests,plain,)
 
@@ -451,7 +514,7 @@ test-c-tsan: $(TEST_BINS_tsan) $(DEMO_tsan) $(FIXTURES_tsan)
 test-c-valgrind: $(TEST_BINS_plain) $(DEMO_plain) $(FIXTURES_plain)
 	@command -v valgrind >/dev/null || { \
 	    echo "moat: valgrind not found: install the Debian package valgrind" >&2; exit 1; }
-	$(call run_c_tests,plain,,$(VALGRIND))
+	$(call run_c_tests,plain,$(CNODE_VALGRIND_ENV),$(VALGRIND))
 
 # rebar3 runs `make c` itself; MAKEFLAGS is dropped so that this make's
 # jobserver and variables do not leak into that unrelated make.

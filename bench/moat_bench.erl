@@ -16,7 +16,8 @@
 %%% {@link run/1} starts moat if it is not running, starts the pool
 %%% `moat_bench' with one thread per online scheduler and two native
 %%% servers, `c' and `crasher' (both `moat_demo' `counter [0]', restart
-%%% intensity 100,000,000 in 1 s), prints one table and stops the pool.
+%%% intensity 100,000,000 in 1 s), and the C-node pool `moat_bench_cnode'
+%%% of the same size, prints one table and stops the pools.
 %%% The rows (DESIGN.md section 10: inputs and concurrency are printed
 %%% under each row):
 %%%
@@ -58,6 +59,13 @@
 %%%     meanwhile. Every crash must be followed by exactly one restart, on
 %%%     both sides, else the figure is replaced by ERROR. The restart alone
 %%%     in C (target at least 1,000,000/s) is row 5 of `bench/core.c'.</li>
+%%% <li>the round trip of one `moat:run(Pool, echo, [1])' on a C-node pool
+%%%     (`backend => cnode', thread isolation, the port transport), timed as
+%%%     in row 2; target a median of at most 20 us; peer: a bare `{packet,
+%%%     4}' port echo (`/bin/cat') round trip of one byte;</li>
+%%% <li>fan-out of trivial tasks on that C-node pool, as in row 1 (1024 in
+%%%     flight); target at least 500,000 tasks/s; peer: the bare port echo
+%%%     pipelined, 1024 one-byte packets in flight.</li>
 %%% </ol>
 %%%
 %%% Where Elixir cannot be loaded (it is looked for in the code path, then
@@ -104,7 +112,7 @@
 %% `failed' counts the elements that were not `{ok, _}'.
 
 -type row() :: #{
-    row := 1..6,
+    row := 1..8,
     figure := string(),
     moat := number(),
     unit := string(),
@@ -171,7 +179,11 @@
 -define(GROWTH_SHARE, 0.05).
 % The columns: row, figure, moat, target, verdict, peer, moat vs peer.
 -define(COLUMNS, [3, 35, 27, 26, 7, 38, 0]).
--define(ROWS, 6).
+% The rows of the table (row() says 1..8 too).
+-define(ROWS, 8).
+% Rows 7 and 8: the C-node pool, and the bare port echo of their peer.
+-define(CNODE_POOL, moat_bench_cnode).
+-define(ECHO, "/bin/cat").
 % Rows 5 and 6: the peer's registered name, and the restart intensity of
 % the bench pool's native supervisor and of the peer's OTP supervisor.
 -define(PEER_SERVER, moat_bench_peer).
@@ -232,6 +244,8 @@ run(Opts) when is_map(Opts) ->
         max_restarts => ?INTENSITY,
         max_seconds => ?PERIOD
     }),
+    _ = moat:stop_pool(?CNODE_POOL),
+    {ok, _} = moat:start_pool(?CNODE_POOL, #{backend => cnode, size => Size}),
     T0 = erlang:monotonic_time(millisecond),
     try
         Peer = peer(),
@@ -242,7 +256,9 @@ run(Opts) when is_map(Opts) ->
             row_cpu(Quick, Size, Peer),
             row_memory(Quick),
             row_call(Quick),
-            row_restarts(Quick)
+            row_restarts(Quick),
+            row_cnode_round_trip(Quick),
+            row_cnode_fanout(Quick, Size)
         ],
         status(""),
         Seconds = (erlang:monotonic_time(millisecond) - T0) / 1000,
@@ -253,7 +269,8 @@ run(Opts) when is_map(Opts) ->
             status(""),
             erlang:raise(Class, Reason, Stack)
     after
-        moat:stop_pool(?POOL)
+        moat:stop_pool(?POOL),
+        moat:stop_pool(?CNODE_POOL)
     end;
 run(_) ->
     error(badarg).
@@ -359,15 +376,16 @@ row_round_trip(Quick) ->
         fun() -> moat:run(Pool, echo, [1]) =:= {ok, 1} end,
         fun spawn_reply/0,
         "peer: spawn_monitor of a process that sends one reply, then wait for the "
-        "reply and the DOWN (a dirty NIF call would need a NIF moat lacks)"
+        "reply and the DOWN (a dirty NIF call would need a NIF moat lacks)",
+        3.0
     ).
 
 %% A latency row (2 and 5): one moat call at a time against one peer call
 %% at a time, in alternating blocks, every call timed on its own; medians
 %% against the 3 us target.
 -spec latency_row(pos_integer(), boolean(), string(), string(),
-                  fun(() -> boolean()), fun(() -> boolean()), string()) -> row().
-latency_row(Row, Quick, Figure, PeerLabel, MoatCall, PeerCall, What) ->
+                  fun(() -> boolean()), fun(() -> boolean()), string(), float()) -> row().
+latency_row(Row, Quick, Figure, PeerLabel, MoatCall, PeerCall, What, TargetUs) ->
     Calls = pick(Quick, 20000, 100000),
     Blocks = 10,
     {MoatBlocks, PeerBlocks} = timed_blocks(Row, Calls, Blocks, MoatCall, PeerCall),
@@ -380,8 +398,8 @@ latency_row(Row, Quick, Figure, PeerLabel, MoatCall, PeerCall, What) ->
         figure => Figure,
         moat => MoatMed,
         unit => "us",
-        target => "median <= 3 us",
-        met => MoatMed =< 3.0,
+        target => lists:flatten(io_lib:format("median <= ~w us", [round(TargetUs)])),
+        met => MoatMed =< TargetUs,
         peer => PeerMed,
         peer_label => PeerLabel,
         ratio => ratio(MoatMed > 0 andalso PeerMed / MoatMed),
@@ -549,10 +567,126 @@ row_call(Quick) ->
                     "gen_server counter (moat_bench's own callbacks)",
                     [?POOL, ?PEER_SERVER]
                 )
-            )
+            ),
+            3.0
         )
     after
         gen_server:stop(Peer)
+    end.
+
+%% Row 7: one moat:run/3 at a time on the C-node pool against one bare
+%% port echo at a time, in alternating blocks, every call timed on its own.
+-spec row_cnode_round_trip(boolean()) -> row().
+row_cnode_round_trip(Quick) ->
+    Pool = ?CNODE_POOL,
+    latency_row(
+        7,
+        Quick,
+        "C-node round trip, run/3 echo, median",
+        "port echo ({packet,4})",
+        fun() -> moat:run(Pool, echo, [1]) =:= {ok, 1} end,
+        fun port_echo/0,
+        "moat: the C-node pool moat_bench_cnode (backend cnode, thread "
+        "isolation, port transport); peer: one byte through a {packet, 4} "
+        "port to " ?ECHO " and back",
+        20.0
+    ).
+
+%% Row 8: fan-out of trivial tasks on the C-node pool against the bare
+%% port echo pipelined, trials alternating.
+-spec row_cnode_fanout(boolean(), pos_integer()) -> row().
+row_cnode_fanout(Quick, Size) ->
+    N = pick(Quick, 50000, 300000),
+    Trials = [
+        {
+            trial(8, I, moat, fun() -> fanout(?CNODE_POOL, echo, N) end),
+            trial(8, I, peer, fun() -> port_pipeline(N, ?CONCURRENCY) end)
+        }
+     || I <- [1, 2, 3]
+    ],
+    {MoatTrials, PeerTrials} = lists:unzip(Trials),
+    {MoatRuns, MoatUsage} = lists:unzip(MoatTrials),
+    {PeerRuns, PeerUsage} = lists:unzip(PeerTrials),
+    Moat = median([R || #{per_second := R} <- MoatRuns]),
+    PeerRate = median([R || #{per_second := R} <- PeerRuns]),
+    #{
+        row => 8,
+        figure => "C-node fan-out, trivial tasks (echo)",
+        moat => Moat,
+        unit => "tasks/s",
+        target => ">= 500 k/s",
+        met => Moat >= 5.0e5,
+        peer => PeerRate,
+        peer_label => "port echo, pipelined",
+        ratio => ratio(PeerRate > 0 andalso Moat / PeerRate),
+        failed => lists:sum([F || #{failed := F} <- MoatRuns]),
+        peer_failed => lists:sum([F || #{failed := F} <- PeerRuns]),
+        inputs => lists:flatten(
+            io_lib:format(
+                "~b tasks per trial, 3 trials each, alternating; moat: echo [1] on "
+                "the C-node pool (~b threads), max_concurrency ~b, unordered; "
+                "peer: ~b one-byte packets through a {packet, 4} port to " ?ECHO
+                ", ~b in flight",
+                [N, Size, ?CONCURRENCY, N, ?CONCURRENCY]
+            )
+        ),
+        detail => lists:flatten(
+            io_lib:format(
+                "trials (k tasks/s): moat ~s; peer ~s; ~s",
+                [trials(MoatRuns), trials(PeerRuns), cpu_text(MoatUsage, PeerUsage)]
+            )
+        )
+    }.
+
+%% One byte through the calling process's own echo port and back.
+-spec port_echo() -> boolean().
+port_echo() ->
+    Port = echo_port(),
+    true = port_command(Port, <<1>>),
+    receive
+        {Port, {data, <<1>>}} -> true
+    after 5000 -> false
+    end.
+
+echo_port() ->
+    case get(moat_bench_echo) of
+        undefined ->
+            Port = open_port({spawn_executable, ?ECHO}, [{packet, 4}, binary]),
+            put(moat_bench_echo, Port),
+            Port;
+        Port ->
+            Port
+    end.
+
+%% N one-byte packets through a new echo port, at most Window in flight;
+%% the same figures as fanout/4.
+-spec port_pipeline(pos_integer(), pos_integer()) -> fanout_result().
+port_pipeline(N, Window) ->
+    Port = open_port({spawn_executable, ?ECHO}, [{packet, 4}, binary]),
+    T0 = erlang:monotonic_time(nanosecond),
+    First = min(N, Window),
+    [true = port_command(Port, <<1>>) || _ <- lists:seq(1, First)],
+    Got = pipeline(Port, N - First, First, 0),
+    Seconds = (erlang:monotonic_time(nanosecond) - T0) / 1.0e9,
+    port_close(Port),
+    #{
+        tasks => N,
+        seconds => Seconds,
+        per_second => rate(N, Seconds),
+        concurrency => Window,
+        failed => N - Got
+    }.
+
+pipeline(_Port, 0, 0, Got) ->
+    Got;
+pipeline(Port, ToSend, InFlight, Got) ->
+    receive
+        {Port, {data, _}} when ToSend > 0 ->
+            true = port_command(Port, <<1>>),
+            pipeline(Port, ToSend - 1, InFlight, Got + 1);
+        {Port, {data, _}} ->
+            pipeline(Port, 0, InFlight - 1, Got + 1)
+    after 5000 -> Got
     end.
 
 %% Row 6: restarts of a native server under the pool's native supervisor,
@@ -663,7 +797,7 @@ restarts_row(WarmMs, TimedMs, MoatRuns, MoatUsage, PeerRuns, PeerUsage) ->
 
 %% Runs Fun in a fresh process, with the status line naming it, and
 %% measures the CPU time it took.
--spec trial(1..6, pos_integer(), moat | peer, fun(() -> Result)) -> {Result, usage()}.
+-spec trial(1..8, pos_integer(), moat | peer, fun(() -> Result)) -> {Result, usage()}.
 trial(Row, I, Who, Fun) ->
     status(io_lib:format("moat_bench: row ~b of ~b, trial ~b, ~s ...", [Row, ?ROWS, I, Who])),
     isolated(fun() -> usage(Fun) end).
@@ -742,7 +876,7 @@ spawn_reply() ->
 %% in a fresh process after 1000 warm-up calls, every call timed on its
 %% own: moat's blocks and the peer's, each {Samples, usage()}.
 -spec timed_blocks(
-    1..6, pos_integer(), pos_integer(), fun(() -> boolean()), fun(() -> boolean())
+    1..8, pos_integer(), pos_integer(), fun(() -> boolean()), fun(() -> boolean())
 ) -> {[{[{integer(), boolean()}], usage()}], [{[{integer(), boolean()}], usage()}]}.
 timed_blocks(Row, Calls, Blocks, MoatCall, PeerCall) ->
     Block = fun(Who, Call, I) ->

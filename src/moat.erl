@@ -73,9 +73,13 @@
 %% `.so', `{priv, App, File}' or `moat_demo'; default `[moat_demo]'),
 %% `max_restarts' and `max_seconds' (3 in 5 s: the restart intensity of
 %% the pool's native supervisor, and of the OTP supervisor that restarts
-%% the pool when the native one gives up), `backend' (`nif', the only one
-%% so far). Bad options raise `badarg'; a library that cannot be loaded is
-%% `{error, {bad_library, Message}}'.
+%% the pool when the native one gives up), `backend' (`nif', the default:
+%% tasks run on threads inside the VM; or `cnode': they run in a
+%% `moat_cnode' OS process the pool starts, so that a hard fault costs that
+%% process and its tasks, each with `{native_crash, cnode_down}', and the
+%% pool's supervisor starts a new one; see doc/cnode.md) and `isolation'
+%% (`thread', the only one so far). Bad options raise `badarg'; a library
+%% that cannot be loaded is `{error, {bad_library, Message}}'.
 %%
 %% Native servers (see {@link call/4}): `servers' is a list of child
 %% specs, each a map or proplist with `id' (any term, unique), `start'
@@ -831,10 +835,14 @@ pool_opts(Opts) ->
         max_restarts => 3,
         max_seconds => 5,
         strategy => one_for_one,
-        servers => []
+        servers => [],
+        isolation => thread
     },
     Merged = maps:merge(Defaults, Opts),
     maps:foreach(fun check_pool_opt/2, Merged),
+    %% Process isolation is the C-node's.
+    maps:get(isolation, Merged) =:= thread orelse maps:get(backend, Merged) =:= cnode orelse
+        error(badarg),
     Libs0 = [library_path(L) || L <- maps:get(libraries, Merged)],
     {Servers, Libs} = server_specs(maps:get(servers, Merged), Libs0),
     Merged#{libraries := Libs, servers := Servers}.
@@ -883,6 +891,9 @@ server_spec(_, _) ->
     error(badarg).
 
 check_pool_opt(backend, nif) -> ok;
+check_pool_opt(backend, cnode) -> ok;
+check_pool_opt(isolation, thread) -> ok;
+check_pool_opt(isolation, process) -> ok;
 check_pool_opt(size, N) when is_integer(N), N > 0, N =< 1024 -> ok;
 check_pool_opt(max_queue, N) when is_integer(N), N > 0, N < 1 bsl 32 -> ok;
 check_pool_opt(libraries, [_ | _] = L) -> lists:foreach(fun library_path/1, L);

@@ -8,6 +8,13 @@
 %%% so callers reach it without this process; if this process is killed the
 %%% NIF sees it die and closes the pool all the same. It traps exits so
 %%% that its supervisor's shutdown runs `terminate/2'.
+%%%
+%%% With `backend => cnode' it also starts the pool's `moat_cnode' and owns
+%%% its port (doc/cnode.md): callers send tasks to the port themselves,
+%%% and this process hands each packet that comes back to the NIF, which
+%%% settles the tasks and sends the callers their outcomes. When the
+%%% C-node ends, every task it held gets `{native_crash, cnode_down}' and
+%%% this process exits, so that the pool's supervisor starts a new one.
 -module(moat_pool).
 
 -behaviour(gen_server).
@@ -17,7 +24,15 @@
 -export([start_link/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
--record(state, {name :: atom(), handle :: reference()}).
+-record(state, {
+    name :: atom(),
+    handle :: reference(),
+    port :: port() | undefined,
+    os_pid :: non_neg_integer() | undefined
+}).
+
+%% How long a new C-node may take to load its libraries and answer hello.
+-define(HELLO_TIMEOUT, 10000).
 
 %%%===================================================================
 %%% API
@@ -34,6 +49,23 @@ start_link(Name, Opts) ->
 %%%===================================================================
 
 -spec init({atom(), map()}) -> {ok, #state{}} | {stop, term()}.
+init({Name, #{backend := cnode, servers := [_ | _]}}) ->
+    _ = Name,
+    {stop, {not_supported, {servers, cnode}}};
+init({Name, #{backend := cnode, size := Size, max_queue := MaxQueue} = Opts}) ->
+    process_flag(trap_exit, true),
+    case cnode_start(Name, Opts) of
+        {ok, Port, OsPid, Tasks} ->
+            case moat_nif:cnode_pool_new(Name, Size, MaxQueue, Port, Tasks) of
+                {ok, Handle} ->
+                    {ok, #state{name = Name, handle = Handle, port = Port, os_pid = OsPid}};
+                {error, Reason} ->
+                    cnode_close(Port, OsPid),
+                    {stop, Reason}
+            end;
+        {error, Reason} ->
+            {stop, Reason}
+    end;
 init({Name, #{size := Size, max_queue := MaxQueue, libraries := Libs} = Opts}) ->
     process_flag(trap_exit, true),
     #{strategy := Strategy, max_restarts := Intensity, max_seconds := Period,
@@ -79,6 +111,20 @@ handle_info({moat_gave_up, Name, Reason}, #state{name = Name} = State) ->
         #{domain => [moat]}
     ),
     {stop, shutdown, State};
+handle_info({Port, {data, Frame}}, #state{port = Port, handle = Handle} = State) ->
+    case moat_nif:cnode_deliver(Handle, Frame) of
+        ok -> ok;
+        {other, Term} -> cnode_frame(Term, State);
+        {error, bad_frame} -> log_bad_frame(Frame, State)
+    end,
+    {noreply, State};
+handle_info({moat_cnode_out, Name}, #state{name = Name, handle = Handle} = State) ->
+    ok = moat_nif:cnode_flush(Handle),
+    {noreply, State};
+handle_info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
+    cnode_lost(exit_status(Status), State);
+handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
+    cnode_lost({port_exit, Reason}, State);
 handle_info({'EXIT', Pid, Reason}, State) ->
     ?LOG_INFO("moat pool ~p: linked process ~0p exited: ~0p", [State#state.name, Pid, Reason]),
     {noreply, State};
@@ -87,7 +133,7 @@ handle_info(Info, State) ->
     {noreply, State}.
 
 -spec terminate(term(), #state{}) -> ok.
-terminate(_Reason, #state{name = Name, handle = Handle}) ->
+terminate(_Reason, #state{name = Name, handle = Handle} = State) ->
     try
         moat_nif:pool_close(Handle)
     catch
@@ -97,4 +143,105 @@ terminate(_Reason, #state{name = Name, handle = Handle}) ->
             %% NIF still watches this process and closes the pool when it
             %% exits, a moment from now.
             ?LOG_WARNING("moat pool ~p: closed on exit (moat_nif was reloaded)", [Name])
+    end,
+    %% The tasks have their outcomes: the C-node may go.
+    cnode_close(State#state.port, State#state.os_pid).
+
+%%%===================================================================
+%%% The C-node
+%%%===================================================================
+
+%% Starts the pool's C-node and waits for its answer to hello.
+cnode_start(Name, Opts) ->
+    #{size := Size, max_queue := MaxQueue, libraries := Libs, isolation := Isolation} = Opts,
+    Exe = filename:join(code:priv_dir(moat), "moat_cnode"),
+    PortOpts = [{packet, 4}, binary, exit_status, use_stdio, hide],
+    try open_port({spawn_executable, Exe}, PortOpts) of
+        Port ->
+            Hello = #{
+                size => Size,
+                max_queue => MaxQueue,
+                libraries => [path_binary(L) || L <- Libs],
+                isolation => Isolation,
+                name => Name
+            },
+            true = port_command(Port, term_to_binary({hello, Hello})),
+            await_ready(Name, Port, erlang:monotonic_time(millisecond) + ?HELLO_TIMEOUT)
+    catch
+        error:Why -> {error, {cnode_spawn, Why}}
     end.
+
+await_ready(Name, Port, Deadline) ->
+    Wait = max(0, Deadline - erlang:monotonic_time(millisecond)),
+    receive
+        {Port, {data, Frame}} ->
+            %% Not [safe]: the answer to hello brings task names, which
+            %% become atoms (callers name tasks by atom); one frame per
+            %% C-node start.
+            case catch binary_to_term(Frame) of
+                {ready, OsPid, Tasks} when is_integer(OsPid), is_list(Tasks) ->
+                    {ok, Port, OsPid, Tasks};
+                {error, Reason} ->
+                    %% The C-node exits (status 2) after saying why.
+                    receive
+                        {Port, {exit_status, _}} -> ok
+                    after 1000 -> catch port_close(Port)
+                    end,
+                    {error, Reason};
+                {log, _, _} = Log ->
+                    cnode_frame(Log, #state{name = Name}),
+                    await_ready(Name, Port, Deadline);
+                Other ->
+                    catch port_close(Port),
+                    {error, {cnode_protocol, Other}}
+            end;
+        {Port, {exit_status, Status}} ->
+            {error, {cnode_exit, exit_status(Status)}}
+    after Wait ->
+        catch port_close(Port),
+        {error, {cnode_start, timeout}}
+    end.
+
+path_binary(Path) when is_binary(Path) -> Path;
+path_binary(Path) -> unicode:characters_to_binary(Path).
+
+%% A frame the NIF did not take: logs from the C-node (its own, and what
+%% its task libraries wrote to stderr).
+cnode_frame({log, Level, Message}, #state{name = Name}) when
+    (Level =:= error orelse Level =:= warning orelse Level =:= info), is_binary(Message)
+->
+    logger:log(Level, "moat pool ~p: C-node: ~ts", [Name, Message], #{domain => [moat]});
+cnode_frame(Other, #state{name = Name}) ->
+    ?LOG_WARNING("moat pool ~p: unexpected frame from the C-node: ~0p", [Name, Other]).
+
+log_bad_frame(Frame, #state{name = Name}) ->
+    ?LOG_ERROR("moat pool ~p: malformed frame from the C-node (~b bytes)", [Name, byte_size(Frame)]).
+
+%% The C-node ended under the pool: its tasks end with
+%% {native_crash, cnode_down} and the pool's supervisor starts a new one.
+cnode_lost(How, #state{name = Name, handle = Handle} = State) ->
+    ok = moat_nif:cnode_lost(Handle),
+    ?LOG_ERROR(
+        #{label => {moat, cnode_down}, pool => Name, how => How, os_pid => State#state.os_pid},
+        #{domain => [moat]}
+    ),
+    {stop, {shutdown, {cnode_down, How}}, State#state{port = undefined}}.
+
+%% An exit status as the C-node's end: 128 + N is signal N.
+exit_status(Status) when Status > 128 -> {signal, signal_name(Status - 128)};
+exit_status(Status) -> {exit_status, Status}.
+
+signal_name(6) -> sigabrt;
+signal_name(9) -> sigkill;
+signal_name(11) -> sigsegv;
+signal_name(7) -> sigbus;
+signal_name(8) -> sigfpe;
+signal_name(4) -> sigill;
+signal_name(15) -> sigterm;
+signal_name(N) -> N.
+
+cnode_close(undefined, _OsPid) ->
+    ok;
+cnode_close(Port, _OsPid) ->
+    catch port_close(Port),
+    ok.

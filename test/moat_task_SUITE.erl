@@ -10,8 +10,8 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([all/0, suite/0]).
--export([init_per_suite/1, end_per_suite/1]).
+-export([all/0, groups/0, suite/0]).
+-export([init_per_suite/1, end_per_suite/1, init_per_group/2, end_per_group/2]).
 -export([init_per_testcase/2, end_per_testcase/2]).
 -export([
     await_returns_value/1,
@@ -84,7 +84,14 @@
 suite() ->
     [{timetrap, {seconds, 30}}].
 
+%% The whole suite runs once per backend: the same shapes and reasons.
 all() ->
+    [{group, nif}, {group, cnode_thread}].
+
+groups() ->
+    [{nif, [], cases()}, {cnode_thread, [], cases()}].
+
+cases() ->
     [
         await_returns_value,
         await_exits_with_task_reason,
@@ -150,10 +157,18 @@ end_per_suite(_Config) ->
     _ = application:stop(moat),
     ok.
 
+init_per_group(nif, Config) ->
+    [{backend, #{}} | Config];
+init_per_group(cnode_thread, Config) ->
+    [{backend, #{backend => cnode, isolation => thread}} | Config].
+
+end_per_group(_Group, _Config) ->
+    ok.
+
 %% A fresh pool of two threads per case: counters start at zero and no
 %% task of an earlier case is left in it.
 init_per_testcase(_Case, Config) ->
-    {ok, _} = moat:start_pool(?POOL, #{size => 2}),
+    {ok, _} = start_pool(Config, ?POOL, #{size => 2}),
     [{pool, ?POOL} | Config].
 
 end_per_testcase(_Case, _Config) ->
@@ -161,6 +176,10 @@ end_per_testcase(_Case, _Config) ->
     _ = moat:stop_pool(?POOL),
     _ = moat:stop_pool(?SMALL),
     ok.
+
+%% Starts a pool of the group's backend.
+start_pool(Config, Name, Opts) ->
+    moat:start_pool(Name, maps:merge(?config(backend, Config), Opts)).
 
 %%%===================================================================
 %%% await
@@ -407,6 +426,10 @@ shutdown_running_spin_is_killed(Config) ->
     P = ?config(pool, Config),
     T = moat:async(P, spin, [1500000]),
     wait_running(P, 1),
+    %% On a free thread behind it in the same FIFO queue: once this
+    %% returns, the spin's body has been taken by a thread (the C-node's
+    %% "running" is known only in the C-node).
+    ?assertEqual({ok, started}, moat:run(P, echo, [started])),
     ?assertEqual({exit, killed}, moat:shutdown(T, 50)),
     ?assertMatch(#{running := 0, abandoned := 1}, moat:stats(P)),
     %% The pool still serves while the abandoned body runs.
@@ -782,7 +805,7 @@ overloaded(Config) ->
     %% A pool admits size + max_queue tasks; the next gets overloaded, however it was started.
     _ = Config,
     S = ?SMALL,
-    {ok, _} = moat:start_pool(S, #{size => 1, max_queue => 1}),
+    {ok, _} = start_pool(Config, S, #{size => 1, max_queue => 1}),
     A = moat:async(S, sleep, [60000]),
     B = moat:async(S, sleep, [60000]),
     wait_until(fun() -> match(#{running => 1, queued => 1}, moat:stats(S)) end, small_pool_full),
@@ -812,7 +835,7 @@ overloaded(Config) ->
     ?assertEqual({ok, x}, moat:run(S, echo, [x])),
     ok = moat:stop_pool(S),
     %% The bound is exactly size + max_queue.
-    {ok, _} = moat:start_pool(S, #{size => 2, max_queue => 3}),
+    {ok, _} = start_pool(Config, S, #{size => 2, max_queue => 3}),
     Five = [moat:async(S, sleep, [60000]) || _ <- lists:seq(1, 5)],
     wait_until(fun() -> match(#{running => 2, queued => 3}, moat:stats(S)) end, five_admitted),
     ?assertEqual({exit, overloaded}, moat:run(S, echo, [x])),
@@ -883,7 +906,7 @@ stop_pool_sends_shutdown(Config) ->
     ?assertEqual({error, not_found}, moat:stop_pool(P)),
     %% A stream in flight gets shutdown for its running tasks and noproc
     %% for the inputs it submits after the pool is gone.
-    {ok, _} = moat:start_pool(P, #{size => 2}),
+    {ok, _} = start_pool(Config, P, #{size => 2}),
     Parent = self(),
     {Pid, MRef} = spawn_monitor(fun() ->
         Elems = moat:async_stream(P, sleep, [60000, 60000, 60000], #{timeout => infinity}),

@@ -69,6 +69,12 @@ moat_term_t *moat_term_wrap(const char *etf, size_t len,
  * again.  One allocation.  NULL on out of memory. */
 moat_term_t *moat_term_list1(const char *elem, size_t len);
 
+/* Makes T (adding the version byte) from the encoding of T alone, which
+ * must be one well-formed term, e.g. cut with ei_skip_term from a buffer
+ * that moat_etf_check passed: it is not checked again.  One allocation.
+ * NULL on out of memory. */
+moat_term_t *moat_term_bare(const char *elem, size_t len);
+
 /* Takes over an ei_x_buff's memory (x->buff becomes NULL).  The bytes are
  * not checked (run moat_etf_check first).  Returns NULL, leaving the buffer
  * to the caller, when x holds no buffer or on out of memory. */
@@ -174,8 +180,9 @@ typedef struct moat_pool_opts_s {
     /* Optional, for remote tasks: called once when a remote task's outcome
      * was decided here (cancel, deadline, owner, close), not by
      * moat_pool_remote_done, so that the transport tells the other side to
-     * stop it.  On the deciding thread, after the complete callback (or
-     * instead of it, for a silent cancel); the same rules as complete. */
+     * stop it.  On the deciding thread, just before the complete callback
+     * (moat_task_data is still the transport's); the same rules as
+     * complete. */
     void (*remote_cancel)(moat_task_t *task, moat_term_t *reason,
                           void *data);
 } moat_pool_opts_t;
@@ -252,8 +259,10 @@ int moat_pool_remote_done(moat_pool_t *pool, uint64_t id, int kind,
                           moat_term_t *term);
 
 /* The other side is gone with every remote body in it: each remote task
- * still held ends, those with an open outcome with `reason` (borrowed).
- * Returns how many outcomes it decided.  Any thread but a pool thread. */
+ * still held ends, those with an open outcome with `reason` (borrowed),
+ * and from now on new tasks are refused (MOAT_ECLOSED), as after
+ * moat_pool_drain.  Returns how many outcomes it decided.  Any thread but
+ * a pool thread. */
 int moat_pool_remote_lost(moat_pool_t *pool, moat_term_t *reason);
 
 /* Queues jobs[0..n) under one lock and wakes workers once.  Accepts a

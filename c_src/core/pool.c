@@ -681,9 +681,11 @@ void moat__task_settle(moat_task_t *t, moat_term_t *reason, unsigned flags) {
         atomic_fetch_sub(&pool->admitted, 1);
     if (was_running)
         abandon_thread(pool);
-    deliver(t, MOAT_EXIT, reason, flags, stat_for(pool, reason));
+    /* Before deliver: the complete callback may free the transport's
+     * data, which remote_cancel reads. */
     if (was_remote && pool->opts.remote_cancel != NULL)
         pool->opts.remote_cancel(t, reason, pool->opts.data);
+    deliver(t, MOAT_EXIT, reason, flags, stat_for(pool, reason));
     if (was_queued)
         moat__task_unref(t); /* the run queue's reference */
 }
@@ -995,6 +997,9 @@ int moat_pool_remote_lost(moat_pool_t *pool, moat_term_t *reason) {
     if (pool == NULL || reason == NULL)
         return MOAT_EINVAL;
     uv_mutex_lock(&pool->rq_lock);
+    /* Under the lock submit_n checks it under: an accept either finds the
+     * flag or put its task in the table taken here. */
+    atomic_store(&pool->draining, 1);
     tab = pool->remote;
     cap = pool->capremote;
     pool->remote = NULL;

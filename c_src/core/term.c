@@ -347,6 +347,16 @@ moat_term_t *moat_term_list1(const char *elem, size_t len) {
     return t;
 }
 
+moat_term_t *moat_term_bare(const char *elem, size_t len) {
+    moat_term_t *t;
+    if (len > SIZE_MAX - 1 || (t = alloc_inline(len + 1)) == NULL)
+        return NULL;
+    t->bytes[0] = (char)131; /* VERSION_MAGIC */
+    memcpy(t->bytes + 1, elem, len);
+    init(t, t->bytes, len + 1, NULL, NULL);
+    return t;
+}
+
 moat_term_t *moat_term_wrap(const char *etf, size_t len,
                             void (*release)(void *opaque), void *opaque) {
     moat_term_t *t = malloc(sizeof(*t));

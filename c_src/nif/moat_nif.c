@@ -74,7 +74,8 @@
     X(restarting) X(worker) X(supervisor) X(specs) X(active)               \
     X(supervisors) X(workers) X(moat_gave_up) X(permanent) X(transient)    \
     X(temporary) X(brutal_kill) X(one_for_one) X(one_for_all)              \
-    X(rest_for_one) X(unknown_server) X(failed_to_start_child)
+    X(rest_for_one) X(unknown_server) X(failed_to_start_child)            \
+    X(other) X(native_crash) X(cnode_down) X(moat_cnode_out) X(bad_frame)
 
 #define DECLARE_ATOM(name) static ERL_NIF_TERM atom_##name;
 ATOMS(DECLARE_ATOM)
@@ -94,6 +95,11 @@ static _Thread_local ErlNifEnv *tl_msg_env;
 /* The caller env enif_send must be given on a scheduler thread; NULL on
  * moat's own threads.  Set around core calls that may run callbacks. */
 static _Thread_local ErlNifEnv *tl_caller_env;
+
+/* Set around core calls made in a process-bound NIF call of a C-node
+ * pool's caller: a cancel decided there goes to the port at once, after
+ * the caller's own run frame (see on_remote_cancel). */
+static _Thread_local ErlNifEnv *tl_port_env;
 
 static void thread_start(void *data) {
     (void)data;
@@ -125,12 +131,22 @@ static void send_msg(const ErlNifPid *to, ErlNifEnv *env, ERL_NIF_TERM msg) {
 
 /* ------------------------------------------------------------- pools */
 
-/* A task name of one of the pool's libraries, keyed by its atom. */
+/* A task name of one of the pool's libraries, keyed by its atom (0:
+ * an empty slot).  A C-node pool's entries have no def or lib here, only
+ * the name the C-node listed. */
 typedef struct {
     ERL_NIF_TERM name;
     const moat_task_def_t *def;
     const moat_lib_t *lib;
+    char *cname; /* C-node pools: the name, as sent in run frames */
 } task_entry_t;
+
+/* A cancel a C-node pool's owner is to send: task `id`, decided here
+ * with `reason`. */
+typedef struct {
+    uint64_t id;
+    moat_atom_t reason;
+} cancel_t;
 
 typedef struct npool_s {
     atomic_int refs;
@@ -152,6 +168,15 @@ typedef struct npool_s {
     _Atomic(struct servers_s *) servers;
     atomic_int sup_claimed; /* a sup_start runs or succeeded: one at a time,
                                and none after a success */
+    /* C-node pools: the core pool runs no bodies; tasks go to this port
+     * (the C-node's, connected to the owner) and cancels wait in the
+     * outbox until the owner sends them (cnode_flush). */
+    int remote;
+    ErlNifPort port;
+    uv_mutex_t out_lock; /* guards out, nout, capout, out_told */
+    cancel_t *out;
+    size_t nout, capout;
+    int out_told; /* the owner has been sent moat_cnode_out */
 } npool_t;
 
 /* A pool's native servers: the supervisor's pid and each child's id, as
@@ -193,16 +218,26 @@ static void servers_free(servers_t *sv) {
     free(sv);
 }
 
-static void np_free(npool_t *np) {
-    moat_pool_free(np->pool);
-    servers_free(atomic_load(&np->servers));
+/* Frees what pool_new or cnode_pool_new set up, but the core pool. */
+static void np_discard(npool_t *np) {
     for (size_t i = 0; i < np->nlibs; i++)
         moat_lib_close(np->libs[i]);
     free(np->libs);
+    for (size_t i = 0; np->remote && i < np->ntask_cap; i++)
+        free(np->tasks[i].cname);
     free(np->tasks);
     free(np->mons);
+    free(np->out);
+    if (np->remote)
+        uv_mutex_destroy(&np->out_lock);
     uv_mutex_destroy(&np->mon_lock);
     free(np);
+}
+
+static void np_free(npool_t *np) {
+    moat_pool_free(np->pool);
+    servers_free(atomic_load(&np->servers));
+    np_discard(np);
 }
 
 static size_t hash_term(ERL_NIF_TERM t) {
@@ -216,11 +251,23 @@ static size_t hash_term(ERL_NIF_TERM t) {
 static const task_entry_t *task_find(const npool_t *np, ERL_NIF_TERM name) {
     size_t mask = np->ntask_cap - 1;
     for (size_t i = hash_term(name) & mask;; i = (i + 1) & mask) {
-        if (np->tasks[i].def == NULL)
+        if (np->tasks[i].name == 0)
             return NULL;
         if (np->tasks[i].name == name)
             return &np->tasks[i];
     }
+}
+
+/* The slot for `name` in a table being filled: its own if the name is
+ * there already (an earlier library won it), else the empty one where it
+ * goes. */
+static task_entry_t *task_slot(npool_t *np, ERL_NIF_TERM name) {
+    size_t mask = np->ntask_cap - 1, i;
+    for (i = hash_term(name) & mask;
+         np->tasks[i].name != 0 && np->tasks[i].name != name;
+         i = (i + 1) & mask)
+        ;
+    return &np->tasks[i];
 }
 
 /* Adds a submitter; returns 1 when it was new (monitor it). */
@@ -457,6 +504,18 @@ static int jobq_start(jobq_t *q, const char *name) {
 /* ------------------------------------------------------------- tasks */
 
 enum { K_TASK = 1, K_STREAM };
+
+/* A C-node task's run frame and a cancel decided away from its caller
+ * race: the cancel must not reach the C-node first (it would ignore it
+ * and run the body for nothing).  UNSENT -> SENT when the caller has sent
+ * the run frame; UNSENT -> CANCELLED when a cancel came first: the caller
+ * then sends it, after the run frame. */
+enum { WIRE_UNSENT = 0, WIRE_SENT, WIRE_CANCELLED };
+
+typedef struct {
+    atomic_int state;
+    moat_atom_t reason; /* WIRE_CANCELLED: written before the state */
+} wire_t;
 /* A task's state word.  OPEN: its outcome is to be sent.  SPIN: run/4's
  * caller is spinning for it: the callback leaves the outcome in `held`
  * and sets HELD instead of sending, unless the caller stopped spinning
@@ -465,6 +524,7 @@ enum { T_OPEN, T_SENDING, T_SENT, T_IGNORED, T_CANCELLED, T_SPIN, T_HELD };
 
 typedef struct {
     int kind; /* K_TASK */
+    wire_t wire; /* C-node pools */
     atomic_int state;
     npool_t *np; /* NULL for a task refused before it had a pool */
     moat_task_t *t;
@@ -593,6 +653,7 @@ typedef struct nstream_s nstream_t;
 
 typedef struct {
     int kind; /* K_STREAM */
+    wire_t wire; /* C-node pools; reset for each task in the slot */
     nstream_t *s;
     uint64_t index;
     moat_task_t *t;
@@ -702,6 +763,151 @@ static void on_complete(moat_task_t *t, const moat_outcome_t *o, void *data) {
         stream_complete((sslot_t *)kind, o);
 }
 
+/* ------------------------------------------------------ C-node pools */
+
+/* Encodes {run, Tag, Task, Args} (n == 1) or {runs, [{Tag, Task, Args}]}
+ * into buf, or with buf NULL just counts its bytes.  args[i] is each
+ * task's argument list (version byte first). */
+static int run_frame(char *buf, const char *task, size_t n,
+                     moat_task_t *const *ts, moat_term_t *const *args) {
+    int i = 0;
+    ei_encode_version(buf, &i);
+    if (n == 1) {
+        ei_encode_tuple_header(buf, &i, 4);
+        ei_encode_atom(buf, &i, "run");
+    } else {
+        ei_encode_tuple_header(buf, &i, 2);
+        ei_encode_atom(buf, &i, "runs");
+        ei_encode_list_header(buf, &i, (int)n);
+    }
+    for (size_t k = 0; k < n; k++) {
+        size_t len;
+        const char *d = moat_term_data(args[k], &len);
+        if (n > 1)
+            ei_encode_tuple_header(buf, &i, 3);
+        ei_encode_ulonglong(buf, &i, moat_task_id(ts[k]));
+        ei_encode_atom(buf, &i, task);
+        if (buf != NULL)
+            memcpy(buf + i, d + 1, len - 1);
+        i += (int)(len - 1);
+    }
+    if (n > 1)
+        ei_encode_empty_list(buf, &i);
+    return i;
+}
+
+static void cancel_send(ErlNifEnv *env, npool_t *np, const cancel_t *c);
+
+static wire_t *wire_of(moat_task_t *t) {
+    int *kind = moat_task_data(t);
+    return *kind == K_TASK ? &((ntask_t *)(void *)kind)->wire
+                           : &((sslot_t *)(void *)kind)->wire;
+}
+
+/* The task's run frame is out: from now on a cancel may go to the port
+ * from anywhere.  One that came first is sent now, after it. */
+static void wire_sent(ErlNifEnv *env, npool_t *np, moat_task_t *t) {
+    wire_t *w = wire_of(t);
+    int unsent = WIRE_UNSENT;
+    if (!atomic_compare_exchange_strong(&w->state, &unsent, WIRE_SENT)) {
+        cancel_t c = {moat_task_id(t), w->reason};
+        cancel_send(env, np, &c);
+    }
+}
+
+/* Sends one ETF frame to the pool's C-node from a process-bound env.  A
+ * port that is gone is not an error here: its owner sees it end and
+ * every task the C-node held gets cnode_down. */
+static void port_send(ErlNifEnv *env, npool_t *np, ErlNifBinary *bin) {
+    enif_port_command(env, &np->port, NULL, enif_make_binary(env, bin));
+}
+
+/* Sends the run frame of tasks just accepted.  On out of memory the
+ * tasks end here with enomem instead. */
+static void remote_send(ErlNifEnv *env, npool_t *np, const char *task,
+                        size_t n, moat_task_t *const *ts,
+                        moat_term_t *const *args) {
+    ErlNifBinary bin;
+    if (n == 0)
+        return;
+    if (!enif_alloc_binary((size_t)run_frame(NULL, task, n, ts, args), &bin)) {
+        for (size_t k = 0; k < n; k++)
+            moat_pool_remote_done(np->pool, moat_task_id(ts[k]), MOAT_EXIT,
+                                  moat_atom(MOAT_A_ENOMEM));
+        return;
+    }
+    run_frame((char *)bin.data, task, n, ts, args);
+    port_send(env, np, &bin);
+    for (size_t k = 0; k < n; k++)
+        wire_sent(env, np, ts[k]);
+}
+
+/* {cancel, Tag, Reason} */
+static void cancel_send(ErlNifEnv *env, npool_t *np, const cancel_t *c) {
+    static const char *names[MOAT_A__COUNT] = {
+        [MOAT_A_SHUTDOWN] = "shutdown", [MOAT_A_KILLED] = "killed",
+        [MOAT_A_TIMEOUT] = "timeout"};
+    ErlNifBinary bin;
+    int i = 0;
+    char buf[64];
+    ei_encode_version(buf, &i);
+    ei_encode_tuple_header(buf, &i, 3);
+    ei_encode_atom(buf, &i, "cancel");
+    ei_encode_ulonglong(buf, &i, c->id);
+    ei_encode_atom(buf, &i, names[c->reason]);
+    if (!enif_alloc_binary((size_t)i, &bin))
+        return; /* the body runs on; its late report is dropped */
+    memcpy(bin.data, buf, (size_t)i);
+    port_send(env, np, &bin);
+}
+
+/* The core's remote_cancel: a C-node task's outcome was decided here.
+ * From a process-bound NIF call the cancel goes to the port at once, so
+ * it follows that process's run frame; from any other thread (deadline,
+ * janitor) it is left to the caller if its run frame is not out yet
+ * (wire_t), else it waits in the outbox, and the owner, told once, sends
+ * it. */
+static void on_remote_cancel(moat_task_t *t, moat_term_t *reason, void *data) {
+    npool_t *np = data;
+    cancel_t c = {moat_task_id(t), MOAT_A_SHUTDOWN};
+    wire_t *w;
+    int tell = 0, unsent = WIRE_UNSENT;
+    if (moat_term_is(reason, MOAT_A_TIMEOUT))
+        c.reason = MOAT_A_TIMEOUT;
+    else if (moat_term_is(reason, MOAT_A_KILLED))
+        c.reason = MOAT_A_KILLED;
+    if (tl_port_env != NULL) {
+        cancel_send(tl_port_env, np, &c);
+        return;
+    }
+    w = wire_of(t);
+    w->reason = c.reason;
+    if (atomic_compare_exchange_strong(&w->state, &unsent, WIRE_CANCELLED))
+        return; /* the caller sends it after the run frame */
+    uv_mutex_lock(&np->out_lock);
+    if (np->nout == np->capout) {
+        size_t cap = np->capout ? np->capout * 2 : 16;
+        cancel_t *o = realloc(np->out, cap * sizeof *o);
+        if (o != NULL) {
+            np->out = o;
+            np->capout = cap;
+        }
+    }
+    if (np->nout < np->capout)
+        np->out[np->nout++] = c;
+    if (!np->out_told) {
+        np->out_told = 1;
+        tell = 1;
+    }
+    uv_mutex_unlock(&np->out_lock);
+    if (tell) {
+        ErlNifEnv *env = msg_env_get();
+        send_msg(&np->owner, env,
+                 enif_make_tuple2(env, atom_moat_cnode_out, np->name));
+        msg_env_put(env);
+    }
+}
+
 /* ------------------------------------------------------------ helpers */
 
 static ERL_NIF_TERM error_tuple(ErlNifEnv *env, ERL_NIF_TERM reason) {
@@ -734,6 +940,65 @@ static moat_term_t *encode(ErlNifEnv *env, ERL_NIF_TERM t) {
 
 /* ----------------------------------------------------------- NIFs: pool */
 
+/* Wraps a started npool_t in a handle and registers it under its name,
+ * unless a live pool has the name.  Returns {ok, Handle} or
+ * {error, Reason}; on an error the pool is closed (or freed). */
+static ERL_NIF_TERM pool_publish(ErlNifEnv *env, npool_t *np) {
+    pool_res_t *res;
+    ERL_NIF_TERM ret;
+    res = enif_alloc_resource(pool_rt, sizeof *res);
+    if (res == NULL) {
+        moat_pool_free(np->pool); /* no task yet: joins at once */
+        np_discard(np);
+        return error_tuple(env, atom_enomem);
+    }
+    res->np = np; /* the handle now owns the npool_t's first reference */
+    ret = enif_make_resource(env, res);
+
+    /* Register, unless a live pool has the name.  One whose owner is dead
+     * but whose `down` has not run yet gives way. */
+    uv_rwlock_wrlock(&reg_lock);
+    for (size_t i = 0; i < nreg; i++) {
+        if (reg[i].name != np->name)
+            continue;
+        if (enif_is_process_alive(env, &reg[i].res->np->owner)) {
+            ERL_NIF_TERM pid = enif_make_pid(env, &reg[i].res->np->owner);
+            uv_rwlock_wrunlock(&reg_lock);
+            moat_pool_close(np->pool);
+            enif_release_resource(res);
+            return error_tuple(env,
+                               enif_make_tuple2(env, atom_already_started, pid));
+        }
+        /* Close it here: its `down` may never run once the registry lets
+         * go of its handle. */
+        np_ref(reg[i].res->np);
+        tl_caller_env = env; /* for jobq_push's inline fallback */
+        jobq_push(&janitor, JOB_CLOSE, reg[i].res->np, 0, NULL);
+        tl_caller_env = NULL;
+        enif_release_resource(reg[i].res);
+        reg[i] = reg[--nreg];
+        break;
+    }
+    if (nreg == capreg) {
+        size_t cap = capreg ? capreg * 2 : 8;
+        reg_entry_t *r = realloc(reg, cap * sizeof *r);
+        if (r == NULL) {
+            uv_rwlock_wrunlock(&reg_lock);
+            moat_pool_close(np->pool);
+            enif_release_resource(res);
+            return error_tuple(env, atom_enomem);
+        }
+        reg = r;
+        capreg = cap;
+    }
+    reg[nreg].name = np->name;
+    reg[nreg].res = res; /* keeps the creation reference */
+    nreg++;
+    uv_rwlock_wrunlock(&reg_lock);
+    enif_monitor_process(env, res, &np->owner, NULL);
+    return enif_make_tuple2(env, atom_ok, ret);
+}
+
 /* pool_new(Name :: atom(), Size :: pos_integer(), MaxQueue :: pos_integer(),
  *          Libs :: [iodata()]) ->
  *     {ok, Handle} | {error, {already_started, pid()}}
@@ -746,7 +1011,6 @@ static ERL_NIF_TERM nif_pool_new(ErlNifEnv *env, int argc,
     ERL_NIF_TERM list = argv[3], head, ret;
     char name[256];
     npool_t *np;
-    pool_res_t *res;
     moat_pool_opts_t opts;
     size_t ntasks = 0;
     int rc;
@@ -812,15 +1076,11 @@ static ERL_NIF_TERM nif_pool_new(ErlNifEnv *env, int argc,
         for (const moat_task_def_t *d = moat_lib_def(np->libs[l])->tasks;
              d->name != NULL; d++) {
             ERL_NIF_TERM a = enif_make_atom(env, d->name);
-            size_t mask = np->ntask_cap - 1, i;
-            for (i = hash_term(a) & mask; np->tasks[i].def != NULL &&
-                                          np->tasks[i].name != a;
-                 i = (i + 1) & mask)
-                ;
-            if (np->tasks[i].def == NULL) {
-                np->tasks[i].name = a;
-                np->tasks[i].def = d;
-                np->tasks[i].lib = np->libs[l];
+            task_entry_t *e = task_slot(np, a);
+            if (e->name == 0) {
+                e->name = a;
+                e->def = d;
+                e->lib = np->libs[l];
             }
         }
     }
@@ -837,64 +1097,9 @@ static ERL_NIF_TERM nif_pool_new(ErlNifEnv *env, int argc,
         goto fail;
     }
 
-    res = enif_alloc_resource(pool_rt, sizeof *res);
-    if (res == NULL) {
-        moat_pool_free(np->pool); /* no task yet: joins at once */
-        ret = error_tuple(env, atom_enomem);
-        goto fail;
-    }
-    res->np = np; /* the handle now owns the npool_t's first reference */
-    ret = enif_make_resource(env, res);
-
-    /* Register, unless a live pool has the name.  One whose owner is dead
-     * but whose `down` has not run yet gives way. */
-    uv_rwlock_wrlock(&reg_lock);
-    for (size_t i = 0; i < nreg; i++) {
-        if (reg[i].name != argv[0])
-            continue;
-        if (enif_is_process_alive(env, &reg[i].res->np->owner)) {
-            ERL_NIF_TERM pid = enif_make_pid(env, &reg[i].res->np->owner);
-            uv_rwlock_wrunlock(&reg_lock);
-            moat_pool_close(np->pool);
-            enif_release_resource(res);
-            return error_tuple(env,
-                               enif_make_tuple2(env, atom_already_started, pid));
-        }
-        /* Close it here: its `down` may never run once the registry lets
-         * go of its handle. */
-        np_ref(reg[i].res->np);
-        tl_caller_env = env; /* for jobq_push's inline fallback */
-        jobq_push(&janitor, JOB_CLOSE, reg[i].res->np, 0, NULL);
-        tl_caller_env = NULL;
-        enif_release_resource(reg[i].res);
-        reg[i] = reg[--nreg];
-        break;
-    }
-    if (nreg == capreg) {
-        size_t cap = capreg ? capreg * 2 : 8;
-        reg_entry_t *r = realloc(reg, cap * sizeof *r);
-        if (r == NULL) {
-            uv_rwlock_wrunlock(&reg_lock);
-            moat_pool_close(np->pool);
-            enif_release_resource(res);
-            return error_tuple(env, atom_enomem);
-        }
-        reg = r;
-        capreg = cap;
-    }
-    reg[nreg].name = argv[0];
-    reg[nreg].res = res; /* keeps the creation reference */
-    nreg++;
-    uv_rwlock_wrunlock(&reg_lock);
-    enif_monitor_process(env, res, &np->owner, NULL);
-    return enif_make_tuple2(env, atom_ok, ret);
+    return pool_publish(env, np);
 fail:
-    for (size_t i = 0; i < np->nlibs; i++)
-        moat_lib_close(np->libs[i]);
-    free(np->libs);
-    free(np->tasks);
-    uv_mutex_destroy(&np->mon_lock);
-    free(np);
+    np_discard(np);
     return ret;
 }
 
@@ -940,6 +1145,11 @@ static ERL_NIF_TERM nif_pool_stats(ErlNifEnv *env, int argc,
         return error_tuple(env, atom_not_found);
     moat_pool_stats(res->np->pool, &st);
     size = res->np->size;
+    if (res->np->remote && st.running > size) {
+        /* The C-node runs `size` at a time; the rest wait there. */
+        st.queued = st.running - size;
+        st.running = size;
+    }
     reg_done();
     STAT(queued);
     STAT(running);
@@ -968,6 +1178,240 @@ static ERL_NIF_TERM nif_pool_owner(ErlNifEnv *env, int argc,
     pid = enif_make_pid(env, &res->np->owner);
     reg_done();
     return pid;
+}
+
+/* cnode_pool_new(Name :: atom(), Size :: pos_integer(),
+ *                MaxQueue :: pos_integer(), Port :: port(),
+ *                Tasks :: [atom()]) ->
+ *     {ok, Handle} | {error, {already_started, pid()}} | {error, atom()}
+ * A pool whose bodies run in the C-node behind Port, which listed Tasks.
+ * The calling process is its owner: Port must be connected to it, since
+ * outcomes come back as its port data (cnode_deliver).  Dirty (it starts
+ * the pool's housekeeping thread). */
+static ERL_NIF_TERM nif_cnode_pool_new(ErlNifEnv *env, int argc,
+                                       const ERL_NIF_TERM argv[]) {
+    unsigned size, max_queue, ntasks;
+    ERL_NIF_TERM list = argv[4], head, ret;
+    char name[256];
+    npool_t *np;
+    moat_pool_opts_t opts;
+    size_t cap;
+    int rc;
+    (void)argc;
+    if (!enif_get_atom(env, argv[0], name, sizeof name, ERL_NIF_LATIN1) ||
+        !enif_get_uint(env, argv[1], &size) || size == 0 ||
+        !enif_get_uint(env, argv[2], &max_queue) || max_queue == 0 ||
+        !enif_is_port(env, argv[3]) ||
+        !enif_get_list_length(env, list, &ntasks))
+        return enif_make_badarg(env);
+    np = calloc(1, sizeof *np);
+    if (np == NULL || uv_mutex_init(&np->mon_lock) != 0) {
+        free(np);
+        return error_tuple(env, atom_enomem);
+    }
+    if (uv_mutex_init(&np->out_lock) != 0) {
+        uv_mutex_destroy(&np->mon_lock);
+        free(np);
+        return error_tuple(env, atom_enomem);
+    }
+    np->remote = 1;
+    atomic_init(&np->refs, 1);
+    np->name = argv[0];
+    np->size = size;
+    enif_self(env, &np->owner);
+    if (!enif_get_local_port(env, argv[3], &np->port)) {
+        ret = enif_make_badarg(env);
+        goto fail;
+    }
+    cap = 8;
+    while (cap < (size_t)ntasks * 2)
+        cap *= 2;
+    if ((np->tasks = calloc(cap, sizeof *np->tasks)) == NULL) {
+        ret = error_tuple(env, atom_enomem);
+        goto fail;
+    }
+    np->ntask_cap = cap; /* np_discard walks it from here on */
+    while (enif_get_list_cell(env, list, &head, &list)) {
+        char tname[256];
+        task_entry_t *e;
+        if (!enif_get_atom(env, head, tname, sizeof tname, ERL_NIF_LATIN1)) {
+            ret = enif_make_badarg(env);
+            goto fail;
+        }
+        e = task_slot(np, head);
+        if (e->name != 0)
+            continue; /* an earlier library's */
+        if ((e->cname = strdup(tname)) == NULL) {
+            ret = error_tuple(env, atom_enomem);
+            goto fail;
+        }
+        e->name = head;
+    }
+    memset(&opts, 0, sizeof opts);
+    opts.nthreads = size;
+    opts.max_queue = max_queue;
+    opts.name = name;
+    opts.complete = on_complete;
+    opts.data = np;
+    opts.thread_start = thread_start;
+    opts.thread_stop = thread_stop;
+    opts.remote = 1;
+    opts.remote_cancel = on_remote_cancel;
+    if ((rc = moat_pool_new(&opts, &np->pool)) != 0) {
+        ret = error_tuple(env, enif_make_atom(env, moat_err_name(rc)));
+        goto fail;
+    }
+    return pool_publish(env, np);
+fail:
+    np_discard(np);
+    return ret;
+}
+
+static npool_t *cnode_pool(ErlNifEnv *env, ERL_NIF_TERM t) {
+    pool_res_t *res;
+    if (!enif_get_resource(env, t, pool_rt, (void **)&res) || !res->np->remote)
+        return NULL;
+    return res->np;
+}
+
+/* One entry of a done frame, {Tag, ok | exit, Term}: settles the task.
+ * Returns 0, or -1 on a malformed entry. */
+static int deliver_done(npool_t *np, const char *buf, int *i) {
+    EI_ULONGLONG tag;
+    char kind[8];
+    int arity, start;
+    moat_term_t *term;
+    if (ei_decode_tuple_header(buf, i, &arity) != 0 || arity != 3 ||
+        ei_decode_ulonglong(buf, i, &tag) != 0 ||
+        ei_decode_atom_as(buf, i, kind, sizeof kind, ERLANG_UTF8, NULL,
+                          NULL) != 0 ||
+        (strcmp(kind, "ok") != 0 && strcmp(kind, "exit") != 0))
+        return -1;
+    start = *i;
+    if (ei_skip_term(buf, i) != 0)
+        return -1;
+    if ((term = moat_term_bare(buf + start, (size_t)(*i - start))) == NULL) {
+        moat_pool_remote_done(np->pool, tag, MOAT_EXIT,
+                              moat_atom(MOAT_A_ENOMEM));
+        return 0;
+    }
+    moat_pool_remote_done(np->pool, tag, kind[0] == 'o' ? MOAT_OK : MOAT_EXIT,
+                          term);
+    moat_term_unref(term);
+    return 0;
+}
+
+/* The list of a done or stopped frame.  Returns 0 or -1 (malformed; the
+ * entries before the fault have been handled). */
+static int deliver_list(npool_t *np, const char *buf, int *i, int done) {
+    int type, n;
+    if (ei_get_type(buf, i, &type, &n) != 0)
+        return -1;
+    if (type == ERL_NIL_EXT)
+        return 0;
+    if (type == ERL_STRING_EXT && !done) {
+        /* Tags all below 256, encoded by ei as a string of bytes. */
+        const unsigned char *p = (const unsigned char *)buf + *i + 3;
+        for (int k = 0; k < n; k++)
+            moat_pool_remote_done(np->pool, p[k], 0, NULL);
+        return ei_skip_term(buf, i);
+    }
+    if (type != ERL_LIST_EXT || ei_decode_list_header(buf, i, &n) != 0)
+        return -1;
+    for (int k = 0; k < n; k++) {
+        EI_ULONGLONG tag;
+        if (done) {
+            if (deliver_done(np, buf, i) != 0)
+                return -1;
+        } else {
+            if (ei_decode_ulonglong(buf, i, &tag) != 0)
+                return -1;
+            moat_pool_remote_done(np->pool, tag, 0, NULL);
+        }
+    }
+    return 0;
+}
+
+/* cnode_deliver(Handle, Frame :: binary()) ->
+ *     ok | {other, term()} | {error, bad_frame}
+ * A packet of the pool's C-node, from its owner.  done and stopped frames
+ * settle their tasks here, each outcome sent to its caller from the
+ * owner's process; any other well-formed frame comes back decoded for the
+ * owner to handle.  Nothing in the frame is trusted: it is checked whole
+ * before it is read. */
+static ERL_NIF_TERM nif_cnode_deliver(ErlNifEnv *env, int argc,
+                                      const ERL_NIF_TERM argv[]) {
+    npool_t *np = cnode_pool(env, argv[0]);
+    ErlNifBinary bin;
+    const char *buf;
+    char what[16];
+    int i = 0, version, arity, rc;
+    ERL_NIF_TERM t;
+    (void)argc;
+    if (np == NULL || !enif_inspect_binary(env, argv[1], &bin))
+        return enif_make_badarg(env);
+    buf = (const char *)bin.data;
+    if (bin.size > INT32_MAX || moat_etf_check(buf, bin.size) != 0)
+        return error_tuple(env, atom_bad_frame);
+    if (ei_decode_version(buf, &i, &version) == 0 &&
+        ei_decode_tuple_header(buf, &i, &arity) == 0 && arity == 2 &&
+        ei_decode_atom_as(buf, &i, what, sizeof what, ERLANG_UTF8, NULL,
+                          NULL) == 0 &&
+        (strcmp(what, "done") == 0 || strcmp(what, "stopped") == 0)) {
+        tl_caller_env = env;
+        rc = deliver_list(np, buf, &i, what[0] == 'd');
+        tl_caller_env = NULL;
+        return rc == 0 ? atom_ok : error_tuple(env, atom_bad_frame);
+    }
+    if (enif_binary_to_term(env, bin.data, bin.size, &t, ERL_NIF_BIN2TERM_SAFE) == 0)
+        return error_tuple(env, atom_bad_frame);
+    return enif_make_tuple2(env, atom_other, t);
+}
+
+/* cnode_flush(Handle) -> ok
+ * Sends the C-node the cancels decided away from its callers' processes
+ * (deadlines, dead callers); the owner calls it on moat_cnode_out. */
+static ERL_NIF_TERM nif_cnode_flush(ErlNifEnv *env, int argc,
+                                    const ERL_NIF_TERM argv[]) {
+    npool_t *np = cnode_pool(env, argv[0]);
+    cancel_t *out;
+    size_t n;
+    (void)argc;
+    if (np == NULL)
+        return enif_make_badarg(env);
+    uv_mutex_lock(&np->out_lock);
+    out = np->out;
+    n = np->nout;
+    np->out = NULL;
+    np->nout = np->capout = 0;
+    np->out_told = 0;
+    uv_mutex_unlock(&np->out_lock);
+    for (size_t k = 0; k < n; k++)
+        cancel_send(env, np, &out[k]);
+    free(out);
+    return atom_ok;
+}
+
+/* cnode_lost(Handle) -> ok
+ * The pool's C-node is gone: the pool is unregistered (new tasks get
+ * noproc) and every task it held ends with {native_crash, cnode_down}. */
+static ERL_NIF_TERM nif_cnode_lost(ErlNifEnv *env, int argc,
+                                   const ERL_NIF_TERM argv[]) {
+    npool_t *np = cnode_pool(env, argv[0]);
+    pool_res_t *reg_res;
+    moat_term_t *down;
+    (void)argc;
+    if (np == NULL)
+        return enif_make_badarg(env);
+    reg_res = reg_remove(np);
+    down = encode(env, enif_make_tuple2(env, atom_native_crash, atom_cnode_down));
+    tl_caller_env = env;
+    moat_pool_remote_lost(np->pool, down != NULL ? down : moat_atom(MOAT_A_ENOMEM));
+    tl_caller_env = NULL;
+    moat_term_unref(down);
+    if (reg_res != NULL)
+        enif_release_resource(reg_res);
+    return atom_ok;
 }
 
 static void pool_dtor(ErlNifEnv *env, void *obj) {
@@ -1076,21 +1520,33 @@ static ERL_NIF_TERM task_start(ErlNifEnv *env, const ERL_NIF_TERM argv[],
         reg_done();
         *refusal = enif_make_tuple2(env, atom_unknown_task, argv[1]);
     } else {
-        job.fn = te->def->run;
-        job.name = te->def->name;
+        npool_t *np = res->np;
+        job.fn = np->remote ? NULL : te->def->run;
+        job.name = np->remote ? te->cname : te->def->name;
         job.lib = te->lib;
         job.owner = pid_key(&nt->owner);
         job.timeout_ms = timeout_ms;
         job.data = nt;
         watch_caller(env, res, &nt->owner);
-        nt->np = res->np;
-        np_ref(nt->np);
+        nt->np = np;
+        np_ref(np);
         enif_keep_resource(nt); /* for the callback */
-        rc = moat_pool_submit(res->np->pool, &job, &nt->t);
+        if (np->remote) {
+            rc = moat_pool_accept(np->pool, &job, 1, &nt->t);
+            rc = rc == 1 ? 0 : rc;
+        } else {
+            rc = moat_pool_submit(np->pool, &job, &nt->t);
+        }
         reg_done();
         if (rc != 0) {
             enif_release_resource(nt);
             *refusal = rc == MOAT_EOVERLOADED ? atom_overloaded : atom_noproc;
+        } else if (np->remote) {
+            /* The task holds the args: they are read once more here. */
+            tl_caller_env = tl_port_env = env;
+            remote_send(env, np, te->cname, 1, &nt->t, &job.args);
+            tl_caller_env = tl_port_env = NULL;
+            job.args = NULL;
         } else {
             job.args = NULL; /* the pool's now */
         }
@@ -1212,6 +1668,7 @@ static ERL_NIF_TERM nif_task_cancel(ErlNifEnv *env, int argc,
                                     const ERL_NIF_TERM argv[]) {
     ntask_t *nt = owned_task(env, argv[0]);
     moat_atom_t reason;
+    int rc;
     (void)argc;
     if (nt == NULL)
         return enif_make_badarg(env);
@@ -1223,7 +1680,10 @@ static ERL_NIF_TERM nif_task_cancel(ErlNifEnv *env, int argc,
         return enif_make_badarg(env);
     if (nt->t == NULL)
         return atom_delivered;
-    if (moat_task_cancel(nt->t, reason, MOAT_CANCEL_SILENT) == 1) {
+    tl_caller_env = tl_port_env = env; /* for a C-node task's cancel */
+    rc = moat_task_cancel(nt->t, reason, MOAT_CANCEL_SILENT);
+    tl_caller_env = tl_port_env = NULL;
+    if (rc == 1) {
         atomic_store(&nt->state, T_CANCELLED);
         enif_release_resource(nt); /* the callback's, which will not run */
         return atom_cancelled;
@@ -1859,8 +2319,10 @@ static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
             }
             slots[got] = s->free_slots[--s->nfree];
             s->slots[slots[got]].index = index++;
-            jobs[got].fn = s->task->def->run;
-            jobs[got].name = s->task->def->name;
+            atomic_store(&s->slots[slots[got]].wire.state, WIRE_UNSENT);
+            jobs[got].fn = s->np->remote ? NULL : s->task->def->run;
+            jobs[got].name = s->np->remote ? s->task->cname
+                                           : s->task->def->name;
             jobs[got].lib = s->task->lib;
             jobs[got].owner = pid_key(&s->owner);
             jobs[got].timeout_ms = s->timeout_ms;
@@ -1874,7 +2336,9 @@ static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
         uv_mutex_lock(&s->lock);
         s->pending += got; /* before any callback can run */
         uv_mutex_unlock(&s->lock);
-        accepted = moat_pool_submit_batch(s->np->pool, jobs, got, tasks);
+        accepted = s->np->remote
+                       ? moat_pool_accept(s->np->pool, jobs, got, tasks)
+                       : moat_pool_submit_batch(s->np->pool, jobs, got, tasks);
         if (accepted < 0) {
             if (accepted == MOAT_ECLOSED)
                 why = atom_noproc;
@@ -1884,6 +2348,15 @@ static ERL_NIF_TERM nif_stream_submit(ErlNifEnv *env, int argc,
          * no memory: the pool's stats tell). */
         for (unsigned i = 0; i < (unsigned)accepted; i++)
             s->slots[slots[i]].t = tasks[i];
+        if (s->np->remote && accepted > 0) {
+            moat_term_t *args[BATCH];
+            for (unsigned i = 0; i < (unsigned)accepted; i++)
+                args[i] = jobs[i].args; /* held by the tasks */
+            tl_caller_env = tl_port_env = env;
+            remote_send(env, s->np, s->task->cname, (size_t)accepted, tasks,
+                        args);
+            tl_caller_env = tl_port_env = NULL;
+        }
         if ((unsigned)accepted < got) {
             uv_mutex_lock(&s->lock);
             s->pending -= got - (unsigned)accepted;
@@ -1983,12 +2456,14 @@ static ERL_NIF_TERM nif_stream_close(ErlNifEnv *env, int argc,
     if (s == NULL)
         return enif_make_badarg(env);
     s->closed = 1;
+    tl_caller_env = tl_port_env = env; /* for C-node tasks' cancels */
     for (uint32_t i = 0; i < s->nslots; i++) {
         sslot_t *sl = &s->slots[i];
         if (sl->t != NULL &&
             moat_task_cancel(sl->t, MOAT_A_SHUTDOWN, MOAT_CANCEL_SILENT) == 1)
             enif_release_resource(s); /* the callback's, which will not run */
     }
+    tl_caller_env = tl_port_env = NULL;
     uv_mutex_lock(&s->lock);
     for (size_t i = 0; i < s->nbuf; i++)
         entry_free(&s->buf[i]);
@@ -2071,6 +2546,10 @@ static ErlNifFunc funcs[] = {
     {"pool_close", 1, nif_pool_close, ERL_NIF_DIRTY_JOB_IO_BOUND},
     {"pool_stats", 1, nif_pool_stats, 0},
     {"pool_owner", 1, nif_pool_owner, 0},
+    {"cnode_pool_new", 5, nif_cnode_pool_new, ERL_NIF_DIRTY_JOB_IO_BOUND},
+    {"cnode_deliver", 2, nif_cnode_deliver, 0},
+    {"cnode_flush", 1, nif_cnode_flush, 0},
+    {"cnode_lost", 1, nif_cnode_lost, 0},
     {"async", 5, nif_async, 0},
     {"run", 4, nif_run, 0},
     {"task_cancel", 2, nif_task_cancel, 0},

@@ -40,14 +40,36 @@
  * counters are relaxed, and the last release of a resource takes
  * mon_lock only if a monitor was ever made on it.
  *
+ * Binaries.  One that enif_alloc_binary or enif_term_to_binary made
+ * belongs to the NIF (a block whose magic says so, counted as live) until
+ * enif_release_binary frees it or enif_make_binary hands it to a term: the
+ * node then points at the block and frees it with its heap.  Releasing a
+ * binary a term owns, or giving it to a second term, is a misuse; a
+ * binary neither released nor given away stays counted (and leaks, for
+ * ASan and valgrind).
+ *
+ * Ports.  A port is a table entry, never freed before fake_reset_procs,
+ * connected to the process that fake_port made it for; its term is a node
+ * on that process's heap, while ErlNifPort holds only its serial, which
+ * stays valid everywhere, as the VM's port ids do.  enif_port_command,
+ * allowed only in a NIF call with that call's env, copies the iodata's
+ * bytes into the port's packet queue under the port's lock: that lock
+ * orders the port's commands among themselves and before the test thread
+ * that takes them, as the port's own queue does in the VM, and adds no
+ * other edge.  A closed port (fake_port_close, or its process reaped) refuses
+ * commands; packets already queued can still be taken.  A test may hook
+ * the next command to a port (fake_port_hook): the hook runs on the
+ * sending thread just before the packet is queued, so that what other
+ * threads do in that window is staged, not left to chance.
+ *
  * Janitor and reaper.  moat_nif.c's build for this harness renames its
  * queue's uv_cond_signal and uv_cond_wait to the hooks here (see the
  * Makefile): each signal counts a job pushed, and a thread that waits has
  * found its queue empty, so every job pushed before has been done.
  *
- * Lock order: procs_lock or mon_lock, then a mailbox lock; a queue's lock
- * in moat_nif.c, then jq_lock; atom_lock (adders only) and type_lock
- * alone.
+ * Lock order: procs_lock or mon_lock, then a mailbox lock; ports_lock,
+ * then a port's lock; a queue's lock in moat_nif.c, then jq_lock;
+ * atom_lock (adders only) and type_lock alone.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -98,7 +120,8 @@ enum { TAG_BOXED = 0, TAG_ATOM = 1, TAG_PID = 2, TAG_SMALL = 3 };
 #define SMALL_MIN (-(1LL << 59))
 #define SMALL_MAX ((1LL << 59) - 1)
 
-enum { N_TUPLE = 1, N_CONS, N_BIN, N_MAP, N_INT, N_RES, N_DEAD = 0x0dead };
+enum { N_TUPLE = 1, N_CONS, N_BIN, N_MAP, N_INT, N_RES, N_PORT,
+       N_DEAD = 0x0dead };
 
 typedef struct res_s res_t;
 typedef struct heap_s heap_t;
@@ -108,9 +131,11 @@ typedef struct node_s {
     heap_t *heap;
     int kind;
     size_t n; /* tuple arity, map pairs, binary bytes; cons: 2 */
-    int neg;  /* N_INT: sign and magnitude */
+    int neg;  /* N_INT: sign and magnitude; N_PORT: mag is its serial */
     uint64_t mag;
     res_t *res;       /* N_RES */
+    void *ext;        /* N_BIN: the enif_make_binary block holding the bytes
+                         (then not in v), which the node owns */
     ERL_NIF_TERM v[]; /* elements, head and tail, key-value pairs, bytes */
 } node_t;
 
@@ -124,6 +149,7 @@ struct heap_s {
 
 static void res_release(res_t *r);
 static void res_keep(res_t *r);
+static void bin_free(void *block);
 
 static node_t *node_new(heap_t *h, int kind, size_t n, size_t bytes) {
     node_t *x = calloc(1, sizeof *x + bytes);
@@ -146,6 +172,8 @@ static void heap_clear(heap_t *h) {
         node_t *next = x->next;
         if (x->kind == N_RES)
             res_release(x->res);
+        if (x->kind == N_BIN && x->ext != NULL)
+            bin_free(x->ext);
         x->kind = N_DEAD;
         free(x);
         x = next;
@@ -314,6 +342,100 @@ int enif_is_exception(ErlNifEnv *env, ERL_NIF_TERM term) {
     return term == NON_VALUE && env->raised;
 }
 
+/* ------------------------------------------------------------ binaries */
+
+/* The block behind ErlNifBinary.ref_bin: the NIF's (BIN_MAGIC) until it
+ * is released or handed to a term (BIN_TERM). */
+#define BIN_MAGIC 0x42494e21u
+#define BIN_TERM 0x42544d21u
+
+typedef struct {
+    unsigned magic;
+    size_t size;
+    max_align_t data[];
+} bin_t;
+
+static atomic_long live_bins;
+
+/* A binary node's bytes: in the node, or in the block it was made from. */
+static unsigned char *bin_data(const node_t *x) {
+    return x->ext != NULL ? (unsigned char *)((bin_t *)x->ext)->data
+                          : (unsigned char *)x->v;
+}
+
+static void bin_free(void *block) {
+    bin_t *b = block;
+    b->magic = 0;
+    free(b);
+}
+
+/* The block of a binary the NIF was given (NULL for an inspected one,
+ * which has none). */
+static bin_t *bin_of(const ErlNifBinary *bin, const char *fn) {
+    bin_t *b = bin->ref_bin;
+    if (b != NULL && b->magic != BIN_MAGIC && b->magic != BIN_TERM) {
+        fprintf(stderr, "fake_erl_nif: %s: ", fn);
+        fatal("not a live binary (released already?)");
+    }
+    return b;
+}
+
+/* Any thread, as in the VM. */
+int enif_alloc_binary(size_t size, ErlNifBinary *bin) {
+    bin_t *b;
+    if (size > SIZE_MAX - sizeof *b || (b = malloc(sizeof *b + size)) == NULL)
+        return 0;
+    b->magic = BIN_MAGIC;
+    b->size = size;
+    memset(bin, 0, sizeof *bin);
+    bin->size = size;
+    bin->data = (unsigned char *)b->data;
+    bin->ref_bin = b;
+    COUNT(live_bins, 1);
+    return 1;
+}
+
+/* The VM leaves the struct as it was: a second release is caught by ASan
+ * and valgrind reading the freed block. */
+void enif_release_binary(ErlNifBinary *bin) {
+    bin_t *b = bin_of(bin, "enif_release_binary");
+    if (b == NULL)
+        return; /* an inspected binary: nothing to release */
+    if (b->magic == BIN_TERM) {
+        violation("enif_release_binary: the binary belongs to a term "
+                  "(enif_make_binary took it)");
+        return;
+    }
+    bin_free(b);
+    COUNT(live_bins, -1);
+}
+
+ERL_NIF_TERM enif_make_binary(ErlNifEnv *env, ErlNifBinary *bin) {
+    bin_t *b = bin_of(bin, "enif_make_binary");
+    node_t *x;
+    env_check(env, "enif_make_binary");
+    if (b != NULL && b->magic == BIN_MAGIC && bin->size <= b->size) {
+        x = node_new(env->heap, N_BIN, bin->size, 0);
+        x->ext = b;
+        b->magic = BIN_TERM;
+        COUNT(live_bins, -1);
+        return boxed(x);
+    }
+    if (b != NULL && b->magic == BIN_TERM)
+        violation("enif_make_binary: the binary belongs to a term already");
+    else if (b != NULL)
+        violation("enif_make_binary: size %zu is past the %zu allocated "
+                  "(use enif_realloc_binary)",
+                  bin->size, b->size);
+    /* An inspected binary (or, after a misuse, any): a copy, as the VM
+     * makes of a binary it does not own. */
+    x = node_new(env->heap, N_BIN, bin->size, bin->size);
+    memcpy(x->v, bin->data, bin->size);
+    return boxed(x);
+}
+
+long fake_live_binaries(void) { return READ(live_bins); }
+
 /* ------------------------------------------------------- constructors */
 
 ERL_NIF_TERM enif_make_atom(ErlNifEnv *env, const char *name) {
@@ -457,7 +579,11 @@ static ERL_NIF_TERM copy(heap_t *h, ERL_NIF_TERM t) {
     switch (s->kind) {
     case N_BIN:
         x = node_new(h, N_BIN, s->n, s->n);
-        memcpy(x->v, s->v, s->n);
+        memcpy(x->v, bin_data(s), s->n);
+        return boxed(x);
+    case N_PORT:
+        x = node_new(h, N_PORT, 0, 0);
+        x->mag = s->mag;
         return boxed(x);
     case N_INT:
         x = node_new(h, N_INT, 0, 0);
@@ -510,7 +636,9 @@ int enif_is_identical(ERL_NIF_TERM a, ERL_NIF_TERM b) {
         return 0;
     switch (x->kind) {
     case N_BIN:
-        return memcmp(x->v, y->v, x->n) == 0;
+        return memcmp(bin_data(x), bin_data(y), x->n) == 0;
+    case N_PORT:
+        return x->mag == y->mag;
     case N_INT:
         return x->neg == y->neg && x->mag == y->mag;
     case N_RES:
@@ -659,7 +787,7 @@ int enif_inspect_binary(ErlNifEnv *env, ERL_NIF_TERM bin_term,
         return 0;
     memset(bin, 0, sizeof *bin);
     bin->size = NODE(bin_term)->n;
-    bin->data = (unsigned char *)NODE(bin_term)->v;
+    bin->data = bin_data(NODE(bin_term));
     return 1;
 }
 
@@ -695,7 +823,7 @@ static unsigned char *iolist_fill(ERL_NIF_TERM t, unsigned char *p) {
         t = NODE(t)->v[1];
     }
     if (IS_NODE(t, N_BIN)) {
-        memcpy(p, NODE(t)->v, NODE(t)->n);
+        memcpy(p, bin_data(NODE(t)), NODE(t)->n);
         p += NODE(t)->n;
     }
     return p;
@@ -730,7 +858,7 @@ const unsigned char *fake_bytes(ERL_NIF_TERM t, size_t *len) {
     if (!IS_NODE(t, N_BIN))
         return NULL;
     *len = NODE(t)->n;
-    return (const unsigned char *)NODE(t)->v;
+    return bin_data(NODE(t));
 }
 
 /* ------------------------------------------------------------ resources */
@@ -952,6 +1080,9 @@ struct fake_proc_s {
     size_t count;
 };
 
+static void ports_close_of(const fake_proc_t *p);
+static void ports_free(void);
+
 static pthread_rwlock_t procs_lock =
     PTHREAD_RWLOCK_INITIALIZER; /* guards procs, nprocs, capprocs */
 static fake_proc_t **procs;
@@ -1073,6 +1204,8 @@ void fake_reap(fake_proc_t *p) {
         res_release(x->res);
         free(x);
     }
+    /* Its ports close, as a port whose connected process exits. */
+    ports_close_of(p);
     mailbox_free(p);
     heap_clear(&p->heap);
     p->reaped = 1;
@@ -1118,6 +1251,7 @@ void fake_reset_procs(void) {
         free(all[i]);
     }
     free(all);
+    ports_free();
 }
 
 int enif_is_process_alive(ErlNifEnv *env, ErlNifPid *pid) {
@@ -1293,6 +1427,252 @@ ERL_NIF_TERM fake_recv(fake_proc_t *p, int timeout_ms) {
     return t;
 }
 
+/* ---------------------------------------------------------------- ports */
+
+typedef struct pkt_s {
+    struct pkt_s *next;
+    size_t len;
+    unsigned char *data; /* malloc'd: handed to the test as it is */
+} pkt_t;
+
+typedef struct {
+    uint64_t serial;
+    const fake_proc_t *owner; /* its connected process; never changes */
+    pthread_mutex_t lock; /* guards open, first, last, count, hook, hook_arg */
+    pthread_cond_t cond;
+    int open;
+    pkt_t *first, **last;
+    size_t count;
+    void (*hook)(void *arg); /* fake_port_hook's, until a command takes it */
+    void *hook_arg;
+} port_t;
+
+static pthread_rwlock_t ports_lock =
+    PTHREAD_RWLOCK_INITIALIZER; /* guards ports, nports, capports */
+static port_t **ports;
+static size_t nports, capports;
+/* Serials of ports freed by fake_reset_procs: never used again. */
+static uint64_t port_base;
+
+/* ErlNifPort.port_id: the serial, tagged as a small integer, so that it
+ * is no pointer into any heap. */
+#define PORT_ID(serial) ((ERL_NIF_TERM)((serial) << 2 | TAG_SMALL))
+
+static port_t *port_find(uint64_t serial) {
+    port_t *pt = NULL;
+    pthread_rwlock_rdlock(&ports_lock);
+    if (serial > port_base && serial - port_base <= nports)
+        pt = ports[serial - port_base - 1];
+    pthread_rwlock_unlock(&ports_lock);
+    return pt;
+}
+
+static port_t *port_of_id(int id) {
+    port_t *pt = id > 0 ? port_find((uint64_t)id) : NULL;
+    if (pt == NULL)
+        fatal("no such port (made before fake_reset_procs?)");
+    return pt;
+}
+
+ERL_NIF_TERM fake_port(fake_proc_t *p, int *id) {
+    port_t *pt = calloc(1, sizeof *pt);
+    node_t *x;
+    if (pt == NULL)
+        fatal("out of memory");
+    pthread_mutex_init(&pt->lock, NULL);
+    pthread_cond_init(&pt->cond, NULL);
+    pt->owner = p;
+    pt->open = 1;
+    pt->last = &pt->first;
+    pthread_rwlock_wrlock(&ports_lock);
+    if (nports == capports) {
+        size_t cap = capports ? capports * 2 : 16;
+        port_t **n = realloc(ports, cap * sizeof *n);
+        if (n == NULL)
+            fatal("out of memory");
+        ports = n;
+        capports = cap;
+    }
+    ports[nports++] = pt;
+    pt->serial = port_base + nports;
+    pthread_rwlock_unlock(&ports_lock);
+    if (pt->serial > INT32_MAX)
+        fatal("too many ports");
+    *id = (int)pt->serial;
+    x = node_new(&p->heap, N_PORT, 0, 0);
+    x->mag = pt->serial;
+    return boxed(x);
+}
+
+static void port_shut(port_t *pt) {
+    pthread_mutex_lock(&pt->lock);
+    pt->open = 0;
+    pthread_cond_broadcast(&pt->cond);
+    pthread_mutex_unlock(&pt->lock);
+}
+
+void fake_port_close(int id) { port_shut(port_of_id(id)); }
+
+void fake_port_hook(int id, void (*fn)(void *arg), void *arg) {
+    port_t *pt = port_of_id(id);
+    pthread_mutex_lock(&pt->lock);
+    pt->hook = fn;
+    pt->hook_arg = arg;
+    pthread_mutex_unlock(&pt->lock);
+}
+
+static void ports_close_of(const fake_proc_t *p) {
+    pthread_rwlock_rdlock(&ports_lock);
+    for (size_t i = 0; i < nports; i++)
+        if (ports[i]->owner == p)
+            port_shut(ports[i]);
+    pthread_rwlock_unlock(&ports_lock);
+}
+
+static void ports_free(void) {
+    port_t **all;
+    size_t n;
+    pthread_rwlock_wrlock(&ports_lock);
+    all = ports;
+    n = nports;
+    ports = NULL;
+    port_base += nports;
+    nports = capports = 0;
+    pthread_rwlock_unlock(&ports_lock);
+    for (size_t i = 0; i < n; i++) {
+        /* Ordered after the last sender, which took this lock. */
+        pthread_mutex_lock(&all[i]->lock);
+        pthread_mutex_unlock(&all[i]->lock);
+        for (pkt_t *k = all[i]->first, *next; k != NULL; k = next) {
+            next = k->next;
+            free(k->data);
+            free(k);
+        }
+        pthread_mutex_destroy(&all[i]->lock);
+        pthread_cond_destroy(&all[i]->cond);
+        free(all[i]);
+    }
+    free(all);
+}
+
+size_t fake_port_len(int id) {
+    port_t *pt = port_of_id(id);
+    size_t n;
+    pthread_mutex_lock(&pt->lock);
+    n = pt->count;
+    pthread_mutex_unlock(&pt->lock);
+    return n;
+}
+
+unsigned char *fake_port_take(int id, size_t *len, int timeout_ms) {
+    port_t *pt = port_of_id(id);
+    struct timespec until;
+    unsigned char *data = NULL;
+    pkt_t *k;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&pt->lock);
+    while (pt->first == NULL && pt->open)
+        if (pthread_cond_timedwait(&pt->cond, &pt->lock, &until) == ETIMEDOUT)
+            break;
+    k = pt->first;
+    if (k != NULL) {
+        pt->first = k->next;
+        if (pt->first == NULL)
+            pt->last = &pt->first;
+        pt->count--;
+    }
+    pthread_mutex_unlock(&pt->lock);
+    if (k != NULL) {
+        data = k->data;
+        *len = k->len;
+        free(k);
+    }
+    return data;
+}
+
+int enif_is_port(ErlNifEnv *env, ERL_NIF_TERM term) {
+    (void)env;
+    return IS_NODE(term, N_PORT);
+}
+
+int enif_get_local_port(ErlNifEnv *env, ERL_NIF_TERM term, ErlNifPort *port) {
+    (void)env;
+    if (!IS_NODE(term, N_PORT))
+        return 0;
+    port->port_id = PORT_ID(NODE(term)->mag);
+    return 1;
+}
+
+/* The VM's rules: env is the calling process's (a NIF call's env, on
+ * its thread); msg lives in msg_env, a process-independent env, or in
+ * env when msg_env is NULL; msg is iodata, as for port_command/2.  The
+ * VM returns false for a msg that is not iodata: here that is also a
+ * misuse, since the data would be lost without a word. */
+int enif_port_command(ErlNifEnv *env, const ErlNifPort *to_port,
+                      ErlNifEnv *msg_env, ERL_NIF_TERM msg) {
+    ErlNifEnv *src = msg_env != NULL ? msg_env : env;
+    port_t *pt;
+    pkt_t *k;
+    long n;
+    void (*hook)(void *arg);
+    void *hook_arg;
+    env_check(env, "enif_port_command");
+    if (env->kind != E_CALL || !on_scheduler) {
+        violation("enif_port_command: env is not the env of a NIF call "
+                  "running on this thread");
+        return 0;
+    }
+    if (msg_env != NULL) {
+        env_check(msg_env, "enif_port_command (msg_env)");
+        if (msg_env->kind != E_INDEP)
+            violation("enif_port_command: msg_env is not process-independent");
+    }
+    owned(src, msg, "enif_port_command");
+    if (TAG(to_port->port_id) != TAG_SMALL ||
+        (pt = port_find(to_port->port_id >> 2)) == NULL) {
+        violation("enif_port_command: not a port (enif_get_local_port "
+                  "fills ErlNifPort)");
+        return 0;
+    }
+    if ((n = iolist_size(msg, 0)) < 0) {
+        violation("enif_port_command: the message is not iodata");
+        return 0;
+    }
+    if ((k = calloc(1, sizeof *k)) == NULL ||
+        (k->data = malloc(n > 0 ? (size_t)n : 1)) == NULL)
+        fatal("out of memory");
+    k->len = (size_t)n;
+    iolist_fill(msg, k->data);
+    pthread_mutex_lock(&pt->lock);
+    hook = pt->hook;
+    hook_arg = pt->hook_arg;
+    pt->hook = NULL;
+    if (hook != NULL) {
+        /* Run without the lock, so that it may send to this port too. */
+        pthread_mutex_unlock(&pt->lock);
+        hook(hook_arg);
+        pthread_mutex_lock(&pt->lock);
+    }
+    if (!pt->open) {
+        pthread_mutex_unlock(&pt->lock);
+        free(k->data);
+        free(k);
+        return 0;
+    }
+    *pt->last = k;
+    pt->last = &k->next;
+    pt->count++;
+    pthread_cond_broadcast(&pt->cond);
+    pthread_mutex_unlock(&pt->lock);
+    return 1;
+}
+
 /* ------------------------------------------------------------------ ETF */
 
 #define FAKE_NODE "fake@localhost"
@@ -1330,7 +1710,15 @@ static int encode(ei_x_buff *x, ERL_NIF_TERM t) {
         return ei_x_encode_longlong(x, v);
     }
     case N_BIN:
-        return ei_x_encode_binary(x, n->v, (long)n->n);
+        return ei_x_encode_binary(x, bin_data(n), (long)n->n);
+    case N_PORT: {
+        erlang_port port;
+        memset(&port, 0, sizeof port);
+        strcpy(port.node, FAKE_NODE);
+        port.id = n->mag;
+        port.creation = 1;
+        return ei_x_encode_port(x, &port);
+    }
     case N_TUPLE:
         if (ei_x_encode_tuple_header(x, (long)n->n) < 0)
             return -1;
@@ -1381,20 +1769,13 @@ int enif_term_to_binary(ErlNifEnv *env, ERL_NIF_TERM term, ErlNifBinary *bin) {
     env_check(env, "enif_term_to_binary");
     if (ei_x_new_with_version(&x) < 0)
         return 0;
-    if (encode(&x, term) < 0) {
+    if (encode(&x, term) < 0 || !enif_alloc_binary((size_t)x.index, bin)) {
         ei_x_free(&x);
         return 0;
     }
-    memset(bin, 0, sizeof *bin);
-    bin->data = (unsigned char *)x.buff;
-    bin->size = (size_t)x.index;
-    bin->ref_bin = x.buff;
+    memcpy(bin->data, x.buff, (size_t)x.index);
+    ei_x_free(&x);
     return 1;
-}
-
-void enif_release_binary(ErlNifBinary *bin) {
-    free(bin->ref_bin);
-    memset(bin, 0, sizeof *bin);
 }
 
 /* Decodes one term at *i; the bytes were checked by the core. */
@@ -1507,6 +1888,19 @@ static int decode(ErlNifEnv *env, const char *b, int *i, ERL_NIF_TERM *t,
         if (ei_decode_pid(b, i, &pid) < 0 || strcmp(pid.node, FAKE_NODE) != 0)
             return -1;
         *t = (ERL_NIF_TERM)((uint64_t)pid.num << 2 | TAG_PID);
+        return 0;
+    }
+    case ERL_PORT_EXT:
+    case ERL_NEW_PORT_EXT:
+    case ERL_V4_PORT_EXT: {
+        erlang_port port;
+        node_t *x;
+        if (ei_decode_port(b, i, &port) < 0 ||
+            strcmp(port.node, FAKE_NODE) != 0)
+            return -1;
+        x = node_new(env->heap, N_PORT, 0, 0);
+        x->mag = port.id;
+        *t = boxed(x);
         return 0;
     }
     default:
@@ -1624,7 +2018,10 @@ static size_t fmt(ERL_NIF_TERM t, char *buf, size_t size) {
             PUT("%s%llu", x->neg ? "-" : "", (unsigned long long)x->mag);
             break;
         case N_BIN:
-            PUT("<<\"%.*s\">>", (int)x->n, (const char *)x->v);
+            PUT("<<\"%.*s\">>", (int)x->n, (const char *)bin_data(x));
+            break;
+        case N_PORT:
+            PUT("#Port<0.%llu>", (unsigned long long)x->mag);
             break;
         case N_RES:
             PUT("#Ref<%s>", x->res->type->name);

@@ -88,12 +88,38 @@ void fake_format(ERL_NIF_TERM t, char *buf, size_t size);
  * on out of memory (once). */
 void fake_fail_next_alloc(const char *type);
 
+/* -------------------------------------------------------------- ports */
+
+/* A new open port connected to p, as open_port/2 makes one for p: its
+ * term, on p's heap, and in *id the number the functions below know it
+ * by.  The port closes when p is reaped, as a port does when its
+ * connected process exits. */
+ERL_NIF_TERM fake_port(fake_proc_t *p, int *id);
+/* Takes the port's first packet (the bytes of one enif_port_command),
+ * waiting up to timeout_ms: a malloc'd copy for the caller to free, its
+ * length in *len; NULL if none came (or the port is closed and empty).
+ * Any thread. */
+unsigned char *fake_port_take(int id, size_t *len, int timeout_ms);
+/* Packets waiting at the port.  Any thread. */
+size_t fake_port_len(int id);
+/* Closes the port: enif_port_command to it returns 0 from now on, while
+ * packets already queued can still be taken.  Any thread. */
+void fake_port_close(int id);
+/* Runs fn(arg) once, on the thread of the next enif_port_command to the
+ * port, after its checks and before its packet is queued, with no lock
+ * of the fake held: to stage what other processes do between a NIF's
+ * deciding to send and its sending.  Any thread. */
+void fake_port_hook(int id, void (*fn)(void *arg), void *arg);
+
 /* --------------------------------------------------------- accounting */
 
 /* Resources allocated and not yet destroyed. */
 long fake_live_resources(void);
 /* Process-independent envs allocated and not yet freed. */
 long fake_live_envs(void);
+/* Binaries allocated (enif_alloc_binary, enif_term_to_binary) that were
+ * neither released nor made into a term. */
+long fake_live_binaries(void);
 /* Destructor calls so far for the resource type named `type`. */
 long fake_dtor_calls(const char *type);
 /* Misuses of the erl_nif API seen so far (each printed on stderr). */

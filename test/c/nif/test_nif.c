@@ -29,6 +29,7 @@
 #include <cmocka.h>
 #include <valgrind/valgrind.h>
 
+#include "fake_cnode.h"
 #include "fake_erl_nif.h"
 
 ErlNifEntry *nif_init(void);
@@ -265,11 +266,12 @@ static int group_setup(void **state) {
     return fake_load(nif_init()) == 0 ? 0 : -1;
 }
 
-static long violations_before;
+static long violations_before, binaries_before;
 
 static int setup(void **state) {
     (void)state;
     violations_before = fake_violations();
+    binaries_before = fake_live_binaries();
     return 0;
 }
 
@@ -288,6 +290,9 @@ static int teardown(void **state) {
                      fake_live_envs());
         pause_ms(1);
     }
+    if (fake_live_binaries() != binaries_before)
+        fail_msg("%ld binaries neither released nor made terms",
+                 fake_live_binaries() - binaries_before);
     /* Each misuse was printed; a test fails for its own. */
     v = fake_violations();
     assert_int_equal(v - violations_before, 0);
@@ -298,11 +303,14 @@ static int teardown(void **state) {
 
 static void test_nif_load_exports_the_table(void **state) {
     static const char *names[] = {
-        "pool_new/4",    "pool_close/1",   "pool_stats/1",  "pool_owner/1",
-        "async/5",       "run/4",          "task_cancel/2", "task_running/1",
-        "task_spin/1",   "task_ignore/1",  "stream_new/4",  "stream_submit/3",
-        "stream_take/3", "stream_close/1", "sup_start/3",   "call/4",
-        "cast/3",        "which_children/1", "count_children/1",
+        "pool_new/4",       "pool_close/1",    "pool_stats/1",
+        "pool_owner/1",     "cnode_pool_new/5", "cnode_deliver/2",
+        "cnode_flush/1",    "cnode_lost/1",    "async/5",
+        "run/4",            "task_cancel/2",   "task_running/1",
+        "task_spin/1",      "task_ignore/1",   "stream_new/4",
+        "stream_submit/3",  "stream_take/3",   "stream_close/1",
+        "sup_start/3",      "call/4",          "cast/3",
+        "which_children/1", "count_children/1",
     };
     ErlNifEntry *e = nif_init();
     (void)state;
@@ -2108,6 +2116,1091 @@ static void test_nif_calls_from_many_threads(void **state) {
     assert_int_equal(settle(all, 6), 0);
 }
 
+/* ------------------------------------------------------- C-node pools */
+
+/* The test plays a C-node pool's owner, process `o`, and the C-node
+ * behind its port: it reads the frames the NIF sends to the port with ei
+ * and answers with frames it encodes with ei, passed to cnode_deliver as
+ * the owner would pass the port's packets (doc/cnode.md). */
+typedef struct {
+    fake_proc_t *o;
+    int port;
+    ERL_NIF_TERM h; /* on o's heap: o is never collected while it is used */
+    const char *name;
+} cnode_t;
+
+/* The tasks the C-node lists: `fail`, of the demo library, is not one. */
+static ERL_NIF_TERM cnode_pool_new(fake_proc_t *o, ERL_NIF_TERM port,
+                                   const char *name, unsigned size,
+                                   unsigned max_queue) {
+    return fake_call(o, "cnode_pool_new", 5, A(name), I(o, size),
+                     I(o, max_queue), port,
+                     enif_make_list2(fake_env(o), A("echo"), A("sleep")));
+}
+
+/* A C-node pool owned by a new process, over a port connected to it. */
+static cnode_t cnode_start(const char *name, unsigned size,
+                           unsigned max_queue) {
+    cnode_t k = {fake_spawn(), 0, 0, name};
+    ERL_NIF_TERM port = fake_port(k.o, &k.port),
+                 r = cnode_pool_new(k.o, port, name, size, max_queue);
+    if (fake_arity(r) != 2 || !fake_is_atom(el(r, 0), "ok"))
+        fail_msg("cnode_pool_new: %s", S(r));
+    assert_true(fake_is_resource(el(r, 1), "moat_pool"));
+    k.h = el(r, 1);
+    return k;
+}
+
+/* The tag of task {Ref, {Pool, N}}: N, the core's id. */
+static uint64_t tag_of(ERL_NIF_TERM task) {
+    long n;
+    assert_true(fake_get_long(el(el(task, 1), 1), &n));
+    return (uint64_t)n;
+}
+
+/* Takes the next frame sent to the C-node, waiting for it. */
+static void take_frame(cnode_t *k, fake_frame_t *f) {
+    size_t len;
+    unsigned char *pkt = fake_port_take(k->port, &len, RECV_MS);
+    int rc;
+    if (pkt == NULL)
+        fail_msg("no frame within %d ms", RECV_MS);
+    rc = fake_frame_parse(pkt, len, f);
+    free(pkt);
+    if (rc != 0)
+        fail_msg("a packet of %zu bytes that is no frame: %s", len, f->text);
+}
+
+/* Takes the next frame and checks its text (printf's format). */
+static void assert_frame(cnode_t *k, const char *fmt, ...) {
+    static fake_frame_t f;
+    char want[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(want, sizeof want, fmt, ap);
+    va_end(ap);
+    take_frame(k, &f);
+    assert_string_equal(f.text, want);
+}
+
+static void assert_no_frame(cnode_t *k) {
+    static fake_frame_t f;
+    size_t len;
+    unsigned char *pkt = fake_port_take(k->port, &len, 0);
+    if (pkt != NULL) {
+        fake_frame_parse(pkt, len, &f);
+        free(pkt);
+        fail_msg("unexpected frame %s", f.text);
+    }
+}
+
+/* cnode_deliver(Handle, Frame), on behalf of the owner. */
+static ERL_NIF_TERM deliver_bytes(cnode_t *k, const void *frame, size_t len) {
+    ERL_NIF_TERM b;
+    memcpy(enif_make_new_binary(fake_env(k->o), len, &b), frame, len);
+    return fake_call(k->o, "cnode_deliver", 2, k->h, b);
+}
+
+/* deliver_bytes of a frame fake_cnode.c made, which it frees. */
+static ERL_NIF_TERM deliver_made(cnode_t *k, unsigned char *frame,
+                                 size_t len) {
+    ERL_NIF_TERM r = deliver_bytes(k, frame, len);
+    free(frame);
+    return r;
+}
+
+/* Delivers the frame written in ei_x_format's syntax (after printf's). */
+static ERL_NIF_TERM deliver(cnode_t *k, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static ERL_NIF_TERM deliver(cnode_t *k, const char *fmt, ...) {
+    char text[4096];
+    unsigned char *frame;
+    size_t len;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    if ((frame = fake_frame_format(&len, "%s", text)) == NULL)
+        fail_msg("ei cannot encode %s", text);
+    return deliver_made(k, frame, len);
+}
+
+/* The C-node's answer to a run or runs frame whose tasks all echo their
+ * first argument: one done frame. */
+static ERL_NIF_TERM answer_echo(cnode_t *k, const fake_frame_t *f) {
+    size_t len;
+    unsigned char *frame = fake_frame_echo(f, &len);
+    return deliver_made(k, frame, len);
+}
+
+/* The owner's side of the outbox, as moat_pool does it: on each
+ * {moat_cnode_out, Pool}, cnode_flush; until n cancel frames came, each
+ * with `reason` for one of tags[0..n), once.  However the notices fall,
+ * the port is empty until each flush: those cancels waited. */
+static void flush_cancels(cnode_t *k, const uint64_t *tags, int n,
+                          const char *reason) {
+    char *seen = calloc((size_t)n, 1), want[64];
+    fake_frame_t *f = malloc(sizeof *f);
+    snprintf(want, sizeof want, "{moat_cnode_out,%s}", k->name);
+    for (int got = 0; got < n;) {
+        assert_term(recv(k->o), want);
+        assert_int_equal(fake_port_len(k->port), 0); /* they waited */
+        assert_term(fake_call(k->o, "cnode_flush", 1, k->h), "ok");
+        assert_true(fake_port_len(k->port) > 0);
+        while (fake_port_len(k->port) > 0) {
+            int i;
+            take_frame(k, f);
+            assert_string_equal(f->what, "cancel");
+            assert_string_equal(f->reason, reason);
+            for (i = 0; i < n && tags[i] != f->tag[0]; i++)
+                ;
+            if (i == n || seen[i])
+                fail_msg("a cancel for no task awaited: %s", f->text);
+            seen[i] = 1;
+            got++;
+        }
+    }
+    free(f);
+    free(seen);
+}
+
+static void close_cnode(cnode_t *k) {
+    assert_term(fake_call(k->o, "pool_close", 1, k->h), "ok");
+}
+
+static void test_nif_cnode_pool_new_and_refusals(void **state) {
+    cnode_t k = cnode_start("cn_new", 2, 4);
+    fake_proc_t *o2 = fake_spawn(), *q = fake_spawn(), *n = fake_spawn();
+    ErlNifEnv *e = fake_env(o2);
+    ErlNifPid op = fake_pid(k.o);
+    ERL_NIF_TERM port, nh;
+    int id;
+    (void)state;
+    assert_same(fake_call(q, "pool_owner", 1, A("cn_new")),
+                enif_make_pid(NULL, &op));
+    assert_int_equal(stat_of("cn_new", "size"), 2);
+    assert_int_equal(stat_of("cn_new", "threads"), 0); /* bodies run away */
+    port = fake_port(o2, &id);
+    assert_same(cnode_pool_new(o2, port, "cn_new", 1, 1),
+                enif_make_tuple2(e, A("error"),
+                                 enif_make_tuple2(e, A("already_started"),
+                                                  enif_make_pid(e, &op))));
+    /* Bad arguments raise badarg: no port, a zero size, a task that is
+     * no atom. */
+    assert_badarg(o2, cnode_pool_new(o2, A("port"), "cn_bad", 1, 1));
+    assert_badarg(o2, cnode_pool_new(o2, port, "cn_bad", 0, 1));
+    assert_badarg(o2, fake_call(o2, "cnode_pool_new", 5, A("cn_bad"),
+                                I(o2, 1), I(o2, 1), port,
+                                enif_make_list2(e, A("echo"), I(o2, 7))));
+    assert_term(fake_call(o2, "pool_owner", 1, A("cn_bad")), "undefined");
+    /* The cnode_* calls take a C-node pool's handle, and a binary. */
+    nh = start_pool(n, "cn_nif", 1, 1);
+    assert_badarg(n, fake_call(n, "cnode_deliver", 2, nh, bin(n, "x")));
+    assert_badarg(n, fake_call(n, "cnode_flush", 1, nh));
+    assert_badarg(n, fake_call(n, "cnode_lost", 1, nh));
+    assert_badarg(k.o, fake_call(k.o, "cnode_deliver", 2, k.h, A("frame")));
+    close_pool(n, nh);
+    close_cnode(&k);
+    assert_term(fake_call(q, "pool_owner", 1, A("cn_new")), "undefined");
+    assert_no_frame(&k);
+    assert_int_equal(fake_port_len(id), 0);
+    fake_proc_t *all[] = {k.o, o2, q, n};
+    assert_int_equal(settle(all, 4), 0);
+}
+
+/* A task's run frame goes to the port from the caller's own call; its
+ * outcome comes when the owner hands the NIF the C-node's done frame. */
+static void test_nif_cnode_run_frame_and_outcome(void **state) {
+    cnode_t k = cnode_start("cn_run", 2, 4);
+    fake_proc_t *c = fake_spawn();
+    ErlNifEnv *e = fake_env(c);
+    ERL_NIF_TERM t, v;
+    fake_frame_t *f = malloc(sizeof *f);
+    (void)state;
+    t = async1(c, "cn_run", "echo", A("x"), -1);
+    assert_term(el(el(t, 1), 0), "cn_run");
+    assert_frame(&k, "{run, %llu, echo, [x]}", (unsigned long long)tag_of(t));
+    assert_no_frame(&k);
+    assert_no_message(c);
+    assert_term(deliver(&k, "{done,[{%llu,ok,x}]}",
+                        (unsigned long long)tag_of(t)),
+                "ok");
+    /* Sent in the owner's call: in the caller's mailbox on return. */
+    assert_int_equal(fake_mailbox_len(c), 1);
+    assert_term(await(c, t), "x");
+    /* Any term goes there and back. */
+    v = enif_make_tuple3(e, A("hello"), I(c, -42),
+                         enif_make_list2(e, bin(c, "two"),
+                                         I(c, (long)1 << 62)));
+    t = async1(c, "cn_run", "echo", v, -1);
+    take_frame(&k, f);
+    assert_string_equal(f->what, "run");
+    assert_int_equal(f->n, 1);
+    assert_true(f->tag[0] == tag_of(t));
+    assert_string_equal(f->task[0], "echo");
+    assert_term(answer_echo(&k, f), "ok");
+    assert_same(await(c, t), v);
+    assert_int_equal(stat_of("cn_run", "completed"), 2);
+    close_cnode(&k);
+    assert_no_frame(&k);
+    free(f);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* An exit in the C-node is the caller's DOWN with that reason, and its
+ * proxy's. */
+static void test_nif_cnode_exit_outcome_is_down(void **state) {
+    cnode_t k = cnode_start("cn_exit", 2, 4);
+    fake_proc_t *c = fake_spawn(), *px = fake_spawn();
+    ErlNifPid pp = fake_pid(px);
+    ERL_NIF_TERM t;
+    fake_frame_t *f = malloc(sizeof *f);
+    (void)state;
+    t = async1(c, "cn_exit", "sleep", I(c, 5), -1);
+    assert_frame(&k, "{run, %llu, sleep, [5]}", (unsigned long long)tag_of(t));
+    assert_term(deliver(&k, "{done,[{%llu,exit,{my,reason}}]}",
+                        (unsigned long long)tag_of(t)),
+                "ok");
+    assert_term(await(c, t), "{DOWN,{my,reason}}");
+    t = fake_call(c, "async", 5, A("cn_exit"), A("echo"), list1(c, A("y")),
+                  A("infinity"), enif_make_pid(NULL, &pp));
+    assert_same(el(t, 1), enif_make_pid(NULL, &pp));
+    take_frame(&k, f);
+    assert_term(deliver(&k, "{done,[{%llu,exit,badarg}]}",
+                        (unsigned long long)f->tag[0]),
+                "ok");
+    free(f);
+    assert_term(await(c, t), "{DOWN,badarg}");
+    assert_term(recv(px), "{moat_task_done,badarg}");
+    assert_int_equal(stat_of("cn_exit", "failed"), 2);
+    close_cnode(&k);
+    fake_proc_t *all[] = {k.o, c, px};
+    assert_int_equal(settle(all, 3), 0);
+}
+
+/* run/4 cannot be answered on the spot: {wait, Ref}, then the message. */
+static void test_nif_cnode_run_waits_for_the_message(void **state) {
+    cnode_t k = cnode_start("cn_wait", 1, 4);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM r, m;
+    fake_frame_t *f = malloc(sizeof *f);
+    (void)state;
+    r = run1(c, "cn_wait", "echo", A("x"), -1);
+    assert_int_equal(fake_arity(r), 2);
+    assert_term(el(r, 0), "wait");
+    take_frame(&k, f);
+    assert_string_equal(f->what, "run");
+    assert_string_equal(f->task[0], "echo");
+    assert_no_message(c);
+    assert_term(answer_echo(&k, f), "ok");
+    m = recv(c);
+    assert_same(el(m, 0), el(r, 1));
+    assert_term(el(m, 1), "x");
+    /* A failure is a DOWN naming the task {Pool, Tag}. */
+    r = run1(c, "cn_wait", "sleep", I(c, 1), -1);
+    assert_term(el(r, 0), "wait");
+    take_frame(&k, f);
+    assert_term(deliver(&k, "{done,[{%llu,exit,oops}]}",
+                        (unsigned long long)f->tag[0]),
+                "ok");
+    m = recv(c);
+    assert_int_equal(fake_arity(m), 5);
+    assert_term(el(m, 0), "DOWN");
+    assert_same(el(m, 1), el(r, 1));
+    assert_same(el(m, 3), enif_make_tuple2(fake_env(c), A("cn_wait"),
+                                           I(c, (long)f->tag[0])));
+    assert_term(el(m, 4), "oops");
+    free(f);
+    close_cnode(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* A task the C-node did not list is refused in the caller's call, and
+ * nothing goes to the port. */
+static void test_nif_cnode_unknown_task_is_refused(void **state) {
+    cnode_t k = cnode_start("cn_unknown", 1, 4);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM t, s;
+    (void)state;
+    t = async1(c, "cn_unknown", "fail", A("x"), -1);
+    assert_int_equal(fake_mailbox_len(c), 1);
+    assert_term(await(c, t), "{DOWN,{unknown_task,fail}}");
+    assert_term(run1(c, "cn_unknown", "fail", A("x"), -1),
+                "{exit,{unknown_task,fail}}");
+    s = fake_call(c, "stream_new", 4, A("cn_unknown"), A("fail"),
+                  A("infinity"), I(c, 4));
+    assert_term(fake_call(c, "stream_submit", 3, s, list1(c, I(c, 1)), I(c, 0)),
+                "[{0,exit,{unknown_task,fail}}]");
+    assert_term(fake_call(c, "stream_close", 1, s), "false");
+    assert_no_frame(&k);
+    assert_int_equal(stat_of("cn_unknown", "rejected"), 0);
+    close_cnode(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* Admission is the VM's: size + max_queue tasks in flight, then
+ * overloaded, with no frame sent. */
+static void test_nif_cnode_overloaded(void **state) {
+    cnode_t k = cnode_start("cn_full", 1, 2);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM t[3], r;
+    uint64_t tags[2];
+    (void)state;
+    for (int i = 0; i < 3; i++) {
+        t[i] = async1(c, "cn_full", "sleep", I(c, 100000), -1);
+        assert_frame(&k, "{run, %llu, sleep, [100000]}",
+                     (unsigned long long)tag_of(t[i]));
+    }
+    r = async1(c, "cn_full", "echo", A("x"), -1);
+    assert_int_equal(fake_mailbox_len(c), 1);
+    assert_term(await(c, r), "{DOWN,overloaded}");
+    assert_term(run1(c, "cn_full", "echo", A("x"), -1), "{exit,overloaded}");
+    assert_no_frame(&k);
+    assert_int_equal(stat_of("cn_full", "rejected"), 2);
+    /* An outcome frees a place. */
+    assert_term(deliver(&k, "{done,[{%llu,ok,ok}]}",
+                        (unsigned long long)tag_of(t[0])),
+                "ok");
+    assert_term(await(c, t[0]), "ok");
+    r = async1(c, "cn_full", "echo", A("x"), -1);
+    assert_frame(&k, "{run, %llu, echo, [x]}", (unsigned long long)tag_of(r));
+    assert_term(deliver(&k, "{done,[{%llu,ok,x}]}",
+                        (unsigned long long)tag_of(r)),
+                "ok");
+    assert_term(await(c, r), "x");
+    /* Closing settles the rest; their cancels wait for the owner. */
+    close_cnode(&k);
+    ERL_NIF_TERM rest[] = {t[1], t[2]};
+    await_all(c, rest, 2, "{DOWN,shutdown}");
+    tags[0] = tag_of(t[1]);
+    tags[1] = tag_of(t[2]);
+    flush_cancels(&k, tags, 2, "shutdown");
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* A report for a tag the VM no longer holds (settled, or never sent) is
+ * dropped: no message, no crash, the pool carries on. */
+static void test_nif_cnode_stale_reports_are_dropped(void **state) {
+    cnode_t k = cnode_start("cn_stale", 1, 4);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM t;
+    unsigned long long tag;
+    (void)state;
+    t = async1(c, "cn_stale", "echo", A("x"), -1);
+    tag = tag_of(t);
+    assert_frame(&k, "{run, %llu, echo, [x]}", tag);
+    assert_term(deliver(&k, "{done,[{%llu,ok,x}]}", tag), "ok");
+    assert_term(await(c, t), "x");
+    assert_term(deliver(&k, "{done,[{%llu,ok,x}]}", tag), "ok");
+    assert_term(deliver(&k, "{done,[{%llu,exit,late}]}", tag), "ok");
+    assert_term(deliver(&k, "{stopped,[%llu]}", tag), "ok");
+    assert_term(deliver(&k, "{done,[{999999,ok,x},{0,exit,y}]}"), "ok");
+    assert_term(deliver(&k, "{stopped,[999999,0]}"), "ok");
+    assert_term(deliver(&k, "{done,[]}"), "ok");
+    assert_term(deliver(&k, "{stopped,[]}"), "ok");
+    assert_no_message(c);
+    assert_no_message(k.o);
+    assert_int_equal(stat_of("cn_stale", "completed"), 1);
+    assert_int_equal(stat_of("cn_stale", "failed"), 0);
+    assert_int_equal(stat_of("cn_stale", "running"), 0);
+    t = async1(c, "cn_stale", "echo", A("again"), -1);
+    assert_frame(&k, "{run, %llu, echo, [again]}",
+                 (unsigned long long)tag_of(t));
+    assert_term(deliver(&k, "{done,[{%llu,ok,again}]}",
+                        (unsigned long long)tag_of(t)),
+                "ok");
+    assert_term(await(c, t), "again");
+    close_cnode(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* A cancel decided in the caller's own call goes to the port at once;
+ * the body counts as running (abandoned) until the C-node reports it
+ * ended, and whatever it reports is dropped. */
+static void test_nif_cnode_cancel_goes_to_the_port(void **state) {
+    cnode_t k = cnode_start("cn_cancel", 2, 4);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM a, b;
+    unsigned long long ta, tb;
+    uint64_t tags[1];
+    unsigned char *frame;
+    size_t len;
+    (void)state;
+    a = async1(c, "cn_cancel", "sleep", I(c, 100000), -1);
+    b = async1(c, "cn_cancel", "sleep", I(c, 100000), -1);
+    ta = tag_of(a);
+    tb = tag_of(b);
+    assert_frame(&k, "{run, %llu, sleep, [100000]}", ta);
+    assert_frame(&k, "{run, %llu, sleep, [100000]}", tb);
+    assert_term(fake_call(c, "task_cancel", 2, el(a, 0), A("shutdown")),
+                "cancelled");
+    assert_int_equal(fake_port_len(k.port), 1);
+    assert_frame(&k, "{cancel, %llu, shutdown}", ta);
+    assert_term(fake_call(c, "task_running", 1, el(a, 0)), "true");
+    assert_int_equal(stat_of("cn_cancel", "abandoned"), 1);
+    /* The body finished before the cancel reached it: dropped. */
+    assert_term(deliver(&k, "{done,[{%llu,ok,ok}]}", ta), "ok");
+    assert_term(fake_call(c, "task_running", 1, el(a, 0)), "false");
+    assert_term(fake_call(c, "task_cancel", 2, el(a, 0), A("shutdown")),
+                "delivered");
+    assert_term(fake_call(c, "task_cancel", 2, el(b, 0), A("killed")),
+                "cancelled");
+    assert_frame(&k, "{cancel, %llu, killed}", tb);
+    assert_term(fake_call(c, "task_running", 1, el(b, 0)), "true");
+    /* The C-node stops it; ei writes a list of bytes as a string. */
+    assert_true(tb < 256);
+    tags[0] = tb;
+    frame = fake_frame_stopped_bytes(tags, 1, &len);
+    assert_term(deliver_made(&k, frame, len), "ok");
+    assert_term(fake_call(c, "task_running", 1, el(b, 0)), "false");
+    assert_int_equal(stat_of("cn_cancel", "abandoned"), 0);
+    assert_int_equal(stat_of("cn_cancel", "cancelled"), 2);
+    assert_int_equal(stat_of("cn_cancel", "running"), 0);
+    assert_no_message(c);
+    assert_no_message(k.o); /* nothing waited in the outbox */
+    assert_no_frame(&k);
+    close_cnode(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* A deadline is decided on the pool's timer thread: the caller gets its
+ * DOWN at once, and the cancel waits in the outbox until the owner,
+ * told with {moat_cnode_out, Pool}, flushes it. */
+static void test_nif_cnode_deadline_goes_through_the_outbox(void **state) {
+    cnode_t k = cnode_start("cn_deadline", 2, 4);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM t[2];
+    uint64_t tags[2];
+    (void)state;
+    t[0] = async1(c, "cn_deadline", "sleep", I(c, 100000), 5);
+    t[1] = async1(c, "cn_deadline", "sleep", I(c, 100000), 10);
+    for (int i = 0; i < 2; i++) {
+        tags[i] = tag_of(t[i]);
+        assert_frame(&k, "{run, %llu, sleep, [100000]}",
+                     (unsigned long long)tags[i]);
+    }
+    await_all(c, t, 2, "{DOWN,timeout}");
+    flush_cancels(&k, tags, 2, "timeout");
+    assert_int_equal(stat_of("cn_deadline", "abandoned"), 2);
+    assert_term(deliver(&k, "{stopped,[%llu,%llu]}",
+                        (unsigned long long)tags[0],
+                        (unsigned long long)tags[1]),
+                "ok");
+    assert_int_equal(stat_of("cn_deadline", "abandoned"), 0);
+    assert_int_equal(stat_of("cn_deadline", "timeouts"), 2);
+    assert_no_message(k.o);
+    assert_no_frame(&k);
+    close_cnode(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* A caller's death cancels its tasks on the janitor, and a linked
+ * proxy's death kills its task there: both through the outbox. */
+static void
+test_nif_cnode_dead_callers_cancel_through_the_outbox(void **state) {
+    cnode_t k = cnode_start("cn_dead", 4, 4);
+    fake_proc_t *c = fake_spawn(), *d = fake_spawn(), *px = fake_spawn();
+    ErlNifPid pp = fake_pid(px);
+    ERL_NIF_TERM t[2], l;
+    uint64_t tags[2];
+    fake_frame_t *f = malloc(sizeof *f);
+    (void)state;
+    for (int i = 0; i < 2; i++) {
+        t[i] = async1(c, "cn_dead", "sleep", I(c, 100000), -1);
+        tags[i] = tag_of(t[i]);
+        assert_frame(&k, "{run, %llu, sleep, [100000]}",
+                     (unsigned long long)tags[i]);
+    }
+    fake_exit(c);
+    flush_cancels(&k, tags, 2, "shutdown");
+    assert_int_equal(stat_of("cn_dead", "cancelled"), 2);
+    assert_term(deliver(&k, "{stopped,[%llu,%llu]}",
+                        (unsigned long long)tags[0],
+                        (unsigned long long)tags[1]),
+                "ok");
+    l = fake_call(d, "async", 5, A("cn_dead"), A("sleep"),
+                  list1(d, I(d, 100000)), A("infinity"),
+                  enif_make_pid(NULL, &pp));
+    take_frame(&k, f);
+    tags[0] = f->tag[0];
+    fake_exit(px);
+    assert_term(await(d, l), "{DOWN,killed}");
+    flush_cancels(&k, tags, 1, "killed");
+    assert_term(deliver(&k, "{stopped,[%llu]}", (unsigned long long)tags[0]),
+                "ok");
+    assert_int_equal(stat_of("cn_dead", "abandoned"), 0);
+    assert_int_equal(stat_of("cn_dead", "running"), 0);
+    free(f);
+    close_cnode(&k);
+    assert_no_frame(&k);
+    fake_proc_t *all[] = {k.o, d};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* When the C-node is lost every task in flight ends with
+ * {native_crash, cnode_down}, and the pool takes no more. */
+static void test_nif_cnode_lost_ends_every_task(void **state) {
+    cnode_t k = cnode_start("cn_lost", 2, 8);
+    fake_proc_t *c = fake_spawn();
+    ErlNifEnv *e = fake_env(c);
+    consumer_t s = {c, 0, 4, 0, 0, 2};
+    ERL_NIF_TERM t, r, l, x;
+    int downs = 0, noticed = 0;
+    unsigned n;
+    fake_frame_t *f = malloc(sizeof *f);
+    (void)state;
+    t = async1(c, "cn_lost", "sleep", I(c, 100000), -1);
+    r = run1(c, "cn_lost", "sleep", I(c, 100000), -1);
+    assert_term(el(r, 0), "wait");
+    s.s = fake_call(c, "stream_new", 4, A("cn_lost"), A("sleep"),
+                    A("infinity"), I(c, 4));
+    assert_term(top_up(&s), "[]");
+    for (int i = 0; i < 3; i++)
+        take_frame(&k, f);
+    assert_string_equal(f->what, "runs");
+    assert_term(fake_call(k.o, "cnode_lost", 1, k.h), "ok");
+    assert_no_frame(&k); /* nothing to cancel: the C-node is gone */
+    /* Decided in the owner's call, in no particular order: two DOWNs and
+     * the stream's notice are in the caller's mailbox. */
+    assert_int_equal(fake_mailbox_len(c), 3);
+    for (int i = 0; i < 3; i++) {
+        ERL_NIF_TERM m = recv(c);
+        if (fake_arity(m) == 2) {
+            assert_term(el(m, 0), "moat_stream");
+            assert_same(el(m, 1), s.s);
+            noticed++;
+            continue;
+        }
+        assert_int_equal(fake_arity(m), 5);
+        assert_term(el(m, 4), "{native_crash,cnode_down}");
+        if (enif_is_identical(el(m, 1), el(t, 0)))
+            assert_same(el(m, 3), el(t, 1));
+        else
+            assert_same(el(m, 1), el(r, 1));
+        downs++;
+    }
+    assert_int_equal(downs, 2);
+    assert_int_equal(noticed, 1);
+    l = fake_call(c, "stream_take", 3, s.s, A("true"), A("false"));
+    assert_true(enif_get_list_length(e, l, &n));
+    assert_int_equal(n, 2);
+    for (int i = 0; enif_get_list_cell(e, l, &x, &l); i++) {
+        long idx;
+        assert_true(fake_get_long(el(x, 0), &idx) && (idx == 0 || idx == 1));
+        assert_term(el(x, 1), "exit");
+        assert_term(el(x, 2), "{native_crash,cnode_down}");
+    }
+    assert_term(fake_call(c, "stream_close", 1, s.s), "false");
+    /* Unregistered: noproc from now on. */
+    t = async1(c, "cn_lost", "echo", A("x"), -1);
+    assert_term(await(c, t), "{DOWN,noproc}");
+    assert_term(fake_call(c, "pool_owner", 1, A("cn_lost")), "undefined");
+    assert_term(fake_call(c, "pool_stats", 1, A("cn_lost")),
+                "{error,not_found}");
+    /* A report from the dead C-node's last words is dropped. */
+    assert_term(deliver(&k, "{done,[{%llu,ok,x}]}",
+                        (unsigned long long)f->tag[0]),
+                "ok");
+    assert_term(fake_call(k.o, "cnode_lost", 1, k.h), "ok"); /* again */
+    free(f);
+    close_cnode(&k);
+    assert_no_frame(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* Nothing in a packet is trusted: garbage, a cut term or a bad entry is
+ * {error, bad_frame} (the entries before the fault are handled), and a
+ * well-formed frame that is not done or stopped comes back decoded. */
+static void test_nif_cnode_malformed_frames(void **state) {
+    cnode_t k = cnode_start("cn_garbage", 4, 4);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM t[3];
+    unsigned long long g[3];
+    unsigned char *frame, *longer;
+    size_t len;
+    (void)state;
+    for (int i = 0; i < 3; i++) {
+        t[i] = async1(c, "cn_garbage", "echo", I(c, i), -1);
+        g[i] = tag_of(t[i]);
+        assert_frame(&k, "{run, %llu, echo, [%d]}", g[i], i);
+    }
+    assert_term(deliver_bytes(&k, "hello", 5), "{error,bad_frame}");
+    assert_term(deliver_bytes(&k, "", 0), "{error,bad_frame}");
+    assert_term(deliver_bytes(&k, "\x83", 1), "{error,bad_frame}");
+    /* A done frame cut short: nothing of it is read. */
+    frame = fake_frame_format(&len, "{done,[{%llu,ok,0}]}", g[0]);
+    assert_non_null(frame);
+    assert_term(deliver_bytes(&k, frame, len - 1), "{error,bad_frame}");
+    /* ... and with a byte too many. */
+    longer = malloc(len + 1);
+    memcpy(longer, frame, len);
+    longer[len] = 'j';
+    assert_term(deliver_made(&k, longer, len + 1), "{error,bad_frame}");
+    free(frame);
+    assert_no_message(c);
+    /* The first entry is handled, the second is bad: the third waits. */
+    assert_term(deliver(&k, "{done,[{%llu,ok,0},{%llu,maybe,1},{%llu,ok,2}]}",
+                        g[0], g[1], g[2]),
+                "{error,bad_frame}");
+    assert_int_equal(fake_mailbox_len(c), 1);
+    assert_term(await(c, t[0]), "0");
+    assert_term(deliver(&k, "{done,[{%llu,ok}]}", g[1]), "{error,bad_frame}");
+    assert_term(deliver(&k, "{done,[{-1,ok,x}]}"), "{error,bad_frame}");
+    assert_term(deliver(&k, "{done,[{%llu,ok,1}]}", g[1]), "ok");
+    assert_term(await(c, t[1]), "1");
+    assert_term(deliver(&k, "{done,[x]}"), "{error,bad_frame}");
+    assert_term(deliver(&k, "{done,x}"), "{error,bad_frame}");
+    assert_term(deliver(&k, "{done,[{x,ok,1}]}"), "{error,bad_frame}");
+    assert_term(deliver(&k, "{stopped,[x]}"), "{error,bad_frame}");
+    assert_term(deliver(&k, "{stopped,[-1]}"), "{error,bad_frame}");
+    assert_term(deliver(&k, "{stopped,x}"), "{error,bad_frame}");
+    assert_no_message(c);
+    assert_int_equal(stat_of("cn_garbage", "running"), 1);
+    /* Other frames are the owner's. */
+    assert_term(deliver(&k, "{log,info,\"hi\"}"),
+                "{other,{log,info,[104,105]}}");
+    assert_term(deliver(&k, "{ready,4242,[echo,sleep]}"),
+                "{other,{ready,4242,[echo,sleep]}}");
+    assert_term(deliver(&k, "{done,[],extra}"), "{other,{done,[],extra}}");
+    assert_term(deliver(&k, "hello"), "{other,hello}");
+    assert_term(deliver(&k, "{error,{bad_hello,x}}"),
+                "{other,{error,{bad_hello,x}}}");
+    assert_no_message(c);
+    assert_no_message(k.o);
+    assert_term(deliver(&k, "{done,[{%llu,ok,2}]}", g[2]), "ok");
+    assert_term(await(c, t[2]), "2");
+    assert_no_frame(&k);
+    close_cnode(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* A stream's batch goes out as one runs frame (one task: a run frame),
+ * and its outcomes reach stream_take; closing it cancels at once what is
+ * in flight. */
+static void test_nif_cnode_stream(void **state) {
+    cnode_t k = cnode_start("cn_stream", 2, 16);
+    fake_proc_t *c = fake_spawn();
+    ErlNifEnv *e = fake_env(c);
+    consumer_t s = {c, 0, 8, 0, 0, 8};
+    fake_frame_t *f = malloc(sizeof *f);
+    ERL_NIF_TERM l, x;
+    char want[256], seen[3] = {0};
+    (void)state;
+    s.s = fake_call(c, "stream_new", 4, A("cn_stream"), A("echo"),
+                    A("infinity"), I(c, s.max));
+    l = enif_make_list3(e, A("a"), A("b"), A("c"));
+    assert_term(fake_call(c, "stream_submit", 3, s.s, l, I(c, 0)), "[]");
+    s.inflight = 3;
+    take_frame(&k, f);
+    assert_no_frame(&k);
+    assert_int_equal(f->n, 3);
+    snprintf(want, sizeof want,
+             "{runs, [{%llu, echo, [a]}, {%llu, echo, [b]}, "
+             "{%llu, echo, [c]}]}",
+             (unsigned long long)f->tag[0], (unsigned long long)f->tag[1],
+             (unsigned long long)f->tag[2]);
+    assert_string_equal(f->text, want);
+    assert_true(f->tag[0] != f->tag[1] && f->tag[1] != f->tag[2] &&
+                f->tag[0] != f->tag[2]);
+    /* Outcomes in any order, over two frames. */
+    assert_term(deliver(&k, "{done,[{%llu,ok,c},{%llu,exit,oops}]}",
+                        (unsigned long long)f->tag[2],
+                        (unsigned long long)f->tag[0]),
+                "ok");
+    assert_term(deliver(&k, "{done,[{%llu,ok,b}]}",
+                        (unsigned long long)f->tag[1]),
+                "ok");
+    while (s.inflight > 0) {
+        for (l = take(&s); enif_get_list_cell(e, l, &x, &l); s.inflight--) {
+            long idx;
+            assert_true(fake_get_long(el(x, 0), &idx) && idx >= 0 && idx < 3);
+            assert_false(seen[idx]);
+            seen[idx] = 1;
+            assert_term(x, idx == 0   ? "{0,exit,oops}"
+                           : idx == 1 ? "{1,ok,b}"
+                                      : "{2,ok,c}");
+        }
+    }
+    assert_term(fake_call(c, "stream_submit", 3, s.s, list1(c, A("d")),
+                          I(c, 3)),
+                "[]");
+    take_frame(&k, f);
+    snprintf(want, sizeof want, "{run, %llu, echo, [d]}",
+             (unsigned long long)f->tag[0]);
+    assert_string_equal(f->text, want);
+    close_stream(&s);
+    assert_frame(&k, "{cancel, %llu, shutdown}", (unsigned long long)f->tag[0]);
+    assert_term(deliver(&k, "{stopped,[%llu]}", (unsigned long long)f->tag[0]),
+                "ok");
+    assert_int_equal(stat_of("cn_stream", "abandoned"), 0);
+    assert_no_message(k.o);
+    free(f);
+    close_cnode(&k);
+    assert_no_frame(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* pool_close settles every task in flight with shutdown, in its call;
+ * the C-node hears of them through the outbox. */
+static void test_nif_cnode_pool_close_settles_with_shutdown(void **state) {
+    cnode_t k = cnode_start("cn_close", 2, 8);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM t[3], r;
+    uint64_t tags[3];
+    (void)state;
+    for (int i = 0; i < 3; i++) {
+        t[i] = async1(c, "cn_close", "sleep", I(c, 100000), -1);
+        tags[i] = tag_of(t[i]);
+        assert_frame(&k, "{run, %llu, sleep, [100000]}",
+                     (unsigned long long)tags[i]);
+    }
+    close_cnode(&k);
+    assert_int_equal(fake_mailbox_len(c), 3);
+    await_all(c, t, 3, "{DOWN,shutdown}");
+    flush_cancels(&k, tags, 3, "shutdown");
+    r = async1(c, "cn_close", "echo", A("late"), -1);
+    assert_term(await(c, r), "{DOWN,noproc}");
+    assert_term(deliver(&k, "{done,[{%llu,ok,ok}]}",
+                        (unsigned long long)tags[0]),
+                "ok");
+    assert_term(deliver(&k, "{stopped,[%llu,%llu]}",
+                        (unsigned long long)tags[1],
+                        (unsigned long long)tags[2]),
+                "ok");
+    assert_no_frame(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* The C-node runs `size` at a time: pool_stats shows the rest as queued. */
+static void test_nif_cnode_pool_stats_split(void **state) {
+    cnode_t k = cnode_start("cn_stats", 2, 8);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM t[5];
+    (void)state;
+    assert_int_equal(stat_of("cn_stats", "running"), 0);
+    assert_int_equal(stat_of("cn_stats", "queued"), 0);
+    t[0] = async1(c, "cn_stats", "sleep", I(c, 100000), -1);
+    assert_int_equal(stat_of("cn_stats", "running"), 1);
+    assert_int_equal(stat_of("cn_stats", "queued"), 0);
+    for (int i = 1; i < 5; i++)
+        t[i] = async1(c, "cn_stats", "sleep", I(c, 100000), -1);
+    assert_int_equal(stat_of("cn_stats", "running"), 2);
+    assert_int_equal(stat_of("cn_stats", "queued"), 3);
+    for (int i = 0; i < 5; i++) {
+        assert_frame(&k, "{run, %llu, sleep, [100000]}",
+                     (unsigned long long)tag_of(t[i]));
+        assert_term(deliver(&k, "{done,[{%llu,ok,ok}]}",
+                            (unsigned long long)tag_of(t[i])),
+                    "ok");
+        assert_term(await(c, t[i]), "ok");
+        assert_int_equal(stat_of("cn_stats", "running"), i < 3 ? 2 : 4 - i);
+        assert_int_equal(stat_of("cn_stats", "queued"), i < 3 ? 2 - i : 0);
+    }
+    assert_int_equal(stat_of("cn_stats", "completed"), 5);
+    assert_int_equal(stat_of("cn_stats", "size"), 2);
+    close_cnode(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* The owner's death closes the pool (its port closing with it): every
+ * task in flight ends with shutdown. */
+static void test_nif_cnode_owner_death_closes_the_pool(void **state) {
+    cnode_t k = cnode_start("cn_orphan", 2, 8);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM t[3];
+    (void)state;
+    for (int i = 0; i < 3; i++) {
+        t[i] = async1(c, "cn_orphan", "sleep", I(c, 100000), -1);
+        assert_frame(&k, "{run, %llu, sleep, [100000]}",
+                     (unsigned long long)tag_of(t[i]));
+    }
+    fake_exit(k.o);
+    assert_term(fake_call(c, "pool_owner", 1, A("cn_orphan")), "undefined");
+    await_all(c, t, 3, "{DOWN,shutdown}");
+    t[0] = async1(c, "cn_orphan", "echo", A("x"), -1);
+    assert_term(await(c, t[0]), "{DOWN,noproc}");
+    assert_no_frame(&k);
+    fake_proc_t *all[] = {c};
+    assert_int_equal(settle(all, 1), 0);
+}
+
+
+/* A port that closed under the pool (the C-node died, its exit not yet
+ * seen by the owner) takes no frame: the task waits, and cnode_lost
+ * ends it. */
+static void test_nif_cnode_closed_port_waits_for_lost(void **state) {
+    cnode_t k = cnode_start("cn_closed", 2, 4);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM t;
+    (void)state;
+    fake_port_close(k.port);
+    t = async1(c, "cn_closed", "echo", A("x"), -1);
+    assert_no_frame(&k);
+    assert_no_message(c);
+    assert_int_equal(stat_of("cn_closed", "running"), 1);
+    assert_term(fake_call(k.o, "cnode_lost", 1, k.h), "ok");
+    assert_term(await(c, t), "{DOWN,{native_crash,cnode_down}}");
+    close_cnode(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* Callers on several threads submit to one C-node pool, some with
+ * deadlines, some cancelling at once, while this thread plays the owner
+ * and a C-node that answers in batches, honours cancels with stopped,
+ * and flushes the outbox when told: every task has exactly one outcome,
+ * and every tag the C-node held is reported once. */
+typedef struct {
+    pthread_t tid;
+    fake_proc_t *p;
+    int n;
+    long ok, timeouts, cancelled, bad;
+    atomic_int *finished;
+} cn_caller_t;
+
+static void *cn_call_many(void *arg) {
+    cn_caller_t *s = arg;
+    ErlNifEnv *e = fake_env(s->p);
+    for (int i = 0; i < s->n; i++) {
+        /* A third with a deadline of 0 or 1 ms. */
+        ERL_NIF_TERM tmo = i % 3 ? A("infinity") : enif_make_long(e, i % 2),
+                     t, m, r;
+        t = fake_call(s->p, "async", 5, A("cn_race"), A("echo"),
+                      enif_make_list1(e, enif_make_long(e, i)), tmo,
+                      A("undefined"));
+        if (fake_arity(t) != 2) {
+            s->bad++;
+            break;
+        }
+        if (i % 5 == 1) {
+            jitter((unsigned)i);
+            r = fake_call(s->p, "task_cancel", 2, el(t, 0), A("shutdown"));
+            if (fake_is_atom(r, "cancelled")) {
+                s->cancelled++;
+                fake_gc(s->p);
+                continue;
+            }
+        }
+        if ((m = fake_recv(s->p, RECV_MS)) == 0) {
+            s->bad++;
+            break;
+        }
+        if (fake_arity(m) == 2 && enif_is_identical(el(m, 0), el(t, 0)) &&
+            enif_is_identical(el(m, 1), enif_make_long(e, i)))
+            s->ok++;
+        else if (fake_arity(m) == 5 && enif_is_identical(el(m, 1), el(t, 0)) &&
+                 fake_is_atom(el(m, 4), "timeout"))
+            s->timeouts++;
+        else
+            s->bad++;
+        fake_gc(s->p);
+    }
+    atomic_fetch_add(s->finished, 1);
+    return NULL;
+}
+
+static void test_nif_cnode_callers_race_the_owner(void **state) {
+    cnode_t k = cnode_start("cn_race", 4, 1024);
+    cn_caller_t s[3];
+    atomic_int finished = 0;
+    fake_frame_t *f = malloc(sizeof *f), *held = malloc(sizeof *held);
+    long frames = 0, cancels = 0, early = 0, total = 0;
+    /* Tags are the pool's task ids, 1, 2, ...: which ones had their run
+     * frame, to tell a cancel that came first (see
+     * test_nif_cnode_cancel_follows_its_run_frame). */
+    char *ran = calloc(3 * (size_t)iters(600) + 1, 1);
+    (void)state;
+    held->n = 0;
+    for (int i = 0; i < 3; i++) {
+        memset(&s[i], 0, sizeof s[i]);
+        s[i].p = fake_spawn();
+        s[i].n = iters(600);
+        s[i].finished = &finished;
+        assert_int_equal(pthread_create(&s[i].tid, NULL, cn_call_many, &s[i]),
+                         0);
+    }
+    for (unsigned round = 0;; round++) {
+        size_t len;
+        unsigned char *pkt = fake_port_take(k.port, &len, 1);
+        ERL_NIF_TERM m;
+        if (pkt != NULL) {
+            int rc = fake_frame_parse(pkt, len, f);
+            free(pkt);
+            if (rc != 0)
+                fail_msg("no frame: %s", f->text);
+            frames++;
+            if (strcmp(f->what, "cancel") == 0) {
+                /* Held: stop it.  Reported already: ignore it. */
+                cancels++;
+                if (f->tag[0] > 3 * (uint64_t)iters(600))
+                    fail_msg("a cancel for tag %llu, never used",
+                             (unsigned long long)f->tag[0]);
+                early += !ran[f->tag[0]];
+                for (int j = 0; j < held->n; j++) {
+                    if (held->tag[j] == f->tag[0]) {
+                        assert_term(deliver(&k, "{stopped,[%llu]}",
+                                            (unsigned long long)f->tag[0]),
+                                    "ok");
+                        held->n--;
+                        held->tag[j] = held->tag[held->n];
+                        held->arg_len[j] = held->arg_len[held->n];
+                        memcpy(held->arg[j], held->arg[held->n],
+                               (size_t)held->arg_len[j]);
+                        break;
+                    }
+                }
+            } else {
+                for (int j = 0; j < f->n; j++) {
+                    if (held->n == FAKE_FRAME_TASKS ||
+                        f->tag[j] > 3 * (uint64_t)iters(600) || ran[f->tag[j]])
+                        fail_msg("run frame %s: a tag unexpected or sent "
+                                 "twice, or too many held",
+                                 f->text);
+                    ran[f->tag[j]] = 1;
+                    held->tag[held->n] = f->tag[j];
+                    held->arg_len[held->n] = f->arg_len[j];
+                    memcpy(held->arg[held->n], f->arg[j],
+                           (size_t)f->arg_len[j]);
+                    held->n++;
+                }
+            }
+        }
+        while ((m = fake_recv(k.o, 0)) != 0) {
+            assert_term(m, "{moat_cnode_out,cn_race}");
+            assert_term(fake_call(k.o, "cnode_flush", 1, k.h), "ok");
+        }
+        /* Answer in batches of 1 to 4, or all when nothing came. */
+        if (held->n > (int)(round % 4) || (pkt == NULL && held->n > 0)) {
+            total += held->n;
+            assert_term(answer_echo(&k, held), "ok");
+            held->n = 0;
+        }
+        if (atomic_load(&finished) == 3 && held->n == 0 && pkt == NULL &&
+            fake_mailbox_len(k.o) == 0)
+            break;
+    }
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(pthread_join(s[i].tid, NULL), 0);
+        assert_int_equal(s[i].bad, 0);
+        assert_int_equal(s[i].ok + s[i].timeouts + s[i].cancelled, s[i].n);
+    }
+    assert_int_equal(stat_of("cn_race", "running"), 0);
+    assert_int_equal(stat_of("cn_race", "queued"), 0);
+    assert_int_equal(stat_of("cn_race", "abandoned"), 0);
+    close_cnode(&k);
+    /* A cancel decided last may still tell the owner: once the pool is
+     * freed (its timer thread joined), at most that notice is left. */
+    fake_gc(k.o);
+    for (int i = 0; i < 3; i++)
+        fake_gc(s[i].p);
+    assert_true(fake_quiesce(SETTLE_MS));
+    if (fake_mailbox_len(k.o) > 0)
+        assert_term(recv(k.o), "{moat_cnode_out,cn_race}");
+    assert_no_frame(&k);
+    free(f);
+    free(held);
+    free(ran);
+    fake_proc_t *all[] = {k.o, s[0].p, s[1].p, s[2].p};
+    assert_int_equal(settle(all, 4), 0);
+    print_message("C-node race: %ld frames, %ld cancels (%ld before their "
+                  "run), %ld answered, %ld/%ld/%ld ok, %ld/%ld/%ld timeouts, "
+                  "%ld/%ld/%ld cancelled\n",
+                  frames, cancels, early, total, s[0].ok, s[1].ok, s[2].ok,
+                  s[0].timeouts, s[1].timeouts, s[2].timeouts,
+                  s[0].cancelled, s[1].cancelled, s[2].cancelled);
+}
+
+/* --------------------------- C-node races the harness found (fixed) */
+
+/* The owner flushing the outbox while a caller is about to send its run
+ * frame (fake_port_hook stages it). */
+typedef struct {
+    cnode_t *k;
+    int flushed;
+} flush_job_t;
+
+static void *owner_flushes(void *arg) {
+    flush_job_t *j = arg;
+    /* The 0 ms deadline has fired well within this, had it told. */
+    ERL_NIF_TERM m = fake_recv(j->k->o, 200);
+    if (m != 0 && fake_arity(m) == 2 &&
+        fake_is_atom(el(m, 0), "moat_cnode_out") &&
+        fake_is_atom(fake_call(j->k->o, "cnode_flush", 1, j->k->h), "ok"))
+        j->flushed = 1;
+    return NULL;
+}
+
+static void flush_meanwhile(void *arg) {
+    pthread_t tid;
+    if (pthread_create(&tid, NULL, owner_flushes, arg) == 0)
+        pthread_join(tid, NULL);
+}
+
+/* A cancel must reach the C-node after the run frame of its task: one
+ * that comes first is ignored ("a cancel for a tag the C-node no longer
+ * holds"), and the body then runs to its end in vain.  A deadline that
+ * fires between moat_pool_accept and the caller's port_command puts the
+ * cancel in the outbox, and the owner may flush it before the run frame
+ * is sent: here the 0 ms deadline fires and the owner tries to flush
+ * while the caller's async is about to send.  The cancel is the caller's
+ * to send then, after its run frame (the owner is not even told). */
+static void test_nif_cnode_cancel_follows_its_run_frame(void **state) {
+    cnode_t k = cnode_start("cn_order", 1, 4);
+    fake_proc_t *c = fake_spawn();
+    flush_job_t j = {&k, 0};
+    ERL_NIF_TERM t;
+    (void)state;
+
+    fake_port_hook(k.port, flush_meanwhile, &j);
+    t = async1(c, "cn_order", "sleep", I(c, 100000), 0);
+    assert_false(j.flushed);
+    assert_term(await(c, t), "{DOWN,timeout}");
+    assert_frame(&k, "{run, %llu, sleep, [100000]}",
+                 (unsigned long long)tag_of(t));
+    assert_frame(&k, "{cancel, %llu, timeout}", (unsigned long long)tag_of(t));
+    assert_term(deliver(&k, "{stopped,[%llu]}", (unsigned long long)tag_of(t)),
+                "ok");
+    close_cnode(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
+/* Once the C-node is lost the pool takes no more tasks (doc/cnode.md:
+ * "tasks submitted in between get noproc"), but a stream made before
+ * still submits into the core pool: its tasks are accepted, their frame
+ * goes to the dead C-node, and they wait until the owner closes the
+ * pool, to end with shutdown. */
+static void test_nif_cnode_lost_refuses_stream_tasks(void **state) {
+    cnode_t k = cnode_start("cn_lost_stream", 2, 8);
+    fake_proc_t *c = fake_spawn();
+    ERL_NIF_TERM s;
+    (void)state;
+
+    s = fake_call(c, "stream_new", 4, A("cn_lost_stream"), A("echo"),
+                  A("infinity"), I(c, 4));
+    assert_term(fake_call(k.o, "cnode_lost", 1, k.h), "ok");
+    assert_term(fake_call(c, "stream_submit", 3, s, list1(c, A("x")), I(c, 0)),
+                "[{0,exit,noproc}]");
+    assert_no_frame(&k);
+    assert_term(fake_call(c, "stream_close", 1, s), "false");
+    close_cnode(&k);
+    fake_proc_t *all[] = {k.o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
 /* ------------------------------------------- bugs the harness found */
 
 /* The DOWN of an unlinked task names it {Pool, N} with the N async gave,
@@ -2203,6 +3296,26 @@ int main(void) {
         T(test_nif_call_caller_dies),
         T(test_nif_pool_owner_death_stops_the_servers),
         T(test_nif_calls_from_many_threads),
+        T(test_nif_cnode_pool_new_and_refusals),
+        T(test_nif_cnode_run_frame_and_outcome),
+        T(test_nif_cnode_exit_outcome_is_down),
+        T(test_nif_cnode_run_waits_for_the_message),
+        T(test_nif_cnode_unknown_task_is_refused),
+        T(test_nif_cnode_overloaded),
+        T(test_nif_cnode_stale_reports_are_dropped),
+        T(test_nif_cnode_cancel_goes_to_the_port),
+        T(test_nif_cnode_deadline_goes_through_the_outbox),
+        T(test_nif_cnode_dead_callers_cancel_through_the_outbox),
+        T(test_nif_cnode_lost_ends_every_task),
+        T(test_nif_cnode_malformed_frames),
+        T(test_nif_cnode_stream),
+        T(test_nif_cnode_pool_close_settles_with_shutdown),
+        T(test_nif_cnode_pool_stats_split),
+        T(test_nif_cnode_owner_death_closes_the_pool),
+        T(test_nif_cnode_closed_port_waits_for_lost),
+        T(test_nif_cnode_callers_race_the_owner),
+        T(test_nif_cnode_cancel_follows_its_run_frame),
+        T(test_nif_cnode_lost_refuses_stream_tasks),
     };
 #undef T
     return cmocka_run_group_tests(tests, group_setup, NULL);

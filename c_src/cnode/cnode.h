@@ -1,0 +1,194 @@
+/* cnode.h: private to c_src/cnode.  The parts of moat_cnode that the
+ * main file (moat_cnode.c) puts together: the outbox, the only path to
+ * stdout (outbox.c); the jobs, tasks in flight by tag (jobs.c); and the
+ * forwarding of stderr to the VM (errlog.c).  The protocol is
+ * doc/cnode.md. */
+#ifndef MOAT_CNODE_H
+#define MOAT_CNODE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "moat_core.h"
+
+/* Exit statuses, below 128 so that the VM tells them from signals
+ * (REFERENCE.md §6). */
+#define MOAT_CNODE_EXIT_EOF 0      /* stdin closed: the pool was stopping */
+#define MOAT_CNODE_EXIT_FAILURE 1  /* could not start, or stdin broke */
+#define MOAT_CNODE_EXIT_HELLO 2    /* answered hello with {error, _} */
+#define MOAT_CNODE_EXIT_NOMEM 3    /* an outcome could not be kept */
+
+/* ---------------------------------------------------------------- outbox */
+
+/* Whole frames waiting in the outbox, each with its 4-byte length. */
+typedef struct moat__blob_s {
+    struct moat__blob_s *next;
+    size_t len;
+    char data[];
+} moat__blob_t;
+
+/* See outbox.c's DESIGN.  The fields are the outbox's own. */
+typedef struct moat__outbox_s {
+    int fd;
+    uv_mutex_t lock;        /* guards every field below, except that the
+                               spare_* buffers belong to the writer while
+                               `writing` is set */
+    ei_x_buff done;         /* the next done frame's elements */
+    size_t ndone;
+    ei_x_buff stopped;      /* the next stopped frame's tags */
+    size_t nstopped;
+    moat__blob_t *frames;   /* other frames, oldest first */
+    moat__blob_t **frames_tail;
+    ei_x_buff spare_done;
+    ei_x_buff spare_stopped;
+    int writing;            /* a thread is writing and will write all */
+    int discard;            /* stdout is gone or the node is ending */
+} moat__outbox_t;
+
+/* Prepares an outbox writing to fd (blocking or not), which it then owns
+ * (moat__outbox_close closes it).  Returns 0 or UV_ENOMEM.  Before any
+ * other thread exists. */
+int moat__outbox_init(moat__outbox_t *ob, int fd);
+
+/* Frees the buffers.  Only when no thread can use the outbox any more. */
+void moat__outbox_close(moat__outbox_t *ob);
+
+/*
+ * Queues {Tag, ok | exit, Term} for the next done frame; `term` is the
+ * outcome term's encoding without its version byte.  If no thread is
+ * writing, the caller becomes the writer and writes until the outbox is
+ * empty, so it may block while stdout is full.  Never fails: when no
+ * memory is left for it the process exits with MOAT_CNODE_EXIT_NOMEM, for
+ * an outcome must not be lost (the VM then ends every task with
+ * cnode_down).  Any thread, including complete callbacks.
+ */
+void moat__outbox_done(moat__outbox_t *ob, uint64_t tag, int kind,
+                       const char *term, size_t len);
+
+/* As moat__outbox_done, for a {stopped, Tags} frame. */
+void moat__outbox_stopped(moat__outbox_t *ob, const uint64_t *tags,
+                          size_t n);
+
+/* Queues one whole frame, etf[0..len) with its version byte (ready,
+ * error).  Returns 0, or UV_ENOMEM when the frame was dropped.  Writes as
+ * moat__outbox_done does; when this thread is the only one that writes,
+ * the frame has been written (or stdout failed) when this returns. */
+int moat__outbox_frame(moat__outbox_t *ob, const char *etf, size_t len);
+
+/* The longest log message; longer ones are cut. */
+#define MOAT__LOG_MAX 1023
+
+/* Queues {log, Level, Message} (Level "error", "warning" or "info").
+ * Logs are best effort: dropped when memory is short. */
+void moat__outbox_log(moat__outbox_t *ob, const char *level, const char *msg,
+                      size_t len);
+
+/* As moat__outbox_log, with a printf format (cut at 1023 bytes). */
+void moat__outbox_logf(moat__outbox_t *ob, const char *level,
+                       const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* From now on, everything queued is dropped; a write in progress ends.
+ * Returns 1 when a thread is writing at this moment (it may be blocked
+ * on stdout), else 0. */
+int moat__outbox_discard(moat__outbox_t *ob);
+
+/* ------------------------------------------------------------------ jobs */
+
+/* One task in flight, known by the VM's tag.  See jobs.c's DESIGN. */
+typedef struct moat__job_s {
+    struct moat__job_s *next; /* in a map bucket (map lock), or in the
+                                 cancelling list (loop thread) */
+    uint64_t tag;             /* set before the job is shared; constant */
+    moat_task_t *task;        /* map lock: the handle, once attached */
+    int in_map;               /* map lock */
+    int err;                  /* loop thread: why the pool refused it */
+} moat__job_t;
+
+typedef struct moat__jobs_s {
+    moat_pool_t *pool;        /* set once the pool exists */
+    moat__outbox_t *ob;
+    uv_mutex_t lock;          /* the map lock: guards buckets, mask,
+                                 count, and in_map and task of every job */
+    moat__job_t **buckets;
+    size_t mask;              /* buckets - 1; a power of two less one */
+    size_t count;
+    /* The rest is the loop thread's. */
+    moat_job_t *pend;         /* jobs waiting for the next flush */
+    moat_task_t **pend_tasks;
+    size_t npend, cappend;
+    moat__job_t *cancelling;  /* cancelled jobs whose bodies still run */
+    uv_timer_t timer;         /* polls `cancelling` while it is not empty */
+} moat__jobs_t;
+
+/* Prepares the jobs of a node; the pool is attached later (jobs->pool),
+ * before the first moat__jobs_add.  Returns 0 or a negative error.  Loop
+ * thread. */
+int moat__jobs_init(moat__jobs_t *jobs, uv_loop_t *loop, moat__outbox_t *ob);
+
+/* The pool's complete callback (moat_pool_opts_t.complete, with the jobs as
+ * its data): sends the outcome and forgets the tag.  Pool threads, and the
+ * thread that closes the pool. */
+void moat__jobs_complete(moat_task_t *task, const moat_outcome_t *o,
+                         void *data);
+
+/* Takes a task to run: `args` (owned from now on) with `def` from `lib`.
+ * It is submitted by the next moat__jobs_flush, which also comes first
+ * when enough are waiting.  The tag is answered exactly once whatever
+ * happens.  Loop thread. */
+void moat__jobs_add(moat__jobs_t *jobs, uint64_t tag,
+                    const moat_task_def_t *def, const moat_lib_t *lib,
+                    moat_term_t *args);
+
+/* Submits the waiting tasks, in one batch where the pool takes them;
+ * those it refuses are answered `overloaded` (or `enomem`).  Loop
+ * thread. */
+void moat__jobs_flush(moat__jobs_t *jobs);
+
+/* The VM decided the outcome of task `tag`: ends it silently (after a
+ * flush) and reports the tag in a stopped frame once its body is off its
+ * thread, at once if it never started.  A tag that is not in flight (its
+ * outcome already sent, or never known) is ignored.  Loop thread. */
+void moat__jobs_cancel(moat__jobs_t *jobs, uint64_t tag, moat_atom_t reason);
+
+/* Forgets every job and closes the timer (uv_close: run the loop after).
+ * Only once the pool is closed (every outcome decided), or never
+ * created.  Loop thread. */
+void moat__jobs_close(moat__jobs_t *jobs);
+
+/* ---------------------------------------------------------------- errlog */
+
+/* A longer line is sent in pieces of this size, each one a whole log
+ * message. */
+#define MOAT__ERRLOG_LINE MOAT__LOG_MAX
+
+typedef struct moat__errlog_s {
+    uv_pipe_t pipe;           /* the read end of fd 2's pipe */
+    int saved_fd;             /* the stderr we were given, or -1 */
+    int open;                 /* pipe is initialised (needs uv_close) */
+    moat__outbox_t *ob;
+    size_t len;
+    char line[MOAT__ERRLOG_LINE];
+    char rbuf[4096];
+} moat__errlog_t;
+
+/* Points fds 1 and 2 at a pipe whose lines the loop sends as {log,
+ * warning, Line} frames: whatever a library prints reaches the VM as
+ * logs, and stdout (the outbox has its own copy of it) carries frames
+ * only.  Returns 0 or a negative error (then fds 1 and 2 are unchanged).
+ * Loop thread, before any other thread exists. */
+int moat__errlog_start(moat__errlog_t *el, uv_loop_t *loop,
+                       moat__outbox_t *ob);
+
+/* Stops reading and closes the pipe (uv_close: run the loop after); fd 2
+ * is the original stderr again, so that late reports (a sanitizer's) are
+ * seen.  fd 1 stays the pipe's write end: stray prints then fail with
+ * EPIPE, never reaching the VM's stdout.  Loop thread. */
+void moat__errlog_stop(moat__errlog_t *el);
+
+#endif

@@ -1,0 +1,718 @@
+/*
+ * frame.c: decodes the frames the VM sends to moat_cnode (frame.h).
+ *
+ * Everything here reads through a cursor that checks, before each read,
+ * that the bytes are there; no ei decoder runs, since ei checks no bounds.
+ * A frame that moat_etf_check passed is decoded in full.  One that failed
+ * is read only as far as the cursor can go, for the tags it carries: its
+ * entries are then all malformed, because nothing after a bad byte can be
+ * trusted.  Skipping a term needs no stack: a count of the terms still to
+ * skip is enough, since every container says up front how many terms it
+ * holds, and each term takes at least one byte, which bounds the count by
+ * the bytes left.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <uv.h>
+
+#include "frame.h"
+
+/* External term format tags (erts/doc: External Term Format). */
+enum {
+    ETF_VERSION = 131,
+    TAG_NEW_FLOAT = 70,
+    TAG_BIT_BINARY = 77,
+    TAG_NEW_PID = 88,
+    TAG_NEW_PORT = 89,
+    TAG_NEWER_REFERENCE = 90,
+    TAG_SMALL_INTEGER = 97,
+    TAG_INTEGER = 98,
+    TAG_FLOAT = 99,
+    TAG_ATOM = 100,
+    TAG_REFERENCE = 101,
+    TAG_PORT = 102,
+    TAG_PID = 103,
+    TAG_SMALL_TUPLE = 104,
+    TAG_LARGE_TUPLE = 105,
+    TAG_NIL = 106,
+    TAG_STRING = 107,
+    TAG_LIST = 108,
+    TAG_BINARY = 109,
+    TAG_SMALL_BIG = 110,
+    TAG_LARGE_BIG = 111,
+    TAG_NEW_FUN = 112,
+    TAG_EXPORT = 113,
+    TAG_NEW_REFERENCE = 114,
+    TAG_SMALL_ATOM = 115,
+    TAG_MAP = 116,
+    TAG_ATOM_UTF8 = 118,
+    TAG_SMALL_ATOM_UTF8 = 119,
+    TAG_V4_PORT = 120
+};
+
+/* The old FLOAT_EXT's fixed text field. */
+#define OLD_FLOAT_LEN 31
+
+/* The doc's bound on a pool's threads. */
+#define HELLO_MAX_SIZE 1024
+
+/* Argument lists up to this size are assembled on the stack. */
+#define ARGS_STACK 1024
+
+/* ---------------------------------------------------------- the cursor */
+
+typedef struct {
+    const unsigned char *p;
+    size_t len;
+    size_t pos; /* always <= len */
+} rd_t;
+
+static int has(const rd_t *r, size_t n) { return n <= r->len - r->pos; }
+
+static int advance(rd_t *r, size_t n) {
+    if (!has(r, n))
+        return -1;
+    r->pos += n;
+    return 0;
+}
+
+static uint32_t be16(const unsigned char *p) {
+    return (uint32_t)p[0] << 8 | p[1];
+}
+
+static uint32_t be32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
+           p[3];
+}
+
+/* The tag of the next term, without consuming it; -1 at the end. */
+static int peek(const rd_t *r) { return has(r, 1) ? r->p[r->pos] : -1; }
+
+static int read_atom(rd_t *r, moat__atom_t *a) {
+    size_t start = r->pos, head, n;
+    int tag = peek(r);
+
+    if (tag == TAG_ATOM || tag == TAG_ATOM_UTF8) {
+        if (!has(r, 3))
+            return -1;
+        head = 3;
+        n = be16(r->p + r->pos + 1);
+    } else if (tag == TAG_SMALL_ATOM || tag == TAG_SMALL_ATOM_UTF8) {
+        if (!has(r, 2))
+            return -1;
+        head = 2;
+        n = r->p[r->pos + 1];
+    } else {
+        return -1;
+    }
+    if (advance(r, head) < 0 || !has(r, n))
+        return -1;
+    a->name = (const char *)r->p + r->pos;
+    a->len = n;
+    a->latin1 = tag == TAG_ATOM || tag == TAG_SMALL_ATOM;
+    r->pos += n;
+    a->etf = (const char *)r->p + start;
+    a->etf_len = r->pos - start;
+    return 0;
+}
+
+/* Whether an atom is `s` (ASCII), whatever its encoding. */
+static int atom_is(const moat__atom_t *a, const char *s) {
+    return a->len == strlen(s) && memcmp(a->name, s, a->len) == 0;
+}
+
+/* An integer in 0..2^64-1: small, 32-bit or a bignum of at most 8 bytes. */
+static int read_u64(rd_t *r, uint64_t *v) {
+    const unsigned char *p = r->p + r->pos;
+    size_t n, head;
+
+    switch (peek(r)) {
+    case TAG_SMALL_INTEGER:
+        if (!has(r, 2))
+            return -1;
+        *v = p[1];
+        r->pos += 2;
+        return 0;
+    case TAG_INTEGER:
+        if (!has(r, 5) || (p[1] & 0x80))
+            return -1;
+        *v = be32(p + 1);
+        r->pos += 5;
+        return 0;
+    case TAG_SMALL_BIG:
+        if (!has(r, 3))
+            return -1;
+        n = p[1];
+        head = 3;
+        break;
+    case TAG_LARGE_BIG:
+        if (!has(r, 6))
+            return -1;
+        n = be32(p + 1);
+        head = 6;
+        break;
+    default:
+        return -1;
+    }
+    /* the sign byte precedes the little-endian digits */
+    if (p[head - 1] != 0 || n > 8 || !has(r, head + n))
+        return -1;
+    *v = 0;
+    for (size_t i = n; i > 0; i--)
+        *v = *v << 8 | p[head + i - 1];
+    r->pos += head + n;
+    return 0;
+}
+
+static int read_tuple(rd_t *r, uint32_t *arity) {
+    const unsigned char *p = r->p + r->pos;
+
+    if (peek(r) == TAG_SMALL_TUPLE && has(r, 2)) {
+        *arity = p[1];
+        r->pos += 2;
+        return 0;
+    }
+    if (peek(r) == TAG_LARGE_TUPLE && has(r, 5)) {
+        *arity = be32(p + 1);
+        r->pos += 5;
+        return 0;
+    }
+    return -1;
+}
+
+static int skip_atom(rd_t *r) {
+    moat__atom_t a;
+    return read_atom(r, &a);
+}
+
+/* Skips one term of any kind moat_etf_check accepts. */
+static int skip_term(rd_t *r) {
+    uint64_t left = 1;
+    const unsigned char *p;
+    size_t n;
+
+    while (left > 0) {
+        left--;
+        if (!has(r, 1))
+            return -1;
+        p = r->p + r->pos;
+        switch (p[0]) {
+        case TAG_SMALL_INTEGER:
+            n = 2;
+            break;
+        case TAG_INTEGER:
+            n = 5;
+            break;
+        case TAG_NEW_FLOAT:
+            n = 9;
+            break;
+        case TAG_FLOAT:
+            n = 1 + OLD_FLOAT_LEN;
+            break;
+        case TAG_ATOM:
+        case TAG_ATOM_UTF8:
+        case TAG_SMALL_ATOM:
+        case TAG_SMALL_ATOM_UTF8:
+            if (skip_atom(r) < 0)
+                return -1;
+            continue;
+        case TAG_SMALL_TUPLE:
+            if (!has(r, 2))
+                return -1;
+            left += p[1];
+            n = 2;
+            break;
+        case TAG_LARGE_TUPLE:
+            if (!has(r, 5))
+                return -1;
+            left += be32(p + 1);
+            n = 5;
+            break;
+        case TAG_MAP:
+            if (!has(r, 5))
+                return -1;
+            left += 2 * (uint64_t)be32(p + 1);
+            n = 5;
+            break;
+        case TAG_LIST:
+            if (!has(r, 5))
+                return -1;
+            left += (uint64_t)be32(p + 1) + 1; /* the elements, the tail */
+            n = 5;
+            break;
+        case TAG_NIL:
+            n = 1;
+            break;
+        case TAG_STRING:
+            if (!has(r, 3))
+                return -1;
+            n = 3 + (size_t)be16(p + 1);
+            break;
+        case TAG_BINARY:
+            if (!has(r, 5))
+                return -1;
+            n = 5 + (size_t)be32(p + 1);
+            break;
+        case TAG_BIT_BINARY:
+            if (!has(r, 6))
+                return -1;
+            n = 6 + (size_t)be32(p + 1);
+            break;
+        case TAG_SMALL_BIG:
+            if (!has(r, 3))
+                return -1;
+            n = 3 + (size_t)p[1];
+            break;
+        case TAG_LARGE_BIG:
+            if (!has(r, 6))
+                return -1;
+            n = 6 + (size_t)be32(p + 1);
+            break;
+        case TAG_PID:
+        case TAG_NEW_PID:
+        case TAG_PORT:
+        case TAG_NEW_PORT:
+        case TAG_V4_PORT:
+        case TAG_REFERENCE: {
+            /* the node's atom, then fixed fields */
+            int tag = p[0];
+            r->pos++;
+            if (skip_atom(r) < 0)
+                return -1;
+            n = tag == TAG_PID       ? 9
+                : tag == TAG_NEW_PID ? 12
+                : tag == TAG_V4_PORT ? 12
+                : tag == TAG_NEW_PORT ? 8
+                                      : 5;
+            if (advance(r, n) < 0)
+                return -1;
+            continue;
+        }
+        case TAG_NEW_REFERENCE:
+        case TAG_NEWER_REFERENCE: {
+            int tag = p[0];
+            size_t words;
+            if (!has(r, 3))
+                return -1;
+            words = be16(p + 1);
+            r->pos += 3;
+            if (skip_atom(r) < 0 ||
+                advance(r, (tag == TAG_NEW_REFERENCE ? 1 : 4) + 4 * words) < 0)
+                return -1;
+            continue;
+        }
+        case TAG_NEW_FUN:
+            /* Size counts from the Size field to the fun's end. */
+            if (!has(r, 5))
+                return -1;
+            n = 1 + (size_t)be32(p + 1);
+            if (n < 5)
+                return -1;
+            break;
+        case TAG_EXPORT:
+            n = 1;
+            left += 3; /* module, function, arity */
+            break;
+        default:
+            return -1;
+        }
+        if (advance(r, n) < 0)
+            return -1;
+        /* Each term still to skip takes a byte at least. */
+        if (left > r->len - r->pos)
+            return -1;
+    }
+    return 0;
+}
+
+/* A proper list (string, [] or list ending in []); on success the cursor
+ * is after it. */
+static int skip_proper_list(rd_t *r) {
+    uint32_t n;
+
+    switch (peek(r)) {
+    case TAG_NIL:
+    case TAG_STRING:
+        return skip_term(r);
+    case TAG_LIST:
+        if (!has(r, 5))
+            return -1;
+        n = be32(r->p + r->pos + 1);
+        r->pos += 5;
+        for (uint32_t i = 0; i < n; i++)
+            if (skip_term(r) < 0)
+                return -1;
+        return peek(r) == TAG_NIL ? advance(r, 1) : -1;
+    default:
+        return -1;
+    }
+}
+
+/* ------------------------------------------------------------ helpers */
+
+static void why(moat__frame_t *f, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+static void why(moat__frame_t *f, const char *fmt, ...) {
+    va_list ap;
+
+    if (f->why[0] != '\0')
+        return; /* the first fault is the one worth reporting */
+    va_start(ap, fmt);
+    vsnprintf(f->why, sizeof f->why, fmt, ap);
+    va_end(ap);
+}
+
+size_t moat__atom_utf8(const moat__atom_t *a, char *out, size_t cap) {
+    size_t o = 0;
+
+    if (!a->latin1) {
+        size_t n = a->len < cap - 1 ? a->len : cap - 1;
+        /* back off to the start of a character */
+        if (n < a->len)
+            while (n > 0 && ((unsigned char)a->name[n] & 0xC0) == 0x80)
+                n--;
+        memcpy(out, a->name, n);
+        o = n;
+    } else {
+        for (size_t i = 0; i < a->len; i++) {
+            unsigned char c = (unsigned char)a->name[i];
+            if (c < 0x80) {
+                if (o + 1 > cap - 1)
+                    break;
+                out[o++] = (char)c;
+            } else {
+                if (o + 2 > cap - 1)
+                    break;
+                out[o++] = (char)(0xC0 | c >> 6);
+                out[o++] = (char)(0x80 | (c & 0x3F));
+            }
+        }
+    }
+    out[o] = '\0';
+    return o;
+}
+
+/* Makes the argument term from the list's encoding (no version byte). */
+static int args_term(const unsigned char *list, size_t len, moat_term_t **out) {
+    char stack[ARGS_STACK], *etf = stack;
+    int err = 0;
+
+    if (len > sizeof stack - 1) {
+        etf = malloc(len + 1);
+        if (etf == NULL)
+            return UV_ENOMEM;
+    }
+    etf[0] = (char)ETF_VERSION;
+    memcpy(etf + 1, list, len);
+    *out = moat_term_new(etf, len + 1, &err);
+    if (etf != stack)
+        free(etf);
+    return *out != NULL ? 0 : err;
+}
+
+/*
+ * Reads Tag, Task, Args (the elements after `run` in a run frame, or the
+ * elements of a runs frame's tuple), `n` of them, from r.  Returns 0 when
+ * the tag was read (e->status then says whether the rest was good), -1
+ * when not even the tag could be.
+ */
+static int read_run(rd_t *r, uint32_t n, int trusted, moat__frame_t *f,
+                    moat__run_t *e) {
+    size_t start;
+    int rc;
+
+    memset(e, 0, sizeof *e);
+    e->status = MOAT_EBADTERM;
+    if (n < 1 || read_u64(r, &e->tag) < 0) {
+        why(f, "a task's tag is not an integer in 0..2^64-1");
+        return -1;
+    }
+    if (n != 3) {
+        why(f, "a task is not {Tag, Task, Args}");
+        return 0;
+    }
+    if (read_atom(r, &e->task) < 0) {
+        why(f, "task %llu: the task name is not an atom",
+            (unsigned long long)e->tag);
+        return 0;
+    }
+    start = r->pos;
+    if (skip_proper_list(r) < 0) {
+        why(f, "task %llu: the arguments are not a proper list",
+            (unsigned long long)e->tag);
+        return 0;
+    }
+    if (!trusted)
+        return 0; /* the frame failed the check: nothing in it counts */
+    rc = args_term(r->p + start, r->pos - start, &e->args);
+    if (rc == MOAT_EBADTERM)
+        why(f, "task %llu: malformed arguments", (unsigned long long)e->tag);
+    e->status = rc;
+    return 0;
+}
+
+/* {run, Tag, Task, Args} after the atom. */
+static void decode_run(rd_t *r, uint32_t arity, int trusted,
+                       moat__frame_t *f) {
+    f->runs = &f->one;
+    if (read_run(r, arity - 1, trusted, f, &f->one) == 0)
+        f->nruns = 1;
+}
+
+/* {runs, [{Tag, Task, Args}]} after the atom. */
+static int decode_runs(rd_t *r, uint32_t arity, int trusted,
+                       moat__frame_t *f) {
+    uint32_t n, k;
+    size_t end;
+    rd_t el;
+
+    if (arity != 2) {
+        why(f, "a runs frame is not {runs, Tasks}");
+        return 0;
+    }
+    if (peek(r) == TAG_NIL)
+        return 0;
+    if (peek(r) != TAG_LIST || !has(r, 5)) {
+        why(f, "a runs frame's tasks are not a list");
+        return 0;
+    }
+    n = be32(r->p + r->pos + 1);
+    r->pos += 5;
+    /* Each element takes a byte at least: a count the frame cannot hold
+     * is a lie, refused before anything is allocated for it. */
+    if (n > r->len - r->pos) {
+        why(f, "a runs frame's list is longer than the frame");
+        n = (uint32_t)(r->len - r->pos);
+    }
+    f->runs = calloc(n > 0 ? n : 1, sizeof *f->runs);
+    if (f->runs == NULL)
+        return UV_ENOMEM;
+    for (uint32_t i = 0; i < n; i++) {
+        /* Each element is read within its own bounds, found by skipping
+         * it, so a bad element cannot throw the next one off. */
+        size_t start = r->pos;
+        if (skip_term(r) < 0) {
+            why(f, "a runs frame's element %u is malformed", i + 1);
+            /* Its tag may still be readable, up to the frame's end. */
+            end = r->len;
+            el = (rd_t){r->p, end, start};
+            if (read_tuple(&el, &k) == 0 &&
+                read_run(&el, k, 0, f, &f->runs[f->nruns]) == 0)
+                f->nruns++;
+            else
+                f->untagged++;
+            f->untagged += n - i - 1;
+            return 0;
+        }
+        end = r->pos;
+        el = (rd_t){r->p, end, start};
+        if (read_tuple(&el, &k) < 0) {
+            why(f, "a runs frame's element %u is not a tuple", i + 1);
+            f->untagged++;
+            continue;
+        }
+        if (read_run(&el, k, trusted, f, &f->runs[f->nruns]) == 0)
+            f->nruns++;
+        else
+            f->untagged++;
+    }
+    if (peek(r) != TAG_NIL)
+        why(f, "a runs frame's list is not proper");
+    return 0;
+}
+
+/* {cancel, Tag, Reason} after the atom. */
+static void decode_cancel(rd_t *r, uint32_t arity, moat__frame_t *f) {
+    moat__atom_t reason;
+
+    if (arity != 3 || read_u64(r, &f->tag) < 0 ||
+        read_atom(r, &reason) < 0) {
+        why(f, "a cancel frame is not {cancel, Tag, Reason}");
+        return;
+    }
+    f->reason = atom_is(&reason, "killed")    ? MOAT_A_KILLED
+                : atom_is(&reason, "timeout") ? MOAT_A_TIMEOUT
+                                              : MOAT_A_SHUTDOWN;
+}
+
+/* One option of hello's map; the cursor is at its value. */
+static int hello_option(rd_t *r, const moat__atom_t *key, moat__frame_t *f) {
+    moat__hello_t *h = &f->hello;
+    moat__atom_t a;
+    uint64_t v;
+
+    if (atom_is(key, "size")) {
+        if (read_u64(r, &v) < 0 || v < 1 || v > HELLO_MAX_SIZE) {
+            why(f, "size is not an integer in 1..%d", HELLO_MAX_SIZE);
+            return -1;
+        }
+        h->size = (unsigned)v;
+    } else if (atom_is(key, "max_queue")) {
+        if (read_u64(r, &v) < 0 || v > UINT32_MAX) {
+            why(f, "max_queue is not an integer in 0..4294967295");
+            return -1;
+        }
+        h->max_queue = (unsigned)v;
+    } else if (atom_is(key, "isolation")) {
+        if (read_atom(r, &a) < 0 ||
+            !(atom_is(&a, "thread") || atom_is(&a, "process"))) {
+            why(f, "isolation is not thread or process");
+            return -1;
+        }
+        h->isolation = atom_is(&a, "thread") ? MOAT__ISOLATION_THREAD
+                                             : MOAT__ISOLATION_PROCESS;
+    } else if (atom_is(key, "name")) {
+        if (read_atom(r, &a) < 0) {
+            why(f, "name is not an atom");
+            return -1;
+        }
+        moat__atom_utf8(&a, h->name, sizeof h->name);
+    } else if (atom_is(key, "libraries")) {
+        uint32_t n = 0;
+        if (h->libraries != NULL) { /* a crafted map can repeat a key */
+            why(f, "libraries is given twice");
+            return -1;
+        }
+        if (peek(r) == TAG_NIL) {
+            r->pos++;
+            return 0;
+        }
+        if (peek(r) != TAG_LIST || !has(r, 5) ||
+            (n = be32(r->p + r->pos + 1)) > r->len - r->pos - 5) {
+            why(f, "libraries is not a list of binaries");
+            return -1;
+        }
+        r->pos += 5;
+        h->libraries = calloc(n > 0 ? n : 1, sizeof *h->libraries);
+        if (h->libraries == NULL)
+            return UV_ENOMEM;
+        for (uint32_t i = 0; i < n; i++) {
+            uint32_t blen;
+            char *path;
+            if (peek(r) != TAG_BINARY || !has(r, 5) ||
+                !has(r, 5 + (size_t)(blen = be32(r->p + r->pos + 1)))) {
+                why(f, "libraries is not a list of binaries");
+                return -1;
+            }
+            if (blen == 0 || memchr(r->p + r->pos + 5, 0, blen) != NULL) {
+                why(f, "library %u's path is empty or holds a NUL byte",
+                    i + 1);
+                return -1;
+            }
+            path = malloc((size_t)blen + 1);
+            if (path == NULL)
+                return UV_ENOMEM;
+            memcpy(path, r->p + r->pos + 5, blen);
+            path[blen] = '\0';
+            h->libraries[h->nlibraries++] = path;
+            r->pos += 5 + (size_t)blen;
+        }
+        if (peek(r) != TAG_NIL) {
+            why(f, "libraries is not a proper list");
+            return -1;
+        }
+        r->pos++;
+    } else if (skip_term(r) < 0) { /* an option this version ignores */
+        why(f, "malformed option value");
+        return -1;
+    }
+    return 0;
+}
+
+/* {hello, Opts} after the atom. */
+static int decode_hello(rd_t *r, uint32_t arity, int trusted,
+                        moat__frame_t *f) {
+    uint32_t n;
+    moat__atom_t key;
+    int rc;
+
+    if (arity != 2) {
+        why(f, "a hello frame is not {hello, Opts}");
+        return 0;
+    }
+    if (!trusted) /* options are all or nothing: nothing can be read */
+        return 0;
+    if (peek(r) != TAG_MAP || !has(r, 5)) {
+        why(f, "hello's options are not a map");
+        return 0;
+    }
+    n = be32(r->p + r->pos + 1);
+    r->pos += 5;
+    for (uint32_t i = 0; i < n; i++) {
+        if (read_atom(r, &key) < 0) { /* not an option: ignored */
+            if (skip_term(r) < 0 || skip_term(r) < 0) {
+                why(f, "malformed option");
+                return 0;
+            }
+            continue;
+        }
+        rc = hello_option(r, &key, f);
+        if (rc == UV_ENOMEM)
+            return rc;
+        if (rc < 0)
+            return 0;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- API */
+
+int moat__frame_decode(const char *buf, size_t len, moat__frame_t *f) {
+    rd_t r = {(const unsigned char *)buf, len, 0};
+    moat__atom_t kind;
+    uint32_t arity;
+    int check, trusted, rc = 0;
+
+    memset(f, 0, sizeof *f);
+    if (buf == NULL || len == 0) {
+        why(f, "an empty frame");
+        return MOAT_EBADTERM;
+    }
+    check = moat_etf_check(buf, len);
+    if (check == UV_ENOMEM)
+        return UV_ENOMEM;
+    trusted = check == 0;
+    if (!trusted)
+        why(f, "not one well-formed term in the external term format");
+    if (peek(&r) != ETF_VERSION || advance(&r, 1) < 0 ||
+        read_tuple(&r, &arity) < 0 || arity < 1 ||
+        read_atom(&r, &kind) < 0) {
+        why(f, "not a tuple tagged with an atom");
+        return MOAT_EBADTERM;
+    }
+    if (atom_is(&kind, "run")) {
+        f->kind = MOAT__FRAME_RUN;
+        decode_run(&r, arity, trusted, f);
+    } else if (atom_is(&kind, "runs")) {
+        f->kind = MOAT__FRAME_RUNS;
+        rc = decode_runs(&r, arity, trusted, f);
+    } else if (atom_is(&kind, "cancel")) {
+        f->kind = MOAT__FRAME_CANCEL;
+        decode_cancel(&r, arity, f);
+    } else if (atom_is(&kind, "hello")) {
+        f->kind = MOAT__FRAME_HELLO;
+        rc = decode_hello(&r, arity, trusted, f);
+    } else {
+        why(f, "an unknown kind of frame");
+    }
+    if (rc != 0)
+        return rc;
+    return f->why[0] != '\0' ? MOAT_EBADTERM : 0;
+}
+
+void moat__frame_free(moat__frame_t *f) {
+    for (size_t i = 0; i < f->nruns; i++)
+        moat_term_unref(f->runs[i].args);
+    if (f->runs != &f->one)
+        free(f->runs);
+    for (size_t i = 0; i < f->hello.nlibraries; i++)
+        free(f->hello.libraries[i]);
+    free(f->hello.libraries);
+    memset(f, 0, sizeof *f);
+}

@@ -1,0 +1,108 @@
+/* frame.h: private to c_src/cnode.  The decoder of the frames the VM sends
+ * to moat_cnode (doc/cnode.md, "VM -> C-node"): one packet's bytes in, one
+ * C struct out.
+ *
+ * It is pure and bounds-checked: it does no I/O, keeps no state between
+ * calls, never reads outside buf[0..len) and never crashes, whatever the
+ * bytes, so a fuzz target can call it directly.  A frame is trusted only
+ * after moat_etf_check has passed it; a frame that fails is still read as
+ * far as bounded reads go, so that the tags of the tasks it meant to run
+ * can be answered `badarg`. */
+#ifndef MOAT_CNODE_FRAME_H
+#define MOAT_CNODE_FRAME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "moat_core.h"
+
+typedef enum {
+    MOAT__FRAME_NONE = 0, /* not even the frame's kind could be read */
+    MOAT__FRAME_HELLO,
+    MOAT__FRAME_RUN,
+    MOAT__FRAME_RUNS,
+    MOAT__FRAME_CANCEL
+} moat__frame_kind_t;
+
+typedef enum {
+    MOAT__ISOLATION_THREAD = 0, /* also when the option is absent */
+    MOAT__ISOLATION_PROCESS
+} moat__isolation_t;
+
+/* An atom as it appears in the frame.  `name` points into the frame's
+ * buffer: Latin-1 bytes when `latin1`, else UTF-8 (moat__atom_utf8 gives
+ * UTF-8 either way).  `etf` and `etf_len` are the atom's whole encoding,
+ * to copy into a reply as it is. */
+typedef struct moat__atom_s {
+    const char *name;
+    size_t len;
+    int latin1;
+    const char *etf;
+    size_t etf_len;
+} moat__atom_t;
+
+/* {hello, Opts}.  Absent options are 0, NULL or empty. */
+typedef struct moat__hello_s {
+    unsigned size;          /* threads, 1..1024; 0: absent */
+    unsigned max_queue;     /* 0: absent (or 0) */
+    char **libraries;       /* NUL-terminated paths, malloc'd */
+    size_t nlibraries;
+    moat__isolation_t isolation;
+    char name[64];          /* UTF-8, cut at a character boundary */
+} moat__hello_t;
+
+/* One task to run, from a run frame or an element of a runs frame. */
+typedef struct moat__run_s {
+    uint64_t tag;
+    /* 0: run it.  MOAT_EBADTERM: the entry is malformed, answer the tag
+     * with `badarg`.  UV_ENOMEM: no memory for its arguments, answer the
+     * tag with `enomem`. */
+    int status;
+    moat__atom_t task;  /* status 0 only */
+    moat_term_t *args;  /* status 0 only: the argument list (a list, with
+                           the version byte).  moat__frame_free unrefs it
+                           unless the caller took it and set it to NULL. */
+} moat__run_t;
+
+typedef struct moat__frame_s {
+    moat__frame_kind_t kind;
+    moat__hello_t hello;   /* MOAT__FRAME_HELLO */
+    /* MOAT__FRAME_RUN and _RUNS: the entries whose tag could be read, in
+     * frame order.  A run frame has at most one, in `one`. */
+    moat__run_t *runs;
+    size_t nruns;
+    moat__run_t one;
+    size_t untagged;       /* runs elements whose tag could not be read */
+    uint64_t tag;          /* MOAT__FRAME_CANCEL */
+    moat_atom_t reason;    /* MOAT__FRAME_CANCEL: shutdown, killed or
+                              timeout; any other atom reads as shutdown */
+    char why[160];         /* when malformed: what is wrong, as a phrase */
+} moat__frame_t;
+
+/*
+ * Decodes one packet, buf[0..len) (the version byte, then one term), into
+ * *f, which the caller then releases with moat__frame_free whatever this
+ * returns.  Returns 0 when the frame is well formed; a runs frame may then
+ * still hold entries whose status is not 0 (an element with a readable tag
+ * but the wrong shape).  Returns MOAT_EBADTERM when the frame is malformed:
+ * f->why says why, f->kind is set when the kind could be read, and for run
+ * and runs frames f->runs holds the entries whose tag could be read, each
+ * with a status of MOAT_EBADTERM, except the well-formed elements of a runs
+ * frame whose other elements have the wrong shape.  Returns UV_ENOMEM when
+ * no memory was left for the frame's own tables.
+ *
+ * Never reads outside buf[0..len) and never crashes on any input.  Any
+ * thread; reentrant.
+ */
+int moat__frame_decode(const char *buf, size_t len, moat__frame_t *f);
+
+/* Frees what moat__frame_decode allocated (argument terms not taken,
+ * library paths, the runs table) and leaves *f empty.  Idempotent. */
+void moat__frame_free(moat__frame_t *f);
+
+/* Writes an atom's name as NUL-terminated UTF-8 into out[0..cap), cut at a
+ * character boundary when it does not fit.  cap must be at least 1.
+ * Returns the length written, not counting the NUL. */
+size_t moat__atom_utf8(const moat__atom_t *a, char *out, size_t cap);
+
+#endif

@@ -1,0 +1,379 @@
+/*
+ * jobs.c: moat_cnode's tasks in flight, known by the VM's tags: submitting
+ * them to the core pool, sending their outcomes, and cancelling them.
+ *
+ * DESIGN
+ *
+ * Threads.  The loop thread adds jobs (run frames), submits them in
+ * batches, and cancels them (cancel frames).  Pool threads run the bodies
+ * and call moat__jobs_complete with each outcome, which the outbox writes
+ * (outbox.c).  A silent cancel never calls back, so only the loop thread
+ * reports stopped tags.
+ *
+ * The map.  Tag -> job, a chained hash table under `lock`; it exists for
+ * cancels.  A job is in the map from just before its submission until its
+ * outcome is decided: the complete callback takes it out before the
+ * outcome is queued (so a tag the VM reuses afterwards is never confused
+ * with the old one), and a cancel takes it out before it ends the task.
+ *
+ * Who frees a job.  Whoever takes it out of the map owns it (`in_map`
+ * says whether anyone has, under the lock), with one exception: the
+ * handle of a submitted task is attached to its job only after
+ * moat_pool_submit_batch returns, and a fast body can complete first.
+ * Then the callback takes the job out but leaves it to the loop thread,
+ * which finds it out of the map when it attaches, and releases the handle
+ * and frees the job itself.  When a cancel takes a job out and
+ * moat_task_cancel returns 0, the callback has already returned (the
+ * core's claim guarantees it), so the loop thread frees the job safely.
+ *
+ * Stopped.  A cancel that decided a queued task's outcome reports the tag
+ * at once.  One that decided a running task's puts the job on the
+ * `cancelling` list, which a libuv timer polls every POLL_MS with
+ * moat_task_running while the list is not empty; a tag is reported once
+ * its body has left its thread.
+ *
+ * Shutdown.  moat__jobs_close runs after moat_pool_close has decided every
+ * outcome, so the map is empty then; it releases the cancelling list.
+ *
+ * Lock: `lock` (the map lock) guards buckets, mask, count, and each job's
+ * in_map and task.  The outbox's lock is never taken under it.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "cnode.h"
+
+/* How often the loop looks at cancelled bodies still running: the demo's
+ * sleep notices a cancel within 1 ms, so a stopped frame follows it
+ * within 2 ms. */
+#define POLL_MS 1
+
+#define INITIAL_BUCKETS 1024
+
+/* Submitting in batches this large starts the first bodies of a large
+ * runs frame before the whole frame is submitted. */
+#define FLUSH_AT 1024
+
+#define INITIAL_PEND 64
+
+/* ---------------------------------------------------------------- map */
+
+static size_t slot(const moat__jobs_t *jobs, uint64_t tag) {
+    /* Tags are often consecutive: mix them (MurmurHash3's finaliser). */
+    tag ^= tag >> 33;
+    tag *= 0xff51afd7ed558ccdULL;
+    tag ^= tag >> 33;
+    return (size_t)tag & jobs->mask;
+}
+
+/* Doubles the table; on failure keeps the old one (longer chains).  map
+ * lock held. */
+static void grow(moat__jobs_t *jobs) {
+    size_t n = (jobs->mask + 1) * 2, old = jobs->mask + 1;
+    moat__job_t **b = calloc(n, sizeof *b), **ob = jobs->buckets;
+
+    if (b == NULL)
+        return;
+    jobs->buckets = b;
+    jobs->mask = n - 1;
+    for (size_t i = 0; i < old; i++) {
+        moat__job_t *j = ob[i];
+        while (j != NULL) {
+            moat__job_t *next = j->next;
+            size_t s = slot(jobs, j->tag);
+            j->next = b[s];
+            b[s] = j;
+            j = next;
+        }
+    }
+    free(ob);
+}
+
+/* map lock held. */
+static void map_insert(moat__jobs_t *jobs, moat__job_t *job) {
+    size_t s = slot(jobs, job->tag);
+
+    job->next = jobs->buckets[s];
+    jobs->buckets[s] = job;
+    job->in_map = 1;
+    if (++jobs->count > jobs->mask + 1)
+        grow(jobs);
+}
+
+/* Takes `job` (in the map) out.  map lock held. */
+static void map_unlink(moat__jobs_t *jobs, moat__job_t *job) {
+    moat__job_t **pp = &jobs->buckets[slot(jobs, job->tag)];
+
+    while (*pp != job)
+        pp = &(*pp)->next;
+    *pp = job->next;
+    job->next = NULL;
+    job->in_map = 0;
+    jobs->count--;
+}
+
+/* Takes the job with this tag out; NULL when there is none.  map lock
+ * held. */
+static moat__job_t *map_take(moat__jobs_t *jobs, uint64_t tag) {
+    moat__job_t *j = jobs->buckets[slot(jobs, tag)];
+
+    while (j != NULL && j->tag != tag)
+        j = j->next;
+    if (j != NULL)
+        map_unlink(jobs, j);
+    return j;
+}
+
+/* ------------------------------------------------------------ helpers */
+
+/* Answers {Tag, exit, Atom}. */
+static void answer(moat__jobs_t *jobs, uint64_t tag, moat_atom_t a) {
+    size_t len;
+    const char *etf = moat_term_data(moat_atom(a), &len);
+
+    moat__outbox_done(jobs->ob, tag, MOAT_EXIT, etf + 1, len - 1);
+}
+
+/* The reason a refused submission gets. */
+static moat_atom_t refusal(int err) {
+    if (err == MOAT_EOVERLOADED)
+        return MOAT_A_OVERLOADED;
+    if (err == MOAT_ECLOSED)
+        return MOAT_A_NOPROC;
+    return MOAT_A_ENOMEM;
+}
+
+static int grow_pend(moat__jobs_t *jobs) {
+    size_t cap = jobs->cappend * 2;
+    moat_job_t *p = realloc(jobs->pend, cap * sizeof *p);
+    moat_task_t **t;
+
+    if (p == NULL)
+        return UV_ENOMEM;
+    jobs->pend = p;
+    t = realloc(jobs->pend_tasks, cap * sizeof *t);
+    if (t == NULL)
+        return UV_ENOMEM;
+    jobs->pend_tasks = t;
+    jobs->cappend = cap;
+    return 0;
+}
+
+/* Reports the cancelled bodies that have left their threads. */
+static void poll_cancelling(uv_timer_t *timer) {
+    moat__jobs_t *jobs = timer->data;
+    moat__job_t **pp = &jobs->cancelling;
+    uint64_t tags[64];
+    size_t n = 0;
+
+    while (*pp != NULL) {
+        moat__job_t *job = *pp;
+        if (moat_task_running(job->task)) {
+            pp = &job->next;
+            continue;
+        }
+        *pp = job->next;
+        tags[n++] = job->tag;
+        moat_task_release(job->task);
+        free(job);
+        if (n == sizeof tags / sizeof tags[0]) {
+            moat__outbox_stopped(jobs->ob, tags, n);
+            n = 0;
+        }
+    }
+    if (n > 0)
+        moat__outbox_stopped(jobs->ob, tags, n);
+    if (jobs->cancelling == NULL)
+        uv_timer_stop(timer);
+}
+
+/* ---------------------------------------------------------------- API */
+
+int moat__jobs_init(moat__jobs_t *jobs, uv_loop_t *loop, moat__outbox_t *ob) {
+    int rc;
+
+    memset(jobs, 0, sizeof *jobs);
+    jobs->ob = ob;
+    jobs->buckets = calloc(INITIAL_BUCKETS, sizeof *jobs->buckets);
+    jobs->pend = malloc(INITIAL_PEND * sizeof *jobs->pend);
+    jobs->pend_tasks = malloc(INITIAL_PEND * sizeof *jobs->pend_tasks);
+    if (jobs->buckets == NULL || jobs->pend == NULL ||
+        jobs->pend_tasks == NULL) {
+        rc = UV_ENOMEM;
+        goto fail;
+    }
+    jobs->mask = INITIAL_BUCKETS - 1;
+    jobs->cappend = INITIAL_PEND;
+    rc = uv_mutex_init(&jobs->lock);
+    if (rc != 0)
+        goto fail;
+    rc = uv_timer_init(loop, &jobs->timer);
+    if (rc != 0) {
+        uv_mutex_destroy(&jobs->lock);
+        goto fail;
+    }
+    jobs->timer.data = jobs;
+    return 0;
+
+fail:
+    free(jobs->buckets);
+    free(jobs->pend);
+    free(jobs->pend_tasks);
+    return rc;
+}
+
+void moat__jobs_complete(moat_task_t *task, const moat_outcome_t *o,
+                         void *data) {
+    moat__jobs_t *jobs = data;
+    moat__job_t *job = moat_task_data(task);
+    uint64_t tag = job->tag;
+    moat_task_t *handle = NULL;
+    const char *etf;
+    size_t len;
+
+    uv_mutex_lock(&jobs->lock);
+    if (job->in_map) {
+        map_unlink(jobs, job);
+        handle = job->task; /* NULL: the loop thread has yet to attach it */
+    }
+    uv_mutex_unlock(&jobs->lock);
+    etf = moat_term_data(o->term, &len);
+    moat__outbox_done(jobs->ob, tag, o->kind, etf + 1, len - 1);
+    if (handle != NULL) {
+        moat_task_release(handle);
+        free(job);
+    }
+}
+
+void moat__jobs_add(moat__jobs_t *jobs, uint64_t tag,
+                    const moat_task_def_t *def, const moat_lib_t *lib,
+                    moat_term_t *args) {
+    moat__job_t *job = NULL;
+
+    if ((jobs->npend == jobs->cappend && grow_pend(jobs) < 0) ||
+        (job = calloc(1, sizeof *job)) == NULL) {
+        moat_term_unref(args);
+        answer(jobs, tag, MOAT_A_ENOMEM);
+        return;
+    }
+    job->tag = tag;
+    jobs->pend[jobs->npend++] =
+        (moat_job_t){def->run, def->name, lib, args, 0, -1, job};
+    if (jobs->npend >= FLUSH_AT)
+        moat__jobs_flush(jobs);
+}
+
+void moat__jobs_flush(moat__jobs_t *jobs) {
+    size_t n = jobs->npend, i;
+    moat_job_t *pend = jobs->pend;
+    moat_task_t **tasks = jobs->pend_tasks;
+
+    if (n == 0)
+        return;
+    jobs->npend = 0;
+    /* In the map before any of them can complete. */
+    uv_mutex_lock(&jobs->lock);
+    for (i = 0; i < n; i++)
+        map_insert(jobs, pend[i].data);
+    uv_mutex_unlock(&jobs->lock);
+
+    for (i = 0; i < n;) {
+        int rc = moat_pool_submit_batch(jobs->pool, pend + i, n - i,
+                                        tasks + i);
+        if (rc > 0) {
+            i += (size_t)rc;
+            continue;
+        }
+        ((moat__job_t *)pend[i].data)->err = rc < 0 ? rc : MOAT_EINVAL;
+        tasks[i] = NULL;
+        i++;
+    }
+
+    /* Attach each handle, unless the outcome was quicker. */
+    uv_mutex_lock(&jobs->lock);
+    for (i = 0; i < n; i++) {
+        moat__job_t *job = pend[i].data;
+        if (job->err != 0) {
+            map_unlink(jobs, job);
+        } else if (job->in_map) {
+            job->task = tasks[i];
+            tasks[i] = NULL;
+            /* From here on the callback may free the job at any time. */
+            pend[i].data = NULL;
+        }
+    }
+    uv_mutex_unlock(&jobs->lock);
+
+    for (i = 0; i < n; i++) {
+        moat__job_t *job = pend[i].data;
+        if (job == NULL)
+            continue;
+        if (job->err != 0) {
+            moat_term_unref(pend[i].args); /* refused: still ours */
+            answer(jobs, job->tag, refusal(job->err));
+            free(job);
+        } else if (tasks[i] != NULL) { /* its outcome is already sent */
+            moat_task_release(tasks[i]);
+            free(job);
+        }
+    }
+}
+
+void moat__jobs_cancel(moat__jobs_t *jobs, uint64_t tag, moat_atom_t reason) {
+    moat__job_t *job;
+    int rc;
+
+    moat__jobs_flush(jobs);
+    uv_mutex_lock(&jobs->lock);
+    job = map_take(jobs, tag);
+    uv_mutex_unlock(&jobs->lock);
+    if (job == NULL)
+        return; /* its outcome is sent, or it never was ours */
+    if (job->task == NULL)
+        abort(); /* broken invariant: flush attached every handle */
+    rc = moat_task_cancel(job->task, reason, MOAT_CANCEL_SILENT);
+    if (rc == 1 && moat_task_running(job->task)) {
+        job->next = jobs->cancelling;
+        jobs->cancelling = job;
+        if (!uv_is_active((uv_handle_t *)&jobs->timer))
+            uv_timer_start(&jobs->timer, poll_cancelling, POLL_MS, POLL_MS);
+        return;
+    }
+    if (rc == 1) /* it never started */
+        moat__outbox_stopped(jobs->ob, &job->tag, 1);
+    /* rc == 0: it completed first, and its done entry is sent */
+    moat_task_release(job->task);
+    free(job);
+}
+
+void moat__jobs_close(moat__jobs_t *jobs) {
+    while (jobs->cancelling != NULL) {
+        moat__job_t *job = jobs->cancelling;
+        jobs->cancelling = job->next;
+        moat_task_release(job->task);
+        free(job);
+    }
+    for (size_t i = 0; i <= jobs->mask; i++) {
+        while (jobs->buckets[i] != NULL) {
+            moat__job_t *job = jobs->buckets[i];
+            jobs->buckets[i] = job->next;
+            if (job->task != NULL)
+                moat_task_release(job->task);
+            free(job);
+        }
+    }
+    for (size_t i = 0; i < jobs->npend; i++) {
+        moat_term_unref(jobs->pend[i].args);
+        free(jobs->pend[i].data);
+    }
+    jobs->npend = 0;
+    free(jobs->buckets);
+    free(jobs->pend);
+    free(jobs->pend_tasks);
+    jobs->buckets = NULL;
+    jobs->pend = NULL;
+    jobs->pend_tasks = NULL;
+    uv_mutex_destroy(&jobs->lock);
+    uv_timer_stop(&jobs->timer);
+    uv_close((uv_handle_t *)&jobs->timer, NULL);
+}

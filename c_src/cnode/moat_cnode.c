@@ -1,0 +1,579 @@
+/*
+ * moat_cnode.c: the C-node executable, `backend => cnode` with `isolation
+ * => thread` over the port transport (doc/cnode.md is the protocol).
+ *
+ * DESIGN
+ *
+ * Threads.  The main thread runs a libuv loop that reads stdin (frames:
+ * a 4-byte big-endian length, then one term in the external term format),
+ * reads the stderr pipe (errlog.c), and polls cancelled bodies (jobs.c).
+ * The core pool's threads run the task bodies and send each outcome
+ * themselves, through the outbox (outbox.c), the only writer of frames.
+ * It writes to its own copy of stdout: fd 1 and fd 2 both become the
+ * errlog pipe, so what a library prints reaches the VM as log frames and
+ * can never corrupt the frames.
+ *
+ * Frames.  Every frame is decoded by frame.c, which does no I/O and trusts
+ * nothing it has not checked.  The first frame must be hello: it opens the
+ * libraries, starts the pool and is answered with ready; anything else, or
+ * a hello that cannot be served, is answered with {error, _} and the node
+ * exits with status 2.  Afterwards a malformed frame is logged and its
+ * readable tags answered badarg; the node never exits for one.  The run
+ * frames of one read are submitted as one batch (at the end of the read,
+ * or before a cancel, so a cancel always finds the tasks sent before it).
+ *
+ * Shutdown.  stdin's end ends the node with status 0.  The outbox drops
+ * what follows (the VM has stopped listening); the pool is closed, which
+ * decides every outcome at once; bodies that heed cancellation get
+ * EXIT_GRACE_MS to leave.  If none is left on a thread, the pool is
+ * stopped (its threads joined, so no complete callback still runs), then
+ * everything is freed before exiting, so that leak checkers see nothing;
+ * otherwise the node exits at once, because a body that ignores
+ * cancellation cannot be waited for (it runs until it returns).  The
+ * parent-death signal covers a VM killed outright.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include "cnode.h"
+#include "frame.h"
+
+/* Frames larger than this are dropped unread (and logged) rather than
+ * buffered: arguments that large belong in a file. */
+#define MAX_FRAME (1u << 30)
+
+/* A read asks for at least this much room; the buffer shrinks back to
+ * READ_MIN after a frame larger than SHRINK_ABOVE. */
+#define READ_MIN (64u * 1024u)
+#define SHRINK_ABOVE (4u * 1024u * 1024u)
+
+/* How long stdin's end waits for cancelled bodies that heed the cancel
+ * (the demo's sleep leaves within 1 ms) before exiting without them. */
+#define EXIT_GRACE_MS 10
+
+#define LEN_BYTES 4
+
+typedef struct node_s {
+    uv_loop_t loop;
+    uv_pipe_t in;
+    int in_open;
+    char *rbuf;        /* bytes read from stdin, not yet handled */
+    size_t rlen, rcap;
+    uint64_t skip;     /* bytes of an oversized frame still to drop */
+    int hello_done;
+    int stop;          /* the loop is ending: no more frames */
+    int status;        /* the exit status */
+    moat_lib_t **libs;
+    size_t nlibs;
+    moat_pool_t *pool;
+    moat__outbox_t ob;
+    moat__jobs_t jobs;
+    moat__errlog_t errlog;
+    int loop_ready, ob_ready, jobs_ready, errlog_ready;
+} node_t;
+
+/* Static, so that all of it stays reachable when the node exits with
+ * bodies still running. */
+static node_t node;
+
+static void finish(node_t *n, int status) {
+    if (n->stop)
+        return;
+    n->stop = 1;
+    n->status = status;
+    if (n->in_open)
+        uv_read_stop((uv_stream_t *)&n->in);
+    uv_stop(&n->loop);
+}
+
+/* ------------------------------------------------------------- replies */
+
+/* Answers {Tag, exit, Atom}. */
+static void reply_atom(node_t *n, uint64_t tag, moat_atom_t a) {
+    size_t len;
+    const char *etf = moat_term_data(moat_atom(a), &len);
+
+    moat__outbox_done(&n->ob, tag, MOAT_EXIT, etf + 1, len - 1);
+}
+
+/* Answers {Tag, exit, {unknown_task, Task}}, Task as the frame had it. */
+static void reply_unknown(node_t *n, uint64_t tag, const moat__atom_t *task) {
+    ei_x_buff x;
+
+    if (ei_x_new(&x) < 0 || ei_x_encode_tuple_header(&x, 2) < 0 ||
+        ei_x_encode_atom(&x, "unknown_task") < 0 ||
+        ei_x_append_buf(&x, task->etf, (int)task->etf_len) < 0) {
+        ei_x_free(&x);
+        reply_atom(n, tag, MOAT_A_ENOMEM);
+        return;
+    }
+    moat__outbox_done(&n->ob, tag, MOAT_EXIT, x.buff, (size_t)x.index);
+    ei_x_free(&x);
+}
+
+/* Answers hello with {error, {Kind, <<Message>>}}, then ends the node with
+ * status 2. */
+static void hello_fail(node_t *n, const char *kind, const char *msg) {
+    ei_x_buff x;
+
+    if (ei_x_new_with_version(&x) == 0 &&
+        ei_x_encode_tuple_header(&x, 2) == 0 &&
+        ei_x_encode_atom(&x, "error") == 0 &&
+        ei_x_encode_tuple_header(&x, 2) == 0 &&
+        ei_x_encode_atom(&x, kind) == 0 &&
+        ei_x_encode_binary(&x, msg, (long)strlen(msg)) == 0)
+        moat__outbox_frame(&n->ob, x.buff, (size_t)x.index);
+    ei_x_free(&x);
+    finish(n, MOAT_CNODE_EXIT_HELLO);
+}
+
+/* --------------------------------------------------------------- hello */
+
+static int send_ready(node_t *n) {
+    ei_x_buff x;
+    int ntasks = 0, rc = UV_ENOMEM;
+
+    for (size_t l = 0; l < n->nlibs; l++)
+        for (const moat_task_def_t *d = moat_lib_def(n->libs[l])->tasks;
+             d->name != NULL; d++)
+            ntasks++;
+    if (ei_x_new_with_version(&x) < 0)
+        return UV_ENOMEM;
+    if (ei_x_encode_tuple_header(&x, 3) < 0 ||
+        ei_x_encode_atom(&x, "ready") < 0 ||
+        ei_x_encode_long(&x, (long)getpid()) < 0 ||
+        (ntasks > 0 && ei_x_encode_list_header(&x, ntasks) < 0))
+        goto done;
+    for (size_t l = 0; l < n->nlibs; l++)
+        for (const moat_task_def_t *d = moat_lib_def(n->libs[l])->tasks;
+             d->name != NULL; d++)
+            if (ei_x_encode_atom_len_as(&x, d->name, (int)strlen(d->name),
+                                        ERLANG_UTF8, ERLANG_UTF8) < 0)
+                goto done;
+    if (ei_x_encode_empty_list(&x) < 0)
+        goto done;
+    rc = moat__outbox_frame(&n->ob, x.buff, (size_t)x.index);
+done:
+    ei_x_free(&x);
+    return rc;
+}
+
+static void on_hello(node_t *n, moat__hello_t *h) {
+    moat_pool_opts_t o = {0};
+    char msg[256];
+    int rc;
+
+    if (h->isolation != MOAT__ISOLATION_THREAD) {
+        hello_fail(n, "bad_hello", "isolation process is not supported yet");
+        return;
+    }
+    n->libs = calloc(h->nlibraries > 0 ? h->nlibraries : 1, sizeof *n->libs);
+    if (n->libs == NULL) {
+        hello_fail(n, "bad_hello", "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < h->nlibraries; i++) {
+        char *err = NULL;
+        rc = moat_lib_open(h->libraries[i], &n->libs[n->nlibs], &err);
+        if (rc != 0) {
+            if (err == NULL)
+                snprintf(msg, sizeof msg, "%s: %s", h->libraries[i],
+                         moat_strerror(rc));
+            hello_fail(n, "bad_library", err != NULL ? err : msg);
+            free(err);
+            return;
+        }
+        n->nlibs++;
+    }
+    o.nthreads = h->size;       /* 0: the online CPUs */
+    o.max_queue = h->max_queue; /* 0: the core's default */
+    o.name = h->name[0] != '\0' ? h->name : "cnode";
+    o.complete = moat__jobs_complete;
+    o.data = &n->jobs;
+    rc = moat_pool_new(&o, &n->pool);
+    if (rc != 0) {
+        snprintf(msg, sizeof msg, "cannot start the pool: %s",
+                 moat_strerror(rc));
+        hello_fail(n, "bad_hello", msg);
+        return;
+    }
+    n->jobs.pool = n->pool;
+    if (send_ready(n) != 0) {
+        /* The VM would wait for ready for ever: end with a status it
+         * reads as a crash. */
+        finish(n, MOAT_CNODE_EXIT_NOMEM);
+        return;
+    }
+    n->hello_done = 1;
+}
+
+/* ---------------------------------------------------------------- runs */
+
+static const moat_task_def_t *find_task(node_t *n, const moat__atom_t *a,
+                                        const moat_lib_t **lib) {
+    char utf8[2 * 255 + 1]; /* a Latin-1 atom doubles at most */
+    const char *name = a->name;
+    size_t len = a->len;
+
+    if (a->latin1)
+        for (size_t i = 0; i < a->len; i++)
+            if ((unsigned char)a->name[i] >= 0x80) {
+                len = moat__atom_utf8(a, utf8, sizeof utf8);
+                name = utf8;
+                break;
+            }
+    for (size_t l = 0; l < n->nlibs; l++) {
+        /* earlier libraries win a name two of them export */
+        const moat_task_def_t *d = moat_lib_task(n->libs[l], name, len);
+        if (d != NULL) {
+            *lib = n->libs[l];
+            return d;
+        }
+    }
+    return NULL;
+}
+
+static void on_run(node_t *n, moat__run_t *e) {
+    const moat_task_def_t *def;
+    const moat_lib_t *lib = NULL;
+
+    if (e->status == UV_ENOMEM) {
+        reply_atom(n, e->tag, MOAT_A_ENOMEM);
+    } else if (e->status != 0) {
+        reply_atom(n, e->tag, MOAT_A_BADARG);
+    } else if ((def = find_task(n, &e->task, &lib)) == NULL) {
+        reply_unknown(n, e->tag, &e->task);
+    } else {
+        moat__jobs_add(&n->jobs, e->tag, def, lib, e->args);
+        e->args = NULL; /* the job's now */
+    }
+}
+
+/* -------------------------------------------------------------- frames */
+
+static const char *kind_name(moat__frame_kind_t k) {
+    switch (k) {
+    case MOAT__FRAME_HELLO:
+        return "hello";
+    case MOAT__FRAME_RUN:
+        return "run";
+    case MOAT__FRAME_RUNS:
+        return "runs";
+    case MOAT__FRAME_CANCEL:
+        return "cancel";
+    default:
+        return "unknown";
+    }
+}
+
+static void handle_frame(node_t *n, const char *buf, size_t len) {
+    moat__frame_t f;
+    int rc = moat__frame_decode(buf, len, &f);
+
+    if (rc == UV_ENOMEM) {
+        /* Tags it held may be lost: the VM must see the node end. */
+        moat__frame_free(&f);
+        finish(n, MOAT_CNODE_EXIT_NOMEM);
+        return;
+    }
+    if (!n->hello_done) {
+        if (f.kind != MOAT__FRAME_HELLO)
+            hello_fail(n, "bad_hello", "the first frame is not {hello, Opts}");
+        else if (rc != 0)
+            hello_fail(n, "bad_hello", f.why);
+        else
+            on_hello(n, &f.hello);
+        moat__frame_free(&f);
+        return;
+    }
+    if (rc != 0) {
+        if (f.untagged > 0)
+            moat__outbox_logf(&n->ob, "error",
+                              "moat_cnode: malformed %s frame (%zu bytes): "
+                              "%s; %zu task(s) without a readable tag "
+                              "dropped",
+                              kind_name(f.kind), len, f.why, f.untagged);
+        else
+            moat__outbox_logf(&n->ob, "error",
+                              "moat_cnode: malformed %s frame (%zu bytes): "
+                              "%s",
+                              kind_name(f.kind), len, f.why);
+    }
+    switch (f.kind) {
+    case MOAT__FRAME_RUN:
+    case MOAT__FRAME_RUNS:
+        for (size_t i = 0; i < f.nruns; i++)
+            on_run(n, &f.runs[i]);
+        break;
+    case MOAT__FRAME_CANCEL:
+        if (rc == 0)
+            moat__jobs_cancel(&n->jobs, f.tag, f.reason);
+        break;
+    case MOAT__FRAME_HELLO:
+        if (rc == 0)
+            moat__outbox_logf(&n->ob, "error",
+                              "moat_cnode: a second hello frame was ignored");
+        break;
+    default:
+        break;
+    }
+    moat__frame_free(&f);
+}
+
+/* --------------------------------------------------------------- stdin */
+
+static uint32_t be32(const char *p) {
+    const unsigned char *u = (const unsigned char *)p;
+    return (uint32_t)u[0] << 24 | (uint32_t)u[1] << 16 | (uint32_t)u[2] << 8 |
+           u[3];
+}
+
+/* Makes rbuf hold at least `cap` bytes.  Returns 0 or UV_ENOMEM. */
+static int reserve(node_t *n, size_t cap) {
+    char *b;
+
+    if (cap <= n->rcap)
+        return 0;
+    if (cap < 2 * n->rcap)
+        cap = 2 * n->rcap;
+    b = realloc(n->rbuf, cap);
+    if (b == NULL)
+        return UV_ENOMEM;
+    n->rbuf = b;
+    n->rcap = cap;
+    return 0;
+}
+
+/* Handles every whole frame in rbuf and keeps the rest. */
+static void parse(node_t *n) {
+    size_t off = 0, want = 0; /* want: what an incomplete frame needs */
+
+    while (!n->stop) {
+        size_t avail = n->rlen - off;
+        uint32_t len;
+
+        if (n->skip > 0) {
+            size_t k = avail < n->skip ? avail : (size_t)n->skip;
+            off += k;
+            n->skip -= k;
+            if (n->skip > 0)
+                break;
+            continue;
+        }
+        if (avail < LEN_BYTES)
+            break;
+        len = be32(n->rbuf + off);
+        if (len > MAX_FRAME) {
+            if (!n->hello_done) {
+                hello_fail(n, "bad_hello", "the first frame is too large");
+                break;
+            }
+            moat__outbox_logf(&n->ob, "error",
+                              "moat_cnode: a frame of %u bytes is over the "
+                              "limit of %u bytes; dropped",
+                              len, MAX_FRAME);
+            off += LEN_BYTES;
+            n->skip = len;
+            continue;
+        }
+        if (avail - LEN_BYTES < len) {
+            /* Room for the whole frame once it is moved to the front. */
+            want = LEN_BYTES + (size_t)len;
+            if (reserve(n, want) != 0)
+                finish(n, MOAT_CNODE_EXIT_NOMEM);
+            break;
+        }
+        handle_frame(n, n->rbuf + off + LEN_BYTES, len);
+        off += LEN_BYTES + (size_t)len;
+    }
+    memmove(n->rbuf, n->rbuf + off, n->rlen - off);
+    n->rlen -= off;
+    if (n->rcap > SHRINK_ABOVE && n->rlen < READ_MIN && want <= READ_MIN) {
+        char *b = realloc(n->rbuf, READ_MIN);
+        if (b != NULL) {
+            n->rbuf = b;
+            n->rcap = READ_MIN;
+        }
+    }
+}
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
+    node_t *n = h->data;
+
+    (void)hint;
+    if (n->rcap - n->rlen < READ_MIN && reserve(n, n->rlen + READ_MIN) != 0) {
+        *buf = uv_buf_init(NULL, 0); /* on_read gets UV_ENOBUFS */
+        return;
+    }
+    *buf = uv_buf_init(n->rbuf + n->rlen, (unsigned)(n->rcap - n->rlen));
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+    node_t *n = s->data;
+
+    (void)buf;
+    if (nread == UV_EOF) {
+        finish(n, MOAT_CNODE_EXIT_EOF);
+        return;
+    }
+    if (nread < 0) {
+        finish(n, nread == UV_ENOBUFS ? MOAT_CNODE_EXIT_NOMEM
+                                      : MOAT_CNODE_EXIT_FAILURE);
+        return;
+    }
+    n->rlen += (size_t)nread;
+    parse(n);
+    if (!n->stop && n->hello_done)
+        moat__jobs_flush(&n->jobs);
+}
+
+/* ------------------------------------------------------------ lifecycle */
+
+/* Gives fds 0..2 something to point at, so that no pipe this process
+ * opens later is mistaken for one of them. */
+static int standard_fds(void) {
+    for (int fd = 0; fd <= 2; fd++) {
+        if (fcntl(fd, F_GETFD) >= 0)
+            continue;
+        int nul = open("/dev/null", O_RDWR);
+        if (nul < 0)
+            return -errno;
+        if (nul != fd) {
+            dup2(nul, fd);
+            close(nul);
+        }
+    }
+    return 0;
+}
+
+static int start(node_t *n) {
+    uv_handle_type t;
+    int rc, out;
+
+    rc = uv_loop_init(&n->loop);
+    if (rc != 0)
+        return rc;
+    n->loop_ready = 1;
+    /* Frames go to a copy of stdout: fd 1 itself becomes the errlog
+     * pipe, so that a library's prints cannot corrupt the frames. */
+    out = fcntl(1, F_DUPFD_CLOEXEC, 3);
+    if (out < 0)
+        return -errno;
+    rc = moat__outbox_init(&n->ob, out);
+    if (rc != 0) {
+        close(out);
+        return rc;
+    }
+    n->ob_ready = 1;
+    rc = moat__errlog_start(&n->errlog, &n->loop, &n->ob);
+    if (rc != 0)
+        return rc;
+    n->errlog_ready = 1;
+    rc = moat__jobs_init(&n->jobs, &n->loop, &n->ob);
+    if (rc != 0)
+        return rc;
+    n->jobs_ready = 1;
+    /* epoll cannot watch a regular file (libuv aborts on it) */
+    t = uv_guess_handle(0);
+    if (t == UV_FILE || t == UV_UNKNOWN_HANDLE)
+        return UV_EINVAL;
+    rc = uv_pipe_init(&n->loop, &n->in, 0);
+    if (rc != 0)
+        return rc;
+    n->in_open = 1;
+    n->in.data = n;
+    rc = uv_pipe_open(&n->in, 0);
+    if (rc != 0)
+        return rc;
+    return uv_read_start((uv_stream_t *)&n->in, on_alloc, on_read);
+}
+
+/* Whether a body is still on a thread, or a thread is stuck writing. */
+static int busy(node_t *n) {
+    moat_pool_stats_t st;
+
+    if (moat__outbox_discard(&n->ob))
+        return 1;
+    if (n->pool == NULL)
+        return 0;
+    moat_pool_stats(n->pool, &st);
+    return st.running > 0 || st.abandoned > 0;
+}
+
+/* Ends the node: see the DESIGN paragraph.  Returns the exit status. */
+static int stop(node_t *n) {
+    if (n->ob_ready)
+        moat__outbox_discard(&n->ob);
+    if (n->pool != NULL) {
+        moat_pool_close(n->pool);
+        for (int i = 0; busy(n); i++) {
+            if (i == EXIT_GRACE_MS)
+                _exit(n->status); /* see DESIGN: no waiting for bodies */
+            uv_sleep(1);
+        }
+        /* No body is left, so this is quick; afterwards no callback can
+         * still be running (a finished task is no longer counted as
+         * running while its callback runs). */
+        moat_pool_stop(n->pool);
+    }
+    if (n->jobs_ready) /* releases task handles: before the pool goes */
+        moat__jobs_close(&n->jobs);
+    if (n->pool != NULL) {
+        moat_pool_free(n->pool);
+        n->pool = NULL;
+    }
+    if (n->in_open)
+        uv_close((uv_handle_t *)&n->in, NULL);
+    if (n->errlog_ready)
+        moat__errlog_stop(&n->errlog);
+    if (n->loop_ready) {
+        uv_run(&n->loop, UV_RUN_DEFAULT); /* the close callbacks */
+        uv_loop_close(&n->loop);
+    }
+    for (size_t i = 0; i < n->nlibs; i++)
+        moat_lib_close(n->libs[i]);
+    free(n->libs);
+    if (n->ob_ready)
+        moat__outbox_close(&n->ob);
+    free(n->rbuf);
+    return n->status;
+}
+
+int main(void) {
+    node_t *n = &node;
+    pid_t parent = getppid();
+    int rc;
+
+    ei_init();
+    /* ei does not write with MSG_NOSIGNAL, and a VM that is gone must be
+     * a write error here, not a signal. */
+    signal(SIGPIPE, SIG_IGN);
+    /* Die with the VM even when it is killed outright, then check that
+     * it did not die before the signal was armed.  A parent that died
+     * before `parent` was read leaves stdin at EOF: the loop sees it. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
+        return MOAT_CNODE_EXIT_FAILURE;
+    if (standard_fds() != 0)
+        return MOAT_CNODE_EXIT_FAILURE;
+    rc = start(n);
+    if (rc != 0) {
+        /* errlog may already hold fd 2: say it through the outbox */
+        if (n->ob_ready)
+            moat__outbox_logf(&n->ob, "error", "moat_cnode: cannot start: %s",
+                              moat_strerror(rc));
+        else
+            fprintf(stderr, "moat_cnode: cannot start: %s\n",
+                    moat_strerror(rc));
+        n->status = MOAT_CNODE_EXIT_FAILURE;
+        return stop(n);
+    }
+    n->status = MOAT_CNODE_EXIT_FAILURE; /* unless finish says otherwise */
+    uv_run(&n->loop, UV_RUN_DEFAULT);
+    return stop(n);
+}

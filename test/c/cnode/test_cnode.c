@@ -1,0 +1,1225 @@
+/*
+ * test_cnode.c: moat_cnode driven over its stdio as the VM drives it, frame
+ * by frame (doc/cnode.md).
+ *
+ * Each test spawns the executable named by MOAT_CNODE (the variant's
+ * build) with posix_spawn, its stdin and stdout on pipes and its stderr
+ * ours, and speaks the protocol with ei.  Libraries: the demo
+ * (MOAT_DEMO_SO) and the tests' own cnode_lib.c (MOAT_CNODE_LIB), whose
+ * tasks write to stderr and stdout.  When MOAT_CNODE_RUNNER is set (the valgrind
+ * stage sets it to its valgrind command), the C-node runs under it, so
+ * its leaks and errors fail its exit status.
+ *
+ * The first group shares one node, started by the group's setup; its
+ * teardown closes stdin and expects exit status 0, which a leak under
+ * ASan or valgrind would change.  The other tests each start their own
+ * node, for a configuration or an ending of their own.  Every test reaps
+ * its child.  Tests wait for events, never for time, except where a body
+ * must be running before it is cancelled.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <ei.h>
+
+extern char **environ;
+
+/* Generous bounds for the slowest runs (valgrind on both ends): the tests
+ * wait for events and only fail when one never comes. */
+#define WAIT_MS 60000
+
+/* Tasks in the 10,000-task runs frame. */
+#define BATCH 10000
+
+/* Long enough that no test outlives it by accident. */
+#define FOREVER_MS 120000
+
+static const char *cnode_path, *demo_path, *lib_path;
+static char *runner[32]; /* MOAT_CNODE_RUNNER split on blanks */
+static int nrunner;
+
+/* ------------------------------------------------------------- helpers */
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+static void put(char *o, size_t cap, size_t *n, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void put(char *o, size_t cap, size_t *n, const char *fmt, ...) {
+    va_list ap;
+    int k;
+    if (*n >= cap)
+        return;
+    va_start(ap, fmt);
+    k = vsnprintf(o + *n, cap - *n, fmt, ap);
+    va_end(ap);
+    *n = k < 0 ? cap : *n + (size_t)k;
+}
+
+/* Erlang-like text of the term at *i, e.g. {native_error,<<"boom">>}. */
+static void fmt_at(const char *b, int *i, char *o, size_t cap, size_t *n) {
+    int type, size, arity;
+    long long v;
+    unsigned long long u;
+    double d;
+
+    assert_int_equal(ei_get_type(b, i, &type, &size), 0);
+    switch (type) {
+    case ERL_SMALL_INTEGER_EXT:
+    case ERL_INTEGER_EXT:
+    case ERL_SMALL_BIG_EXT:
+    case ERL_LARGE_BIG_EXT:
+        if (ei_decode_longlong(b, &(int){*i}, &v) == 0) {
+            ei_decode_longlong(b, i, &v);
+            put(o, cap, n, "%lld", v);
+        } else {
+            assert_int_equal(ei_decode_ulonglong(b, i, &u), 0);
+            put(o, cap, n, "%llu", u);
+        }
+        return;
+    case ERL_ATOM_EXT:
+    case ERL_SMALL_ATOM_EXT:
+    case ERL_ATOM_UTF8_EXT:
+    case ERL_SMALL_ATOM_UTF8_EXT: {
+        char a[MAXATOMLEN_UTF8];
+        assert_int_equal(ei_decode_atom(b, i, a), 0);
+        put(o, cap, n, "%s", a);
+        return;
+    }
+    case ERL_FLOAT_EXT:
+    case NEW_FLOAT_EXT:
+        assert_int_equal(ei_decode_double(b, i, &d), 0);
+        put(o, cap, n, "%g", d);
+        return;
+    case ERL_BINARY_EXT: {
+        char *bin = malloc((size_t)size + 1);
+        long len;
+        int printable = 1;
+        assert_non_null(bin);
+        assert_int_equal(ei_decode_binary(b, i, bin, &len), 0);
+        for (long k = 0; k < len; k++)
+            printable &= bin[k] >= 0x20 && bin[k] < 0x7f && bin[k] != '"';
+        if (printable) {
+            put(o, cap, n, "<<\"%.*s\">>", (int)len, bin);
+        } else {
+            put(o, cap, n, "<<");
+            for (long k = 0; k < len; k++)
+                put(o, cap, n, "%s%u", k ? "," : "", (unsigned char)bin[k]);
+            put(o, cap, n, ">>");
+        }
+        free(bin);
+        return;
+    }
+    case ERL_STRING_EXT: {
+        char *s = malloc((size_t)size + 1);
+        assert_non_null(s);
+        assert_int_equal(ei_decode_string(b, i, s), 0);
+        put(o, cap, n, "\"%s\"", s);
+        free(s);
+        return;
+    }
+    case ERL_NIL_EXT:
+        *i += 1;
+        put(o, cap, n, "[]");
+        return;
+    case ERL_LIST_EXT:
+        assert_int_equal(ei_decode_list_header(b, i, &arity), 0);
+        put(o, cap, n, "[");
+        for (int k = 0; k < arity; k++) {
+            if (k)
+                put(o, cap, n, ",");
+            fmt_at(b, i, o, cap, n);
+        }
+        assert_int_equal(ei_get_type(b, i, &type, &size), 0);
+        if (type == ERL_NIL_EXT) {
+            *i += 1;
+        } else {
+            put(o, cap, n, "|");
+            fmt_at(b, i, o, cap, n);
+        }
+        put(o, cap, n, "]");
+        return;
+    case ERL_SMALL_TUPLE_EXT:
+    case ERL_LARGE_TUPLE_EXT:
+        assert_int_equal(ei_decode_tuple_header(b, i, &arity), 0);
+        put(o, cap, n, "{");
+        for (int k = 0; k < arity; k++) {
+            if (k)
+                put(o, cap, n, ",");
+            fmt_at(b, i, o, cap, n);
+        }
+        put(o, cap, n, "}");
+        return;
+    default:
+        fail_msg("unexpected term type %d", type);
+    }
+}
+
+/* The text of a term with its version byte; a few rotating buffers. */
+static const char *fmt(const char *etf) {
+    static char bufs[4][4096];
+    static int next;
+    char *o = bufs[next++ % 4];
+    size_t n = 0;
+    int i = 0, version;
+
+    assert_int_equal(ei_decode_version(etf, &i, &version), 0);
+    fmt_at(etf, &i, o, sizeof bufs[0], &n);
+    return o;
+}
+
+/* ------------------------------------------------------- events (frames) */
+
+enum { EV_READY, EV_ERROR, EV_DONE, EV_STOPPED, EV_LOG };
+
+typedef struct {
+    int kind;
+    uint64_t tag;    /* done, stopped */
+    int ok;          /* done: 1 for ok, 0 for exit */
+    char *term;      /* done: the outcome term; ready, error: the frame;
+                        with the version byte */
+    char level[16];  /* log */
+    char *msg;       /* log, NUL-terminated */
+} ev_t;
+
+typedef struct {
+    pid_t pid;
+    int to, from;   /* its stdin (ours to write), its stdout (ours to read) */
+    char *buf;      /* bytes read from its stdout, not yet a whole frame */
+    size_t len, cap;
+    ev_t *ev;
+    size_t nev, capev;
+    size_t ndone_frames;
+    int eof;
+    int reaped;
+    int status;
+} node_t;
+
+static void ev_free(ev_t *e) {
+    free(e->term);
+    free(e->msg);
+}
+
+static void ev_push(node_t *n, ev_t e) {
+    if (n->nev == n->capev) {
+        n->capev = n->capev ? n->capev * 2 : 64;
+        n->ev = realloc(n->ev, n->capev * sizeof *n->ev);
+        assert_non_null(n->ev);
+    }
+    n->ev[n->nev++] = e;
+}
+
+/* A copy of the term at buf[i..end) with a version byte before it. */
+static char *term_copy(const char *buf, int start, int end) {
+    char *t = malloc((size_t)(end - start) + 1);
+    assert_non_null(t);
+    t[0] = (char)131;
+    memcpy(t + 1, buf + start, (size_t)(end - start));
+    return t;
+}
+
+/* Turns one frame from the C-node into events; anything that is not a
+ * frame of the protocol fails the test (stdout carries frames only). */
+static void parse_frame(node_t *n, const char *b, size_t len) {
+    char kind[MAXATOMLEN_UTF8];
+    int i = 0, version, arity, k, start;
+
+    assert_true(len >= 2);
+    assert_int_equal(ei_decode_version(b, &i, &version), 0);
+    assert_int_equal(ei_decode_tuple_header(b, &i, &arity), 0);
+    assert_int_equal(ei_decode_atom(b, &i, kind), 0);
+    if (strcmp(kind, "done") == 0 || strcmp(kind, "stopped") == 0) {
+        int done = kind[0] == 'd';
+        assert_int_equal(arity, 2);
+        assert_int_equal(ei_decode_list_header(b, &i, &k), 0);
+        assert_true(k > 0); /* never an empty frame */
+        n->ndone_frames += done;
+        for (int e = 0; e < k; e++) {
+            ev_t ev = {0};
+            unsigned long long tag;
+            ev.kind = done ? EV_DONE : EV_STOPPED;
+            if (done) {
+                char status[MAXATOMLEN_UTF8];
+                assert_int_equal(ei_decode_tuple_header(b, &i, &arity), 0);
+                assert_int_equal(arity, 3);
+                assert_int_equal(ei_decode_ulonglong(b, &i, &tag), 0);
+                assert_int_equal(ei_decode_atom(b, &i, status), 0);
+                assert_true(strcmp(status, "ok") == 0 ||
+                            strcmp(status, "exit") == 0);
+                ev.ok = strcmp(status, "ok") == 0;
+                start = i;
+                assert_int_equal(ei_skip_term(b, &i), 0);
+                ev.term = term_copy(b, start, i);
+            } else {
+                assert_int_equal(ei_decode_ulonglong(b, &i, &tag), 0);
+            }
+            ev.tag = tag;
+            ev_push(n, ev);
+        }
+        assert_int_equal(ei_decode_list_header(b, &i, &k), 0);
+        assert_int_equal(k, 0);
+    } else if (strcmp(kind, "log") == 0) {
+        ev_t ev = {0};
+        int type, size;
+        long mlen;
+        assert_int_equal(arity, 3);
+        ev.kind = EV_LOG;
+        assert_int_equal(ei_decode_atom(b, &i, ev.level), 0);
+        assert_int_equal(ei_get_type(b, &i, &type, &size), 0);
+        assert_int_equal(type, ERL_BINARY_EXT);
+        ev.msg = malloc((size_t)size + 1);
+        assert_non_null(ev.msg);
+        assert_int_equal(ei_decode_binary(b, &i, ev.msg, &mlen), 0);
+        ev.msg[mlen] = '\0';
+        ev_push(n, ev);
+    } else if (strcmp(kind, "ready") == 0 || strcmp(kind, "error") == 0) {
+        ev_t ev = {0};
+        ev.kind = kind[0] == 'r' ? EV_READY : EV_ERROR;
+        ev.term = malloc(len);
+        assert_non_null(ev.term);
+        memcpy(ev.term, b, len);
+        i = 0;
+        assert_int_equal(ei_decode_version(b, &i, &version), 0);
+        assert_int_equal(ei_skip_term(b, &i), 0);
+        ev_push(n, ev);
+    } else {
+        fail_msg("unknown frame %s", kind);
+    }
+    assert_int_equal((size_t)i, len); /* exactly one term */
+}
+
+/* Reads what is there (at most one read), and parses whole frames. */
+static void read_some(node_t *n) {
+    ssize_t r;
+    size_t off = 0;
+
+    if (n->cap - n->len < 65536) {
+        n->cap = n->cap ? n->cap * 2 : 65536;
+        n->buf = realloc(n->buf, n->cap);
+        assert_non_null(n->buf);
+    }
+    r = read(n->from, n->buf + n->len, n->cap - n->len);
+    if (r < 0 && (errno == EINTR || errno == EAGAIN))
+        return;
+    assert_true(r >= 0);
+    if (r == 0) {
+        n->eof = 1;
+        return;
+    }
+    n->len += (size_t)r;
+    while (n->len - off >= 4) {
+        const unsigned char *p = (const unsigned char *)n->buf + off;
+        size_t flen = (size_t)p[0] << 24 | (size_t)p[1] << 16 |
+                      (size_t)p[2] << 8 | p[3];
+        if (n->len - off - 4 < flen)
+            break;
+        parse_frame(n, n->buf + off + 4, flen);
+        off += 4 + flen;
+    }
+    memmove(n->buf, n->buf + off, n->len - off);
+    n->len -= off;
+}
+
+/* Waits up to ms for output and reads it.  Returns 0 on a timeout. */
+static int pump(node_t *n, int ms) {
+    struct pollfd p = {n->from, POLLIN, 0};
+    int rc = poll(&p, 1, ms < 0 ? 0 : ms);
+    if (rc < 0 && errno == EINTR)
+        return 1;
+    assert_true(rc >= 0);
+    if (rc == 0)
+        return 0;
+    read_some(n);
+    return 1;
+}
+
+/* The index of the first event of this kind (and tag, for done and
+ * stopped), or -1. */
+static long ev_find(node_t *n, int kind, uint64_t tag) {
+    for (size_t i = 0; i < n->nev; i++)
+        if (n->ev[i].kind == kind &&
+            ((kind != EV_DONE && kind != EV_STOPPED) || n->ev[i].tag == tag))
+            return (long)i;
+    return -1;
+}
+
+static ev_t ev_take(node_t *n, size_t i) {
+    ev_t e = n->ev[i];
+    memmove(n->ev + i, n->ev + i + 1, (n->nev - i - 1) * sizeof *n->ev);
+    n->nev--;
+    return e;
+}
+
+/* The first event of this kind (and tag), waiting for it. */
+static ev_t node_wait(node_t *n, int kind, uint64_t tag) {
+    int64_t deadline = now_ms() + WAIT_MS;
+    long i;
+
+    while ((i = ev_find(n, kind, tag)) < 0) {
+        assert_false(n->eof);
+        assert_true(now_ms() < deadline);
+        pump(n, (int)(deadline - now_ms()));
+    }
+    return ev_take(n, (size_t)i);
+}
+
+/* ------------------------------------------------------ the child node */
+
+/* environ, with each of `extra` (NAME=VALUE) replacing or added. */
+static char **make_env(const char *const *extra) {
+    size_t n = 0, k = 0;
+    char **env;
+
+    while (environ[n] != NULL)
+        n++;
+    while (extra != NULL && extra[k] != NULL)
+        k++;
+    env = calloc(n + k + 1, sizeof *env);
+    assert_non_null(env);
+    n = 0;
+    for (char **e = environ; *e != NULL; e++) {
+        int replaced = 0;
+        for (size_t j = 0; j < k; j++) {
+            size_t nl = strcspn(extra[j], "=") + 1;
+            replaced |= strncmp(*e, extra[j], nl) == 0;
+        }
+        if (!replaced)
+            env[n++] = *e;
+    }
+    for (size_t j = 0; j < k; j++)
+        env[n++] = (char *)extra[j];
+    return env;
+}
+
+/* Starts a C-node: under MOAT_CNODE_RUNNER when `use_runner`, with the
+ * environment changed by `extra` (may be NULL). */
+static void node_spawn(node_t *n, int use_runner, const char *const *extra) {
+    posix_spawn_file_actions_t fa;
+    char *argv[40], **env;
+    int in[2], out[2], a = 0;
+
+    memset(n, 0, sizeof *n);
+    assert_int_equal(pipe2(in, O_CLOEXEC), 0);
+    assert_int_equal(pipe2(out, O_CLOEXEC), 0);
+    assert_int_equal(posix_spawn_file_actions_init(&fa), 0);
+    assert_int_equal(posix_spawn_file_actions_adddup2(&fa, in[0], 0), 0);
+    assert_int_equal(posix_spawn_file_actions_adddup2(&fa, out[1], 1), 0);
+    if (use_runner)
+        for (int i = 0; i < nrunner; i++)
+            argv[a++] = runner[i];
+    argv[a++] = (char *)cnode_path;
+    argv[a] = NULL;
+    env = make_env(extra);
+    assert_int_equal(posix_spawnp(&n->pid, argv[0], &fa, NULL, argv, env),
+                     0);
+    free(env);
+    posix_spawn_file_actions_destroy(&fa);
+    close(in[0]);
+    close(out[1]);
+    n->to = in[1];
+    n->from = out[0];
+    /* Writes never block, so that sending a large frame can read what the
+     * node answers meanwhile (it could otherwise fill stdout and stall). */
+    assert_int_equal(fcntl(n->to, F_SETFL, O_NONBLOCK), 0);
+}
+
+/* Sends one packet: the 4-byte length, then `len` bytes. */
+static void node_send(node_t *n, const char *data, size_t len) {
+    unsigned char head[4] = {(unsigned char)(len >> 24),
+                             (unsigned char)(len >> 16),
+                             (unsigned char)(len >> 8), (unsigned char)len};
+    int64_t deadline = now_ms() + WAIT_MS;
+    size_t sent = 0, total = 4 + len;
+
+    while (sent < total) {
+        struct pollfd p[2] = {{n->to, POLLOUT, 0}, {n->from, POLLIN, 0}};
+        assert_true(now_ms() < deadline);
+        assert_true(poll(p, n->eof ? 1 : 2, 1000) >= 0);
+        if (!n->eof && (p[1].revents & (POLLIN | POLLHUP)))
+            read_some(n);
+        if (p[0].revents & (POLLERR | POLLHUP))
+            fail_msg("the C-node closed its stdin");
+        if (p[0].revents & POLLOUT) {
+            ssize_t w;
+            if (sent < 4)
+                w = write(n->to, head + sent, 4 - sent);
+            else
+                w = write(n->to, data + (sent - 4), total - sent);
+            if (w < 0 && (errno == EAGAIN || errno == EINTR))
+                continue;
+            assert_true(w > 0);
+            sent += (size_t)w;
+        }
+    }
+}
+
+static void node_send_x(node_t *n, ei_x_buff *x) {
+    node_send(n, x->buff, (size_t)x->index);
+    ei_x_free(x);
+}
+
+/* Waits for the node to end (stdout at EOF, then reaped) and returns its
+ * wait status. */
+static int node_reap(node_t *n) {
+    int64_t deadline = now_ms() + WAIT_MS;
+    pid_t r;
+
+    while (!n->eof) {
+        assert_true(now_ms() < deadline);
+        pump(n, (int)(deadline - now_ms()));
+    }
+    while ((r = waitpid(n->pid, &n->status, WNOHANG)) == 0) {
+        if (now_ms() >= deadline) {
+            kill(n->pid, SIGKILL);
+            waitpid(n->pid, &n->status, 0);
+            n->reaped = 1;
+            fail_msg("the C-node did not exit");
+        }
+        sleep_ms(1);
+    }
+    assert_int_equal(r, n->pid);
+    n->reaped = 1;
+    return n->status;
+}
+
+/* Closes its stdin, as the VM does when it closes the port, and reaps. */
+static int node_close(node_t *n) {
+    if (n->to >= 0) {
+        close(n->to);
+        n->to = -1;
+    }
+    return node_reap(n);
+}
+
+/* Frees what the test kept; kills and reaps a node a failed test left. */
+static void node_free(node_t *n) {
+    if (n->to >= 0)
+        close(n->to);
+    if (!n->reaped && n->pid > 0) {
+        kill(n->pid, SIGKILL);
+        waitpid(n->pid, &n->status, 0);
+    }
+    close(n->from);
+    for (size_t i = 0; i < n->nev; i++)
+        ev_free(&n->ev[i]);
+    free(n->ev);
+    free(n->buf);
+    memset(n, 0, sizeof *n);
+    n->to = n->from = -1;
+}
+
+static void assert_exited(int status, int code) {
+    if (!WIFEXITED(status))
+        fail_msg("the C-node ended on signal %d, not exit %d",
+                 WIFSIGNALED(status) ? WTERMSIG(status) : -1, code);
+    assert_int_equal(WEXITSTATUS(status), code);
+}
+
+/* ------------------------------------------------------------- frames */
+
+/* {hello, #{size, max_queue, libraries, isolation, name}}; libs ends with
+ * NULL. */
+static void send_hello(node_t *n, long size, long max_queue,
+                       const char *isolation, const char *const *libs) {
+    ei_x_buff x;
+    int nlibs = 0;
+
+    while (libs[nlibs] != NULL)
+        nlibs++;
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "hello");
+    ei_x_encode_map_header(&x, 6);
+    ei_x_encode_atom(&x, "size");
+    ei_x_encode_long(&x, size);
+    ei_x_encode_atom(&x, "max_queue");
+    ei_x_encode_long(&x, max_queue);
+    ei_x_encode_atom(&x, "libraries");
+    ei_x_encode_list_header(&x, nlibs);
+    for (int i = 0; i < nlibs; i++)
+        ei_x_encode_binary(&x, libs[i], (long)strlen(libs[i]));
+    ei_x_encode_empty_list(&x);
+    ei_x_encode_atom(&x, "isolation");
+    ei_x_encode_atom(&x, isolation);
+    ei_x_encode_atom(&x, "name");
+    ei_x_encode_atom(&x, "test");
+    ei_x_encode_atom(&x, "an_option_from_the_future");
+    ei_x_encode_long(&x, 1);
+    node_send_x(n, &x);
+}
+
+/* Starts a node, says hello with the demo library, expects ready. */
+static void node_start(node_t *n, long size, long max_queue) {
+    const char *libs[] = {demo_path, NULL};
+    ev_t e;
+    node_spawn(n, 1, NULL);
+    send_hello(n, size, max_queue, "thread", libs);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+}
+
+/* {run, Tag, Task, Args}: args is the argument list's encoding without a
+ * version byte. */
+static void send_run(node_t *n, uint64_t tag, const char *task,
+                     const ei_x_buff *args) {
+    ei_x_buff x;
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 4);
+    ei_x_encode_atom(&x, "run");
+    ei_x_encode_ulonglong(&x, tag);
+    ei_x_encode_atom(&x, task);
+    ei_x_append_buf(&x, args->buff, args->index);
+    node_send_x(n, &x);
+}
+
+/* Argument lists, without a version byte. */
+static ei_x_buff args_long(long v) {
+    ei_x_buff x;
+    ei_x_new(&x);
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_long(&x, v);
+    ei_x_encode_empty_list(&x);
+    return x;
+}
+
+static ei_x_buff args_binary(const char *s) {
+    ei_x_buff x;
+    ei_x_new(&x);
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_binary(&x, s, (long)strlen(s));
+    ei_x_encode_empty_list(&x);
+    return x;
+}
+
+static ei_x_buff args_none(void) {
+    ei_x_buff x;
+    ei_x_new(&x);
+    ei_x_encode_empty_list(&x);
+    return x;
+}
+
+static void run_long(node_t *n, uint64_t tag, const char *task, long v) {
+    ei_x_buff a = args_long(v);
+    send_run(n, tag, task, &a);
+    ei_x_free(&a);
+}
+
+static void send_cancel(node_t *n, uint64_t tag) {
+    ei_x_buff x;
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 3);
+    ei_x_encode_atom(&x, "cancel");
+    ei_x_encode_ulonglong(&x, tag);
+    ei_x_encode_atom(&x, "shutdown");
+    node_send_x(n, &x);
+}
+
+/* Waits for tag's outcome and checks it: ok says which kind, `text` the
+ * term as fmt writes it. */
+static void expect_done(node_t *n, uint64_t tag, int ok, const char *text) {
+    ev_t e = node_wait(n, EV_DONE, tag);
+    assert_int_equal(e.ok, ok);
+    assert_string_equal(fmt(e.term), text);
+    ev_free(&e);
+}
+
+static void expect_stopped(node_t *n, uint64_t tag) {
+    ev_t e = node_wait(n, EV_STOPPED, tag);
+    ev_free(&e);
+}
+
+/* The next log frame: checks its level and that its message holds
+ * `part`. */
+static void expect_log(node_t *n, const char *level, const char *part) {
+    ev_t e = node_wait(n, EV_LOG, 0);
+    assert_string_equal(e.level, level);
+    if (strstr(e.msg, part) == NULL)
+        fail_msg("log \"%s\" does not say \"%s\"", e.msg, part);
+    ev_free(&e);
+}
+
+/* A round trip: once it is back, the node has handled every frame sent
+ * before it. */
+static void ping(node_t *n, uint64_t tag) {
+    run_long(n, tag, "echo", 7);
+    expect_done(n, tag, 1, "7");
+}
+
+static void expect_no_event(node_t *n, int kind, uint64_t tag) {
+    assert_int_equal(ev_find(n, kind, tag), -1);
+}
+
+/* ------------------------------------------------- the shared node */
+
+static node_t shared = {.to = -1, .from = -1};
+static char *shared_ready; /* its ready frame */
+
+static int shared_setup(void **state) {
+    const char *libs[] = {demo_path, lib_path, NULL};
+    ev_t e;
+    (void)state;
+    node_spawn(&shared, 1, NULL);
+    send_hello(&shared, 2, 2 * BATCH, "thread", libs);
+    e = node_wait(&shared, EV_READY, 0);
+    shared_ready = e.term;
+    return 0;
+}
+
+/* Ends the shared node as a VM does: its exit status must be 0, which
+ * a leak or an error under ASan or valgrind would change. */
+static int shared_teardown(void **state) {
+    int status;
+    (void)state;
+    free(shared_ready);
+    shared_ready = NULL;
+    status = node_close(&shared);
+    node_free(&shared);
+    assert_exited(status, 0);
+    return 0;
+}
+
+/* ready carries the node's OS pid and every task of its libraries, in
+ * library order. */
+static void test_cnode_ready_lists_every_task(void **state) {
+    char want[256];
+    (void)state;
+    snprintf(want, sizeof want,
+             "{ready,%d,[echo,sleep,spin,fail,exit,segfault,abort,alloc,fib,"
+             "sum,say,print]}",
+             (int)shared.pid);
+    assert_string_equal(fmt(shared_ready), want);
+}
+
+/* echo returns its argument byte for byte, under the largest tag. */
+static void test_cnode_echo_returns_its_argument(void **state) {
+    const uint64_t tag = UINT64_MAX;
+    ei_x_buff a, t;
+    ev_t e;
+    (void)state;
+    ei_x_new(&t);
+    ei_x_encode_tuple_header(&t, 4);
+    ei_x_encode_atom(&t, "a");
+    ei_x_encode_string(&t, "text");
+    ei_x_encode_long(&t, -5);
+    ei_x_encode_binary(&t, "\1\2\3", 3);
+    ei_x_new(&a);
+    ei_x_encode_list_header(&a, 1);
+    ei_x_append_buf(&a, t.buff, t.index);
+    ei_x_encode_empty_list(&a);
+    send_run(&shared, tag, "echo", &a);
+    e = node_wait(&shared, EV_DONE, tag);
+    assert_int_equal(e.ok, 1);
+    assert_memory_equal(e.term + 1, t.buff, (size_t)t.index);
+    assert_string_equal(fmt(e.term), "{a,\"text\",-5,<<1,2,3>>}");
+    ev_free(&e);
+    ei_x_free(&a);
+    ei_x_free(&t);
+}
+
+/* fail raises {native_error, Message}; exit ends with its reason; a
+ * task's own refusal of its arguments is its own reason. */
+static void test_cnode_failures_are_exit_outcomes(void **state) {
+    ei_x_buff a = args_binary("boom"), r, none = args_none();
+    (void)state;
+    send_run(&shared, 101, "fail", &a);
+    expect_done(&shared, 101, 0, "{native_error,<<\"boom\">>}");
+
+    ei_x_new(&r);
+    ei_x_encode_list_header(&r, 1);
+    ei_x_encode_tuple_header(&r, 2);
+    ei_x_encode_atom(&r, "shutdown");
+    ei_x_encode_atom(&r, "because");
+    ei_x_encode_empty_list(&r);
+    send_run(&shared, 102, "exit", &r);
+    expect_done(&shared, 102, 0, "{shutdown,because}");
+
+    send_run(&shared, 103, "echo", &none);
+    expect_done(&shared, 103, 0, "badarg");
+    ei_x_free(&a);
+    ei_x_free(&r);
+    ei_x_free(&none);
+}
+
+/* A task no library has is {unknown_task, Task}, and the node serves
+ * on. */
+static void test_cnode_unknown_task(void **state) {
+    ei_x_buff none = args_none();
+    (void)state;
+    send_run(&shared, 201, "no_such_task", &none);
+    expect_done(&shared, 201, 0, "{unknown_task,no_such_task}");
+    ping(&shared, 202);
+    ei_x_free(&none);
+}
+
+/* A runs frame of 10,000 tasks: each tag comes back exactly once, with
+ * its own result. */
+static void test_cnode_runs_batch_answers_each_tag_once(void **state) {
+    const uint64_t base = 1000000;
+    unsigned char *seen = calloc(BATCH, 1);
+    size_t got = 0, frames0 = shared.ndone_frames;
+    int64_t deadline = now_ms() + WAIT_MS;
+    ei_x_buff x;
+    (void)state;
+
+    assert_non_null(seen);
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "runs");
+    ei_x_encode_list_header(&x, BATCH);
+    for (long i = 0; i < BATCH; i++) {
+        ei_x_encode_tuple_header(&x, 3);
+        ei_x_encode_ulonglong(&x, base + (uint64_t)i);
+        ei_x_encode_atom(&x, "echo");
+        ei_x_encode_list_header(&x, 1);
+        ei_x_encode_long(&x, i);
+        ei_x_encode_empty_list(&x);
+    }
+    ei_x_encode_empty_list(&x);
+    node_send_x(&shared, &x);
+
+    while (got < BATCH) {
+        size_t keep = 0;
+        for (size_t i = 0; i < shared.nev; i++) {
+            ev_t *e = &shared.ev[i];
+            long v;
+            int k = 1, version;
+            if (e->kind != EV_DONE || e->tag < base ||
+                e->tag >= base + BATCH) {
+                shared.ev[keep++] = *e;
+                continue;
+            }
+            assert_int_equal(e->ok, 1);
+            assert_int_equal(ei_decode_version(e->term, &(int){0}, &version),
+                             0);
+            assert_int_equal(ei_decode_long(e->term, &k, &v), 0);
+            assert_int_equal((uint64_t)v, e->tag - base);
+            assert_int_equal(seen[e->tag - base]++, 0);
+            got++;
+            ev_free(e);
+        }
+        shared.nev = keep;
+        if (got < BATCH) {
+            assert_false(shared.eof);
+            assert_true(now_ms() < deadline);
+            pump(&shared, (int)(deadline - now_ms()));
+        }
+    }
+    /* Nothing more for those tags after a round trip. */
+    ping(&shared, 301);
+    for (size_t i = 0; i < shared.nev; i++)
+        assert_false(shared.ev[i].kind == EV_DONE &&
+                     shared.ev[i].tag >= base &&
+                     shared.ev[i].tag < base + BATCH);
+    print_message("   %d outcomes came in %zu done frames\n", BATCH,
+                  shared.ndone_frames - frames0);
+    free(seen);
+}
+
+/* Waits until every task sent before this marker has been taken by a
+ * thread: the pool's queue is FIFO, and `say` (cnode_lib.c) writes the
+ * marker to stderr once it runs, which reaches us as a log frame.  It
+ * needs a free thread. */
+static void barrier(node_t *n, uint64_t tag, const char *marker) {
+    ei_x_buff a = args_binary(marker);
+    send_run(n, tag, "say", &a);
+    ei_x_free(&a);
+    expect_log(n, "warning", marker);
+    expect_done(n, tag, 1, "ok");
+}
+
+/* Cancelled while queued: stopped at once.  Cancelled while running (a
+ * sleep, which heeds it): stopped once it has returned.  Neither gets a
+ * done entry.  (The shared pool has two threads.) */
+static void test_cnode_cancel_gives_stopped_not_done(void **state) {
+    (void)state;
+    run_long(&shared, 401, "sleep", FOREVER_MS);
+    barrier(&shared, 402, "sleep 401 runs");
+    run_long(&shared, 403, "sleep", FOREVER_MS);
+    run_long(&shared, 404, "echo", 3); /* queued behind both sleeps */
+    send_cancel(&shared, 404);
+    expect_stopped(&shared, 404);
+    send_cancel(&shared, 401);
+    expect_stopped(&shared, 401);
+    send_cancel(&shared, 403);
+    expect_stopped(&shared, 403);
+    /* A cancel for a tag the node no longer holds is ignored. */
+    send_cancel(&shared, 401);
+    send_cancel(&shared, 999999);
+    ping(&shared, 405);
+    expect_no_event(&shared, EV_DONE, 401);
+    expect_no_event(&shared, EV_DONE, 403);
+    expect_no_event(&shared, EV_DONE, 404);
+    expect_no_event(&shared, EV_STOPPED, 401);
+    expect_no_event(&shared, EV_STOPPED, 999999);
+}
+
+/* A spin ignores cancellation: its tag is stopped only once the body has
+ * returned, and the node serves other tasks meanwhile. */
+static void test_cnode_cancel_of_spin_waits_for_the_body(void **state) {
+    const long spin_ms = 1000;
+    int64_t t0 = now_ms();
+    ev_t e;
+    (void)state;
+    run_long(&shared, 501, "spin", spin_ms * 1000);
+    barrier(&shared, 502, "spin 501 runs");
+    send_cancel(&shared, 501);
+    ping(&shared, 503); /* served while the spin runs */
+    assert_int_equal(ev_find(&shared, EV_STOPPED, 501), -1);
+    e = node_wait(&shared, EV_STOPPED, 501);
+    ev_free(&e);
+    assert_true(now_ms() - t0 >= spin_ms);
+    ping(&shared, 504);
+    expect_no_event(&shared, EV_DONE, 501);
+}
+
+/* What a task library writes to stderr reaches the VM as log frames; so
+ * does what it prints to stdout, which would otherwise break the frames
+ * there. */
+static void test_cnode_task_output_reaches_the_vm_as_logs(void **state) {
+    ei_x_buff a = args_binary("a line from a task"),
+              b = args_binary("printed by a task");
+    (void)state;
+    send_run(&shared, 601, "say", &a);
+    expect_done(&shared, 601, 1, "ok");
+    expect_log(&shared, "warning", "a line from a task");
+    send_run(&shared, 602, "print", &b);
+    expect_done(&shared, 602, 1, "ok");
+    expect_log(&shared, "warning", "printed by a task");
+    ping(&shared, 603);
+    ei_x_free(&a);
+    ei_x_free(&b);
+}
+
+/* Raw packet bytes. */
+static void send_raw(node_t *n, const void *bytes, size_t len) {
+    node_send(n, bytes, len);
+}
+
+/* A frame whose term is built by the caller in x (version byte first). */
+static ei_x_buff frame_start(void) {
+    ei_x_buff x;
+    ei_x_new_with_version(&x);
+    return x;
+}
+
+/* Malformed frames never end the node: each one is logged, a tag that can
+ * be read from it is answered badarg, and the node serves on. */
+static void test_cnode_malformed_frames_are_logged(void **state) {
+    ei_x_buff x;
+    (void)state;
+
+    send_raw(&shared, "\x83garbage!", 9);
+    expect_log(&shared, "error", "well-formed");
+    send_raw(&shared, "", 0);
+    expect_log(&shared, "error", "empty");
+    send_raw(&shared, "\x83", 1);
+    expect_log(&shared, "error", "malformed");
+
+    /* truncated: the tag is still readable */
+    x = frame_start();
+    ei_x_encode_tuple_header(&x, 4);
+    ei_x_encode_atom(&x, "run");
+    ei_x_encode_ulonglong(&x, 701);
+    ei_x_encode_atom(&x, "echo");
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_binary(&x, "0123456789", 10);
+    ei_x_encode_empty_list(&x);
+    send_raw(&shared, x.buff, (size_t)x.index - 6);
+    ei_x_free(&x);
+    expect_log(&shared, "error", "well-formed");
+    expect_done(&shared, 701, 0, "badarg");
+
+    /* shapes: an unknown kind, not a tuple, a run without its parts */
+    x = frame_start();
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "foo");
+    ei_x_encode_long(&x, 1);
+    node_send_x(&shared, &x);
+    expect_log(&shared, "error", "unknown kind");
+    x = frame_start();
+    ei_x_encode_atom(&x, "run");
+    node_send_x(&shared, &x);
+    expect_log(&shared, "error", "not a tuple");
+    x = frame_start();
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "run");
+    ei_x_encode_ulonglong(&x, 702);
+    node_send_x(&shared, &x);
+    expect_log(&shared, "error", "{Tag, Task, Args}");
+    expect_done(&shared, 702, 0, "badarg");
+
+    /* a readable tag with bad arguments, a bad task name, a bad tag */
+    x = frame_start();
+    ei_x_encode_tuple_header(&x, 4);
+    ei_x_encode_atom(&x, "run");
+    ei_x_encode_ulonglong(&x, 703);
+    ei_x_encode_atom(&x, "echo");
+    ei_x_encode_atom(&x, "not_a_list");
+    node_send_x(&shared, &x);
+    expect_log(&shared, "error", "703");
+    expect_done(&shared, 703, 0, "badarg");
+    x = frame_start();
+    ei_x_encode_tuple_header(&x, 4);
+    ei_x_encode_atom(&x, "run");
+    ei_x_encode_ulonglong(&x, 704);
+    ei_x_encode_string(&x, "echo");
+    ei_x_encode_empty_list(&x);
+    node_send_x(&shared, &x);
+    expect_log(&shared, "error", "not an atom");
+    expect_done(&shared, 704, 0, "badarg");
+    x = frame_start();
+    ei_x_encode_tuple_header(&x, 4);
+    ei_x_encode_atom(&x, "run");
+    ei_x_encode_long(&x, -1);
+    ei_x_encode_atom(&x, "echo");
+    ei_x_encode_empty_list(&x);
+    node_send_x(&shared, &x);
+    expect_log(&shared, "error", "tag");
+
+    /* runs: good, untagged and bad elements together */
+    x = frame_start();
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "runs");
+    ei_x_encode_list_header(&x, 3);
+    ei_x_encode_tuple_header(&x, 3);
+    ei_x_encode_ulonglong(&x, 705);
+    ei_x_encode_atom(&x, "echo");
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_atom(&x, "fine");
+    ei_x_encode_empty_list(&x);
+    ei_x_encode_atom(&x, "garbage");
+    ei_x_encode_tuple_header(&x, 3);
+    ei_x_encode_ulonglong(&x, 706);
+    ei_x_encode_atom(&x, "echo");
+    ei_x_encode_atom(&x, "not_a_list");
+    ei_x_encode_empty_list(&x);
+    node_send_x(&shared, &x);
+    expect_log(&shared, "error", "runs");
+    expect_done(&shared, 705, 1, "fine");
+    expect_done(&shared, 706, 0, "badarg");
+
+    /* a bad cancel, and a second hello */
+    x = frame_start();
+    ei_x_encode_tuple_header(&x, 3);
+    ei_x_encode_atom(&x, "cancel");
+    ei_x_encode_atom(&x, "not_a_tag");
+    ei_x_encode_atom(&x, "shutdown");
+    node_send_x(&shared, &x);
+    expect_log(&shared, "error", "cancel");
+    x = frame_start();
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "hello");
+    ei_x_encode_map_header(&x, 0);
+    node_send_x(&shared, &x);
+    expect_log(&shared, "error", "second hello");
+
+    ping(&shared, 707);
+    assert_int_equal(ev_find(&shared, EV_LOG, 0), -1); /* one log each */
+}
+
+/* ------------------------------------------------------ own nodes */
+
+/* Each of these tests starts a node of its own in *state; the teardown
+ * kills and reaps it if the test failed before it ended. */
+static int own_setup(void **state) {
+    node_t *n = calloc(1, sizeof *n);
+    assert_non_null(n);
+    n->to = n->from = -1;
+    *state = n;
+    return 0;
+}
+
+static int own_teardown(void **state) {
+    node_free(*state);
+    free(*state);
+    return 0;
+}
+
+/* A node with one thread and one queue slot refuses a third task as
+ * overloaded. */
+static void test_cnode_overloaded(void **state) {
+    node_t *n = *state;
+    node_start(n, 1, 1);
+    run_long(n, 1, "sleep", FOREVER_MS);
+    run_long(n, 2, "sleep", FOREVER_MS);
+    run_long(n, 3, "echo", 3);
+    expect_done(n, 3, 0, "overloaded");
+    send_cancel(n, 2);
+    send_cancel(n, 1);
+    expect_stopped(n, 2);
+    expect_stopped(n, 1);
+    assert_exited(node_close(n), 0);
+}
+
+/* Any frame before hello is answered {error, {bad_hello, _}}, then the
+ * node exits with status 2. */
+static void test_cnode_frame_before_hello_is_bad_hello(void **state) {
+    node_t *n = *state;
+    ev_t e;
+    node_spawn(n, 1, NULL);
+    run_long(n, 1, "echo", 1);
+    e = node_wait(n, EV_ERROR, 0);
+    assert_string_equal(
+        fmt(e.term),
+        "{error,{bad_hello,<<\"the first frame is not {hello, Opts}\">>}}");
+    ev_free(&e);
+    assert_exited(node_reap(n), 2);
+    expect_no_event(n, EV_DONE, 1);
+}
+
+/* Process isolation is not served by this executable yet. */
+static void test_cnode_process_isolation_is_bad_hello(void **state) {
+    const char *libs[] = {demo_path, NULL};
+    node_t *n = *state;
+    ev_t e;
+    node_spawn(n, 1, NULL);
+    send_hello(n, 2, 10, "process", libs);
+    e = node_wait(n, EV_ERROR, 0);
+    assert_string_equal(
+        fmt(e.term),
+        "{error,{bad_hello,<<\"isolation process is not supported yet\">>}}");
+    ev_free(&e);
+    assert_exited(node_reap(n), 2);
+}
+
+/* A library that cannot be loaded is {error, {bad_library, Message}},
+ * then exit status 2. */
+static void test_cnode_bad_library(void **state) {
+    const char *libs[] = {demo_path, "/nonexistent/moat_lib.so", NULL};
+    node_t *n = *state;
+    ev_t e;
+    node_spawn(n, 1, NULL);
+    send_hello(n, 2, 10, "thread", libs);
+    e = node_wait(n, EV_ERROR, 0);
+    assert_non_null(strstr(fmt(e.term), "{error,{bad_library,<<\""));
+    assert_non_null(strstr(fmt(e.term), "/nonexistent/moat_lib.so"));
+    ev_free(&e);
+    assert_exited(node_reap(n), 2);
+}
+
+/* stdin's end ends the node with status 0 at once, without waiting for a
+ * body that ignores cancellation. */
+static void test_cnode_eof_exits_0_with_a_spin_running(void **state) {
+    node_t *n = *state;
+    node_start(n, 2, 10);
+    run_long(n, 1, "spin", (long)FOREVER_MS * 1000);
+    sleep_ms(100);
+    /* node_reap's bound, WAIT_MS, is well under the spin */
+    assert_exited(node_close(n), 0);
+    expect_no_event(n, EV_DONE, 1);
+}
+
+/* A segfault in a task ends the whole node on SIGSEGV: in thread
+ * isolation nothing survives a hard fault, by design.  The node runs
+ * without MOAT_CNODE_RUNNER here, and with the sanitizers' own SIGSEGV
+ * handlers off, so that the signal is the kernel's.  In the ASan build,
+ * UBSan (built in with it, without recovery) sees the null store first
+ * and ends the node with status 1 after its report, which reaches the VM
+ * through stderr as a log frame. */
+static void test_cnode_segfault_kills_the_node(void **state) {
+    const char *libs[] = {demo_path, NULL};
+    const char *env[] = {"ASAN_OPTIONS=detect_leaks=0:handle_segv=0",
+                         "TSAN_OPTIONS=handle_segv=0", NULL};
+    ei_x_buff none = args_none();
+    node_t *n = *state;
+    ev_t e;
+    int status;
+    node_spawn(n, 0, env);
+    send_hello(n, 2, 10, "thread", libs);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    send_run(n, 1, "segfault", &none);
+    ei_x_free(&none);
+    status = node_reap(n);
+#if defined(__SANITIZE_ADDRESS__)
+    assert_exited(status, 1);
+    expect_log(n, "warning", "store to null pointer");
+#else
+    if (!WIFSIGNALED(status))
+        fail_msg("the node exited with %d, not on a signal",
+                 WEXITSTATUS(status));
+    assert_int_equal(WTERMSIG(status), SIGSEGV);
+#endif
+    expect_no_event(n, EV_DONE, 1);
+}
+
+int main(void) {
+    static char runner_buf[4096];
+    const char *r = getenv("MOAT_CNODE_RUNNER");
+    struct rlimit nocore = {0, 0};
+    const struct CMUnitTest shared_tests[] = {
+        cmocka_unit_test(test_cnode_ready_lists_every_task),
+        cmocka_unit_test(test_cnode_echo_returns_its_argument),
+        cmocka_unit_test(test_cnode_failures_are_exit_outcomes),
+        cmocka_unit_test(test_cnode_unknown_task),
+        cmocka_unit_test(test_cnode_runs_batch_answers_each_tag_once),
+        cmocka_unit_test(test_cnode_cancel_gives_stopped_not_done),
+        cmocka_unit_test(test_cnode_cancel_of_spin_waits_for_the_body),
+        cmocka_unit_test(test_cnode_task_output_reaches_the_vm_as_logs),
+        cmocka_unit_test(test_cnode_malformed_frames_are_logged),
+    };
+    const struct CMUnitTest own_tests[] = {
+        cmocka_unit_test_setup_teardown(test_cnode_overloaded, own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_frame_before_hello_is_bad_hello, own_setup,
+                                        own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_isolation_is_bad_hello, own_setup,
+                                        own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_bad_library, own_setup,
+                                        own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_eof_exits_0_with_a_spin_running, own_setup,
+                                        own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_segfault_kills_the_node, own_setup,
+                                        own_teardown),
+    };
+    int failed;
+
+    cnode_path = getenv("MOAT_CNODE");
+    demo_path = getenv("MOAT_DEMO_SO");
+    lib_path = getenv("MOAT_CNODE_LIB");
+    if (cnode_path == NULL || demo_path == NULL || lib_path == NULL) {
+        fprintf(stderr, "test_cnode: set MOAT_CNODE, MOAT_DEMO_SO and "
+                        "MOAT_CNODE_LIB (make test-c does)\n");
+        return 1;
+    }
+    if (r != NULL && *r != '\0') {
+        snprintf(runner_buf, sizeof runner_buf, "%s", r);
+        for (char *tok = strtok(runner_buf, " \t"); tok != NULL && nrunner < 31;
+             tok = strtok(NULL, " \t"))
+            runner[nrunner++] = tok;
+    }
+    /* A node that dies writing to us must not kill the test; the
+     * segfault test must not leave a core file behind. */
+    signal(SIGPIPE, SIG_IGN);
+    setrlimit(RLIMIT_CORE, &nocore);
+    ei_init();
+    failed = cmocka_run_group_tests_name("cnode (one shared node)",
+                                         shared_tests, shared_setup,
+                                         shared_teardown);
+    failed += cmocka_run_group_tests_name("cnode (a node each)", own_tests,
+                                          NULL, NULL);
+    return failed;
+}

@@ -1,0 +1,621 @@
+/*
+ * test_frame.c: the C-node's frame decoder (c_src/cnode/frame.c) called
+ * directly: what it reads from good frames of each kind, what it refuses,
+ * which tags it still reads from bad ones, and that no cut or changed byte
+ * makes it read out of bounds (ASan and valgrind watch those cases).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <uv.h>
+
+#include "frame.h"
+
+/* ------------------------------------------------------------- helpers */
+
+static ei_x_buff start(const char *kind, int arity) {
+    ei_x_buff x;
+    assert_int_equal(ei_x_new_with_version(&x), 0);
+    assert_int_equal(ei_x_encode_tuple_header(&x, arity), 0);
+    assert_int_equal(ei_x_encode_atom(&x, kind), 0);
+    return x;
+}
+
+/* Decodes x and frees it; returns what the decoder returned.  The
+ * frame's atoms point into x: read them only with decode_keep. */
+static int decode_x(ei_x_buff *x, moat__frame_t *f) {
+    int rc = moat__frame_decode(x->buff, (size_t)x->index, f);
+    ei_x_free(x);
+    return rc;
+}
+
+static int decode_keep(const ei_x_buff *x, moat__frame_t *f) {
+    return moat__frame_decode(x->buff, (size_t)x->index, f);
+}
+
+/* {hello, #{Key => Value}} with the value encoded by `put`. */
+static ei_x_buff hello1(const char *key, void (*value)(ei_x_buff *)) {
+    ei_x_buff x = start("hello", 2);
+    ei_x_encode_map_header(&x, 1);
+    ei_x_encode_atom(&x, key);
+    value(&x);
+    return x;
+}
+
+/* {run, Tag, echo, [1, 2]} */
+static ei_x_buff run_frame(uint64_t tag) {
+    ei_x_buff x = start("run", 4);
+    ei_x_encode_ulonglong(&x, tag);
+    ei_x_encode_atom(&x, "echo");
+    ei_x_encode_list_header(&x, 2);
+    ei_x_encode_long(&x, 1);
+    ei_x_encode_long(&x, 2);
+    ei_x_encode_empty_list(&x);
+    return x;
+}
+
+/* Checks that an entry's args are exactly [131] + list. */
+static void assert_args(const moat__run_t *e, const ei_x_buff *list) {
+    size_t len;
+    const char *d;
+    assert_non_null(e->args);
+    d = moat_term_data(e->args, &len);
+    assert_int_equal(len, (size_t)list->index + 1);
+    assert_int_equal((unsigned char)d[0], 131);
+    assert_memory_equal(d + 1, list->buff, (size_t)list->index);
+}
+
+/* ---------------------------------------------------------------- hello */
+
+static void test_cnode_frame_hello_reads_every_option(void **state) {
+    ei_x_buff x = start("hello", 2);
+    moat__frame_t f;
+    (void)state;
+    ei_x_encode_map_header(&x, 6);
+    ei_x_encode_atom(&x, "size");
+    ei_x_encode_long(&x, 4);
+    ei_x_encode_atom(&x, "max_queue");
+    ei_x_encode_long(&x, 100000);
+    ei_x_encode_atom(&x, "libraries");
+    ei_x_encode_list_header(&x, 2);
+    ei_x_encode_binary(&x, "/a/x.so", 7);
+    ei_x_encode_binary(&x, "y.so", 4);
+    ei_x_encode_empty_list(&x);
+    ei_x_encode_atom(&x, "isolation");
+    ei_x_encode_atom(&x, "thread");
+    ei_x_encode_atom(&x, "name");
+    ei_x_encode_atom(&x, "pool_a");
+    ei_x_encode_atom(&x, "unknown_key"); /* ignored, whatever its value */
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_binary(&x, "v", 1);
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_double(&x, 1.5);
+    ei_x_encode_empty_list(&x);
+    assert_int_equal(decode_x(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__FRAME_HELLO);
+    assert_int_equal(f.hello.size, 4);
+    assert_int_equal(f.hello.max_queue, 100000);
+    assert_int_equal(f.hello.nlibraries, 2);
+    assert_string_equal(f.hello.libraries[0], "/a/x.so");
+    assert_string_equal(f.hello.libraries[1], "y.so");
+    assert_int_equal(f.hello.isolation, MOAT__ISOLATION_THREAD);
+    assert_string_equal(f.hello.name, "pool_a");
+    moat__frame_free(&f);
+}
+
+static void test_cnode_frame_hello_defaults(void **state) {
+    ei_x_buff x = start("hello", 2);
+    moat__frame_t f;
+    (void)state;
+    ei_x_encode_map_header(&x, 1);
+    ei_x_encode_atom(&x, "isolation");
+    ei_x_encode_atom(&x, "process"); /* read: refusing it is main's */
+    assert_int_equal(decode_x(&x, &f), 0);
+    assert_int_equal(f.hello.size, 0);
+    assert_int_equal(f.hello.max_queue, 0);
+    assert_int_equal(f.hello.nlibraries, 0);
+    assert_null(f.hello.libraries);
+    assert_int_equal(f.hello.isolation, MOAT__ISOLATION_PROCESS);
+    assert_string_equal(f.hello.name, "");
+    moat__frame_free(&f);
+}
+
+static void v_size0(ei_x_buff *x) { ei_x_encode_long(x, 0); }
+static void v_size_big(ei_x_buff *x) { ei_x_encode_long(x, 1025); }
+static void v_neg(ei_x_buff *x) { ei_x_encode_long(x, -1); }
+static void v_atom(ei_x_buff *x) { ei_x_encode_atom(x, "foo"); }
+static void v_2_32(ei_x_buff *x) { ei_x_encode_ulonglong(x, 1ULL << 32); }
+static void v_binary(ei_x_buff *x) { ei_x_encode_binary(x, "thread", 6); }
+static void v_string(ei_x_buff *x) { ei_x_encode_string(x, "name"); }
+static void v_list_of_atoms(ei_x_buff *x) {
+    ei_x_encode_list_header(x, 1);
+    ei_x_encode_atom(x, "lib");
+    ei_x_encode_empty_list(x);
+}
+static void v_empty_path(ei_x_buff *x) {
+    ei_x_encode_list_header(x, 1);
+    ei_x_encode_binary(x, "", 0);
+    ei_x_encode_empty_list(x);
+}
+static void v_nul_path(ei_x_buff *x) {
+    ei_x_encode_list_header(x, 1);
+    ei_x_encode_binary(x, "a\0b", 3);
+    ei_x_encode_empty_list(x);
+}
+static void v_improper(ei_x_buff *x) {
+    ei_x_encode_list_header(x, 1);
+    ei_x_encode_binary(x, "a.so", 4);
+    ei_x_encode_binary(x, "tail", 4);
+}
+
+/* Each bad option makes the frame malformed, and says which. */
+static void test_cnode_frame_hello_refuses_bad_options(void **state) {
+    static const struct {
+        const char *key;
+        void (*value)(ei_x_buff *);
+        const char *why;
+    } cases[] = {
+        {"size", v_size0, "size"},
+        {"size", v_size_big, "size"},
+        {"size", v_neg, "size"},
+        {"size", v_atom, "size"},
+        {"max_queue", v_neg, "max_queue"},
+        {"max_queue", v_2_32, "max_queue"},
+        {"isolation", v_atom, "isolation"},
+        {"isolation", v_binary, "isolation"},
+        {"name", v_string, "name"},
+        {"libraries", v_atom, "libraries"},
+        {"libraries", v_string, "libraries"},
+        {"libraries", v_list_of_atoms, "libraries"},
+        {"libraries", v_empty_path, "empty"},
+        {"libraries", v_nul_path, "NUL"},
+        {"libraries", v_improper, "proper"},
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        ei_x_buff x = hello1(cases[i].key, cases[i].value);
+        moat__frame_t f;
+        assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+        assert_int_equal(f.kind, MOAT__FRAME_HELLO);
+        if (strstr(f.why, cases[i].why) == NULL)
+            fail_msg("case %zu: \"%s\" does not say %s", i, f.why,
+                     cases[i].why);
+        moat__frame_free(&f);
+    }
+    {
+        ei_x_buff x = start("hello", 2);
+        moat__frame_t f;
+        ei_x_encode_list_header(&x, 0); /* not a map */
+        assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+        assert_non_null(strstr(f.why, "map"));
+        moat__frame_free(&f);
+        x = start("hello", 1);
+        assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+        assert_int_equal(f.kind, MOAT__FRAME_HELLO);
+        moat__frame_free(&f);
+    }
+}
+
+/* ------------------------------------------------------------------ run */
+
+static void test_cnode_frame_run_reads_tag_task_args(void **state) {
+    static const uint64_t tags[] = {0,          1,          255,
+                                    256,        0x7fffffff, 0x80000000ULL,
+                                    1ULL << 40, UINT64_MAX};
+    (void)state;
+    for (size_t i = 0; i < sizeof tags / sizeof tags[0]; i++) {
+        ei_x_buff x = run_frame(tags[i]), list;
+        moat__frame_t f;
+        assert_int_equal(decode_keep(&x, &f), 0);
+        assert_int_equal(f.kind, MOAT__FRAME_RUN);
+        assert_int_equal(f.nruns, 1);
+        assert_int_equal(f.runs[0].tag, tags[i]);
+        assert_int_equal(f.runs[0].status, 0);
+        assert_int_equal(f.runs[0].task.len, 4);
+        assert_memory_equal(f.runs[0].task.name, "echo", 4);
+        ei_x_new(&list);
+        ei_x_encode_list_header(&list, 2);
+        ei_x_encode_long(&list, 1);
+        ei_x_encode_long(&list, 2);
+        ei_x_encode_empty_list(&list);
+        assert_args(&f.runs[0], &list);
+        ei_x_free(&list);
+        moat__frame_free(&f);
+        ei_x_free(&x);
+    }
+}
+
+/* term_to_binary's other encodings: a Latin-1 atom (ATOM_EXT), a list of
+ * small integers as a string, and []. */
+static void test_cnode_frame_run_reads_every_encoding(void **state) {
+    /* {run, 9, 'écho', "ab"} with the atom as ATOM_EXT */
+    static const unsigned char latin1[] = {131, 104, 4,   100, 0,   3,
+                                           'r', 'u', 'n', 97,  9,   100,
+                                           0,   5,   0xE9, 'c', 'h', 'o',
+                                           ' ', 107, 0,   2,   'a', 'b'};
+    static const unsigned char nil[] = {131, 104, 4,   119, 3,   'r', 'u',
+                                        'n', 97,  1,   119, 4,   'e', 'c',
+                                        'h', 'o', 106};
+    moat__frame_t f;
+    char utf8[16];
+    (void)state;
+    assert_int_equal(moat__frame_decode((const char *)latin1, sizeof latin1,
+                                        &f),
+                     0);
+    assert_int_equal(f.runs[0].tag, 9);
+    assert_true(f.runs[0].task.latin1);
+    assert_int_equal(moat__atom_utf8(&f.runs[0].task, utf8, sizeof utf8), 6);
+    assert_string_equal(utf8, "\xc3\xa9\x63ho ");
+    assert_int_equal(f.runs[0].task.etf_len, 8);
+    assert_memory_equal(f.runs[0].task.etf, latin1 + 11, 8);
+    {
+        ei_x_buff s;
+        ei_x_new(&s);
+        ei_x_encode_string(&s, "ab");
+        assert_args(&f.runs[0], &s);
+        ei_x_free(&s);
+    }
+    moat__frame_free(&f);
+    assert_int_equal(moat__frame_decode((const char *)nil, sizeof nil, &f), 0);
+    assert_int_equal(f.runs[0].status, 0);
+    assert_false(f.runs[0].task.latin1);
+    moat__frame_free(&f);
+}
+
+/* A run frame with a readable tag but anything else wrong keeps the tag,
+ * so that it can be answered badarg. */
+static void test_cnode_frame_run_bad_parts_keep_the_tag(void **state) {
+    moat__frame_t f;
+    ei_x_buff x;
+    (void)state;
+    for (int c = 0; c < 6; c++) {
+        x = start("run", c == 3 ? 3 : 4);
+        ei_x_encode_ulonglong(&x, 77);
+        if (c == 0) { /* args not a list */
+            ei_x_encode_atom(&x, "echo");
+            ei_x_encode_atom(&x, "args");
+        } else if (c == 1) { /* an improper list */
+            ei_x_encode_atom(&x, "echo");
+            ei_x_encode_list_header(&x, 1);
+            ei_x_encode_atom(&x, "a");
+            ei_x_encode_atom(&x, "b");
+        } else if (c == 2) { /* the task is not an atom */
+            ei_x_encode_binary(&x, "echo", 4);
+            ei_x_encode_empty_list(&x);
+        } else if (c == 3) { /* arity 3 */
+            ei_x_encode_atom(&x, "echo");
+        } else if (c == 4) { /* a float the BEAM cannot have, inside */
+            static const char inf[] = {70, 0x7f, (char)0xf0, 0, 0, 0, 0, 0, 0};
+            ei_x_encode_atom(&x, "echo");
+            ei_x_encode_list_header(&x, 1);
+            ei_x_append_buf(&x, inf, sizeof inf);
+            ei_x_encode_empty_list(&x);
+        } else { /* trailing bytes after the term */
+            ei_x_encode_atom(&x, "echo");
+            ei_x_encode_empty_list(&x);
+            ei_x_encode_atom(&x, "extra");
+        }
+        assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+        assert_int_equal(f.kind, MOAT__FRAME_RUN);
+        assert_int_equal(f.nruns, 1);
+        assert_int_equal(f.runs[0].tag, 77);
+        assert_int_equal(f.runs[0].status, MOAT_EBADTERM);
+        assert_null(f.runs[0].args);
+        assert_true(f.why[0] != '\0');
+        moat__frame_free(&f);
+    }
+    /* cut anywhere after the tag: still the tag */
+    x = run_frame(1234);
+    for (int cut = 13; cut < x.index; cut++) {
+        assert_int_equal(moat__frame_decode(x.buff, (size_t)cut, &f),
+                         MOAT_EBADTERM);
+        assert_int_equal(f.nruns, 1);
+        assert_int_equal(f.runs[0].tag, 1234);
+        assert_int_equal(f.runs[0].status, MOAT_EBADTERM);
+        moat__frame_free(&f);
+    }
+    ei_x_free(&x);
+}
+
+/* Arguments nested deeper than moat_etf_check allows: refused, and
+ * skipping them takes no stack. */
+static void test_cnode_frame_deep_arguments(void **state) {
+    const int depth = 20000; /* over moat_etf_check's 10000 */
+    ei_x_buff x = start("run", 4);
+    moat__frame_t f;
+    (void)state;
+    ei_x_encode_ulonglong(&x, 5);
+    ei_x_encode_atom(&x, "echo");
+    for (int i = 0; i < depth; i++)
+        ei_x_encode_list_header(&x, 1);
+    ei_x_encode_empty_list(&x);
+    for (int i = 0; i < depth; i++)
+        ei_x_encode_empty_list(&x);
+    assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+    assert_int_equal(f.nruns, 1);
+    assert_int_equal(f.runs[0].tag, 5);
+    assert_int_equal(f.runs[0].status, MOAT_EBADTERM);
+    moat__frame_free(&f);
+}
+
+static void test_cnode_frame_unreadable_tags(void **state) {
+    moat__frame_t f;
+    ei_x_buff x;
+    (void)state;
+    for (int c = 0; c < 5; c++) {
+        x = start("run", c == 4 ? 1 : 4);
+        if (c == 0)
+            ei_x_encode_long(&x, -1);
+        else if (c == 1)
+            ei_x_encode_double(&x, 1.0);
+        else if (c == 2)
+            ei_x_encode_atom(&x, "tag");
+        else if (c == 3) { /* 2^64: a bignum of nine bytes */
+            static const char big[] = {110, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+            ei_x_append_buf(&x, big, sizeof big);
+        }
+        if (c != 4) {
+            ei_x_encode_atom(&x, "echo");
+            ei_x_encode_empty_list(&x);
+        }
+        assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+        assert_int_equal(f.kind, MOAT__FRAME_RUN);
+        assert_int_equal(f.nruns, 0);
+        assert_non_null(strstr(f.why, "tag"));
+        moat__frame_free(&f);
+    }
+}
+
+/* ----------------------------------------------------------------- runs */
+
+/* Good elements of a runs frame are kept beside bad ones; an element
+ * without a readable tag is counted. */
+static void test_cnode_frame_runs_mixed_elements(void **state) {
+    ei_x_buff x = start("runs", 2);
+    moat__frame_t f;
+    (void)state;
+    ei_x_encode_list_header(&x, 5);
+    ei_x_encode_tuple_header(&x, 3); /* good */
+    ei_x_encode_ulonglong(&x, 1);
+    ei_x_encode_atom(&x, "echo");
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_atom(&x, "a");
+    ei_x_encode_empty_list(&x);
+    ei_x_encode_atom(&x, "garbage"); /* untagged */
+    ei_x_encode_tuple_header(&x, 3); /* bad args */
+    ei_x_encode_ulonglong(&x, 2);
+    ei_x_encode_atom(&x, "echo");
+    ei_x_encode_atom(&x, "x");
+    ei_x_encode_tuple_header(&x, 1); /* tag only */
+    ei_x_encode_ulonglong(&x, 3);
+    ei_x_encode_tuple_header(&x, 3); /* good */
+    ei_x_encode_ulonglong(&x, 4);
+    ei_x_encode_atom(&x, "sleep");
+    ei_x_encode_empty_list(&x);
+    ei_x_encode_empty_list(&x);
+    assert_int_equal(decode_keep(&x, &f), MOAT_EBADTERM);
+    assert_int_equal(f.kind, MOAT__FRAME_RUNS);
+    assert_int_equal(f.nruns, 4);
+    assert_int_equal(f.untagged, 1);
+    assert_int_equal(f.runs[0].tag, 1);
+    assert_int_equal(f.runs[0].status, 0);
+    assert_non_null(f.runs[0].args);
+    assert_int_equal(f.runs[1].tag, 2);
+    assert_int_equal(f.runs[1].status, MOAT_EBADTERM);
+    assert_int_equal(f.runs[2].tag, 3);
+    assert_int_equal(f.runs[2].status, MOAT_EBADTERM);
+    assert_int_equal(f.runs[3].tag, 4);
+    assert_int_equal(f.runs[3].status, 0);
+    assert_memory_equal(f.runs[3].task.name, "sleep", 5);
+    /* the caller may take an argument term */
+    moat_term_unref(f.runs[3].args);
+    f.runs[3].args = NULL;
+    moat__frame_free(&f);
+    ei_x_free(&x);
+
+    x = start("runs", 2);
+    ei_x_encode_empty_list(&x);
+    assert_int_equal(decode_x(&x, &f), 0);
+    assert_int_equal(f.nruns, 0);
+    moat__frame_free(&f);
+}
+
+/* A list count the frame cannot hold allocates nothing for it. */
+static void test_cnode_frame_runs_lying_count(void **state) {
+    static const unsigned char lie[] = {131, 104, 2,   119,  4,    'r',
+                                        'u', 'n', 's', 108,  0xff, 0xff,
+                                        0xff, 0xff, 104, 3,   97,   8,
+                                        119, 1,   'e', 106};
+    moat__frame_t f;
+    (void)state;
+    assert_int_equal(moat__frame_decode((const char *)lie, sizeof lie, &f),
+                     MOAT_EBADTERM);
+    assert_int_equal(f.kind, MOAT__FRAME_RUNS);
+    assert_true(f.nruns + f.untagged <= sizeof lie);
+    assert_int_equal(f.nruns, 1);
+    assert_int_equal(f.runs[0].tag, 8);
+    assert_int_equal(f.runs[0].status, MOAT_EBADTERM);
+    moat__frame_free(&f);
+}
+
+/* --------------------------------------------------------------- cancel */
+
+static void test_cnode_frame_cancel(void **state) {
+    static const struct {
+        const char *reason;
+        moat_atom_t want;
+    } cases[] = {{"shutdown", MOAT_A_SHUTDOWN},
+                 {"killed", MOAT_A_KILLED},
+                 {"timeout", MOAT_A_TIMEOUT},
+                 {"whatever", MOAT_A_SHUTDOWN}};
+    moat__frame_t f;
+    ei_x_buff x;
+    (void)state;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        x = start("cancel", 3);
+        ei_x_encode_ulonglong(&x, 1000 + i);
+        ei_x_encode_atom(&x, cases[i].reason);
+        assert_int_equal(decode_x(&x, &f), 0);
+        assert_int_equal(f.kind, MOAT__FRAME_CANCEL);
+        assert_int_equal(f.tag, 1000 + i);
+        assert_int_equal(f.reason, cases[i].want);
+        moat__frame_free(&f);
+    }
+    x = start("cancel", 3);
+    ei_x_encode_long(&x, -3);
+    ei_x_encode_atom(&x, "shutdown");
+    assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+    assert_int_equal(f.kind, MOAT__FRAME_CANCEL);
+    moat__frame_free(&f);
+    x = start("cancel", 2);
+    ei_x_encode_long(&x, 3);
+    assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+    moat__frame_free(&f);
+}
+
+/* -------------------------------------------------------------- garbage */
+
+static void test_cnode_frame_garbage_is_refused(void **state) {
+    static const struct {
+        const char *bytes;
+        size_t len;
+    } cases[] = {
+        {"", 0},
+        {"\x83", 1},
+        {"x", 1},
+        {"\x83\x6a", 2},                    /* [] */
+        {"\x83\x68\x00", 3},                /* {} */
+        {"\x83\x68\x01\x61\x01", 5},        /* {1} */
+        {"\x83\x77\x03run", 6},             /* run */
+        {"\x83\x68\x01\x77\x03why", 7},     /* {why} */
+        {"\x84\x68\x01\x77\x03run", 7},     /* a wrong version byte */
+        {"\x83\x50\x00\x00\x00\x10\x78", 7} /* compressed */
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        moat__frame_t f;
+        assert_int_equal(moat__frame_decode(cases[i].bytes, cases[i].len, &f),
+                         MOAT_EBADTERM);
+        assert_int_equal(f.nruns, 0);
+        assert_true(f.why[0] != '\0');
+        moat__frame_free(&f);
+    }
+}
+
+/* Checks what any decode must leave: a known result, and argument terms
+ * only where the entry is good, each one well-formed. */
+static void check_any(const char *buf, size_t len) {
+    moat__frame_t f;
+    int rc = moat__frame_decode(buf, len, &f);
+    assert_true(rc == 0 || rc == MOAT_EBADTERM);
+    for (size_t i = 0; i < f.nruns; i++) {
+        if (f.runs[i].status == 0) {
+            size_t alen;
+            const char *a = moat_term_data(f.runs[i].args, &alen);
+            assert_int_equal(moat_etf_check(a, alen), 0);
+            assert_true(f.runs[i].task.name >= buf &&
+                        f.runs[i].task.name + f.runs[i].task.len <= buf + len);
+        } else {
+            assert_null(f.runs[i].args);
+        }
+    }
+    moat__frame_free(&f);
+}
+
+/* Every prefix of good frames, and every one-byte change of them: a
+ * bounded fuzz that the sanitizers and valgrind watch.  Each buffer is
+ * copied to memory of its exact size, so a read past it is caught. */
+static void test_cnode_frame_survives_every_cut_and_change(void **state) {
+    static const unsigned char values[] = {0,   1,   2,    3,    0x7f,
+                                           0x80, 0xfe, 0xff, 97,  104,
+                                           106, 107, 108,  109,  110,
+                                           111, 116, 119,  131};
+    ei_x_buff frames[4];
+    (void)state;
+    frames[0] = run_frame(300);
+    frames[1] = start("runs", 2);
+    ei_x_encode_list_header(&frames[1], 2);
+    for (int i = 0; i < 2; i++) {
+        ei_x_encode_tuple_header(&frames[1], 3);
+        ei_x_encode_ulonglong(&frames[1], 70000 + (uint64_t)i);
+        ei_x_encode_atom(&frames[1], "echo");
+        ei_x_encode_list_header(&frames[1], 1);
+        ei_x_encode_tuple_header(&frames[1], 2);
+        ei_x_encode_binary(&frames[1], "xy", 2);
+        ei_x_encode_map_header(&frames[1], 1);
+        ei_x_encode_atom(&frames[1], "k");
+        ei_x_encode_string(&frames[1], "v");
+        ei_x_encode_empty_list(&frames[1]);
+    }
+    ei_x_encode_empty_list(&frames[1]);
+    frames[2] = hello1("libraries", v_improper);
+    frames[3] = start("cancel", 3);
+    ei_x_encode_ulonglong(&frames[3], 1ULL << 63);
+    ei_x_encode_atom(&frames[3], "killed");
+
+    for (size_t k = 0; k < 4; k++) {
+        size_t n = (size_t)frames[k].index;
+        for (size_t cut = 0; cut <= n; cut++) {
+            char *b = malloc(cut > 0 ? cut : 1);
+            assert_non_null(b);
+            memcpy(b, frames[k].buff, cut);
+            check_any(b, cut);
+            free(b);
+        }
+        for (size_t at = 0; at < n; at++) {
+            for (size_t v = 0; v < sizeof values; v++) {
+                char *b = malloc(n);
+                assert_non_null(b);
+                memcpy(b, frames[k].buff, n);
+                b[at] = (char)values[v];
+                check_any(b, n);
+                free(b);
+            }
+        }
+        ei_x_free(&frames[k]);
+    }
+}
+
+/* --------------------------------------------------------------- atoms */
+
+static void test_cnode_frame_atom_utf8_cuts_at_characters(void **state) {
+    moat__atom_t a = {"\xe9\xe9\xe9", 3, 1, NULL, 0};
+    moat__atom_t u = {"\xc3\xa9\xc3\xa9", 4, 0, NULL, 0};
+    char out[8];
+    (void)state;
+    assert_int_equal(moat__atom_utf8(&a, out, sizeof out), 6);
+    assert_string_equal(out, "\xc3\xa9\xc3\xa9\xc3\xa9");
+    assert_int_equal(moat__atom_utf8(&a, out, 4), 2);
+    assert_string_equal(out, "\xc3\xa9");
+    assert_int_equal(moat__atom_utf8(&u, out, 4), 2);
+    assert_string_equal(out, "\xc3\xa9");
+    assert_int_equal(moat__atom_utf8(&u, out, 1), 0);
+    assert_string_equal(out, "");
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_cnode_frame_hello_reads_every_option),
+        cmocka_unit_test(test_cnode_frame_hello_defaults),
+        cmocka_unit_test(test_cnode_frame_hello_refuses_bad_options),
+        cmocka_unit_test(test_cnode_frame_run_reads_tag_task_args),
+        cmocka_unit_test(test_cnode_frame_run_reads_every_encoding),
+        cmocka_unit_test(test_cnode_frame_run_bad_parts_keep_the_tag),
+        cmocka_unit_test(test_cnode_frame_deep_arguments),
+        cmocka_unit_test(test_cnode_frame_unreadable_tags),
+        cmocka_unit_test(test_cnode_frame_runs_mixed_elements),
+        cmocka_unit_test(test_cnode_frame_runs_lying_count),
+        cmocka_unit_test(test_cnode_frame_cancel),
+        cmocka_unit_test(test_cnode_frame_garbage_is_refused),
+        cmocka_unit_test(test_cnode_frame_survives_every_cut_and_change),
+        cmocka_unit_test(test_cnode_frame_atom_utf8_cuts_at_characters),
+    };
+    ei_init();
+    return cmocka_run_group_tests_name("cnode frame decoder", tests, NULL,
+                                       NULL);
+}

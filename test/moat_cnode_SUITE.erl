@@ -1,0 +1,265 @@
+%%% @doc The C-node backend (doc/cnode.md) beyond the API suite, which
+%%% moat_task_SUITE runs against it: what a hard fault in the C-node costs,
+%%% how the pool comes back, start errors as values, and that no C-node
+%%% outlives its pool or its VM.
+-module(moat_cnode_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, suite/0]).
+-export([init_per_suite/1, end_per_suite/1]).
+-export([init_per_testcase/2, end_per_testcase/2]).
+-export([
+    segfault_ends_every_task_in_flight/1,
+    abort_ends_every_task_in_flight/1,
+    pool_serves_again_after_crash/1,
+    bad_library_is_a_value/1,
+    servers_not_supported_yet/1,
+    stop_pool_ends_cnode/1,
+    vm_sigkill_leaves_no_cnode/1,
+    many_callers_during_crashes/1
+]).
+
+-define(POOL, moat_cnode_pool).
+-define(WAIT, 5000).
+
+suite() ->
+    [{timetrap, {seconds, 60}}].
+
+all() ->
+    [
+        segfault_ends_every_task_in_flight,
+        abort_ends_every_task_in_flight,
+        pool_serves_again_after_crash,
+        bad_library_is_a_value,
+        servers_not_supported_yet,
+        stop_pool_ends_cnode,
+        vm_sigkill_leaves_no_cnode,
+        many_callers_during_crashes
+    ].
+
+init_per_suite(Config) ->
+    {ok, _} = application:ensure_all_started(moat),
+    %% The pools here crash on purpose; their error reports are expected.
+    ok = logger:set_application_level(moat, critical),
+    Config.
+
+end_per_suite(_Config) ->
+    _ = application:stop(moat),
+    ok.
+
+init_per_testcase(_Case, Config) ->
+    Config.
+
+end_per_testcase(_Case, _Config) ->
+    _ = moat:stop_pool(?POOL),
+    ok.
+
+%%%===================================================================
+%%% Cases
+%%%===================================================================
+
+segfault_ends_every_task_in_flight(_Config) ->
+    %% In thread isolation a segfault loses the C-node: every task it held,
+    %% the faulting one included, gets {native_crash, cnode_down}.
+    crash_ends_all(segfault).
+
+abort_ends_every_task_in_flight(_Config) ->
+    %% The same for abort().
+    crash_ends_all(abort).
+
+pool_serves_again_after_crash(_Config) ->
+    %% After a crash the pool's supervisor starts a new C-node and the same
+    %% pool name serves again; tasks sent meanwhile get values, not crashes.
+    {ok, _} = start(#{size => 2}),
+    OsPid = cnode_os_pid(),
+    T = moat:async(?POOL, segfault, []),
+    ?assertEqual({native_crash, cnode_down}, down_reason(T)),
+    wait_until(fun() -> moat:run(?POOL, echo, [back]) =:= {ok, back} end, serving_again),
+    ?assertNotEqual(OsPid, cnode_os_pid()),
+    wait_until(fun() -> not os_alive(OsPid) end, old_cnode_gone),
+    ?assertEqual([{ok, 1}, {ok, 2}, {ok, 3}], moat:async_stream(?POOL, echo, [1, 2, 3], #{})),
+    sweep().
+
+bad_library_is_a_value(_Config) ->
+    %% A library the C-node cannot load fails start_pool with a message,
+    %% and leaves no C-node behind.
+    Before = cnode_ports(),
+    {error, {bad_library, Msg}} = start(#{libraries => ["/nonexistent/lib.so"]}),
+    ?assert(is_binary(Msg)),
+    ?assertNotEqual(nomatch, binary:match(Msg, <<"/nonexistent/lib.so">>)),
+    ?assertEqual(Before, cnode_ports()),
+    ?assertEqual({exit, noproc}, moat:run(?POOL, echo, [x])).
+
+servers_not_supported_yet(_Config) ->
+    %% Native servers in the C-node are not built yet: a clear error.
+    Spec = #{id => c, start => {moat_demo, counter, [0]}},
+    ?assertEqual(
+        {error, {not_supported, {servers, cnode}}}, start(#{servers => [Spec]})
+    ).
+
+stop_pool_ends_cnode(_Config) ->
+    %% stop_pool gives pending tasks shutdown and the C-node exits at once,
+    %% even with a body that ignores cancellation still running.
+    {ok, _} = start(#{size => 2}),
+    OsPid = cnode_os_pid(),
+    Spin = moat:async(?POOL, spin, [60000000]),
+    Sleep = moat:async(?POOL, sleep, [60000]),
+    wait_until(fun() -> maps:get(running, moat:stats(?POOL)) =:= 2 end, both_running),
+    ok = moat:stop_pool(?POOL),
+    ?assertEqual(shutdown, down_reason(Spin)),
+    ?assertEqual(shutdown, down_reason(Sleep)),
+    wait_until(fun() -> not os_alive(OsPid) end, cnode_gone),
+    sweep().
+
+vm_sigkill_leaves_no_cnode(Config) ->
+    %% A VM killed with SIGKILL leaves no moat_cnode behind.
+    Ebin = filename:dirname(code:which(moat)),
+    Script =
+        "{ok, _} = application:ensure_all_started(moat),"
+        "{ok, _} = moat:start_pool(p, #{backend => cnode, size => 1}),"
+        "{ok, ok} = moat:run(p, echo, [ok]),"
+        "[P] = [P || P <- erlang:ports(),"
+        "  lists:suffix(\"moat_cnode\", element(2, erlang:port_info(P, name)))],"
+        "{os_pid, Os} = erlang:port_info(P, os_pid),"
+        "io:format(\"cnode ~b~n\", [Os]),"
+        "_ = moat:async(p, spin, [60000000]),"
+        "receive after infinity -> ok end.",
+    Erl = os:find_executable("erl"),
+    Port = open_port(
+        {spawn_executable, Erl},
+        [{args, ["-noshell", "-pa", Ebin, "-eval", Script]}, {line, 256}, exit_status]
+    ),
+    {os_pid, VmPid} = erlang:port_info(Port, os_pid),
+    CnodePid =
+        receive
+            {Port, {data, {eol, "cnode " ++ N}}} -> list_to_integer(N)
+        after 20000 -> ct:fail(peer_vm_did_not_start)
+        end,
+    ?assert(os_alive(CnodePid)),
+    _ = os:cmd("kill -9 " ++ integer_to_list(VmPid)),
+    receive
+        {Port, {exit_status, _}} -> ok
+    after ?WAIT -> ct:fail(peer_vm_not_killed)
+    end,
+    wait_until(fun() -> not os_alive(CnodePid) end, cnode_outlived_vm),
+    _ = Config,
+    ok.
+
+many_callers_during_crashes(_Config) ->
+    %% 200 callers run tasks while the C-node crashes three times: each
+    %% call gets exactly one value, a result or a reason from the table,
+    %% and every caller lives.
+    {ok, _} = start(#{size => 2, max_restarts => 10, max_seconds => 5}),
+    Parent = self(),
+    Callers = [
+        spawn_monitor(fun() ->
+            Got = [moat:run(?POOL, echo, [I], 2000) || I <- lists:seq(1, 50)],
+            Parent ! {self(), Got}
+        end)
+     || _ <- lists:seq(1, 200)
+    ],
+    lists:foreach(
+        fun(_) ->
+            timer:sleep(20),
+            _ = moat:run(?POOL, segfault, [], 1000)
+        end,
+        lists:seq(1, 3)
+    ),
+    Allowed = fun
+        ({ok, I}) when is_integer(I) -> true;
+        ({exit, {native_crash, cnode_down}}) -> true;
+        ({exit, noproc}) -> true;
+        (_) -> false
+    end,
+    lists:foreach(
+        fun({Pid, MRef}) ->
+            receive
+                {Pid, Got} ->
+                    ?assertEqual(50, length(Got)),
+                    ?assertEqual([], [G || G <- Got, not Allowed(G)])
+            after 30000 -> ct:fail({caller_stuck, Pid})
+            end,
+            receive
+                {'DOWN', MRef, process, Pid, Why} -> ?assertEqual(normal, Why)
+            end
+        end,
+        Callers
+    ),
+    wait_until(fun() -> moat:run(?POOL, echo, [x]) =:= {ok, x} end, serving_again),
+    sweep().
+
+%%%===================================================================
+%%% Helpers
+%%%===================================================================
+
+start(Opts) ->
+    moat:start_pool(?POOL, maps:merge(#{backend => cnode}, Opts)).
+
+crash_ends_all(Task) ->
+    {ok, _} = start(#{size => 4}),
+    Sleepers = [moat:async(?POOL, sleep, [60000]) || _ <- lists:seq(1, 3)],
+    wait_until(fun() -> maps:get(running, moat:stats(?POOL)) =:= 3 end, sleepers_running),
+    Crash = moat:async(?POOL, Task, []),
+    [?assertEqual({native_crash, cnode_down}, down_reason(T)) || T <- [Crash | Sleepers]],
+    sweep().
+
+%% The DOWN reason of a task, within ?WAIT.
+down_reason(#{ref := Ref}) ->
+    receive
+        {'DOWN', Ref, process, _, Reason} -> Reason;
+        {Ref, Value} -> ct:fail({unexpected_value, Value})
+    after ?WAIT -> ct:fail({no_down, Ref})
+    end.
+
+%% The C-node ports of the pools of this VM (owned by their pools'
+%% processes).
+cnode_ports() ->
+    lists:sort([
+        P
+     || P <- erlang:ports(),
+        case erlang:port_info(P, name) of
+            {name, Name} -> lists:suffix("moat_cnode", Name);
+            undefined -> false
+        end
+    ]).
+
+cnode_os_pid() ->
+    [P] = cnode_ports(),
+    {os_pid, OsPid} = erlang:port_info(P, os_pid),
+    OsPid.
+
+os_alive(OsPid) ->
+    %% A zombie (exited, not yet reaped) counts as gone.
+    case file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/stat") of
+        {ok, Stat} ->
+            [_, Rest] = binary:split(Stat, <<") ">>),
+            binary:first(Rest) =/= $Z;
+        {error, _} ->
+            false
+    end.
+
+wait_until(Fun, What) ->
+    wait_until(Fun, What, erlang:monotonic_time(millisecond) + ?WAIT).
+
+wait_until(Fun, What, Deadline) ->
+    case Fun() of
+        true ->
+            ok;
+        false ->
+            case erlang:monotonic_time(millisecond) > Deadline of
+                true ->
+                    ct:fail({timeout_waiting_for, What});
+                false ->
+                    timer:sleep(5),
+                    wait_until(Fun, What, Deadline)
+            end
+    end.
+
+%% Nothing about any task is left in the mailbox.
+sweep() ->
+    receive
+        Msg -> ct:fail({unexpected_message, Msg})
+    after 0 -> ok
+    end.
