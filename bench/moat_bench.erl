@@ -322,16 +322,11 @@ fanout(_, _, _, _) ->
 row_fanout(Quick, Size, Peer) ->
     N = pick(Quick, 100000, 1000000),
     Identity = fun(X) -> X end,
-    Trials = [
-        {
-            trial(1, I, moat, fun() -> fanout(?POOL, echo, N) end),
-            trial(1, I, peer, fun() -> peer_fanout(Peer, Identity, 1, N, Size) end)
-        }
-     || I <- [1, 2, 3]
-    ],
-    {MoatTrials, PeerTrials} = lists:unzip(Trials),
-    {MoatRuns, MoatUsage} = lists:unzip(MoatTrials),
-    {PeerRuns, PeerUsage} = lists:unzip(PeerTrials),
+    {MoatRuns, MoatUsage, PeerRuns, PeerUsage} = alternating_trials(
+        1,
+        fun() -> fanout(?POOL, echo, N) end,
+        fun() -> peer_fanout(Peer, Identity, 1, N, Size) end
+    ),
     Moat = median([R || #{per_second := R} <- MoatRuns]),
     PeerRate = median([R || #{per_second := R} <- PeerRuns]),
     Ratio = PeerRate > 0 andalso Moat / PeerRate,
@@ -362,6 +357,17 @@ row_fanout(Quick, Size, Peer) ->
             )
         )
     }.
+
+%% Three trials of moat's fan-out and three of the peer's, alternating:
+%% each side's results and CPU usages.
+-spec alternating_trials(pos_integer(), fun(() -> fanout_result()), fun(() -> fanout_result())) ->
+    {[fanout_result()], [usage()], [fanout_result()], [usage()]}.
+alternating_trials(Row, MoatFun, PeerFun) ->
+    Trials = [{trial(Row, I, moat, MoatFun), trial(Row, I, peer, PeerFun)} || I <- [1, 2, 3]],
+    {MoatTrials, PeerTrials} = lists:unzip(Trials),
+    {MoatRuns, MoatUsage} = lists:unzip(MoatTrials),
+    {PeerRuns, PeerUsage} = lists:unzip(PeerTrials),
+    {MoatRuns, MoatUsage, PeerRuns, PeerUsage}.
 
 %% Row 2: one moat:run/3 at a time against one spawn_monitor and reply at
 %% a time, in alternating blocks, every call timed on its own.
@@ -437,16 +443,11 @@ row_cpu(Quick, Size, Peer) ->
     N = pick(Quick, 20000, 100000),
     Ideal = Size * 1.0e6 / ?SPIN_US,
     Spin = fun busy_wait/1,
-    Trials = [
-        {
-            trial(3, I, moat, fun() -> fanout(?POOL, spin, N, #{arg => ?SPIN_US}) end),
-            trial(3, I, peer, fun() -> peer_fanout(Peer, Spin, ?SPIN_US, N, Size) end)
-        }
-     || I <- [1, 2, 3]
-    ],
-    {MoatTrials, PeerTrials} = lists:unzip(Trials),
-    {MoatRuns, MoatUsage} = lists:unzip(MoatTrials),
-    {PeerRuns, PeerUsage} = lists:unzip(PeerTrials),
+    {MoatRuns, MoatUsage, PeerRuns, PeerUsage} = alternating_trials(
+        3,
+        fun() -> fanout(?POOL, spin, N, #{arg => ?SPIN_US}) end,
+        fun() -> peer_fanout(Peer, Spin, ?SPIN_US, N, Size) end
+    ),
     Moat = 100 * median([R || #{per_second := R} <- MoatRuns]) / Ideal,
     PeerShare = 100 * median([R || #{per_second := R} <- PeerRuns]) / Ideal,
     #{
@@ -597,16 +598,11 @@ row_cnode_round_trip(Quick) ->
 -spec row_cnode_fanout(boolean(), pos_integer()) -> row().
 row_cnode_fanout(Quick, Size) ->
     N = pick(Quick, 50000, 300000),
-    Trials = [
-        {
-            trial(8, I, moat, fun() -> fanout(?CNODE_POOL, echo, N) end),
-            trial(8, I, peer, fun() -> port_pipeline(N, ?CONCURRENCY) end)
-        }
-     || I <- [1, 2, 3]
-    ],
-    {MoatTrials, PeerTrials} = lists:unzip(Trials),
-    {MoatRuns, MoatUsage} = lists:unzip(MoatTrials),
-    {PeerRuns, PeerUsage} = lists:unzip(PeerTrials),
+    {MoatRuns, MoatUsage, PeerRuns, PeerUsage} = alternating_trials(
+        8,
+        fun() -> fanout(?CNODE_POOL, echo, N) end,
+        fun() -> port_pipeline(N, ?CONCURRENCY) end
+    ),
     Moat = median([R || #{per_second := R} <- MoatRuns]),
     PeerRate = median([R || #{per_second := R} <- PeerRuns]),
     #{

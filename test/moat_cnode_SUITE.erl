@@ -7,6 +7,8 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
+-import(moat_ct_util, [wait_until/2]).
+
 -export([all/0, suite/0]).
 -export([init_per_suite/1, end_per_suite/1]).
 -export([init_per_testcase/2, end_per_testcase/2]).
@@ -238,23 +240,6 @@ os_alive(OsPid) ->
             binary:first(Rest) =/= $Z;
         {error, _} ->
             false
-    end.
-
-wait_until(Fun, What) ->
-    wait_until(Fun, What, erlang:monotonic_time(millisecond) + ?WAIT).
-
-wait_until(Fun, What, Deadline) ->
-    case Fun() of
-        true ->
-            ok;
-        false ->
-            case erlang:monotonic_time(millisecond) > Deadline of
-                true ->
-                    ct:fail({timeout_waiting_for, What});
-                false ->
-                    timer:sleep(5),
-                    wait_until(Fun, What, Deadline)
-            end
     end.
 
 %% Nothing about any task is left in the mailbox.

@@ -18,6 +18,8 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
+-import(moat_ct_util, [wait_until/2]).
+
 -export([all/0, suite/0]).
 -export([init_per_suite/1, end_per_suite/1]).
 -export([init_per_testcase/2, end_per_testcase/2]).
@@ -1384,23 +1386,6 @@ wait_native_ms(At) ->
             wait_native_ms(At);
         _ ->
             ok
-    end.
-
-wait_until(Fun, What) ->
-    wait_until(Fun, What, erlang:monotonic_time(millisecond) + ?WAIT).
-
-wait_until(Fun, What, Deadline) ->
-    case Fun() of
-        true ->
-            ok;
-        false ->
-            case erlang:monotonic_time(millisecond) > Deadline of
-                true ->
-                    ct:fail({timed_out_waiting_for, What});
-                false ->
-                    timer:sleep(2),
-                    wait_until(Fun, What, Deadline)
-            end
     end.
 
 %% Fails the case on any message left in the mailbox.

@@ -10,6 +10,8 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
+-import(moat_ct_util, [wait_until/2]).
+
 -export([all/0, groups/0, suite/0]).
 -export([init_per_suite/1, end_per_suite/1, init_per_group/2, end_per_group/2]).
 -export([init_per_testcase/2, end_per_testcase/2]).
@@ -1731,23 +1733,6 @@ wait_running(P, N) ->
 %% Waits until the pool has no task running or queued.
 wait_idle(P) ->
     wait_until(fun() -> match(#{running => 0, queued => 0}, moat:stats(P)) end, {idle, P}).
-
-wait_until(Fun, What) ->
-    wait_until(Fun, What, erlang:monotonic_time(millisecond) + ?WAIT).
-
-wait_until(Fun, What, Deadline) ->
-    case Fun() of
-        true ->
-            ok;
-        false ->
-            case erlang:monotonic_time(millisecond) > Deadline of
-                true ->
-                    ct:fail({timed_out_waiting_for, What});
-                false ->
-                    timer:sleep(2),
-                    wait_until(Fun, What, Deadline)
-            end
-    end.
 
 %% Waits until the task's outcome message is in the mailbox, without taking it.
 wait_outcome(#{ref := Ref}) ->

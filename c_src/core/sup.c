@@ -688,7 +688,7 @@ static int which_locked(moat__server_t *s, void *arg) {
         }
         if (a->counts != NULL) {
             a->counts->specs++;
-            a->counts->active += c->pid != 0;
+            a->counts->active += c->pid != 0 && !c->restarting;
             a->counts->supervisors += c->type == MOAT_SUPERVISOR;
             a->counts->workers += c->type == MOAT_WORKER;
         }

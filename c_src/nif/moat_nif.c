@@ -999,6 +999,31 @@ static ERL_NIF_TERM pool_publish(ErlNifEnv *env, npool_t *np) {
     return enif_make_tuple2(env, atom_ok, ret);
 }
 
+/* Starts the core pool of a filled npool_t (np->size threads, or for a
+ * C-node pool none, with np->size still sizing admission) and publishes
+ * it; on failure everything is freed.  Returns as pool_publish. */
+static ERL_NIF_TERM pool_start(ErlNifEnv *env, npool_t *np, const char *name,
+                               unsigned max_queue) {
+    moat_pool_opts_t opts;
+    int rc;
+    memset(&opts, 0, sizeof opts);
+    opts.nthreads = np->size;
+    opts.max_queue = max_queue;
+    opts.name = name;
+    opts.complete = on_complete;
+    opts.data = np;
+    opts.thread_start = thread_start;
+    opts.thread_stop = thread_stop;
+    opts.remote = np->remote;
+    opts.remote_cancel = np->remote ? on_remote_cancel : NULL;
+    if ((rc = moat_pool_new(&opts, &np->pool)) != 0) {
+        ERL_NIF_TERM ret = error_tuple(env, enif_make_atom(env, moat_err_name(rc)));
+        np_discard(np);
+        return ret;
+    }
+    return pool_publish(env, np);
+}
+
 /* pool_new(Name :: atom(), Size :: pos_integer(), MaxQueue :: pos_integer(),
  *          Libs :: [iodata()]) ->
  *     {ok, Handle} | {error, {already_started, pid()}}
@@ -1011,7 +1036,6 @@ static ERL_NIF_TERM nif_pool_new(ErlNifEnv *env, int argc,
     ERL_NIF_TERM list = argv[3], head, ret;
     char name[256];
     npool_t *np;
-    moat_pool_opts_t opts;
     size_t ntasks = 0;
     int rc;
     (void)argc;
@@ -1084,20 +1108,7 @@ static ERL_NIF_TERM nif_pool_new(ErlNifEnv *env, int argc,
             }
         }
     }
-    memset(&opts, 0, sizeof opts);
-    opts.nthreads = size;
-    opts.max_queue = max_queue;
-    opts.name = name;
-    opts.complete = on_complete;
-    opts.data = np;
-    opts.thread_start = thread_start;
-    opts.thread_stop = thread_stop;
-    if ((rc = moat_pool_new(&opts, &np->pool)) != 0) {
-        ret = error_tuple(env, enif_make_atom(env, moat_err_name(rc)));
-        goto fail;
-    }
-
-    return pool_publish(env, np);
+    return pool_start(env, np, name, max_queue);
 fail:
     np_discard(np);
     return ret;
@@ -1194,9 +1205,7 @@ static ERL_NIF_TERM nif_cnode_pool_new(ErlNifEnv *env, int argc,
     ERL_NIF_TERM list = argv[4], head, ret;
     char name[256];
     npool_t *np;
-    moat_pool_opts_t opts;
     size_t cap;
-    int rc;
     (void)argc;
     if (!enif_get_atom(env, argv[0], name, sizeof name, ERL_NIF_LATIN1) ||
         !enif_get_uint(env, argv[1], &size) || size == 0 ||
@@ -1247,21 +1256,7 @@ static ERL_NIF_TERM nif_cnode_pool_new(ErlNifEnv *env, int argc,
         }
         e->name = head;
     }
-    memset(&opts, 0, sizeof opts);
-    opts.nthreads = size;
-    opts.max_queue = max_queue;
-    opts.name = name;
-    opts.complete = on_complete;
-    opts.data = np;
-    opts.thread_start = thread_start;
-    opts.thread_stop = thread_stop;
-    opts.remote = 1;
-    opts.remote_cancel = on_remote_cancel;
-    if ((rc = moat_pool_new(&opts, &np->pool)) != 0) {
-        ret = error_tuple(env, enif_make_atom(env, moat_err_name(rc)));
-        goto fail;
-    }
-    return pool_publish(env, np);
+    return pool_start(env, np, name, max_queue);
 fail:
     np_discard(np);
     return ret;

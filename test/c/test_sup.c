@@ -321,8 +321,9 @@ static void test_sup_give_up_shows_restarting(void **state) {
     moat_pid_t sup, w, p2;
     moat_child_info_t *ci;
     moat_term_t *id2 = t_atom("c101");
+    moat_child_counts_t counts;
     uint64_t ref;
-    int n;
+    int n, rc;
     atomic_store(&tsrv_gate, 0); /* c101's terminate waits for it */
     sup = start_sup(pool, MOAT_ONE_FOR_ONE, 0, 5, k, 2);
     p2 = child_pid(pool, sup, 1);
@@ -343,8 +344,13 @@ static void test_sup_give_up_shows_restarting(void **state) {
     assert_int_equal(ci[1].pid, 0);
     moat_sup_children_free(ci, n);
     assert_int_equal(moat_proc_alive(pool, p2), 1); /* in terminate */
+    /* count_children agrees with which_children: none is active. */
+    rc = moat_sup_count_children(pool, sup, &counts);
     assert_int_equal(moat_sup_child_pid(pool, sup, id2, &p2), MOAT_ENOPROC);
-    atomic_store(&tsrv_gate, 1);
+    atomic_store(&tsrv_gate, 1); /* before the asserts: never left shut */
+    assert_int_equal(rc, 0);
+    assert_int_equal(counts.active, 0);
+    assert_int_equal(counts.specs, 2);
     t_expect_down(pool, w, ref, sup, moat_atom(MOAT_A_SHUTDOWN));
     moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
     assert_int_equal(atomic_load(&escalations), 1);
