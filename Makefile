@@ -10,6 +10,8 @@
 #                stops at the first stage that fails
 #   make bench   deps, then every bench/*.c binary in turn, then the
 #                Erlang benchmarks (moat_bench:main/0)
+#   make fuzz    deps, then the test-fuzz stage: each libFuzzer target for
+#                FUZZ_SECONDS (`make fuzz FUZZ_SECONDS=600` by hand)
 #   make shell   rebar3 shell
 #   make clean   remove the C build (_build/c) and what it put in priv/
 #
@@ -19,7 +21,9 @@
 # TSan variant (default $(CC)). ERL_ROOT is found with erl unless given
 # (rebar3 hooks pass it as ERLANG_ROOT_DIR). JOBS is the -j of the build
 # steps in `make test` and `make bench`. C_TEST_TIMEOUT bounds each C test
-# binary, in seconds. VERBOSE=1 prints whole compiler commands.
+# binary, in seconds. FUZZ_CC (default clang) builds the fuzz targets,
+# FUZZ_SECONDS (default 15) is how long each runs, and FUZZ_FLAGS adds
+# libFuzzer options. VERBOSE=1 prints whole compiler commands.
 #
 # Layout: every variant V in {plain, asan, tsan} builds into _build/c/V/:
 # libmoat_core.a from c_src/core/*.c, one cmocka binary test_* per
@@ -29,9 +33,15 @@
 # priv/moat_demo.so; benchmarks bench/*.c become _build/c/plain/bench_*.
 # The C-node executable, from c_src/cnode, is priv/moat_cnode (plain) or
 # _build/c/V/moat_cnode, and test/c/cnode gives each variant test_cnode
-# and test_cnode_frame.
-# Sanitizer builds never write into priv/. New .c files are picked up by
-# the wildcards below without editing this file.
+# and test_cnode_frame. The fuzz targets, test/c/fuzz/fuzz_*.c, become
+# _build/c/fuzz/fuzz_* over the core and the C-node's frame decoder built
+# again with clang's fuzzer instrumentation; each runs on its own working
+# corpus, _build/c/fuzz/corpus/fuzz_*/ (kept between runs, and seeded from
+# test/c/fuzz/corpus/fuzz_*/), and writes what it finds to
+# _build/c/fuzz/artifacts/fuzz_*/.
+# Sanitizer and fuzz builds never write into priv/, nor the fuzz runs into
+# the source tree. New .c files are picked up by the wildcards below
+# without editing this file.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := c
@@ -323,6 +333,47 @@ $(GUARD_HEADERS): Makefile
 	    '#error "$(@F) is ERTS: c_src/core and c_src/demo must not include it (DESIGN.md section 1)"' \
 	    > $@
 
+# The fuzz targets: test/c/fuzz/fuzz_*.c, each a libFuzzer
+# LLVMFuzzerTestOneInput, linked with libmoat_fuzz.a, the core and
+# c_src/cnode/frame.c compiled with clang's coverage instrumentation and
+# ASan and UBSan (the guard directory first, as for the core). Like a
+# variant's, these objects are rebuilt when $(B)/fuzz/flags changes.
+FUZZ_CC ?= clang
+FUZZ_SRCS := $(wildcard test/c/fuzz/fuzz_*.c)
+FUZZ_NAMES := $(basename $(notdir $(FUZZ_SRCS)))
+CC_fuzz = $(FUZZ_CC)
+FUZZ_SANITIZE := address,undefined
+CFLAGS_fuzz := -O1 -fno-omit-frame-pointer -fno-sanitize-recover=all \
+    -fsanitize=fuzzer-no-link,$(FUZZ_SANITIZE)
+FUZZ_OBJS := $(patsubst c_src/core/%.c,$(B)/fuzz/obj/core/%.o,$(CORE_SRCS)) \
+    $(if $(wildcard c_src/cnode/frame.c),$(B)/fuzz/obj/cnode/frame.o)
+
+FLAGS_SIG_fuzz := $(strip $(CC_fuzz) $(CFLAGS) $(CPPFLAGS) $(LDFLAGS) $(MOAT_CFLAGS) $(CFLAGS_fuzz))
+ifneq ($(strip $(file <$(B)/fuzz/flags)),$(FLAGS_SIG_fuzz))
+.PHONY: $(B)/fuzz/flags
+endif
+$(B)/fuzz/flags:
+	$(shell mkdir -p $(@D))$(file >$@,$(FLAGS_SIG_fuzz))
+
+$(B)/fuzz/obj/core/%.o: c_src/core/%.c Makefile $(B)/fuzz/flags | $(GUARD_HEADERS) check-build-env check-fuzz-env
+	$(call compile,fuzz,$(CORE_CPPFLAGS))
+
+$(B)/fuzz/obj/cnode/%.o: c_src/cnode/%.c Makefile $(B)/fuzz/flags | $(GUARD_HEADERS) check-build-env check-fuzz-env
+	$(call compile,fuzz,$(CNODE_CPPFLAGS))
+
+$(B)/fuzz/obj/fuzz/%.o: test/c/fuzz/%.c Makefile $(B)/fuzz/flags | $(GUARD_HEADERS) check-build-env check-fuzz-env
+	$(call compile,fuzz,$(CNODE_CPPFLAGS))
+
+$(B)/fuzz/libmoat_fuzz.a: $(FUZZ_OBJS)
+	@rm -f $@
+	@$(if $(Q),echo "  AR [fuzz]  $@")
+	$(Q)$(AR) rcs $@ $^
+
+$(B)/fuzz/fuzz_%: $(B)/fuzz/obj/fuzz/fuzz_%.o $(B)/fuzz/libmoat_fuzz.a
+	@$(if $(Q),echo "  LD [fuzz]  $@")
+	$(Q)$(FUZZ_CC) $(CFLAGS) $(MOAT_CFLAGS) -O1 -fsanitize=fuzzer,$(FUZZ_SANITIZE) \
+	    $(LDFLAGS) -o $@ $^ $(LIBS)
+
 -include $(wildcard $(B)/*/obj/*/*.d)
 
 # --- Environment checks (never install anything) -----------------------------
@@ -343,6 +394,23 @@ check-build-env:
 check-test-env:
 	@pkg-config --exists cmocka || { \
 	    echo "moat: cmocka not found (pkg-config cmocka): install the Debian package libcmocka-dev" >&2; exit 1; }
+
+# Links an empty fuzz target: clang alone is not enough, the fuzzer and
+# sanitizer runtimes are a package of their own.
+check-fuzz-env:
+	@command -v $(firstword $(FUZZ_CC)) >/dev/null || { \
+	    echo "moat: '$(FUZZ_CC)' (FUZZ_CC) not found: install the Debian package clang" >&2; exit 1; }
+	@mkdir -p $(B)/fuzz; \
+	echo 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n) { (void)d; (void)n; return 0; }' | \
+	    $(FUZZ_CC) -xc - -fsanitize=fuzzer,$(FUZZ_SANITIZE) -o $(B)/fuzz/probe >$(B)/fuzz/probe.log 2>&1 || { \
+	    cat $(B)/fuzz/probe.log >&2; \
+	    v=$$($(FUZZ_CC) --version 2>/dev/null | sed -n 's/.*clang version \([0-9][0-9]*\).*/\1/p' | head -n 1); \
+	    if [ -n "$$v" ]; then \
+	        echo "moat: $(FUZZ_CC) cannot link a fuzz target (-fsanitize=fuzzer,$(FUZZ_SANITIZE)): install the Debian package libclang-rt-$$v-dev" >&2; \
+	    else \
+	        echo "moat: $(FUZZ_CC) (FUZZ_CC) is not clang, which libFuzzer needs: install the Debian package clang and leave FUZZ_CC unset" >&2; \
+	    fi; exit 1; }
+	@rm -f $(B)/fuzz/probe $(B)/fuzz/probe.log
 
 # --- Main targets ------------------------------------------------------------
 
@@ -391,8 +459,8 @@ clean:
 
 # --- Test stages ---------------------------------------------------------------
 
-TEST_STAGES ?= check-core test-c test-c-asan test-c-tsan test-c-valgrind test-erl \
-    test-elixir
+TEST_STAGES ?= check-core test-c test-c-asan test-c-tsan test-c-valgrind test-fuzz \
+    test-erl test-elixir
 
 # Each stage runs in its own make, started after `deps`, so that a fresh
 # machine finds the tools that deps has just installed. The stage's build
@@ -516,6 +584,41 @@ test-c-valgrind: $(TEST_BINS_plain) $(DEMO_plain) $(FIXTURES_plain)
 	    echo "moat: valgrind not found: install the Debian package valgrind" >&2; exit 1; }
 	$(call run_c_tests,plain,$(CNODE_VALGRIND_ENV),$(VALGRIND))
 
+# Each fuzz target runs for FUZZ_SECONDS on its working corpus (the
+# committed seeds copied in first), the targets side by side under -j,
+# each logging to $(B)/fuzz/fuzz_*.log. A crash, a sanitizer report, a
+# leak, an input running over 10 s, an RSS over 2 GiB or an invariant's
+# abort() makes libFuzzer stop with a nonzero status and write the input
+# to $(B)/fuzz/artifacts/fuzz_*/; the stage then fails with the log's end
+# and the command that replays it (the binary with the file as argument).
+FUZZ_SECONDS ?= 15
+FUZZ_FLAGS ?=
+FUZZ_RUNS := $(addprefix fuzz-run-,$(FUZZ_NAMES))
+
+$(FUZZ_RUNS): fuzz-run-%: $(B)/fuzz/%
+	@corpus=$(B)/fuzz/corpus/$*; art=$(B)/fuzz/artifacts/$*; log=$(B)/fuzz/$*.log; \
+	mkdir -p "$$corpus" "$$art" || exit 1; \
+	if [ -d test/c/fuzz/corpus/$* ]; then cp -R test/c/fuzz/corpus/$*/. "$$corpus"/ || exit 1; fi; \
+	echo "-- test-fuzz: $* for $(FUZZ_SECONDS) s (log: $$log)"; \
+	if UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    timeout -k 10 $$(( $(FUZZ_SECONDS) + 120 )) ./$(B)/fuzz/$* \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	    -print_final_stats=1 -artifact_prefix="$$art/" $(FUZZ_FLAGS) \
+	    "$$corpus" >"$$log" 2>&1; then \
+	    printf '%s\n' "test-fuzz: $*: $$(grep -E '^#[0-9]+[[:space:]]+DONE' "$$log" | tail -n 1)"; \
+	else \
+	    rc=$$?; tail -n 40 "$$log" >&2; \
+	    unit=$$(sed -n 's/.*Test unit written to //p' "$$log" | tail -n 1); \
+	    echo "test-fuzz: $* failed (exit $$rc); replay with: ./$(B)/fuzz/$* $${unit:-FILE}" >&2; \
+	    exit 1; \
+	fi
+
+test-fuzz: $(FUZZ_RUNS)
+	@[ -n "$(FUZZ_RUNS)" ] || echo "test-fuzz: no fuzz targets (no test/c/fuzz/fuzz_*.c), nothing to run"
+
+fuzz: deps
+	@$(MAKE) --no-print-directory -j$(JOBS) ERL_ROOT="$(ERL_ROOT)" test-fuzz
+
 # rebar3 runs `make c` itself; MAKEFLAGS is dropped so that this make's
 # jobserver and variables do not leak into that unrelated make.
 REBAR3_RUN = env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL \
@@ -540,6 +643,7 @@ test-elixir:
 .PHONY: test-elixir
 
 .PHONY: c deps shell doc-chunks clean test bench run-bench check-build-env check-test-env \
-    check-core test-c test-c-asan test-c-tsan test-c-valgrind test-erl
+    check-fuzz-env check-core test-c test-c-asan test-c-tsan test-c-valgrind test-fuzz \
+    $(FUZZ_RUNS) fuzz test-erl
 .SECONDARY:
 .DELETE_ON_ERROR:

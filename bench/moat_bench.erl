@@ -66,6 +66,14 @@
 %%% <li>fan-out of trivial tasks on that C-node pool, as in row 1 (1024 in
 %%%     flight); target at least 500,000 tasks/s; peer: the bare port echo
 %%%     pipelined, 1024 one-byte packets in flight.</li>
+%%% <li>fan-out of trivial tasks on a C-node pool with `isolation =>
+%%%     process' (a worker process per task at a time, one spare), as in
+%%%     row 8; target at least 100,000 tasks/s; peer: row 8's bare port
+%%%     echo;</li>
+%%% <li>worker restarts per second in that pool: one `segfault' task at a
+%%%     time, each killing its worker, which a spare replaces; timed until
+%%%     the last crash's outcome is in; target at least 2,000/s; no
+%%%     peer.</li>
 %%% </ol>
 %%%
 %%% Where Elixir cannot be loaded (it is looked for in the code path, then
@@ -112,7 +120,7 @@
 %% `failed' counts the elements that were not `{ok, _}'.
 
 -type row() :: #{
-    row := 1..8,
+    row := 1..10,
     figure := string(),
     moat := number(),
     unit := string(),
@@ -180,9 +188,11 @@
 % The columns: row, figure, moat, target, verdict, peer, moat vs peer.
 -define(COLUMNS, [3, 35, 27, 26, 7, 38, 0]).
 % The rows of the table (row() says 1..8 too).
--define(ROWS, 8).
+-define(ROWS, 10).
 % Rows 7 and 8: the C-node pool, and the bare port echo of their peer.
 -define(CNODE_POOL, moat_bench_cnode).
+% Rows 9 and 10: the C-node pool with process isolation.
+-define(PROC_POOL, moat_bench_process).
 -define(ECHO, "/bin/cat").
 % Rows 5 and 6: the peer's registered name, and the restart intensity of
 % the bench pool's native supervisor and of the peer's OTP supervisor.
@@ -246,6 +256,14 @@ run(Opts) when is_map(Opts) ->
     }),
     _ = moat:stop_pool(?CNODE_POOL),
     {ok, _} = moat:start_pool(?CNODE_POOL, #{backend => cnode, size => Size}),
+    _ = moat:stop_pool(?PROC_POOL),
+    {ok, _} = moat:start_pool(?PROC_POOL, #{
+        backend => cnode,
+        isolation => process,
+        size => Size,
+        max_restarts => ?INTENSITY,
+        max_seconds => ?PERIOD
+    }),
     T0 = erlang:monotonic_time(millisecond),
     try
         Peer = peer(),
@@ -258,7 +276,9 @@ run(Opts) when is_map(Opts) ->
             row_call(Quick),
             row_restarts(Quick),
             row_cnode_round_trip(Quick),
-            row_cnode_fanout(Quick, Size)
+            row_cnode_fanout(Quick, Size),
+            row_process_fanout(Quick, Size),
+            row_process_restarts(Quick)
         ],
         status(""),
         Seconds = (erlang:monotonic_time(millisecond) - T0) / 1000,
@@ -270,7 +290,8 @@ run(Opts) when is_map(Opts) ->
             erlang:raise(Class, Reason, Stack)
     after
         moat:stop_pool(?POOL),
-        moat:stop_pool(?CNODE_POOL)
+        moat:stop_pool(?CNODE_POOL),
+        moat:stop_pool(?PROC_POOL)
     end;
 run(_) ->
     error(badarg).
@@ -634,6 +655,94 @@ row_cnode_fanout(Quick, Size) ->
         )
     }.
 
+%% Row 9: fan-out of trivial tasks with process isolation against the
+%% bare port echo pipelined, trials alternating.
+-spec row_process_fanout(boolean(), pos_integer()) -> row().
+row_process_fanout(Quick, Size) ->
+    N = pick(Quick, 20000, 100000),
+    {MoatRuns, MoatUsage, PeerRuns, PeerUsage} = alternating_trials(
+        9,
+        fun() -> fanout(?PROC_POOL, echo, N) end,
+        fun() -> port_pipeline(N, ?CONCURRENCY) end
+    ),
+    Moat = median([R || #{per_second := R} <- MoatRuns]),
+    PeerRate = median([R || #{per_second := R} <- PeerRuns]),
+    #{
+        row => 9,
+        figure => "process isolation fan-out (echo)",
+        moat => Moat,
+        unit => "tasks/s",
+        target => ">= 100 k/s",
+        met => Moat >= 1.0e5,
+        peer => PeerRate,
+        peer_label => "port echo, pipelined",
+        ratio => ratio(PeerRate > 0 andalso Moat / PeerRate),
+        failed => lists:sum([F || #{failed := F} <- MoatRuns]),
+        peer_failed => lists:sum([F || #{failed := F} <- PeerRuns]),
+        inputs => lists:flatten(
+            io_lib:format(
+                "~b tasks per trial, 3 trials each, alternating; moat: echo [1] on "
+                "the C-node pool ~s (isolation process, ~b workers, 1 spare), "
+                "max_concurrency ~b, unordered; peer: as row 8",
+                [N, ?PROC_POOL, Size, ?CONCURRENCY]
+            )
+        ),
+        detail => lists:flatten(
+            io_lib:format(
+                "trials (k tasks/s): moat ~s; peer ~s; ~s",
+                [trials(MoatRuns), trials(PeerRuns), cpu_text(MoatUsage, PeerUsage)]
+            )
+        )
+    }.
+
+%% Row 10: worker processes replaced per second, one segfault at a time.
+-spec row_process_restarts(boolean()) -> row().
+row_process_restarts(Quick) ->
+    N = pick(Quick, 300, 2000),
+    Runs = [
+        element(1, trial(10, I, moat, fun() -> crash_workers(N) end))
+     || I <- [1, 2, 3]
+    ],
+    Moat = median([R || #{per_second := R} <- Runs]),
+    #{
+        row => 10,
+        figure => "process isolation worker restarts",
+        moat => Moat,
+        unit => "restarts/s",
+        target => ">= 2000/s",
+        met => Moat >= 2000,
+        peer => undefined,
+        peer_label => "(none)",
+        ratio => undefined,
+        failed => lists:sum([F || #{failed := F} <- Runs]),
+        inputs => lists:flatten(
+            io_lib:format(
+                "~b segfault tasks per trial, one at a time, 3 trials; each kills "
+                "its worker, a spare takes its place and a new spare is spawned; "
+                "timed from the first submit to the last outcome",
+                [N]
+            )
+        ),
+        detail => lists:flatten(
+            io_lib:format("trials (restarts/s): ~s", [
+                lists:join(" / ", [io_lib:format("~b", [round(R)]) || #{per_second := R} <- Runs])
+            ])
+        )
+    }.
+
+%% N segfault tasks in turn on the process pool; a task whose outcome is
+%% not {native_crash, sigsegv} counts as failed.
+-spec crash_workers(pos_integer()) -> fanout_result().
+crash_workers(N) ->
+    T0 = erlang:monotonic_time(nanosecond),
+    Failed = length([
+        x
+     || _ <- lists:seq(1, N),
+        moat:run(?PROC_POOL, segfault, []) =/= {exit, {native_crash, sigsegv}}
+    ]),
+    Seconds = (erlang:monotonic_time(nanosecond) - T0) / 1.0e9,
+    #{tasks => N, seconds => Seconds, per_second => rate(N, Seconds), concurrency => 1, failed => Failed}.
+
 %% One byte through the calling process's own echo port and back.
 -spec port_echo() -> boolean().
 port_echo() ->
@@ -793,7 +902,7 @@ restarts_row(WarmMs, TimedMs, MoatRuns, MoatUsage, PeerRuns, PeerUsage) ->
 
 %% Runs Fun in a fresh process, with the status line naming it, and
 %% measures the CPU time it took.
--spec trial(1..8, pos_integer(), moat | peer, fun(() -> Result)) -> {Result, usage()}.
+-spec trial(1..10, pos_integer(), moat | peer, fun(() -> Result)) -> {Result, usage()}.
 trial(Row, I, Who, Fun) ->
     status(io_lib:format("moat_bench: row ~b of ~b, trial ~b, ~s ...", [Row, ?ROWS, I, Who])),
     isolated(fun() -> usage(Fun) end).
@@ -872,7 +981,7 @@ spawn_reply() ->
 %% in a fresh process after 1000 warm-up calls, every call timed on its
 %% own: moat's blocks and the peer's, each {Samples, usage()}.
 -spec timed_blocks(
-    1..8, pos_integer(), pos_integer(), fun(() -> boolean()), fun(() -> boolean())
+    1..10, pos_integer(), pos_integer(), fun(() -> boolean()), fun(() -> boolean())
 ) -> {[{[{integer(), boolean()}], usage()}], [{[{integer(), boolean()}], usage()}]}.
 timed_blocks(Row, Calls, Blocks, MoatCall, PeerCall) ->
     Block = fun(Who, Call, I) ->

@@ -78,8 +78,12 @@
 %% `moat_cnode' OS process the pool starts, so that a hard fault costs that
 %% process and its tasks, each with `{native_crash, cnode_down}', and the
 %% pool's supervisor starts a new one; see doc/cnode.md) and `isolation'
-%% (`thread', the only one so far). Bad options raise `badarg'; a library
-%% that cannot be loaded is `{error, {bad_library, Message}}'.
+%% (`thread', the default, or, with `cnode', `process': each task runs in
+%% a worker process of the C-node, so that a fault ends only that task,
+%% with `{native_crash, Signal}'; then `max_memory' caps each worker's
+%% memory in bytes and `spares' (1) is how many idle workers are kept
+%% ready beyond `size'). Bad options raise `badarg'; a library that cannot
+%% be loaded is `{error, {bad_library, Message}}'.
 %%
 %% Native servers (see {@link call/4}): `servers' is a list of child
 %% specs, each a map or proplist with `id' (any term, unique), `start'
@@ -840,8 +844,10 @@ pool_opts(Opts) ->
     },
     Merged = maps:merge(Defaults, Opts),
     maps:foreach(fun check_pool_opt/2, Merged),
-    %% Process isolation is the C-node's.
-    maps:get(isolation, Merged) =:= thread orelse maps:get(backend, Merged) =:= cnode orelse
+    %% Process isolation is the C-node's, and so are its options.
+    Process = maps:get(isolation, Merged) =:= process,
+    Process =:= false orelse maps:get(backend, Merged) =:= cnode orelse error(badarg),
+    Process orelse not lists:any(fun(K) -> maps:is_key(K, Merged) end, [max_memory, spares]) orelse
         error(badarg),
     Libs0 = [library_path(L) || L <- maps:get(libraries, Merged)],
     {Servers, Libs} = server_specs(maps:get(servers, Merged), Libs0),
@@ -894,6 +900,8 @@ check_pool_opt(backend, nif) -> ok;
 check_pool_opt(backend, cnode) -> ok;
 check_pool_opt(isolation, thread) -> ok;
 check_pool_opt(isolation, process) -> ok;
+check_pool_opt(max_memory, N) when is_integer(N), N > 0 -> ok;
+check_pool_opt(spares, N) when is_integer(N), N >= 0, N =< 1024 -> ok;
 check_pool_opt(size, N) when is_integer(N), N > 0, N =< 1024 -> ok;
 check_pool_opt(max_queue, N) when is_integer(N), N > 0, N < 1 bsl 32 -> ok;
 check_pool_opt(libraries, [_ | _] = L) -> lists:foreach(fun library_path/1, L);

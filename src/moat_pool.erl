@@ -158,13 +158,16 @@ cnode_start(Name, Opts) ->
     PortOpts = [{packet, 4}, binary, exit_status, use_stdio, hide],
     try open_port({spawn_executable, Exe}, PortOpts) of
         Port ->
-            Hello = #{
+            Hello0 = #{
                 size => Size,
                 max_queue => MaxQueue,
                 libraries => [path_binary(L) || L <- Libs],
                 isolation => Isolation,
-                name => Name
+                name => Name,
+                max_restarts => maps:get(max_restarts, Opts),
+                max_seconds => maps:get(max_seconds, Opts)
             },
+            Hello = maps:merge(Hello0, maps:with([max_memory, spares], Opts)),
             true = port_command(Port, term_to_binary({hello, Hello})),
             await_ready(Name, Port, erlang:monotonic_time(millisecond) + ?HELLO_TIMEOUT)
     catch

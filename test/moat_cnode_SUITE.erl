@@ -20,7 +20,10 @@
     servers_not_supported_yet/1,
     stop_pool_ends_cnode/1,
     vm_sigkill_leaves_no_cnode/1,
-    many_callers_during_crashes/1
+    many_callers_during_crashes/1,
+    process_fault_costs_one_task/1,
+    process_kill_is_real/1,
+    process_chaos/1
 ]).
 
 -define(POOL, moat_cnode_pool).
@@ -38,7 +41,10 @@ all() ->
         servers_not_supported_yet,
         stop_pool_ends_cnode,
         vm_sigkill_leaves_no_cnode,
-        many_callers_during_crashes
+        many_callers_during_crashes,
+        process_fault_costs_one_task,
+        process_kill_is_real,
+        process_chaos
     ].
 
 init_per_suite(Config) ->
@@ -192,9 +198,120 @@ many_callers_during_crashes(_Config) ->
     wait_until(fun() -> moat:run(?POOL, echo, [x]) =:= {ok, x} end, serving_again),
     sweep().
 
+process_fault_costs_one_task(_Config) ->
+    %% In process isolation a segfault or an abort ends only its own task,
+    %% with the signal; the tasks beside it finish and the C-node stays.
+    {ok, _} = start(#{size => 3, isolation => process}),
+    OsPid = cnode_os_pid(),
+    Sleepers = [moat:async(?POOL, sleep, [300]) || _ <- lists:seq(1, 2)],
+    ?assertEqual({exit, {native_crash, sigsegv}}, moat:run(?POOL, segfault, [])),
+    ?assertEqual({exit, {native_crash, sigabrt}}, moat:run(?POOL, abort, [])),
+    [?assertEqual(ok, moat:await(T)) || T <- Sleepers],
+    ?assertEqual({ok, x}, moat:run(?POOL, echo, [x])),
+    ?assertEqual(OsPid, cnode_os_pid()),
+    sweep().
+
+process_kill_is_real(_Config) ->
+    %% A task past its deadline, or shut down with brutal_kill, is killed
+    %% for real: its worker process is gone and replaced, and the pool's
+    %% workers are back to size + spares.
+    {ok, _} = start(#{size => 2, isolation => process, spares => 1}),
+    OsPid = cnode_os_pid(),
+    wait_until(fun() -> length(workers(OsPid)) =:= 3 end, workers_up),
+    Before = workers(OsPid),
+    T = moat:async(?POOL, spin, [60000000], #{timeout => 50}),
+    ?assertEqual(timeout, down_reason(T)),
+    S = moat:async(?POOL, spin, [60000000]),
+    ?assertEqual({ok, started}, moat:run(?POOL, echo, [started])),
+    ?assertEqual(nil, moat:shutdown(S, brutal_kill)),
+    %% Both spinning workers died; their replacements came up.
+    wait_until(
+        fun() ->
+            Now = workers(OsPid),
+            length(Now) =:= 3 andalso length(Before -- Now) =:= 2
+        end,
+        two_workers_replaced
+    ),
+    wait_until(fun() -> maps:get(abandoned, moat:stats(?POOL)) =:= 0 end, bodies_gone),
+    sweep().
+
+process_chaos(_Config) ->
+    %% 1,000 tasks of which a random tenth segfault, abort, spin past their
+    %% deadline or allocate past max_memory: each gets exactly one outcome
+    %% with its reason, every other task succeeds, the VM and the C-node
+    %% live, and after stop_pool no worker or C-node process is left.
+    rand:seed(exsss, {7, 11, 13}),
+    {ok, _} = start(#{
+        size => 2,
+        isolation => process,
+        max_memory => 256 * 1024 * 1024,
+        max_restarts => 100
+    }),
+    OsPid = cnode_os_pid(),
+    Plan = [{I, chaos_kind()} || I <- lists:seq(1, 1000)],
+    Tasks = [{I, Kind, chaos_async(Kind, I)} || {I, Kind} <- Plan],
+    lists:foreach(
+        fun({I, Kind, T}) ->
+            Outcome = moat:yield(T, 30000),
+            ?assert(chaos_expected(Kind, I, Outcome), {I, Kind, Outcome})
+        end,
+        Tasks
+    ),
+    ?assertEqual(OsPid, cnode_os_pid()),
+    Workers = workers(OsPid),
+    ?assertNotEqual([], Workers),
+    ok = moat:stop_pool(?POOL),
+    wait_until(fun() -> not lists:any(fun os_alive/1, [OsPid | Workers]) end, all_gone),
+    sweep().
+
+chaos_kind() ->
+    case rand:uniform(40) of
+        1 -> segfault;
+        2 -> abort;
+        3 -> spin;
+        4 -> alloc;
+        _ -> echo
+    end.
+
+chaos_async(segfault, _) -> moat:async(?POOL, segfault, []);
+chaos_async(abort, _) -> moat:async(?POOL, abort, []);
+chaos_async(spin, _) -> moat:async(?POOL, spin, [60000000], #{timeout => 20});
+chaos_async(alloc, _) -> moat:async(?POOL, alloc, [1024 * 1024 * 1024]);
+chaos_async(echo, I) -> moat:async(?POOL, echo, [I]).
+
+chaos_expected(echo, I, Outcome) -> Outcome =:= {ok, I};
+chaos_expected(segfault, _, Outcome) -> Outcome =:= {exit, {native_crash, sigsegv}};
+chaos_expected(abort, _, Outcome) -> Outcome =:= {exit, {native_crash, sigabrt}};
+chaos_expected(spin, _, Outcome) -> Outcome =:= {exit, timeout};
+chaos_expected(alloc, _, {exit, {native_crash, _}}) -> true;
+chaos_expected(alloc, _, {exit, {native_error, _}}) -> true;
+chaos_expected(alloc, _, {exit, enomem}) -> true;
+chaos_expected(_, _, _) -> false.
+
 %%%===================================================================
 %%% Helpers
 %%%===================================================================
+
+%% The live child processes of OS process Parent (a C-node's workers).
+workers(Parent) ->
+    {ok, Names} = file:list_dir("/proc"),
+    lists:sort([
+        list_to_integer(N)
+     || N <- Names,
+        lists:all(fun(C) -> C >= $0 andalso C =< $9 end, N),
+        os_alive(list_to_integer(N)),
+        ppid(N) =:= Parent
+    ]).
+
+ppid(Pid) ->
+    case file:read_file("/proc/" ++ Pid ++ "/stat") of
+        {ok, Stat} ->
+            [_, Rest] = binary:split(Stat, <<") ">>),
+            [_State, PPid | _] = binary:split(Rest, <<" ">>, [global]),
+            binary_to_integer(PPid);
+        {error, _} ->
+            0
+    end.
 
 start(Opts) ->
     moat:start_pool(?POOL, maps:merge(#{backend => cnode}, Opts)).

@@ -88,10 +88,10 @@ suite() ->
 
 %% The whole suite runs once per backend: the same shapes and reasons.
 all() ->
-    [{group, nif}, {group, cnode_thread}].
+    [{group, nif}, {group, cnode_thread}, {group, cnode_process}].
 
 groups() ->
-    [{nif, [], cases()}, {cnode_thread, [], cases()}].
+    [{nif, [], cases()}, {cnode_thread, [], cases()}, {cnode_process, [], cases()}].
 
 cases() ->
     [
@@ -162,7 +162,9 @@ end_per_suite(_Config) ->
 init_per_group(nif, Config) ->
     [{backend, #{}} | Config];
 init_per_group(cnode_thread, Config) ->
-    [{backend, #{backend => cnode, isolation => thread}} | Config].
+    [{backend, #{backend => cnode, isolation => thread}} | Config];
+init_per_group(cnode_process, Config) ->
+    [{backend, #{backend => cnode, isolation => process}} | Config].
 
 end_per_group(_Group, _Config) ->
     ok.

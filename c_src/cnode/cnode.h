@@ -1,8 +1,8 @@
 /* cnode.h: private to c_src/cnode.  The parts of moat_cnode that the
  * main file (moat_cnode.c) puts together: the outbox, the only path to
- * stdout (outbox.c); the jobs, tasks in flight by tag (jobs.c); and the
- * forwarding of stderr to the VM (errlog.c).  The protocol is
- * doc/cnode.md. */
+ * stdout (outbox.c); the jobs, tasks in flight by tag (jobs.c); the
+ * worker processes of process isolation (procs.c); and the forwarding of
+ * stderr to the VM (errlog.c).  The protocol is doc/cnode.md. */
 #ifndef MOAT_CNODE_H
 #define MOAT_CNODE_H
 
@@ -19,6 +19,8 @@
 #define MOAT_CNODE_EXIT_FAILURE 1  /* could not start, or stdin broke */
 #define MOAT_CNODE_EXIT_HELLO 2    /* answered hello with {error, _} */
 #define MOAT_CNODE_EXIT_NOMEM 3    /* an outcome could not be kept */
+#define MOAT_CNODE_EXIT_WORKERS 4  /* process isolation: workers died on
+                                      their own past the intensity */
 
 /* ---------------------------------------------------------------- outbox */
 
@@ -160,6 +162,52 @@ void moat__jobs_cancel(moat__jobs_t *jobs, uint64_t tag, moat_atom_t reason);
  * Only once the pool is closed (every outcome decided), or never
  * created.  Loop thread. */
 void moat__jobs_close(moat__jobs_t *jobs);
+
+/* ----------------------------------------------------------------- procs */
+
+/* The workers of process isolation.  See procs.c's DESIGN. */
+typedef struct moat__procs_s moat__procs_t;
+
+struct moat__hello_s;
+struct moat__atom_s;
+
+/* Called when the node must end (status MOAT_CNODE_EXIT_WORKERS or
+ * MOAT_CNODE_EXIT_NOMEM).  Loop thread. */
+typedef void (*moat__procs_fatal_cb)(void *data, int status);
+
+/*
+ * Starts the workers of hello `h`: size + spares processes of `exe` (this
+ * executable), each told hello with one thread and the same libraries.
+ * Returns 0 and the workers in *out, or a negative error (nothing is
+ * left running).  The caller frees `h` afterwards; nothing of it is kept.
+ * Loop thread, which must live as long as the workers (their parent-death
+ * signal follows it).
+ */
+int moat__procs_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
+                      const struct moat__hello_s *h, moat__procs_fatal_cb fatal,
+                      void *data, moat__procs_t **out);
+
+/* Runs task `task` (an atom, as the frame had it) with `args` (the list,
+ * with its version byte) in a worker, or queues it, or answers
+ * `overloaded`.  The tag is answered exactly once.  Loop thread. */
+void moat__procs_run(moat__procs_t *p, uint64_t tag,
+                     const struct moat__atom_s *task, const moat_term_t *args);
+
+/* The VM decided task `tag`'s outcome: see procs.c's DESIGN.  A tag not
+ * held is ignored.  Loop thread. */
+void moat__procs_cancel(moat__procs_t *p, uint64_t tag, moat_atom_t reason);
+
+/* Ends every worker: closes their stdins, SIGKILLs those still alive
+ * after a short grace, and reaps them all before it returns; closes the
+ * handles (uv_close: run the loop, then moat__procs_free).  Loop thread. */
+void moat__procs_stop(moat__procs_t *p);
+
+/* Frees what is left, after moat__procs_stop and a run of the loop. */
+void moat__procs_free(moat__procs_t *p);
+
+/* Limits this process's address space to what it maps now plus `bytes`
+ * (RLIMIT_AS).  Returns 0 or a negative error. */
+int moat__limit_memory(uint64_t bytes);
 
 /* ---------------------------------------------------------------- errlog */
 

@@ -535,6 +535,31 @@ static int hello_option(rd_t *r, const moat__atom_t *key, moat__frame_t *f) {
         }
         h->isolation = atom_is(&a, "thread") ? MOAT__ISOLATION_THREAD
                                              : MOAT__ISOLATION_PROCESS;
+    } else if (atom_is(key, "max_memory")) {
+        if (read_u64(r, &v) < 0) {
+            why(f, "max_memory is not an integer in 0..2^64-1");
+            return -1;
+        }
+        h->max_memory = v;
+    } else if (atom_is(key, "spares")) {
+        if (read_u64(r, &v) < 0 || v > HELLO_MAX_SIZE) {
+            why(f, "spares is not an integer in 0..%d", HELLO_MAX_SIZE);
+            return -1;
+        }
+        h->spares = (unsigned)v;
+    } else if (atom_is(key, "max_restarts")) {
+        if (read_u64(r, &v) < 0 || v > UINT32_MAX - 1) {
+            why(f, "max_restarts is not an integer in 0..4294967294");
+            return -1;
+        }
+        h->max_restarts = (unsigned)v;
+    } else if (atom_is(key, "max_seconds")) {
+        if (read_u64(r, &v) < 0 || v < 1 || v > UINT32_MAX / 1000) {
+            why(f, "max_seconds is not an integer in 1..%u",
+                UINT32_MAX / 1000);
+            return -1;
+        }
+        h->max_seconds = (unsigned)v;
     } else if (atom_is(key, "name")) {
         if (read_atom(r, &a) < 0) {
             why(f, "name is not an atom");
@@ -606,6 +631,9 @@ static int decode_hello(rd_t *r, uint32_t arity, int trusted,
     }
     if (!trusted) /* options are all or nothing: nothing can be read */
         return 0;
+    f->hello.spares = MOAT__HELLO_SPARES;
+    f->hello.max_restarts = MOAT__HELLO_MAX_RESTARTS;
+    f->hello.max_seconds = MOAT__HELLO_MAX_SECONDS;
     if (peek(r) != TAG_MAP || !has(r, 5)) {
         why(f, "hello's options are not a map");
         return 0;
@@ -682,5 +710,172 @@ void moat__frame_free(moat__frame_t *f) {
     for (size_t i = 0; i < f->hello.nlibraries; i++)
         free(f->hello.libraries[i]);
     free(f->hello.libraries);
+    memset(f, 0, sizeof *f);
+}
+
+/* ------------------------------------------------ frames from a worker */
+
+static void wwhy(moat__wframe_t *f, const char *msg) {
+    if (f->why[0] == '\0')
+        snprintf(f->why, sizeof f->why, "%s", msg);
+}
+
+/* A proper list's header: its length (0 for []), the cursor at the first
+ * element.  The count is bounded by the bytes left. */
+static int read_list(rd_t *r, uint32_t *n) {
+    if (peek(r) == TAG_NIL) {
+        *n = 0;
+        return 0;
+    }
+    if (peek(r) != TAG_LIST || !has(r, 5))
+        return -1;
+    *n = be32(r->p + r->pos + 1);
+    r->pos += 5;
+    return *n <= r->len - r->pos ? 0 : -1;
+}
+
+static int read_nil(rd_t *r) {
+    return peek(r) == TAG_NIL ? advance(r, 1) : -1;
+}
+
+static int wdecode_done(rd_t *r, moat__wframe_t *f) {
+    uint32_t n, arity;
+    moat__atom_t a;
+
+    if (read_list(r, &n) < 0 || n == 0) {
+        wwhy(f, "a done frame's outcomes are not a non-empty list");
+        return MOAT_EBADTERM;
+    }
+    f->done = calloc(n, sizeof *f->done);
+    if (f->done == NULL)
+        return UV_ENOMEM;
+    for (uint32_t i = 0; i < n; i++) {
+        moat__wdone_t *d = &f->done[i];
+        size_t start;
+        if (read_tuple(r, &arity) < 0 || arity != 3 ||
+            read_u64(r, &d->tag) < 0 || read_atom(r, &a) < 0 ||
+            !(atom_is(&a, "ok") || atom_is(&a, "exit"))) {
+            wwhy(f, "a done frame's outcome is not {Tag, ok | exit, Term}");
+            return MOAT_EBADTERM;
+        }
+        d->kind = atom_is(&a, "ok") ? MOAT_OK : MOAT_EXIT;
+        start = r->pos;
+        if (skip_term(r) < 0) {
+            wwhy(f, "a done frame's term is malformed");
+            return MOAT_EBADTERM;
+        }
+        d->term = (const char *)r->p + start;
+        d->len = r->pos - start;
+        f->ndone++;
+    }
+    if (read_nil(r) < 0) {
+        wwhy(f, "a done frame's list is not proper");
+        return MOAT_EBADTERM;
+    }
+    return 0;
+}
+
+static int wdecode_stopped(rd_t *r, moat__wframe_t *f) {
+    uint32_t n;
+
+    if (read_list(r, &n) < 0 || n == 0) {
+        wwhy(f, "a stopped frame's tags are not a non-empty list");
+        return MOAT_EBADTERM;
+    }
+    f->tags = calloc(n, sizeof *f->tags);
+    if (f->tags == NULL)
+        return UV_ENOMEM;
+    for (uint32_t i = 0; i < n; i++) {
+        if (read_u64(r, &f->tags[i]) < 0) {
+            wwhy(f, "a stopped frame's tag is not an integer");
+            return MOAT_EBADTERM;
+        }
+        f->ntags++;
+    }
+    if (read_nil(r) < 0) {
+        wwhy(f, "a stopped frame's list is not proper");
+        return MOAT_EBADTERM;
+    }
+    return 0;
+}
+
+static int wdecode_log(rd_t *r, moat__wframe_t *f) {
+    moat__atom_t a;
+    uint32_t n;
+
+    if (read_atom(r, &a) < 0 ||
+        !(atom_is(&a, "error") || atom_is(&a, "warning") ||
+          atom_is(&a, "info")) ||
+        peek(r) != TAG_BINARY || !has(r, 5) ||
+        !has(r, 5 + (size_t)(n = be32(r->p + r->pos + 1)))) {
+        wwhy(f, "a log frame is not {log, Level, Binary}");
+        return MOAT_EBADTERM;
+    }
+    memcpy(f->level, a.name, a.len);
+    f->level[a.len] = '\0';
+    f->msg = (const char *)r->p + r->pos + 5;
+    f->msg_len = n;
+    r->pos += 5 + (size_t)n;
+    return 0;
+}
+
+int moat__wframe_decode(const char *buf, size_t len, moat__wframe_t *f) {
+    rd_t r = {(const unsigned char *)buf, len, 0};
+    moat__atom_t kind;
+    uint32_t arity;
+    int check, rc;
+
+    memset(f, 0, sizeof *f);
+    if (buf == NULL || len == 0) {
+        wwhy(f, "an empty frame");
+        return MOAT_EBADTERM;
+    }
+    check = moat_etf_check(buf, len);
+    if (check == UV_ENOMEM)
+        return UV_ENOMEM;
+    if (check != 0) {
+        wwhy(f, "not one well-formed term in the external term format");
+        return MOAT_EBADTERM;
+    }
+    if (peek(&r) != ETF_VERSION || advance(&r, 1) < 0 ||
+        read_tuple(&r, &arity) < 0 || arity < 1 ||
+        read_atom(&r, &kind) < 0) {
+        wwhy(f, "not a tuple tagged with an atom");
+        return MOAT_EBADTERM;
+    }
+    if (atom_is(&kind, "done") && arity == 2) {
+        f->kind = MOAT__WFRAME_DONE;
+        rc = wdecode_done(&r, f);
+    } else if (atom_is(&kind, "stopped") && arity == 2) {
+        f->kind = MOAT__WFRAME_STOPPED;
+        rc = wdecode_stopped(&r, f);
+    } else if (atom_is(&kind, "log") && arity == 3) {
+        f->kind = MOAT__WFRAME_LOG;
+        rc = wdecode_log(&r, f);
+    } else if (atom_is(&kind, "ready") && arity == 3) {
+        uint64_t pid;
+        f->kind = MOAT__WFRAME_READY;
+        rc = read_u64(&r, &pid) == 0 && skip_proper_list(&r) == 0
+                 ? 0
+                 : MOAT_EBADTERM;
+        if (rc != 0)
+            wwhy(f, "a ready frame is not {ready, Pid, Tasks}");
+    } else if (atom_is(&kind, "error") && arity == 2) {
+        f->kind = MOAT__WFRAME_ERROR;
+        rc = skip_term(&r) == 0 ? 0 : MOAT_EBADTERM;
+    } else {
+        wwhy(f, "an unknown kind of frame");
+        rc = MOAT_EBADTERM;
+    }
+    if (rc == 0 && r.pos != r.len) {
+        wwhy(f, "bytes after the term");
+        rc = MOAT_EBADTERM;
+    }
+    return rc;
+}
+
+void moat__wframe_free(moat__wframe_t *f) {
+    free(f->done);
+    free(f->tags);
     memset(f, 0, sizeof *f);
 }

@@ -1,6 +1,7 @@
-/* frame.h: private to c_src/cnode.  The decoder of the frames the VM sends
- * to moat_cnode (doc/cnode.md, "VM -> C-node"): one packet's bytes in, one
- * C struct out.
+/* frame.h: private to c_src/cnode.  The decoders of the frames the VM sends
+ * to moat_cnode (doc/cnode.md, "VM -> C-node"), and of those a worker
+ * process sends to its parent in process isolation (the "C-node -> VM"
+ * frames): one packet's bytes in, one C struct out.
  *
  * It is pure and bounds-checked: it does no I/O, keeps no state between
  * calls, never reads outside buf[0..len) and never crashes, whatever the
@@ -41,14 +42,24 @@ typedef struct moat__atom_s {
     size_t etf_len;
 } moat__atom_t;
 
-/* {hello, Opts}.  Absent options are 0, NULL or empty. */
+/* The defaults of process isolation's options (doc/cnode.md). */
+#define MOAT__HELLO_SPARES 1
+#define MOAT__HELLO_MAX_RESTARTS 3
+#define MOAT__HELLO_MAX_SECONDS 5
+
+/* {hello, Opts}.  Absent options are 0, NULL or empty, except those of
+ * process isolation, which take the defaults above. */
 typedef struct moat__hello_s {
-    unsigned size;          /* threads, 1..1024; 0: absent */
+    unsigned size;          /* threads (workers), 1..1024; 0: absent */
     unsigned max_queue;     /* 0: absent (or 0) */
     char **libraries;       /* NUL-terminated paths, malloc'd */
     size_t nlibraries;
     moat__isolation_t isolation;
     char name[64];          /* UTF-8, cut at a character boundary */
+    uint64_t max_memory;    /* bytes of address space; 0: no limit */
+    unsigned spares;        /* process: idle workers beyond size, 0..1024 */
+    unsigned max_restarts;  /* process: workers that may die on their own */
+    unsigned max_seconds;   /* ... within this many seconds, 1.. */
 } moat__hello_t;
 
 /* One task to run, from a run frame or an element of a runs frame. */
@@ -104,5 +115,53 @@ void moat__frame_free(moat__frame_t *f);
  * character boundary when it does not fit.  cap must be at least 1.
  * Returns the length written, not counting the NUL. */
 size_t moat__atom_utf8(const moat__atom_t *a, char *out, size_t cap);
+
+/* ------------------------------------------------ frames from a worker */
+
+typedef enum {
+    MOAT__WFRAME_NONE = 0,
+    MOAT__WFRAME_READY,
+    MOAT__WFRAME_ERROR,
+    MOAT__WFRAME_DONE,
+    MOAT__WFRAME_STOPPED,
+    MOAT__WFRAME_LOG
+} moat__wframe_kind_t;
+
+/* One {Tag, ok | exit, Term} of a done frame.  `term` points into the
+ * frame's buffer: the term's encoding without a version byte. */
+typedef struct moat__wdone_s {
+    uint64_t tag;
+    int kind;               /* MOAT_OK or MOAT_EXIT */
+    const char *term;
+    size_t len;
+} moat__wdone_t;
+
+typedef struct moat__wframe_s {
+    moat__wframe_kind_t kind;
+    moat__wdone_t *done;    /* MOAT__WFRAME_DONE, malloc'd */
+    size_t ndone;
+    uint64_t *tags;         /* MOAT__WFRAME_STOPPED, malloc'd */
+    size_t ntags;
+    char level[8];          /* MOAT__WFRAME_LOG: error, warning or info */
+    const char *msg;        /* MOAT__WFRAME_LOG: into the buffer */
+    size_t msg_len;
+    char why[160];          /* when malformed: what is wrong */
+} moat__wframe_t;
+
+/*
+ * Decodes one packet a worker sent, buf[0..len), into *f, which the
+ * caller then releases with moat__wframe_free whatever this returns.  A
+ * worker's bytes are not trusted (a task may have scribbled over its
+ * memory before dying): the frame must pass moat_etf_check and then have
+ * one of the shapes {ready, Pid, Tasks}, {error, Reason}, {done, [{Tag, ok
+ * | exit, Term}]}, {stopped, [Tag]} or {log, Level, Binary}, else this
+ * returns MOAT_EBADTERM (f->why says why) and nothing in *f counts.
+ * Returns 0, MOAT_EBADTERM or UV_ENOMEM.  Never reads outside
+ * buf[0..len).  Any thread; reentrant.
+ */
+int moat__wframe_decode(const char *buf, size_t len, moat__wframe_t *f);
+
+/* Frees what moat__wframe_decode allocated.  Idempotent. */
+void moat__wframe_free(moat__wframe_t *f);
 
 #endif

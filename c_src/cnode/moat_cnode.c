@@ -1,6 +1,9 @@
 /*
- * moat_cnode.c: the C-node executable, `backend => cnode` with `isolation
- * => thread` over the port transport (doc/cnode.md is the protocol).
+ * moat_cnode.c: the C-node executable, `backend => cnode` over the port
+ * transport (doc/cnode.md is the protocol), in `isolation => thread`
+ * (below) or `isolation => process` (procs.c: this node is then the
+ * parent of worker processes, each one this executable in thread
+ * isolation with one thread).
  *
  * DESIGN
  *
@@ -30,10 +33,13 @@
  * everything is freed before exiting, so that leak checkers see nothing;
  * otherwise the node exits at once, because a body that ignores
  * cancellation cannot be waited for (it runs until it returns).  The
- * parent-death signal covers a VM killed outright.
+ * parent-death signal covers a VM killed outright.  In process isolation
+ * there is no pool: the workers are ended and reaped (procs.c) before the
+ * node exits.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -71,7 +77,8 @@ typedef struct node_s {
     int status;        /* the exit status */
     moat_lib_t **libs;
     size_t nlibs;
-    moat_pool_t *pool;
+    moat_pool_t *pool;        /* thread isolation */
+    moat__procs_t *procs;     /* process isolation */
     moat__outbox_t ob;
     moat__jobs_t jobs;
     moat__errlog_t errlog;
@@ -81,6 +88,11 @@ typedef struct node_s {
 /* Static, so that all of it stays reachable when the node exits with
  * bodies still running. */
 static node_t node;
+
+/* This executable, which process isolation spawns as its workers: read
+ * once at start, from /proc/self/exe (which valgrind answers with the
+ * program it runs, not itself). */
+static char exe_path[PATH_MAX];
 
 static void finish(node_t *n, int status) {
     if (n->stop)
@@ -164,13 +176,16 @@ done:
     return rc;
 }
 
+static void on_fatal(void *data, int status) { finish(data, status); }
+
 static void on_hello(node_t *n, moat__hello_t *h) {
     moat_pool_opts_t o = {0};
     char msg[256];
     int rc;
 
-    if (h->isolation != MOAT__ISOLATION_THREAD) {
-        hello_fail(n, "bad_hello", "isolation process is not supported yet");
+    if (h->isolation == MOAT__ISOLATION_PROCESS && exe_path[0] == '\0') {
+        hello_fail(n, "bad_hello",
+                   "isolation process: /proc/self/exe cannot be read");
         return;
     }
     n->libs = calloc(h->nlibraries > 0 ? h->nlibraries : 1, sizeof *n->libs);
@@ -191,6 +206,19 @@ static void on_hello(node_t *n, moat__hello_t *h) {
         }
         n->nlibs++;
     }
+    if (h->isolation == MOAT__ISOLATION_PROCESS) {
+        /* The libraries stay open here too: ready lists their tasks, and
+         * a run of a task they lack is answered without a worker. */
+        rc = moat__procs_start(&n->loop, &n->ob, exe_path, h, on_fatal, n,
+                               &n->procs);
+        if (rc != 0) {
+            snprintf(msg, sizeof msg, "cannot start the workers: %s",
+                     moat_strerror(rc));
+            hello_fail(n, "bad_hello", msg);
+            return;
+        }
+        goto ready;
+    }
     o.nthreads = h->size;       /* 0: the online CPUs */
     o.max_queue = h->max_queue; /* 0: the core's default */
     o.name = h->name[0] != '\0' ? h->name : "cnode";
@@ -204,6 +232,15 @@ static void on_hello(node_t *n, moat__hello_t *h) {
         return;
     }
     n->jobs.pool = n->pool;
+    /* A worker of process isolation (or a node told so) limits itself
+     * once its libraries and threads are in place. */
+    if (h->max_memory > 0 && (rc = moat__limit_memory(h->max_memory)) != 0) {
+        snprintf(msg, sizeof msg, "cannot limit memory: %s",
+                 moat_strerror(rc));
+        hello_fail(n, "bad_hello", msg);
+        return;
+    }
+ready:
     if (send_ready(n) != 0) {
         /* The VM would wait for ready for ever: end with a status it
          * reads as a crash. */
@@ -249,6 +286,8 @@ static void on_run(node_t *n, moat__run_t *e) {
         reply_atom(n, e->tag, MOAT_A_BADARG);
     } else if ((def = find_task(n, &e->task, &lib)) == NULL) {
         reply_unknown(n, e->tag, &e->task);
+    } else if (n->procs != NULL) {
+        moat__procs_run(n->procs, e->tag, &e->task, e->args);
     } else {
         moat__jobs_add(&n->jobs, e->tag, def, lib, e->args);
         e->args = NULL; /* the job's now */
@@ -312,7 +351,9 @@ static void handle_frame(node_t *n, const char *buf, size_t len) {
             on_run(n, &f.runs[i]);
         break;
     case MOAT__FRAME_CANCEL:
-        if (rc == 0)
+        if (rc == 0 && n->procs != NULL)
+            moat__procs_cancel(n->procs, f.tag, f.reason);
+        else if (rc == 0)
             moat__jobs_cancel(&n->jobs, f.tag, f.reason);
         break;
     case MOAT__FRAME_HELLO:
@@ -522,6 +563,8 @@ static int stop(node_t *n) {
          * running while its callback runs). */
         moat_pool_stop(n->pool);
     }
+    if (n->procs != NULL) /* every worker killed and reaped */
+        moat__procs_stop(n->procs);
     if (n->jobs_ready) /* releases task handles: before the pool goes */
         moat__jobs_close(&n->jobs);
     if (n->pool != NULL) {
@@ -536,6 +579,8 @@ static int stop(node_t *n) {
         uv_run(&n->loop, UV_RUN_DEFAULT); /* the close callbacks */
         uv_loop_close(&n->loop);
     }
+    moat__procs_free(n->procs);
+    n->procs = NULL;
     for (size_t i = 0; i < n->nlibs; i++)
         moat_lib_close(n->libs[i]);
     free(n->libs);
@@ -548,8 +593,11 @@ static int stop(node_t *n) {
 int main(void) {
     node_t *n = &node;
     pid_t parent = getppid();
+    ssize_t len;
     int rc;
 
+    len = readlink("/proc/self/exe", exe_path, sizeof exe_path - 1);
+    exe_path[len > 0 ? len : 0] = '\0';
     ei_init();
     /* ei does not write with MSG_NOSIGNAL, and a VM that is gone must be
      * a write error here, not a signal. */

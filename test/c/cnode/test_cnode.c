@@ -34,6 +34,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <dirent.h>
+
 #include <cmocka.h>
 #include <ei.h>
 
@@ -541,10 +543,11 @@ static void assert_exited(int status, int code) {
 
 /* ------------------------------------------------------------- frames */
 
-/* {hello, #{size, max_queue, libraries, isolation, name}}; libs ends with
- * NULL. */
-static void send_hello(node_t *n, long size, long max_queue,
-                       const char *isolation, const char *const *libs) {
+/* {hello, #{size, max_queue, libraries, isolation, name}} plus, when not
+ * negative, spares, and when not 0, max_memory; libs ends with NULL. */
+static void send_hello_opts(node_t *n, long size, long max_queue,
+                            const char *isolation, const char *const *libs,
+                            long spares, unsigned long long max_memory) {
     ei_x_buff x;
     int nlibs = 0;
 
@@ -553,7 +556,15 @@ static void send_hello(node_t *n, long size, long max_queue,
     ei_x_new_with_version(&x);
     ei_x_encode_tuple_header(&x, 2);
     ei_x_encode_atom(&x, "hello");
-    ei_x_encode_map_header(&x, 6);
+    ei_x_encode_map_header(&x, 6 + (spares >= 0) + (max_memory > 0));
+    if (spares >= 0) {
+        ei_x_encode_atom(&x, "spares");
+        ei_x_encode_long(&x, spares);
+    }
+    if (max_memory > 0) {
+        ei_x_encode_atom(&x, "max_memory");
+        ei_x_encode_ulonglong(&x, max_memory);
+    }
     ei_x_encode_atom(&x, "size");
     ei_x_encode_long(&x, size);
     ei_x_encode_atom(&x, "max_queue");
@@ -570,6 +581,11 @@ static void send_hello(node_t *n, long size, long max_queue,
     ei_x_encode_atom(&x, "an_option_from_the_future");
     ei_x_encode_long(&x, 1);
     node_send_x(n, &x);
+}
+
+static void send_hello(node_t *n, long size, long max_queue,
+                       const char *isolation, const char *const *libs) {
+    send_hello_opts(n, size, max_queue, isolation, libs, -1, 0);
 }
 
 /* Starts a node, says hello with the demo library, expects ready. */
@@ -628,14 +644,18 @@ static void run_long(node_t *n, uint64_t tag, const char *task, long v) {
     ei_x_free(&a);
 }
 
-static void send_cancel(node_t *n, uint64_t tag) {
+static void send_cancel_reason(node_t *n, uint64_t tag, const char *reason) {
     ei_x_buff x;
     ei_x_new_with_version(&x);
     ei_x_encode_tuple_header(&x, 3);
     ei_x_encode_atom(&x, "cancel");
     ei_x_encode_ulonglong(&x, tag);
-    ei_x_encode_atom(&x, "shutdown");
+    ei_x_encode_atom(&x, reason);
     node_send_x(n, &x);
+}
+
+static void send_cancel(node_t *n, uint64_t tag) {
+    send_cancel_reason(n, tag, "shutdown");
 }
 
 /* Waits for tag's outcome and checks it: ok says which kind, `text` the
@@ -1091,21 +1111,6 @@ static void test_cnode_frame_before_hello_is_bad_hello(void **state) {
     expect_no_event(n, EV_DONE, 1);
 }
 
-/* Process isolation is not served by this executable yet. */
-static void test_cnode_process_isolation_is_bad_hello(void **state) {
-    const char *libs[] = {demo_path, NULL};
-    node_t *n = *state;
-    ev_t e;
-    node_spawn(n, 1, NULL);
-    send_hello(n, 2, 10, "process", libs);
-    e = node_wait(n, EV_ERROR, 0);
-    assert_string_equal(
-        fmt(e.term),
-        "{error,{bad_hello,<<\"isolation process is not supported yet\">>}}");
-    ev_free(&e);
-    assert_exited(node_reap(n), 2);
-}
-
 /* A library that cannot be loaded is {error, {bad_library, Message}},
  * then exit status 2. */
 static void test_cnode_bad_library(void **state) {
@@ -1167,6 +1172,381 @@ static void test_cnode_segfault_kills_the_node(void **state) {
     expect_no_event(n, EV_DONE, 1);
 }
 
+/* ------------------------------------------------- process isolation */
+
+/* The outcome a segfault task gets.  In the ASan build UBSan (built in,
+ * without recovery) sees the null store before the kernel does and ends
+ * the worker with status 1 (UBSan takes abort_on_error from
+ * UBSAN_OPTIONS, which does not set it). */
+#if defined(__SANITIZE_ADDRESS__)
+#define SEGFAULT_REASON "{native_crash,{exit_status,1}}"
+#else
+#define SEGFAULT_REASON "{native_crash,sigsegv}"
+#endif
+
+/* The sanitizers' own SIGSEGV handlers off, so that a worker's segfault
+ * is the kernel's signal; leak checks stay on for the parent. */
+static const char *const process_env[] = {
+    "ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:handle_segv=0",
+    "TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:handle_segv=0",
+    NULL};
+
+/* Starts a node in process isolation with the demo library. */
+static void process_start(node_t *n, long size, long spares,
+                          unsigned long long max_memory) {
+    const char *libs[] = {demo_path, NULL};
+    ev_t e;
+    node_spawn(n, 1, process_env);
+    send_hello_opts(n, size, 1000, "process", libs, spares, max_memory);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+}
+
+/* The live (not zombie) children of `parent`, their pids in pids[0..cap). */
+static int children(pid_t parent, pid_t *pids, int cap) {
+    DIR *d = opendir("/proc");
+    struct dirent *de;
+    int n = 0;
+
+    assert_non_null(d);
+    while ((de = readdir(d)) != NULL) {
+        char path[300], buf[512], *rp, state;
+        int ppid;
+        FILE *f;
+        if (de->d_name[0] < '0' || de->d_name[0] > '9')
+            continue;
+        snprintf(path, sizeof path, "/proc/%s/stat", de->d_name);
+        f = fopen(path, "r");
+        if (f == NULL)
+            continue;
+        buf[0] = '\0';
+        if (fgets(buf, sizeof buf, f) == NULL)
+            buf[0] = '\0';
+        fclose(f);
+        rp = strrchr(buf, ')'); /* the name may hold anything */
+        if (rp == NULL || sscanf(rp + 1, " %c %d", &state, &ppid) != 2)
+            continue;
+        if (ppid != parent || state == 'Z')
+            continue;
+        if (n < cap)
+            pids[n] = (pid_t)atoi(de->d_name);
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
+/* Waits until the node has exactly `want` live workers. */
+static void expect_workers(node_t *n, int want) {
+    int64_t deadline = now_ms() + WAIT_MS;
+    pid_t pids[64];
+    int got;
+
+    while ((got = children(n->pid, pids, 64)) != want) {
+        if (now_ms() >= deadline)
+            fail_msg("%d workers, not %d", got, want);
+        pump(n, 5);
+    }
+}
+
+/* Fewer iterations when the node runs under valgrind. */
+static int slow(void) { return nrunner > 0; }
+
+/* ready carries the parent's pid and the libraries' tasks, and the parent
+ * keeps size + spares worker processes. */
+static void test_cnode_process_ready(void **state) {
+    const char *libs[] = {demo_path, NULL};
+    node_t *n = *state;
+    char want[256];
+    ev_t e;
+    node_spawn(n, 1, process_env);
+    send_hello_opts(n, 2, 10, "process", libs, 1, 0);
+    e = node_wait(n, EV_READY, 0);
+    snprintf(want, sizeof want,
+             "{ready,%d,[echo,sleep,spin,fail,exit,segfault,abort,alloc,fib,"
+             "sum]}",
+             (int)n->pid);
+    assert_string_equal(fmt(e.term), want);
+    ev_free(&e);
+    expect_workers(n, 3);
+    assert_exited(node_close(n), 0);
+}
+
+/* echo and the task's own failures come back as in thread isolation. */
+static void test_cnode_process_echo(void **state) {
+    ei_x_buff a = args_binary("boom"), none = args_none();
+    node_t *n = *state;
+    process_start(n, 2, -1, 0); /* spares: the default */
+    for (uint64_t t = 1; t <= 20; t++) {
+        run_long(n, t, "echo", (long)t * 3);
+        char want[32];
+        snprintf(want, sizeof want, "%ld", (long)t * 3);
+        expect_done(n, t, 1, want);
+    }
+    send_run(n, 21, "fail", &a);
+    expect_done(n, 21, 0, "{native_error,<<\"boom\">>}");
+    send_run(n, 22, "echo", &none);
+    expect_done(n, 22, 0, "badarg");
+    send_run(n, 23, "nope", &none);
+    expect_done(n, 23, 0, "{unknown_task,nope}");
+    expect_workers(n, 3);
+    ei_x_free(&a);
+    ei_x_free(&none);
+    assert_exited(node_close(n), 0);
+}
+
+/* A segfault ends its task with {native_crash, sigsegv}, the worker is
+ * replaced, and the node serves the next task. */
+static void test_cnode_process_segfault_ends_only_its_task(void **state) {
+    ei_x_buff none = args_none();
+    node_t *n = *state;
+    process_start(n, 1, 1, 0);
+    send_run(n, 1, "segfault", &none);
+    expect_done(n, 1, 0, SEGFAULT_REASON);
+    ping(n, 2);
+    expect_workers(n, 2);
+    send_run(n, 3, "segfault", &none);
+    expect_done(n, 3, 0, SEGFAULT_REASON);
+    ping(n, 4);
+    expect_workers(n, 2);
+    ei_x_free(&none);
+    assert_exited(node_close(n), 0);
+}
+
+/* abort ends its task with {native_crash, sigabrt}. */
+static void test_cnode_process_abort_is_sigabrt(void **state) {
+    ei_x_buff none = args_none();
+    node_t *n = *state;
+    process_start(n, 1, 1, 0);
+    send_run(n, 1, "abort", &none);
+    expect_done(n, 1, 0, "{native_crash,sigabrt}");
+    ping(n, 2);
+    ei_x_free(&none);
+    assert_exited(node_close(n), 0);
+}
+
+/* 200 tasks in one runs frame, every tenth a segfault: each tag comes
+ * back exactly once, the crashes with their signal, the others ok; the
+ * crashes never count toward the intensity. */
+static void test_cnode_process_every_tenth_crashes(void **state) {
+    const uint64_t base = 5000;
+    const int total = slow() ? 40 : 200;
+    unsigned char seen[200] = {0};
+    int got = 0;
+    int64_t deadline = now_ms() + WAIT_MS;
+    node_t *n = *state;
+    ei_x_buff x;
+    process_start(n, 2, 1, 0);
+
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "runs");
+    ei_x_encode_list_header(&x, total);
+    for (int i = 0; i < total; i++) {
+        ei_x_encode_tuple_header(&x, 3);
+        ei_x_encode_ulonglong(&x, base + (uint64_t)i);
+        if (i % 10 == 0) {
+            ei_x_encode_atom(&x, "segfault");
+            ei_x_encode_empty_list(&x);
+        } else {
+            ei_x_encode_atom(&x, "echo");
+            ei_x_encode_list_header(&x, 1);
+            ei_x_encode_long(&x, i);
+            ei_x_encode_empty_list(&x);
+        }
+    }
+    ei_x_encode_empty_list(&x);
+    node_send_x(n, &x);
+
+    while (got < total) {
+        size_t keep = 0;
+        for (size_t i = 0; i < n->nev; i++) {
+            ev_t *e = &n->ev[i];
+            uint64_t k;
+            char want[32];
+            if (e->kind != EV_DONE || e->tag < base ||
+                e->tag >= base + (uint64_t)total) {
+                n->ev[keep++] = *e;
+                continue;
+            }
+            k = e->tag - base;
+            assert_int_equal(seen[k]++, 0);
+            if (k % 10 == 0) {
+                assert_int_equal(e->ok, 0);
+                assert_string_equal(fmt(e->term), SEGFAULT_REASON);
+            } else {
+                snprintf(want, sizeof want, "%d", (int)k);
+                assert_int_equal(e->ok, 1);
+                assert_string_equal(fmt(e->term), want);
+            }
+            got++;
+            ev_free(e);
+        }
+        n->nev = keep;
+        if (got < total) {
+            assert_false(n->eof);
+            assert_true(now_ms() < deadline);
+            pump(n, (int)(deadline - now_ms()));
+        }
+    }
+    ping(n, 1);
+    for (size_t i = 0; i < n->nev; i++)
+        assert_false(n->ev[i].kind == EV_DONE && n->ev[i].tag >= base);
+    expect_workers(n, 3);
+    assert_exited(node_close(n), 0);
+}
+
+/* A cancel `killed` of a spin, which ignores cancellation, SIGKILLs its
+ * worker: stopped comes long before the spin would end, never a done,
+ * and the worker is replaced. */
+static void test_cnode_process_cancel_killed_kills(void **state) {
+    node_t *n = *state;
+    int64_t t0;
+    process_start(n, 1, 1, 0);
+    run_long(n, 1, "spin", (long)FOREVER_MS * 1000);
+    sleep_ms(50); /* let the body start: not needed for the kill */
+    t0 = now_ms();
+    send_cancel_reason(n, 1, "killed");
+    expect_stopped(n, 1);
+    assert_true(now_ms() - t0 < FOREVER_MS / 4);
+    run_long(n, 2, "spin", (long)FOREVER_MS * 1000);
+    send_cancel_reason(n, 2, "timeout");
+    expect_stopped(n, 2);
+    ping(n, 3);
+    expect_workers(n, 2);
+    expect_no_event(n, EV_DONE, 1);
+    expect_no_event(n, EV_DONE, 2);
+    assert_exited(node_close(n), 0);
+}
+
+/* A cancel `shutdown` is the worker's to heed: a sleep stops, its tag is
+ * stopped, and the worker serves on (no kill, no replacement needed). */
+static void test_cnode_process_cancel_shutdown_of_sleep(void **state) {
+    node_t *n = *state;
+    pid_t before[8], after[8];
+    int nb, na;
+    process_start(n, 1, 0, 0);
+    expect_workers(n, 1);
+    nb = children(n->pid, before, 8);
+    run_long(n, 1, "sleep", FOREVER_MS);
+    sleep_ms(20);
+    send_cancel(n, 1);
+    expect_stopped(n, 1);
+    ping(n, 2);
+    na = children(n->pid, after, 8);
+    assert_int_equal(nb, 1);
+    assert_int_equal(na, 1);
+    assert_int_equal(before[0], after[0]); /* the same worker */
+    expect_no_event(n, EV_DONE, 1);
+    assert_exited(node_close(n), 0);
+}
+
+/* A run waiting for a worker is dropped by its cancel, stopped at once;
+ * past size + max_queue a run is overloaded. */
+static void test_cnode_process_cancel_queued(void **state) {
+    const char *libs[] = {demo_path, NULL};
+    node_t *n = *state;
+    ev_t e;
+    node_spawn(n, 1, process_env);
+    send_hello_opts(n, 1, 1, "process", libs, 1, 0);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    run_long(n, 1, "sleep", FOREVER_MS);
+    run_long(n, 2, "echo", 2); /* queued: one worker may be busy */
+    run_long(n, 3, "echo", 3);
+    expect_done(n, 3, 0, "overloaded");
+    send_cancel(n, 2);
+    expect_stopped(n, 2);
+    send_cancel_reason(n, 1, "killed");
+    expect_stopped(n, 1);
+    ping(n, 4);
+    expect_no_event(n, EV_DONE, 1);
+    expect_no_event(n, EV_DONE, 2);
+    assert_exited(node_close(n), 0);
+}
+
+/* With max_memory, an allocation within it works, and one far past it
+ * has exactly one outcome, a failure (the demo's alloc raises "out of
+ * memory" when malloc fails; a worker that dies of it is a native
+ * crash); the node serves on. */
+static void test_cnode_process_max_memory(void **state) {
+    const unsigned long long limit = 64ull << 20;
+    node_t *n = *state;
+    ev_t e;
+    const char *text;
+    process_start(n, 1, 1, limit);
+    run_long(n, 1, "alloc", 4L << 20);
+    expect_done(n, 1, 1, "ok");
+    run_long(n, 2, "alloc", 1L << 30);
+    e = node_wait(n, EV_DONE, 2);
+    assert_int_equal(e.ok, 0);
+    text = fmt(e.term);
+    print_message("   alloc past max_memory: %s\n", text);
+    if (strcmp(text, "{native_error,<<\"out of memory\">>}") != 0 &&
+        strncmp(text, "{native_crash,", 14) != 0)
+        fail_msg("alloc past max_memory gave %s", text);
+    ev_free(&e);
+    ping(n, 3);
+    expect_no_event(n, EV_DONE, 2);
+    expect_workers(n, 2);
+    assert_exited(node_close(n), 0);
+}
+
+/* What a crash costs the next task: with a spare, and without one (the
+ * next task then waits for a new worker).  Printed, never asserted
+ * (tests do not assert speed). */
+static void test_cnode_process_replacement_cost(void **state) {
+    ei_x_buff none = args_none();
+    node_t *n = *state;
+    const int rounds = slow() ? 3 : 20;
+    struct timespec t0, t1, t2;
+    double crash_us = 0, next_us = 0;
+    for (int spares = 1; spares >= 0; spares--) {
+        process_start(n, 1, spares, 0);
+        crash_us = next_us = 0;
+        for (int i = 0; i < rounds; i++) {
+            uint64_t tag = 10 + 2 * (uint64_t)i;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            send_run(n, tag, "segfault", &none);
+            expect_done(n, tag, 0, SEGFAULT_REASON);
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            ping(n, tag + 1);
+            clock_gettime(CLOCK_MONOTONIC, &t2);
+            crash_us += (t1.tv_sec - t0.tv_sec) * 1e6 +
+                        (t1.tv_nsec - t0.tv_nsec) / 1e3;
+            next_us += (t2.tv_sec - t1.tv_sec) * 1e6 +
+                       (t2.tv_nsec - t1.tv_nsec) / 1e3;
+            expect_workers(n, 1 + spares);
+        }
+        print_message("   spares %d: segfault submit -> its outcome %.0f us, "
+                      "-> next echo's outcome %.0f us more (mean of %d)\n",
+                      spares, crash_us / rounds, next_us / rounds, rounds);
+        assert_exited(node_close(n), 0);
+        node_free(n);
+    }
+    ei_x_free(&none);
+}
+
+/* stdin's end ends the parent with status 0, and no worker outlives it,
+ * not even one running a spin. */
+static void test_cnode_process_eof_ends_every_worker(void **state) {
+    node_t *n = *state;
+    pid_t pids[16];
+    int np;
+    process_start(n, 2, 1, 0);
+    run_long(n, 1, "spin", (long)FOREVER_MS * 1000);
+    run_long(n, 2, "sleep", FOREVER_MS);
+    sleep_ms(20);
+    expect_workers(n, 3);
+    np = children(n->pid, pids, 16);
+    assert_int_equal(np, 3);
+    assert_exited(node_close(n), 0);
+    for (int i = 0; i < np; i++)
+        if (kill(pids[i], 0) == 0 || errno != ESRCH)
+            fail_msg("worker %d outlived the parent", (int)pids[i]);
+    expect_no_event(n, EV_DONE, 1);
+}
+
 int main(void) {
     static char runner_buf[4096];
     const char *r = getenv("MOAT_CNODE_RUNNER");
@@ -1182,11 +1562,33 @@ int main(void) {
         cmocka_unit_test(test_cnode_task_output_reaches_the_vm_as_logs),
         cmocka_unit_test(test_cnode_malformed_frames_are_logged),
     };
+    const struct CMUnitTest process_tests[] = {
+        cmocka_unit_test_setup_teardown(test_cnode_process_ready, own_setup,
+                                        own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_echo, own_setup,
+                                        own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_segfault_ends_only_its_task,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_abort_is_sigabrt,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_every_tenth_crashes,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_cancel_killed_kills,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_cancel_shutdown_of_sleep,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_cancel_queued,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_max_memory,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_replacement_cost,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_eof_ends_every_worker,
+                                        own_setup, own_teardown),
+    };
     const struct CMUnitTest own_tests[] = {
         cmocka_unit_test_setup_teardown(test_cnode_overloaded, own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_frame_before_hello_is_bad_hello, own_setup,
-                                        own_teardown),
-        cmocka_unit_test_setup_teardown(test_cnode_process_isolation_is_bad_hello, own_setup,
                                         own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_bad_library, own_setup,
                                         own_teardown),
@@ -1221,5 +1623,7 @@ int main(void) {
                                          shared_teardown);
     failed += cmocka_run_group_tests_name("cnode (a node each)", own_tests,
                                           NULL, NULL);
+    failed += cmocka_run_group_tests_name("cnode (process isolation)",
+                                          process_tests, NULL, NULL);
     return failed;
 }

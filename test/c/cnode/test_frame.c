@@ -598,6 +598,150 @@ static void test_cnode_frame_atom_utf8_cuts_at_characters(void **state) {
     assert_string_equal(out, "");
 }
 
+/* ------------------------------------------------ frames from a worker */
+
+/* hello's process options: read when given, the defaults when not, and
+ * out-of-range values refused. */
+static void test_cnode_frame_hello_process_options(void **state) {
+    moat__frame_t f;
+    ei_x_buff x = start("hello", 2);
+    (void)state;
+    ei_x_encode_map_header(&x, 4);
+    ei_x_encode_atom(&x, "max_memory");
+    ei_x_encode_ulonglong(&x, 1ull << 33);
+    ei_x_encode_atom(&x, "spares");
+    ei_x_encode_long(&x, 0);
+    ei_x_encode_atom(&x, "max_restarts");
+    ei_x_encode_long(&x, 10);
+    ei_x_encode_atom(&x, "max_seconds");
+    ei_x_encode_long(&x, 60);
+    assert_int_equal(decode_x(&x, &f), 0);
+    assert_true(f.hello.max_memory == 1ull << 33);
+    assert_int_equal(f.hello.spares, 0);
+    assert_int_equal(f.hello.max_restarts, 10);
+    assert_int_equal(f.hello.max_seconds, 60);
+    moat__frame_free(&f);
+
+    x = start("hello", 2);
+    ei_x_encode_map_header(&x, 0);
+    assert_int_equal(decode_x(&x, &f), 0);
+    assert_true(f.hello.max_memory == 0);
+    assert_int_equal(f.hello.spares, MOAT__HELLO_SPARES);
+    assert_int_equal(f.hello.max_restarts, MOAT__HELLO_MAX_RESTARTS);
+    assert_int_equal(f.hello.max_seconds, MOAT__HELLO_MAX_SECONDS);
+    moat__frame_free(&f);
+
+    x = start("hello", 2);
+    ei_x_encode_map_header(&x, 1);
+    ei_x_encode_atom(&x, "max_seconds");
+    ei_x_encode_long(&x, 0);
+    assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+    assert_non_null(strstr(f.why, "max_seconds"));
+    moat__frame_free(&f);
+}
+
+static int wdecode(ei_x_buff *x, moat__wframe_t *f) {
+    return moat__wframe_decode(x->buff, (size_t)x->index, f);
+}
+
+/* The frames a worker sends are read with their parts; anything else is
+ * refused. */
+static void test_cnode_frame_worker_frames(void **state) {
+    moat__wframe_t f;
+    ei_x_buff x;
+    (void)state;
+
+    x = start("done", 2);
+    ei_x_encode_list_header(&x, 2);
+    ei_x_encode_tuple_header(&x, 3);
+    ei_x_encode_ulonglong(&x, UINT64_MAX);
+    ei_x_encode_atom(&x, "ok");
+    ei_x_encode_atom(&x, "fine");
+    ei_x_encode_tuple_header(&x, 3);
+    ei_x_encode_ulonglong(&x, 7);
+    ei_x_encode_atom(&x, "exit");
+    ei_x_encode_long(&x, 3);
+    ei_x_encode_empty_list(&x);
+    assert_int_equal(wdecode(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__WFRAME_DONE);
+    assert_int_equal(f.ndone, 2);
+    assert_true(f.done[0].tag == UINT64_MAX);
+    assert_int_equal(f.done[0].kind, MOAT_OK);
+    assert_int_equal(f.done[0].len, 6); /* SMALL_ATOM_UTF8, 1, "fine" */
+    assert_int_equal(f.done[1].kind, MOAT_EXIT);
+    assert_int_equal(f.done[1].len, 2);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
+
+    x = start("stopped", 2);
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_ulonglong(&x, 9);
+    ei_x_encode_empty_list(&x);
+    assert_int_equal(wdecode(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__WFRAME_STOPPED);
+    assert_int_equal(f.ntags, 1);
+    assert_true(f.tags[0] == 9);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
+
+    x = start("log", 3);
+    ei_x_encode_atom(&x, "info");
+    ei_x_encode_binary(&x, "hi", 2);
+    assert_int_equal(wdecode(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__WFRAME_LOG);
+    assert_string_equal(f.level, "info");
+    assert_int_equal(f.msg_len, 2);
+    assert_memory_equal(f.msg, "hi", 2);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
+
+    /* refused: a bad level, an empty done list, a run, garbage, every
+     * cut of a good frame */
+    x = start("log", 3);
+    ei_x_encode_atom(&x, "loud");
+    ei_x_encode_binary(&x, "hi", 2);
+    assert_int_equal(wdecode(&x, &f), MOAT_EBADTERM);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
+    x = start("done", 2);
+    ei_x_encode_empty_list(&x);
+    assert_int_equal(wdecode(&x, &f), MOAT_EBADTERM);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
+    x = run_frame(1);
+    assert_int_equal(wdecode(&x, &f), MOAT_EBADTERM);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
+    assert_int_equal(moat__wframe_decode("\x83garbage", 8, &f),
+                     MOAT_EBADTERM);
+    moat__wframe_free(&f);
+
+    x = start("done", 2);
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_tuple_header(&x, 3);
+    ei_x_encode_ulonglong(&x, 5);
+    ei_x_encode_atom(&x, "ok");
+    ei_x_encode_binary(&x, "payload", 7);
+    ei_x_encode_empty_list(&x);
+    for (int cut = 0; cut < x.index; cut++) {
+        assert_int_equal(moat__wframe_decode(x.buff, (size_t)cut, &f),
+                         MOAT_EBADTERM);
+        moat__wframe_free(&f);
+    }
+    for (int i = 1; i < x.index; i++) {
+        char *b = malloc((size_t)x.index);
+        assert_non_null(b);
+        for (int v = 0; v < 256; v += 37) {
+            memcpy(b, x.buff, (size_t)x.index);
+            b[i] = (char)v;
+            moat__wframe_decode(b, (size_t)x.index, &f); /* no crash */
+            moat__wframe_free(&f);
+        }
+        free(b);
+    }
+    ei_x_free(&x);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cnode_frame_hello_reads_every_option),
@@ -614,6 +758,8 @@ int main(void) {
         cmocka_unit_test(test_cnode_frame_garbage_is_refused),
         cmocka_unit_test(test_cnode_frame_survives_every_cut_and_change),
         cmocka_unit_test(test_cnode_frame_atom_utf8_cuts_at_characters),
+        cmocka_unit_test(test_cnode_frame_hello_process_options),
+        cmocka_unit_test(test_cnode_frame_worker_frames),
     };
     ei_init();
     return cmocka_run_group_tests_name("cnode frame decoder", tests, NULL,

@@ -1,0 +1,156 @@
+/*
+ * fuzz_frame.c: libFuzzer target for moat__frame_decode (c_src/cnode/frame.c),
+ * the C-node's decoder of the packets the VM sends (doc/cnode.md, "VM ->
+ * C-node").
+ *
+ * Each input is one packet's bytes, as moat_cnode hands them to the decoder
+ * once the 4-byte length is off.  That length step (parse() in
+ * moat_cnode.c) is not exercised here: it is static and works on the
+ * node's read buffer, its outbox and its pool, so no part of it can be
+ * called without I/O.
+ *
+ * What it checks, with ASan and UBSan watching every read (libFuzzer hands
+ * over a buffer of exactly the input's size, so a read one byte past it is
+ * caught) and LeakSanitizer every allocation, and abort() (which libFuzzer
+ * reports as a crash) wherever the contract in frame.h is broken:
+ *
+ *  - the decoder returns 0, MOAT_EBADTERM or UV_ENOMEM; 0 exactly when it
+ *    gave no reason (f->why), and only for bytes moat_etf_check passes;
+ *  - a run frame holds at most one entry, in f->one; only run and runs
+ *    frames hold entries; entries and untagged elements are no more than
+ *    the bytes that could carry them;
+ *  - an entry to run (status 0) has a task atom inside the packet and
+ *    arguments that are a checked term holding a list; any other entry has
+ *    no arguments, and no entry of a packet the check refused runs;
+ *  - moat__atom_utf8 stays within its buffer at every size, and cuts a
+ *    checked UTF-8 name at a character boundary;
+ *  - well-formed hello and cancel frames hold what frame.h says they hold;
+ *  - moat__frame_free releases everything (LeakSanitizer) and is
+ *    idempotent.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <uv.h>
+
+#include "frame.h"
+
+static int inside(const char *p, size_t n, const char *buf, size_t len) {
+    return p >= buf && n <= len && (size_t)(p - buf) <= len - n;
+}
+
+/* An atom read from the packet, and what moat__atom_utf8 makes of it. */
+static void check_atom(const moat__atom_t *a, const char *buf, size_t len,
+                       int trusted) {
+    static const size_t caps[] = {1, 2, 3, 4, 7, 64, 1100};
+    char out[1100];
+
+    if (!inside(a->etf, a->etf_len, buf, len) ||
+        !inside(a->name, a->len, a->etf, a->etf_len) ||
+        a->name + a->len != a->etf + a->etf_len || a->etf_len < 2)
+        abort();
+    for (size_t i = 0; i < sizeof caps / sizeof caps[0]; i++) {
+        size_t n;
+        memset(out, 'Z', sizeof out);
+        n = moat__atom_utf8(a, out, caps[i]);
+        if (n >= caps[i] || out[n] != '\0')
+            abort();
+        /* ASan cannot see a write past caps[i] inside out: the fill can. */
+        for (size_t j = caps[i]; j < sizeof out; j++)
+            if (out[j] != 'Z')
+                abort();
+        /* A cut UTF-8 name ends before a character's first byte. */
+        if (trusted && !a->latin1 && n < a->len &&
+            ((unsigned char)a->name[n] & 0xC0) == 0x80)
+            abort();
+        /* Nothing was cut that fitted. */
+        if (!a->latin1 && a->len < caps[i] && n != a->len)
+            abort();
+    }
+}
+
+static void check_run(const moat__run_t *e, const char *buf, size_t len,
+                      int trusted) {
+    const unsigned char *d;
+    size_t dlen;
+
+    if (e->status != 0) {
+        if ((e->status != MOAT_EBADTERM && e->status != UV_ENOMEM) ||
+            e->args != NULL)
+            abort();
+        return;
+    }
+    if (!trusted || e->args == NULL)
+        abort();
+    check_atom(&e->task, buf, len, trusted);
+    d = (const unsigned char *)moat_term_data(e->args, &dlen);
+    if (moat_etf_check((const char *)d, dlen) != 0 ||
+        (d[1] != 106 && d[1] != 107 && d[1] != 108)) /* NIL, STRING, LIST */
+        abort();
+}
+
+static void check_frame(int rc, const moat__frame_t *f, const char *buf,
+                        size_t len) {
+    int check = moat_etf_check(buf, len), trusted = check == 0;
+
+    if (rc != 0 && rc != MOAT_EBADTERM && rc != UV_ENOMEM)
+        abort();
+    if (rc == UV_ENOMEM)
+        return; /* the contract promises nothing else then */
+    if (memchr(f->why, '\0', sizeof f->why) == NULL ||
+        (rc == 0) != (f->why[0] == '\0'))
+        abort();
+    if (rc == 0 && (!trusted || f->kind == MOAT__FRAME_NONE))
+        abort();
+
+    switch (f->kind) {
+    case MOAT__FRAME_RUN:
+        if (f->nruns > 1 || f->untagged != 0 ||
+            (f->nruns == 1 && f->runs != &f->one))
+            abort();
+        break;
+    case MOAT__FRAME_RUNS:
+        if (f->nruns + f->untagged > len)
+            abort();
+        break;
+    default:
+        if (f->nruns != 0 || f->untagged != 0)
+            abort();
+    }
+    for (size_t i = 0; i < f->nruns; i++)
+        check_run(&f->runs[i], buf, len, trusted);
+
+    if (f->kind == MOAT__FRAME_HELLO) {
+        const moat__hello_t *h = &f->hello;
+        if (memchr(h->name, '\0', sizeof h->name) == NULL || h->size > 1024 ||
+            (h->isolation != MOAT__ISOLATION_THREAD &&
+             h->isolation != MOAT__ISOLATION_PROCESS) ||
+            h->nlibraries > len || (h->nlibraries > 0 && h->libraries == NULL))
+            abort();
+        for (size_t i = 0; i < h->nlibraries; i++)
+            if (h->libraries[i] == NULL || h->libraries[i][0] == '\0' ||
+                strlen(h->libraries[i]) > len)
+                abort();
+    }
+    if (f->kind == MOAT__FRAME_CANCEL && rc == 0 &&
+        f->reason != MOAT_A_SHUTDOWN && f->reason != MOAT_A_KILLED &&
+        f->reason != MOAT_A_TIMEOUT)
+        abort();
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    const char *buf = (const char *)data;
+    static const moat__frame_t empty;
+    moat__frame_t f;
+    int rc;
+
+    rc = moat__frame_decode(buf, size, &f);
+    check_frame(rc, &f, buf, size);
+    moat__frame_free(&f);
+    if (memcmp(&f, &empty, sizeof f) != 0)
+        abort();
+    moat__frame_free(&f);
+    return 0;
+}
