@@ -557,16 +557,19 @@ TSAN_ENV := TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
 # with ASLR off avoids that wherever setarch is allowed to do so.
 TSAN_RUNNER = $(eval TSAN_RUNNER := $(shell setarch "$$(uname -m)" -R true 2>/dev/null && echo setarch "$$(uname -m)" -R))$(TSAN_RUNNER)
 VALGRIND_SUPP := $(wildcard test/c/valgrind.supp)
+# Fair scheduling: valgrind runs one thread at a time, and by default a
+# thread that spins (the demo's spin, a pool worker waiting for work)
+# keeps the others from running for long stretches, so that a test
+# waiting for two tasks to be running, or a C-node's loop thread waiting
+# to read a frame, can starve on a loaded machine.
 VALGRIND := valgrind --error-exitcode=99 --leak-check=full \
     --show-leak-kinds=definite,indirect,possible \
     --errors-for-leak-kinds=definite,indirect,possible --track-fds=no -q \
-    $(addprefix --suppressions=,$(VALGRIND_SUPP))
+    --fair-sched=yes $(addprefix --suppressions=,$(VALGRIND_SUPP))
 
 # test_cnode runs the C-node it spawns under valgrind too, with the
-# C-node's own suppressions, and with fair scheduling: valgrind runs one
-# thread at a time, and by default a task body that spins (the demo's
-# spin) keeps the C-node's loop thread from reading frames until it ends.
-CNODE_VALGRIND_ENV = MOAT_CNODE_RUNNER="$(VALGRIND) --fair-sched=yes \
+# C-node's own suppressions.
+CNODE_VALGRIND_ENV = MOAT_CNODE_RUNNER="$(VALGRIND) \
     --suppressions=test/c/cnode/valgrind.supp"
 
 test-c: $(TEST_BINS_plain) $(DEMO_plain) $(FIXTURES_plain)

@@ -619,61 +619,45 @@ row_cnode_round_trip(Quick) ->
 -spec row_cnode_fanout(boolean(), pos_integer()) -> row().
 row_cnode_fanout(Quick, Size) ->
     N = pick(Quick, 50000, 300000),
-    {MoatRuns, MoatUsage, PeerRuns, PeerUsage} = alternating_trials(
-        8,
-        fun() -> fanout(?CNODE_POOL, echo, N) end,
-        fun() -> port_pipeline(N, ?CONCURRENCY) end
-    ),
-    Moat = median([R || #{per_second := R} <- MoatRuns]),
-    PeerRate = median([R || #{per_second := R} <- PeerRuns]),
-    #{
-        row => 8,
-        figure => "C-node fan-out, trivial tasks (echo)",
-        moat => Moat,
-        unit => "tasks/s",
-        target => ">= 500 k/s",
-        met => Moat >= 5.0e5,
-        peer => PeerRate,
-        peer_label => "port echo, pipelined",
-        ratio => ratio(PeerRate > 0 andalso Moat / PeerRate),
-        failed => lists:sum([F || #{failed := F} <- MoatRuns]),
-        peer_failed => lists:sum([F || #{failed := F} <- PeerRuns]),
-        inputs => lists:flatten(
-            io_lib:format(
-                "~b tasks per trial, 3 trials each, alternating; moat: echo [1] on "
-                "the C-node pool (~b threads), max_concurrency ~b, unordered; "
-                "peer: ~b one-byte packets through a {packet, 4} port to " ?ECHO
-                ", ~b in flight",
-                [N, Size, ?CONCURRENCY, N, ?CONCURRENCY]
-            )
-        ),
-        detail => lists:flatten(
-            io_lib:format(
-                "trials (k tasks/s): moat ~s; peer ~s; ~s",
-                [trials(MoatRuns), trials(PeerRuns), cpu_text(MoatUsage, PeerUsage)]
-            )
-        )
-    }.
+    port_fanout_row(
+        {8, "C-node fan-out, trivial tasks (echo)", 5.0e5, ">= 500 k/s"},
+        ?CNODE_POOL,
+        N,
+        io_lib:format("the C-node pool ~s (thread isolation, ~b threads)", [?CNODE_POOL, Size])
+    ).
 
-%% Row 9: fan-out of trivial tasks with process isolation against the
-%% bare port echo pipelined, trials alternating.
+%% Row 9: the same with process isolation.
 -spec row_process_fanout(boolean(), pos_integer()) -> row().
 row_process_fanout(Quick, Size) ->
     N = pick(Quick, 20000, 100000),
+    port_fanout_row(
+        {9, "process isolation fan-out (echo)", 1.0e5, ">= 100 k/s"},
+        ?PROC_POOL,
+        N,
+        io_lib:format("the C-node pool ~s (process isolation, ~b workers, 1 spare)", [
+            ?PROC_POOL, Size
+        ])
+    ).
+
+%% A fan-out row of a C-node pool against the bare port echo pipelined
+%% (N one-byte packets, ?CONCURRENCY in flight), trials alternating.
+-spec port_fanout_row({pos_integer(), string(), float(), string()}, moat:pool(),
+                      pos_integer(), iodata()) -> row().
+port_fanout_row({Row, Figure, Target, TargetText}, Pool, N, PoolText) ->
     {MoatRuns, MoatUsage, PeerRuns, PeerUsage} = alternating_trials(
-        9,
-        fun() -> fanout(?PROC_POOL, echo, N) end,
+        Row,
+        fun() -> fanout(Pool, echo, N) end,
         fun() -> port_pipeline(N, ?CONCURRENCY) end
     ),
     Moat = median([R || #{per_second := R} <- MoatRuns]),
     PeerRate = median([R || #{per_second := R} <- PeerRuns]),
     #{
-        row => 9,
-        figure => "process isolation fan-out (echo)",
+        row => Row,
+        figure => Figure,
         moat => Moat,
         unit => "tasks/s",
-        target => ">= 100 k/s",
-        met => Moat >= 1.0e5,
+        target => TargetText,
+        met => Moat >= Target,
         peer => PeerRate,
         peer_label => "port echo, pipelined",
         ratio => ratio(PeerRate > 0 andalso Moat / PeerRate),
@@ -682,9 +666,9 @@ row_process_fanout(Quick, Size) ->
         inputs => lists:flatten(
             io_lib:format(
                 "~b tasks per trial, 3 trials each, alternating; moat: echo [1] on "
-                "the C-node pool ~s (isolation process, ~b workers, 1 spare), "
-                "max_concurrency ~b, unordered; peer: as row 8",
-                [N, ?PROC_POOL, Size, ?CONCURRENCY]
+                "~s, max_concurrency ~b, unordered; peer: ~b one-byte packets "
+                "through a {packet, 4} port to " ?ECHO ", ~b in flight",
+                [N, PoolText, ?CONCURRENCY, N, ?CONCURRENCY]
             )
         ),
         detail => lists:flatten(
