@@ -1135,7 +1135,7 @@ async_stream_zip_input_on_exit(Config) ->
     ?assertEqual([{ok, 1}, {exit, badarg}, {ok, 2}], moat:async_stream(P, fib, [1, x, 3], #{})),
     ?assertEqual(
         [{exit, {60000, timeout}}, {ok, ok}],
-        moat:async_stream(P, sleep, [60000, 1], Zip#{timeout => 300, on_timeout => kill_task})
+        moat:async_stream(P, sleep, [60000, 1], Zip#{timeout => 2000, on_timeout => kill_task})
     ),
     ?assertEqual([{exit, {a, noproc}}], moat:async_stream(?NO_POOL, echo, [a], Zip)),
     ?assertEqual(
@@ -1309,7 +1309,10 @@ stream_on_timeout_exit(Config) ->
     Got = catch_exit(fun() -> F({cont, []}, fun(E, A) -> {cont, [E | A]} end) end),
     ?assertMatch({exit, {timeout, {moat, _, [100]}}}, Got),
     wait_idle(P),
-    G = moat:stream(P, sleep, [60000, 1], #{timeout => 300, on_timeout => kill_task}),
+    %% A budget that also covers a new worker process starting (the
+    %% C-node's process isolation) on a loaded machine: sleep [1] must
+    %% finish well within it, sleep [60000] cannot.
+    G = moat:stream(P, sleep, [60000, 1], #{timeout => 2000, on_timeout => kill_task}),
     ?assertEqual(
         {done, [{ok, ok}, {exit, timeout}]},
         G({cont, []}, fun(E, A) -> {cont, [E | A]} end)
