@@ -1021,6 +1021,17 @@ int moat_pool_remote_lost(moat_pool_t *pool, moat_term_t *reason) {
     return n;
 }
 
+/* Ends `t` (NULL: none) with `reason` and drops the reference the caller
+ * took for it; returns 1 when there was a task, else 0.  The end_first_*
+ * helpers pick a task under their lock and finish with this. */
+static int end_held(moat_task_t *t, moat_atom_t reason) {
+    if (t == NULL)
+        return 0;
+    end_from_outside(t, moat_atom(reason), 0, 1);
+    moat__task_unref(t);
+    return 1;
+}
+
 /* Ends the first remote task whose outcome is open; 0 when none.  A scan
  * of the table: only the fallback of end_remote. */
 static int end_first_remote(moat_pool_t *pool, moat_atom_t reason) {
@@ -1034,11 +1045,7 @@ static int end_first_remote(moat_pool_t *pool, moat_atom_t reason) {
     if (t != NULL)
         atomic_fetch_add(&t->refs, 1);
     uv_mutex_unlock(&pool->rq_lock);
-    if (t == NULL)
-        return 0;
-    end_from_outside(t, moat_atom(reason), 0, 1);
-    moat__task_unref(t);
-    return 1;
+    return end_held(t, reason);
 }
 
 /* Ends every remote task whose outcome is open, in one pass. */
@@ -1565,9 +1572,7 @@ static int end_first_queued(moat_pool_t *pool, moat_atom_t reason) {
     t = MOAT__CONTAINER(pool->jobs.next, moat_task_t, qnode);
     atomic_fetch_add(&t->refs, 1);
     uv_mutex_unlock(&pool->rq_lock);
-    end_from_outside(t, moat_atom(reason), 0, 1);
-    moat__task_unref(t);
-    return 1;
+    return end_held(t, reason);
 }
 
 /* Ends the first running task that is not abandoned yet with reason; 0
@@ -1587,11 +1592,7 @@ static int end_first_running(moat_pool_t *pool, moat_atom_t reason) {
     if (t != NULL)
         atomic_fetch_add(&t->refs, 1);
     uv_mutex_unlock(&pool->rq_lock);
-    if (t == NULL)
-        return 0;
-    end_from_outside(t, moat_atom(reason), 0, 1);
-    moat__task_unref(t);
-    return 1;
+    return end_held(t, reason);
 }
 
 static void end_all(moat_pool_t *pool, moat_atom_t reason) {

@@ -29,33 +29,30 @@ static long one_binary(const char *args, int len, char *text, int cap) {
     return n;
 }
 
-static int task_say(moat_ctx_t *ctx, const char *args, int len,
-                    ei_x_buff *out) {
+/* Writes its one binary argument and a newline to `f`, and flushes it. */
+static int say_on(FILE *f, const char *args, int len, ei_x_buff *out) {
     char text[256];
 
-    (void)ctx;
     if (one_binary(args, len, text, sizeof text) < 0) {
         ei_x_encode_atom(out, "badarg");
         return MOAT_EXIT;
     }
-    fprintf(stderr, "%s\n", text);
+    fprintf(f, "%s\n", text);
+    fflush(f);
     ei_x_encode_atom(out, "ok");
     return MOAT_OK;
 }
 
+static int task_say(moat_ctx_t *ctx, const char *args, int len,
+                    ei_x_buff *out) {
+    (void)ctx;
+    return say_on(stderr, args, len, out);
+}
+
 static int task_print(moat_ctx_t *ctx, const char *args, int len,
                       ei_x_buff *out) {
-    char text[256];
-
     (void)ctx;
-    if (one_binary(args, len, text, sizeof text) < 0) {
-        ei_x_encode_atom(out, "badarg");
-        return MOAT_EXIT;
-    }
-    printf("%s\n", text);
-    fflush(stdout);
-    ei_x_encode_atom(out, "ok");
-    return MOAT_OK;
+    return say_on(stdout, args, len, out);
 }
 
 static const moat_task_def_t tasks[] = {
