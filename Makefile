@@ -460,7 +460,7 @@ clean:
 # --- Test stages ---------------------------------------------------------------
 
 TEST_STAGES ?= check-core test-c test-c-asan test-c-tsan test-c-valgrind test-fuzz \
-    test-erl test-elixir
+    test-erl test-example test-elixir
 
 # Each stage runs in its own make, started after `deps`, so that a fresh
 # machine finds the tools that deps has just installed. The stage's build
@@ -644,6 +644,18 @@ test-elixir:
 	cd test/elixir && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL MIX_ENV=test mix test
 
 .PHONY: test-elixir
+
+# examples/my_tasks (doc/task_library.md) as a project of its own would
+# build it: a rebar3 application that takes moat from _checkouts/moat, a
+# link to this directory, builds its task library in its own pre_hook and
+# runs its EUnit tests. rebar3 runs moat's `make c` hook here through that
+# link, so MAKEFLAGS is dropped (REBAR3_RUN).
+test-example:
+	@command -v $(REBAR3) >/dev/null || { \
+	    echo "moat: rebar3 not found: install the Debian package rebar3" >&2; exit 1; }
+	cd examples/my_tasks && $(REBAR3_RUN) eunit
+
+.PHONY: test-example
 
 .PHONY: c deps shell doc-chunks clean test bench run-bench check-build-env check-test-env \
     check-fuzz-env check-core test-c test-c-asan test-c-tsan test-c-valgrind test-fuzz \
