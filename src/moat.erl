@@ -82,8 +82,15 @@
 %% a worker process of the C-node, so that a fault ends only that task,
 %% with `{native_crash, Signal}'; then `max_memory' caps each worker's
 %% memory in bytes and `spares' (1) is how many idle workers are kept
-%% ready beyond `size'). Bad options raise `badarg'; a library that cannot
-%% be loaded is `{error, {bad_library, Message}}'.
+%% ready beyond `size'), and `transport' (with `cnode': `port', the
+%% default, frames over the C-node's stdio; `distribution', the C-node
+%% joins this node as a hidden node, which must be alive (else
+%% `{error, {distribution, not_alive}}'); or `{distribution, Node}', the
+%% pool is served by `Node', a `moat_cnode --serve' started by hand, here
+%% or on another host (its libraries are then paths on that host). Over
+%% distribution a lost C-node ends each task it held with `noconnection'.)
+%% Bad options raise `badarg'; a library that cannot be loaded is
+%% `{error, {bad_library, Message}}'.
 %%
 %% Native servers (see {@link call/4}): `servers' is a list of child
 %% specs, each a map or proplist with `id' (any term, unique), `start'
@@ -840,7 +847,8 @@ pool_opts(Opts) ->
         max_seconds => 5,
         strategy => one_for_one,
         servers => [],
-        isolation => thread
+        isolation => thread,
+        transport => port
     },
     Merged = maps:merge(Defaults, Opts),
     maps:foreach(fun check_pool_opt/2, Merged),
@@ -848,6 +856,8 @@ pool_opts(Opts) ->
     Process = maps:get(isolation, Merged) =:= process,
     Process =:= false orelse maps:get(backend, Merged) =:= cnode orelse error(badarg),
     Process orelse not lists:any(fun(K) -> maps:is_key(K, Merged) end, [max_memory, spares]) orelse
+        error(badarg),
+    maps:get(transport, Merged) =:= port orelse maps:get(backend, Merged) =:= cnode orelse
         error(badarg),
     Libs0 = [library_path(L) || L <- maps:get(libraries, Merged)],
     {Servers, Libs} = server_specs(maps:get(servers, Merged), Libs0),
@@ -900,6 +910,9 @@ check_pool_opt(backend, nif) -> ok;
 check_pool_opt(backend, cnode) -> ok;
 check_pool_opt(isolation, thread) -> ok;
 check_pool_opt(isolation, process) -> ok;
+check_pool_opt(transport, port) -> ok;
+check_pool_opt(transport, distribution) -> ok;
+check_pool_opt(transport, {distribution, Node}) when is_atom(Node) -> ok;
 check_pool_opt(max_memory, N) when is_integer(N), N > 0 -> ok;
 check_pool_opt(spares, N) when is_integer(N), N >= 0, N =< 1024 -> ok;
 check_pool_opt(size, N) when is_integer(N), N > 0, N =< 1024 -> ok;

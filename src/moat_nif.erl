@@ -5,7 +5,7 @@
 -module(moat_nif).
 
 -export([pool_new/4, pool_close/1, pool_stats/1, pool_owner/1]).
--export([cnode_pool_new/5, cnode_deliver/2, cnode_flush/1, cnode_lost/1]).
+-export([cnode_pool_new/5, cnode_deliver/2, cnode_flush/1, cnode_lost/1, cnode_lost/2]).
 -export([async/5, run/4, task_cancel/2, task_running/1, task_spin/1, task_ignore/1]).
 -export([stream_new/4, stream_submit/3, stream_take/3, stream_close/1]).
 -export([sup_start/3, call/4, cast/3, which_children/1, count_children/1]).
@@ -38,8 +38,9 @@ pool_stats(_Name) -> nif_missing().
 -spec pool_owner(atom()) -> pid() | undefined.
 pool_owner(_Name) -> nif_missing().
 
-%% A pool whose tasks run in the C-node behind the port (see doc/cnode.md).
--spec cnode_pool_new(atom(), pos_integer(), pos_integer(), port(), [atom()]) ->
+%% A pool whose tasks run in the C-node behind the port, or over
+%% distribution with the owner relaying frames (see doc/cnode.md).
+-spec cnode_pool_new(atom(), pos_integer(), pos_integer(), port() | distribution, [atom()]) ->
     {ok, reference()} | {error, term()}.
 cnode_pool_new(_Name, _Size, _MaxQueue, _Port, _Tasks) -> nif_missing().
 
@@ -54,6 +55,11 @@ cnode_flush(_Handle) -> nif_missing().
 %% The C-node is gone: its tasks end with {native_crash, cnode_down}.
 -spec cnode_lost(reference()) -> ok.
 cnode_lost(_Handle) -> nif_missing().
+
+%% The C-node is gone: its tasks end with Reason (noconnection over
+%% distribution).
+-spec cnode_lost(reference(), term()) -> ok.
+cnode_lost(_Handle, _Reason) -> nif_missing().
 
 -spec async(atom(), atom(), list(), timeout(), pid() | undefined) -> {reference(), term()}.
 async(_Pool, _Task, _Args, _Timeout, _Proxy) -> nif_missing().

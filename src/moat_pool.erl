@@ -15,6 +15,17 @@
 %%% settles the tasks and sends the callers their outcomes. When the
 %%% C-node ends, every task it held gets `{native_crash, cnode_down}' and
 %%% this process exits, so that the pool's supervisor starts a new one.
+%%%
+%%% With `transport => distribution' the C-node it starts joins this node
+%%% as a hidden node instead (its port is then only a lifeline, and its
+%%% stdout and stderr come as lines to log); with `{distribution, Node}'
+%%% it uses `Node', a `moat_cnode --serve' started by hand, perhaps on
+%%% another host. A NIF cannot send to another node, so this process
+%%% relays the frames callers address to the C-node
+%%% (`{moat_cnode_send, Frame}'); frames come back as
+%%% `{moat_cnode, CNodePid, Frame}'. It links to the C-node's pid (the
+%%% C-node ends the session when this process exits) and watches the node:
+%%% on `nodedown' every task in flight ends with `noconnection'.
 -module(moat_pool).
 
 -behaviour(gen_server).
@@ -26,9 +37,12 @@
 
 -record(state, {
     name :: atom(),
-    handle :: reference(),
+    handle :: reference() | undefined,
     port :: port() | undefined,
-    os_pid :: non_neg_integer() | undefined
+    os_pid :: non_neg_integer() | undefined,
+    %% over distribution: the C-node's node and pid
+    node :: node() | undefined,
+    cpid :: pid() | undefined
 }).
 
 %% How long a new C-node may take to load its libraries and answer hello.
@@ -55,12 +69,17 @@ init({Name, #{backend := cnode, servers := [_ | _]}}) ->
 init({Name, #{backend := cnode, size := Size, max_queue := MaxQueue} = Opts}) ->
     process_flag(trap_exit, true),
     case cnode_start(Name, Opts) of
-        {ok, Port, OsPid, Tasks} ->
-            case moat_nif:cnode_pool_new(Name, Size, MaxQueue, Port, Tasks) of
+        {ok, C, Tasks} ->
+            Via =
+                case C#state.node of
+                    undefined -> C#state.port;
+                    _ -> distribution
+                end,
+            case moat_nif:cnode_pool_new(Name, Size, MaxQueue, Via, Tasks) of
                 {ok, Handle} ->
-                    {ok, #state{name = Name, handle = Handle, port = Port, os_pid = OsPid}};
+                    {ok, C#state{handle = Handle}};
                 {error, Reason} ->
-                    cnode_close(Port, OsPid),
+                    cnode_close(C),
                     {stop, Reason}
             end;
         {error, Reason} ->
@@ -111,7 +130,19 @@ handle_info({moat_gave_up, Name, Reason}, #state{name = Name} = State) ->
         #{domain => [moat]}
     ),
     {stop, shutdown, State};
-handle_info({Port, {data, Frame}}, #state{port = Port, handle = Handle} = State) ->
+handle_info({Port, {data, Frame}}, #state{port = Port, handle = Handle} = State) when
+    is_binary(Frame)
+->
+    case moat_nif:cnode_deliver(Handle, Frame) of
+        ok -> ok;
+        {other, Term} -> cnode_frame(Term, State);
+        {error, bad_frame} -> log_bad_frame(Frame, State)
+    end,
+    {noreply, State};
+handle_info({moat_cnode_send, Frame}, #state{cpid = CPid} = State) ->
+    CPid ! Frame,
+    {noreply, State};
+handle_info({moat_cnode, CPid, Frame}, #state{cpid = CPid, handle = Handle} = State) ->
     case moat_nif:cnode_deliver(Handle, Frame) of
         ok -> ok;
         {other, Term} -> cnode_frame(Term, State);
@@ -121,10 +152,17 @@ handle_info({Port, {data, Frame}}, #state{port = Port, handle = Handle} = State)
 handle_info({moat_cnode_out, Name}, #state{name = Name, handle = Handle} = State) ->
     ok = moat_nif:cnode_flush(Handle),
     {noreply, State};
+handle_info({Port, {data, {_, Line}}}, #state{port = Port} = State) ->
+    log_line(State#state.name, Line),
+    {noreply, State};
 handle_info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
     cnode_lost(exit_status(Status), State);
 handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
     cnode_lost({port_exit, Reason}, State);
+handle_info({nodedown, Node}, #state{node = Node} = State) when Node =/= undefined ->
+    cnode_lost(nodedown, State);
+handle_info({'EXIT', CPid, Reason}, #state{cpid = CPid} = State) when CPid =/= undefined ->
+    cnode_lost({link, Reason}, State);
 handle_info({'EXIT', Pid, Reason}, State) ->
     ?LOG_INFO("moat pool ~p: linked process ~0p exited: ~0p", [State#state.name, Pid, Reason]),
     {noreply, State};
@@ -145,64 +183,190 @@ terminate(_Reason, #state{name = Name, handle = Handle} = State) ->
             ?LOG_WARNING("moat pool ~p: closed on exit (moat_nif was reloaded)", [Name])
     end,
     %% The tasks have their outcomes: the C-node may go.
-    cnode_close(State#state.port, State#state.os_pid).
+    cnode_close(State).
 
 %%%===================================================================
 %%% The C-node
 %%%===================================================================
 
-%% Starts the pool's C-node and waits for its answer to hello.
+%% Starts the pool's C-node (or reaches it, over distribution) and waits
+%% for its answer to hello.
 cnode_start(Name, Opts) ->
-    #{size := Size, max_queue := MaxQueue, libraries := Libs, isolation := Isolation} = Opts,
+    Deadline = erlang:monotonic_time(millisecond) + ?HELLO_TIMEOUT,
+    case maps:get(transport, Opts, port) of
+        port ->
+            PortOpts = [{packet, 4}, binary, exit_status, use_stdio, hide],
+            case cnode_spawn(PortOpts) of
+                {ok, Port} ->
+                    true = port_command(Port, term_to_binary({hello, hello(Name, Opts)})),
+                    await_ready(Name, #state{name = Name, port = Port}, Deadline);
+                Error ->
+                    Error
+            end;
+        Transport ->
+            case erlang:is_alive() of
+                true -> dist_start(Name, Transport, Opts, Deadline);
+                false -> {error, {distribution, not_alive}}
+            end
+    end.
+
+cnode_spawn(PortOpts) ->
     Exe = filename:join(code:priv_dir(moat), "moat_cnode"),
-    PortOpts = [{packet, 4}, binary, exit_status, use_stdio, hide],
-    try open_port({spawn_executable, Exe}, PortOpts) of
-        Port ->
-            Hello0 = #{
-                size => Size,
-                max_queue => MaxQueue,
-                libraries => [path_binary(L) || L <- Libs],
-                isolation => Isolation,
-                name => Name,
-                max_restarts => maps:get(max_restarts, Opts),
-                max_seconds => maps:get(max_seconds, Opts)
-            },
-            Hello = maps:merge(Hello0, maps:with([max_memory, spares], Opts)),
-            true = port_command(Port, term_to_binary({hello, Hello})),
-            await_ready(Name, Port, erlang:monotonic_time(millisecond) + ?HELLO_TIMEOUT)
+    try
+        {ok, open_port({spawn_executable, Exe}, PortOpts)}
     catch
         error:Why -> {error, {cnode_spawn, Why}}
     end.
 
-await_ready(Name, Port, Deadline) ->
+hello(Name, Opts) ->
+    #{size := Size, max_queue := MaxQueue, libraries := Libs, isolation := Isolation} = Opts,
+    Hello = #{
+        size => Size,
+        max_queue => MaxQueue,
+        libraries => [path_binary(L) || L <- Libs],
+        isolation => Isolation,
+        name => Name,
+        max_restarts => maps:get(max_restarts, Opts),
+        max_seconds => maps:get(max_seconds, Opts)
+    },
+    maps:merge(Hello, maps:with([max_memory, spares], Opts)).
+
+%% Distribution: a C-node of our own, named after the pool and this OS
+%% process, or the one at Node.
+dist_start(Name, distribution, Opts, Deadline) ->
+    Node = cnode_node_name(Name),
+    Env = [{"MOAT_NODE", atom_to_list(Node)}, {"MOAT_COOKIE", atom_to_list(erlang:get_cookie())}],
+    PortOpts = [{line, 1024}, binary, exit_status, use_stdio, stderr_to_stdout, hide, {env, Env}],
+    case cnode_spawn(PortOpts) of
+        {ok, Port} ->
+            C = #state{name = Name, port = Port, node = Node},
+            case await_listening(C, Deadline) of
+                ok ->
+                    dist_hello(C, Opts, Deadline);
+                Error ->
+                    cnode_close(C),
+                    Error
+            end;
+        Error ->
+            Error
+    end;
+dist_start(Name, {distribution, Node}, Opts, Deadline) ->
+    case dist_connect(Node, Deadline) of
+        ok ->
+            case dist_hello(#state{name = Name, node = Node}, Opts, Deadline) of
+                {error, {cnode_exit, nodedown}} = Error ->
+                    %% Connected to a server just as its last session
+                    %% ended: it was execing itself afresh.
+                    case erlang:monotonic_time(millisecond) < Deadline of
+                        true ->
+                            timer:sleep(50),
+                            dist_start(Name, {distribution, Node}, Opts, Deadline);
+                        false ->
+                            Error
+                    end;
+                Result ->
+                    Result
+            end;
+        Error ->
+            Error
+    end.
+
+cnode_node_name(Name) ->
+    Safe = [
+        case C of
+            _ when C >= $a, C =< $z; C >= $A, C =< $Z; C >= $0, C =< $9; C =:= $_ -> C;
+            _ -> $_
+        end
+     || C <- lists:sublist(atom_to_list(Name), 100)
+    ],
+    [_, Host] = string:split(atom_to_list(node()), "@"),
+    Alive = lists:concat(["moat_", Safe, "_", os:getpid(), "_", erlang:unique_integer([positive])]),
+    list_to_atom(Alive ++ "@" ++ Host).
+
+%% A server between two sessions (it execs itself afresh) refuses
+%% connections for a moment: retry until the deadline.
+dist_connect(Node, Deadline) ->
+    case net_kernel:connect_node(Node) of
+        true ->
+            ok;
+        _ ->
+            case erlang:monotonic_time(millisecond) < Deadline of
+                true ->
+                    timer:sleep(50),
+                    dist_connect(Node, Deadline);
+                false ->
+                    {error, {cnode_unreachable, Node}}
+            end
+    end.
+
+%% The C-node we started says on stdout when its name is published.
+await_listening(#state{name = Name, port = Port} = C, Deadline) ->
     Wait = max(0, Deadline - erlang:monotonic_time(millisecond)),
     receive
-        {Port, {data, Frame}} ->
-            %% Not [safe]: the answer to hello brings task names, which
-            %% become atoms (callers name tasks by atom); one frame per
-            %% C-node start.
-            case catch binary_to_term(Frame) of
-                {ready, OsPid, Tasks} when is_integer(OsPid), is_list(Tasks) ->
-                    {ok, Port, OsPid, Tasks};
-                {error, Reason} ->
-                    %% The C-node exits (status 2) after saying why.
-                    receive
-                        {Port, {exit_status, _}} -> ok
-                    after 1000 -> catch port_close(Port)
-                    end,
-                    {error, Reason};
-                {log, _, _} = Log ->
-                    cnode_frame(Log, #state{name = Name}),
-                    await_ready(Name, Port, Deadline);
-                Other ->
-                    catch port_close(Port),
-                    {error, {cnode_protocol, Other}}
-            end;
+        {Port, {data, {eol, <<"moat_cnode listening">>}}} ->
+            ok;
+        {Port, {data, {_, Line}}} ->
+            log_line(Name, Line),
+            await_listening(C, Deadline);
         {Port, {exit_status, Status}} ->
             {error, {cnode_exit, exit_status(Status)}}
     after Wait ->
-        catch port_close(Port),
         {error, {cnode_start, timeout}}
+    end.
+
+dist_hello(#state{name = Name, node = Node} = C, Opts, Deadline) ->
+    true = erlang:monitor_node(Node, true),
+    {moat, Node} ! term_to_binary({hello, hello(Name, Opts)}),
+    case await_ready(Name, C, Deadline) of
+        {ok, #state{cpid = CPid} = C1, Tasks} ->
+            %% The C-node ends the session when this process exits.
+            true = link(CPid),
+            {ok, C1, Tasks};
+        Error ->
+            cnode_close(C),
+            Error
+    end.
+
+%% The answer to hello: over the port, or from the C-node's node.
+await_ready(Name, #state{port = Port, node = Node} = C, Deadline) ->
+    Wait = max(0, Deadline - erlang:monotonic_time(millisecond)),
+    receive
+        {Port, {data, {_, Line}}} when Port =/= undefined ->
+            log_line(Name, Line),
+            await_ready(Name, C, Deadline);
+        {Port, {data, Frame}} when Port =/= undefined, Node =:= undefined ->
+            ready_frame(Name, Frame, C, Deadline);
+        {moat_cnode, CPid, Frame} when node(CPid) =:= Node, is_binary(Frame) ->
+            ready_frame(Name, Frame, C#state{cpid = CPid}, Deadline);
+        {Port, {exit_status, Status}} when Port =/= undefined ->
+            {error, {cnode_exit, exit_status(Status)}};
+        {nodedown, Node} when Node =/= undefined ->
+            {error, {cnode_exit, nodedown}}
+    after Wait ->
+        cnode_close(C),
+        {error, {cnode_start, timeout}}
+    end.
+
+ready_frame(Name, Frame, #state{port = Port} = C, Deadline) ->
+    %% Not [safe]: the answer to hello brings task names, which become
+    %% atoms (callers name tasks by atom); one frame per C-node start.
+    case catch binary_to_term(Frame) of
+        {ready, OsPid, Tasks} when is_integer(OsPid), is_list(Tasks) ->
+            {ok, C#state{os_pid = OsPid}, Tasks};
+        {error, Reason} ->
+            %% The C-node exits (status 2) after saying why.
+            Port =:= undefined orelse
+                receive
+                    {Port, {exit_status, _}} -> ok
+                after 1000 -> catch port_close(Port)
+                end,
+            {error, Reason};
+        {log, _, _} = Log ->
+            cnode_frame(Log, C),
+            await_ready(Name, C, Deadline);
+        Other ->
+            cnode_close(C),
+            {error, {cnode_protocol, Other}}
     end.
 
 path_binary(Path) when is_binary(Path) -> Path;
@@ -217,18 +381,28 @@ cnode_frame({log, Level, Message}, #state{name = Name}) when
 cnode_frame(Other, #state{name = Name}) ->
     ?LOG_WARNING("moat pool ~p: unexpected frame from the C-node: ~0p", [Name, Other]).
 
+%% A line a C-node over distribution wrote to stdout or stderr.
+log_line(Name, Line) ->
+    logger:warning("moat pool ~p: C-node: ~ts", [Name, Line], #{domain => [moat]}).
+
 log_bad_frame(Frame, #state{name = Name}) ->
     ?LOG_ERROR("moat pool ~p: malformed frame from the C-node (~b bytes)", [Name, byte_size(Frame)]).
 
 %% The C-node ended under the pool: its tasks end with
-%% {native_crash, cnode_down} and the pool's supervisor starts a new one.
+%% {native_crash, cnode_down} (noconnection over distribution) and the
+%% pool's supervisor starts a new one.
 cnode_lost(How, #state{name = Name, handle = Handle} = State) ->
-    ok = moat_nif:cnode_lost(Handle),
+    Reason =
+        case State#state.node of
+            undefined -> {native_crash, cnode_down};
+            _ -> noconnection
+        end,
+    ok = moat_nif:cnode_lost(Handle, Reason),
     ?LOG_ERROR(
         #{label => {moat, cnode_down}, pool => Name, how => How, os_pid => State#state.os_pid},
         #{domain => [moat]}
     ),
-    {stop, {shutdown, {cnode_down, How}}, State#state{port = undefined}}.
+    {stop, {shutdown, {cnode_down, How}}, State#state{port = undefined, cpid = undefined}}.
 
 %% An exit status as the C-node's end: 128 + N is signal N.
 exit_status(Status) when Status > 128 -> {signal, signal_name(Status - 128)};
@@ -243,8 +417,10 @@ signal_name(4) -> sigill;
 signal_name(15) -> sigterm;
 signal_name(N) -> N.
 
-cnode_close(undefined, _OsPid) ->
+%% Closing the port ends a C-node we started (stdin's end); a server
+%% started by hand ends the session when this process exits (the link).
+cnode_close(#state{port = undefined}) ->
     ok;
-cnode_close(Port, _OsPid) ->
+cnode_close(#state{port = Port}) ->
     catch port_close(Port),
     ok.

@@ -9,8 +9,9 @@
 
 -import(moat_ct_util, [wait_until/2]).
 
--export([all/0, suite/0]).
+-export([all/0, groups/0, suite/0]).
 -export([init_per_suite/1, end_per_suite/1]).
+-export([init_per_group/2, end_per_group/2]).
 -export([init_per_testcase/2, end_per_testcase/2]).
 -export([
     segfault_ends_every_task_in_flight/1,
@@ -23,10 +24,16 @@
     many_callers_during_crashes/1,
     process_fault_costs_one_task/1,
     process_kill_is_real/1,
-    process_chaos/1
+    process_chaos/1,
+    dist_needs_a_live_node/1,
+    dist_serves_and_stops/1,
+    dist_kill_gives_noconnection/1,
+    dist_frames_are_checked/1,
+    dist_server_by_hand/1
 ]).
 
 -define(POOL, moat_cnode_pool).
+-define(POOL2, moat_cnode_pool2).
 -define(WAIT, 5000).
 
 suite() ->
@@ -44,7 +51,19 @@ all() ->
         many_callers_during_crashes,
         process_fault_costs_one_task,
         process_kill_is_real,
-        process_chaos
+        process_chaos,
+        dist_needs_a_live_node,
+        {group, dist}
+    ].
+
+groups() ->
+    [
+        {dist, [], [
+            dist_serves_and_stops,
+            dist_kill_gives_noconnection,
+            dist_frames_are_checked,
+            dist_server_by_hand
+        ]}
     ].
 
 init_per_suite(Config) ->
@@ -57,16 +76,161 @@ end_per_suite(_Config) ->
     _ = application:stop(moat),
     ok.
 
+init_per_group(dist, Config) ->
+    [{started_dist, moat_ct_util:distributed()} | Config].
+
+end_per_group(dist, Config) ->
+    moat_ct_util:undistributed(?config(started_dist, Config)).
+
 init_per_testcase(_Case, Config) ->
     Config.
 
 end_per_testcase(_Case, _Config) ->
     _ = moat:stop_pool(?POOL),
+    _ = moat:stop_pool(?POOL2),
+    %% A server started by hand does not die with its port.
+    case get(server_os_pid) of
+        undefined -> ok;
+        OsPid -> os:cmd("kill -9 " ++ integer_to_list(OsPid))
+    end,
     ok.
 
 %%%===================================================================
 %%% Cases
 %%%===================================================================
+
+%% Distribution (the `dist' group runs on a node made alive for it).
+
+dist_needs_a_live_node(_Config) ->
+    %% Over distribution the VM must be a node: a value, not a crash. The
+    %% transport is the C-node's: with the NIF backend it is badarg.
+    ?assertError(badarg, moat:start_pool(?POOL, #{transport => distribution})),
+    ?assertError(badarg, start(#{transport => {distribution, "node"}})),
+    case erlang:is_alive() of
+        true ->
+            {skip, "this VM is already a distributed node"};
+        false ->
+            ?assertEqual({error, {distribution, not_alive}}, start(#{transport => distribution})),
+            ?assertEqual([], cnode_ports())
+    end.
+
+dist_serves_and_stops(_Config) ->
+    %% The C-node joins as a hidden node and serves; stop_pool ends it
+    %% and its node.
+    {ok, _} = start(#{transport => distribution, size => 2}),
+    [Node] = nodes(hidden),
+    ?assertEqual("moat_moat_cnode_pool_", lists:sublist(atom_to_list(Node), 21)),
+    ?assertEqual([], nodes()),
+    OsPid = cnode_os_pid(),
+    ?assertEqual({ok, hello}, moat:run(?POOL, echo, [hello])),
+    ?assertEqual({exit, {native_error, <<"boom">>}}, moat:run(?POOL, fail, ["boom"])),
+    ?assertEqual({exit, timeout}, moat:run(?POOL, sleep, [10000], 20)),
+    ok = moat:stop_pool(?POOL),
+    wait_until(fun() -> not os_alive(OsPid) end, cnode_gone),
+    wait_until(fun() -> nodes(hidden) =:= [] end, node_gone),
+    sweep().
+
+dist_kill_gives_noconnection(_Config) ->
+    %% Killing the C-node ends every task in flight with noconnection;
+    %% the pool's supervisor starts a new C-node, which serves.
+    {ok, _} = start(#{transport => distribution, size => 4}),
+    OsPid = cnode_os_pid(),
+    Sleepers = [moat:async(?POOL, sleep, [60000]) || _ <- lists:seq(1, 4)],
+    wait_until(fun() -> maps:get(running, moat:stats(?POOL)) =:= 4 end, sleepers_running),
+    Spin = moat:async(?POOL, spin, [60000000]),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    [?assertEqual(noconnection, down_reason(T)) || T <- [Spin | Sleepers]],
+    wait_until(fun() -> moat:run(?POOL, echo, [back]) =:= {ok, back} end, serving_again),
+    ?assertNotEqual(OsPid, cnode_os_pid()),
+    %% yield and await see the same reason as a value.
+    T2 = moat:async(?POOL, sleep, [60000]),
+    wait_until(fun() -> maps:get(running, moat:stats(?POOL)) =:= 1 end, sleeper_running),
+    _ = os:cmd("kill -9 " ++ integer_to_list(cnode_os_pid())),
+    ?assertEqual({exit, noconnection}, moat:yield(T2, ?WAIT)),
+    wait_until(fun() -> moat:run(?POOL, echo, [again]) =:= {ok, again} end, serving_again),
+    sweep().
+
+dist_frames_are_checked(_Config) ->
+    %% Whatever reaches the C-node's names over distribution is checked,
+    %% and the pool keeps serving.
+    {ok, _} = start(#{transport => distribution, size => 2}),
+    [Node] = nodes(hidden),
+    %% This C-node serves one pool: whatever another process sends to
+    %% `moat' (junk or a hello) is answered with a refusal.
+    Junk = [not_a_binary, <<"not a term">>, term_to_binary({run, 1, echo}),
+            term_to_binary({hello, #{size => 1}})],
+    [{moat, Node} ! J || J <- Junk],
+    {elsewhere, Node} ! hello,
+    [
+        receive
+            {moat_cnode, _, Frame} ->
+                ?assertMatch({error, {busy, _}}, binary_to_term(Frame))
+        after ?WAIT -> ct:fail(no_refusal)
+        end
+     || _ <- Junk
+    ],
+    %% The echo name answers any message (the benchmarks' bare peer).
+    {moat_echo, Node} ! {self(), ping},
+    receive
+        {_, ping} -> ok
+    after ?WAIT -> ct:fail(no_echo)
+    end,
+    ?assertEqual({ok, still}, moat:run(?POOL, echo, [still])),
+    sweep().
+
+dist_server_by_hand(Config) ->
+    %% A moat_cnode --serve started by hand (here on loopback) serves one
+    %% pool at a time, then the next; killing it gives noconnection.
+    Node = server_node(Config),
+    Opts = #{transport => {distribution, Node}, size => 2},
+    {ok, _} = start(Opts),
+    ?assertEqual({ok, one}, moat:run(?POOL, echo, [one])),
+    ?assertMatch({error, {busy, _}}, moat:start_pool(?POOL2, maps:merge(#{backend => cnode}, Opts))),
+    ok = moat:stop_pool(?POOL),
+    %% The server execs itself afresh for the next session.
+    {ok, _} = moat:start_pool(?POOL2, maps:merge(#{backend => cnode}, Opts)),
+    ?assertEqual({ok, two}, moat:run(?POOL2, echo, [two])),
+    T = moat:async(?POOL2, sleep, [60000]),
+    wait_until(fun() -> maps:get(running, moat:stats(?POOL2)) =:= 1 end, sleeper_running),
+    _ = os:cmd("kill -9 " ++ integer_to_list(get(server_os_pid))),
+    ?assertEqual(noconnection, down_reason(T)),
+    erase(server_os_pid),
+    sweep().
+
+%% Starts `moat_cnode --serve' as a user would, name and cookie in its
+%% environment, and waits until it says it serves. Its port belongs to a
+%% process of its own that drops what the server prints.
+server_node(_Config) ->
+    [_, Host] = string:split(atom_to_list(node()), "@"),
+    Node = list_to_atom("moat_server_" ++ os:getpid() ++ "@" ++ Host),
+    Exe = filename:join(code:priv_dir(moat), "moat_cnode"),
+    Env = [{"MOAT_NODE", atom_to_list(Node)}, {"MOAT_COOKIE", atom_to_list(erlang:get_cookie())}],
+    Self = self(),
+    spawn(fun() ->
+        Port = open_port(
+            {spawn_executable, Exe},
+            [{args, ["--serve"]}, {env, Env}, {line, 1024}, stderr_to_stdout, exit_status, binary]
+        ),
+        {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+        Self ! {server, OsPid},
+        receive
+            {Port, {data, {eol, <<"moat_cnode: serving as ", _/binary>>}}} -> Self ! {server, ready}
+        end,
+        drain(Port)
+    end),
+    receive
+        {server, OsPid} -> put(server_os_pid, OsPid)
+    end,
+    receive
+        {server, ready} -> Node
+    after ?WAIT -> ct:fail(server_not_serving)
+    end.
+
+drain(Port) ->
+    receive
+        {Port, {exit_status, _}} -> ok;
+        _ -> drain(Port)
+    end.
 
 segfault_ends_every_task_in_flight(_Config) ->
     %% In thread isolation a segfault loses the C-node: every task it held,

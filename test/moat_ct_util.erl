@@ -2,7 +2,7 @@
 %%% @doc Internal: helpers the Common Test suites share.
 -module(moat_ct_util).
 
--export([wait_until/2]).
+-export([wait_until/2, distributed/0, undistributed/1]).
 
 %% How long a case waits for something it knows will happen.
 -define(WAIT, 5000).
@@ -26,3 +26,23 @@ wait_until(Fun, What, Deadline) ->
                     wait_until(Fun, What, Deadline)
             end
     end.
+
+%% Makes this VM a distributed node (short names) unless it is one,
+%% starting epmd first as `erl -sname' would. Returns whether it did, for
+%% undistributed/1.
+-spec distributed() -> boolean().
+distributed() ->
+    case erlang:is_alive() of
+        true ->
+            false;
+        false ->
+            _ = os:cmd("epmd -daemon"),
+            Name = list_to_atom("moat_ct_" ++ os:getpid()),
+            {ok, _} = net_kernel:start([Name, shortnames]),
+            true
+    end.
+
+%% Stops the distribution distributed/0 started.
+-spec undistributed(boolean()) -> ok.
+undistributed(true) -> net_kernel:stop();
+undistributed(false) -> ok.

@@ -88,10 +88,15 @@ suite() ->
 
 %% The whole suite runs once per backend: the same shapes and reasons.
 all() ->
-    [{group, nif}, {group, cnode_thread}, {group, cnode_process}].
+    [{group, nif}, {group, cnode_thread}, {group, cnode_process}, {group, cnode_dist}].
 
 groups() ->
-    [{nif, [], cases()}, {cnode_thread, [], cases()}, {cnode_process, [], cases()}].
+    [
+        {nif, [], cases()},
+        {cnode_thread, [], cases()},
+        {cnode_process, [], cases()},
+        {cnode_dist, [], cases()}
+    ].
 
 cases() ->
     [
@@ -164,8 +169,14 @@ init_per_group(nif, Config) ->
 init_per_group(cnode_thread, Config) ->
     [{backend, #{backend => cnode, isolation => thread}} | Config];
 init_per_group(cnode_process, Config) ->
-    [{backend, #{backend => cnode, isolation => process}} | Config].
+    [{backend, #{backend => cnode, isolation => process}} | Config];
+init_per_group(cnode_dist, Config) ->
+    %% The distribution transport, with the C-node on loopback.
+    Started = moat_ct_util:distributed(),
+    [{backend, #{backend => cnode, transport => distribution}}, {started_dist, Started} | Config].
 
+end_per_group(cnode_dist, Config) ->
+    moat_ct_util:undistributed(?config(started_dist, Config));
 end_per_group(_Group, _Config) ->
     ok.
 

@@ -8,6 +8,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include <uv.h>
 
@@ -31,9 +32,18 @@ typedef struct moat__blob_s {
     char data[];
 } moat__blob_t;
 
+/* Where a deferred outbox's frames go (moat__outbox_defer): one whole
+ * frame, its 4-byte length first, in iov[0..n).  Returns 0 or a negative
+ * error (then everything later is dropped).  Loop thread. */
+typedef int (*moat__sink_fn)(void *data, struct iovec *iov, int n);
+
 /* See outbox.c's DESIGN.  The fields are the outbox's own. */
 typedef struct moat__outbox_s {
-    int fd;
+    int fd;                 /* or -1 when deferred */
+    moat__sink_fn sink;     /* deferred: constant once set */
+    void *sink_data;
+    uv_async_t *wake;       /* deferred: what other threads signal */
+    uv_thread_t loop_thread;
     uv_mutex_t lock;        /* guards every field below, except that the
                                spare_* buffers belong to the writer while
                                `writing` is set */
@@ -56,6 +66,20 @@ int moat__outbox_init(moat__outbox_t *ob, int fd);
 
 /* Frees the buffers.  Only when no thread can use the outbox any more. */
 void moat__outbox_close(moat__outbox_t *ob);
+
+/*
+ * Makes an outbox (initialised with fd -1) deferred: only the loop
+ * thread writes, through `sink`.  A frame queued on the loop thread is
+ * written before the call returns, as before; one queued on another
+ * thread signals `wake`, whose callback must call moat__outbox_pump.
+ * This is the distribution transport's: its socket must have one owner
+ * (REFERENCE.md §6).  Loop thread, before any other thread exists.
+ */
+void moat__outbox_defer(moat__outbox_t *ob, moat__sink_fn sink, void *data,
+                        uv_async_t *wake);
+
+/* Writes everything queued in a deferred outbox.  Loop thread. */
+void moat__outbox_pump(moat__outbox_t *ob);
 
 /*
  * Queues {Tag, ok | exit, Term} for the next done frame; `term` is the
@@ -208,6 +232,52 @@ void moat__procs_free(moat__procs_t *p);
 /* Limits this process's address space to what it maps now plus `bytes`
  * (RLIMIT_AS).  Returns 0 or a negative error. */
 int moat__limit_memory(uint64_t bytes);
+
+/* ------------------------------------------------------------------ dist */
+
+/* The distribution transport: see dist.c's DESIGN. */
+typedef struct moat__dist_s {
+    ei_cnode ec;
+    uv_loop_t *loop;
+    moat__outbox_t *ob;
+    int lfd;               /* the listening socket, or -1 */
+    int epmd;              /* keeps the name published while open, or -1 */
+    int fd;                /* the connection to the pool's VM, or -1 */
+    erlang_pid owner;      /* who sent the first frame: frames go there */
+    int has_owner;
+    int ended;             /* the session is over: no more callbacks */
+    uv_poll_t lpoll, cpoll;
+    int lpoll_open, cpoll_open;
+    uv_async_t wake;       /* the deferred outbox's */
+    int wake_open;
+    ei_x_buff rx;          /* the message being read */
+    ei_x_buff tx;          /* {moat_cnode, Self, << ... the frame being sent */
+    int prefix;            /* tx's constant start, up to the binary's length */
+    /* What the node does with the session (data: the node). */
+    void (*on_frame)(void *data, const char *frame, size_t len);
+    void (*on_batch)(void *data);          /* after the frames of one read */
+    void (*on_end)(void *data, const char *why);
+    void *data;
+} moat__dist_t;
+
+/*
+ * Joins as hidden node `node` ("alive@host") with `cookie`: listens on
+ * an ephemeral port, publishes it to epmd, and makes `ob` (initialised
+ * with fd -1) a deferred outbox that sends each frame to the session's
+ * owner.  Returns 0 or a negative error, with `why` set to a message.
+ * The loop then accepts one connection; every later one is refused.
+ * Loop thread, before any other thread exists.
+ */
+int moat__dist_start(moat__dist_t *d, uv_loop_t *loop, moat__outbox_t *ob,
+                     const char *node, const char *cookie, const char **why);
+
+/* Stops reading, closes the handles (uv_close: run the loop after), the
+ * connection and the listening socket, and unpublishes.  Only when no
+ * thread can still queue a frame.  Loop thread. */
+void moat__dist_stop(moat__dist_t *d);
+
+/* Frees the buffers, after moat__dist_stop and a run of the loop. */
+void moat__dist_free(moat__dist_t *d);
 
 /* ---------------------------------------------------------------- errlog */
 

@@ -1,9 +1,9 @@
 /*
  * moat_cnode.c: the C-node executable, `backend => cnode` over the port
- * transport (doc/cnode.md is the protocol), in `isolation => thread`
- * (below) or `isolation => process` (procs.c: this node is then the
- * parent of worker processes, each one this executable in thread
- * isolation with one thread).
+ * transport or the distribution transport (dist.c; doc/cnode.md is the
+ * protocol), in `isolation => thread` (below) or `isolation => process`
+ * (procs.c: this node is then the parent of worker processes, each one
+ * this executable in thread isolation with one thread).
  *
  * DESIGN
  *
@@ -36,6 +36,18 @@
  * parent-death signal covers a VM killed outright.  In process isolation
  * there is no pool: the workers are ended and reaped (procs.c) before the
  * node exits.
+ *
+ * Distribution.  With MOAT_NODE (and MOAT_COOKIE) in its environment the
+ * node joins as a hidden C-node (dist.c) and its frames travel as
+ * messages; the same dispatcher below handles them.  Started by a pool's
+ * owner, stdin is then only its lifeline (its end still ends the node),
+ * stdout and stderr go to the VM's log as lines, and the line
+ * "moat_cnode listening" says that the name is published.  Started by
+ * hand with --serve, it serves one pool's session at a time: when the
+ * session ends it execs itself afresh (the simplest way to be sure that
+ * nothing of the last session is left, even a body that ignores
+ * cancellation) and serves the next.  The two variables are removed from
+ * the environment at start, so that worker processes do not see them.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -82,7 +94,10 @@ typedef struct node_s {
     moat__outbox_t ob;
     moat__jobs_t jobs;
     moat__errlog_t errlog;
-    int loop_ready, ob_ready, jobs_ready, errlog_ready;
+    moat__dist_t dist;
+    int loop_ready, ob_ready, jobs_ready, errlog_ready, dist_ready;
+    int distributed;   /* frames travel over distribution */
+    int serve;         /* --serve: a session at a time, for ever */
 } node_t;
 
 /* Static, so that all of it stays reachable when the node exits with
@@ -93,6 +108,23 @@ static node_t node;
  * once at start, from /proc/self/exe (which valgrind answers with the
  * program it runs, not itself). */
 static char exe_path[PATH_MAX];
+
+/* --serve: MOAT_NODE and MOAT_COOKIE, put back before the exec. */
+static char *serve_node, *serve_cookie;
+
+/* Ends this process: with `status`, or, serving, by becoming a fresh
+ * server. */
+static void leave(node_t *n) {
+    if (n->serve) {
+        setenv("MOAT_NODE", serve_node, 1);
+        setenv("MOAT_COOKIE", serve_cookie, 1);
+        execl(exe_path, exe_path, "--serve", (char *)NULL);
+        fprintf(stderr, "moat_cnode: cannot exec %s: %s\n", exe_path,
+                strerror(errno));
+        _exit(MOAT_CNODE_EXIT_FAILURE);
+    }
+    _exit(n->status);
+}
 
 static void finish(node_t *n, int status) {
     if (n->stop)
@@ -468,6 +500,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
                                       : MOAT_CNODE_EXIT_FAILURE);
         return;
     }
+    if (n->distributed)
+        return; /* stdin is only a lifeline */
     n->rlen += (size_t)nread;
     parse(n);
     if (!n->stop && n->hello_done)
@@ -493,33 +527,82 @@ static int standard_fds(void) {
     return 0;
 }
 
-static int start(node_t *n) {
+/* The distribution transport's callbacks. */
+static void on_dist_frame(void *data, const char *buf, size_t len) {
+    node_t *n = data;
+    if (!n->stop)
+        handle_frame(n, buf, len);
+}
+
+static void on_dist_batch(void *data) {
+    node_t *n = data;
+    if (!n->stop && n->hello_done)
+        moat__jobs_flush(&n->jobs);
+}
+
+static void on_dist_end(void *data, const char *why) {
+    node_t *n = data;
+    if (n->serve)
+        fprintf(stderr, "moat_cnode: session over: %s\n", why);
+    finish(n, MOAT_CNODE_EXIT_EOF);
+}
+
+static int start_dist(node_t *n, const char *node, const char *cookie) {
+    static const char line[] = "moat_cnode listening\n";
+    const char *why = "";
+    int rc;
+
+    n->dist.on_frame = on_dist_frame;
+    n->dist.on_batch = on_dist_batch;
+    n->dist.on_end = on_dist_end;
+    n->dist.data = n;
+    n->dist_ready = 1;
+    rc = moat__dist_start(&n->dist, &n->loop, &n->ob, node, cookie, &why);
+    if (rc != 0) {
+        fprintf(stderr, "moat_cnode: %s: %s\n", node, why);
+        return rc;
+    }
+    if (n->serve)
+        fprintf(stderr, "moat_cnode: serving as %s\n", node);
+    else if (write(1, line, sizeof line - 1) != (ssize_t)sizeof line - 1)
+        return -errno;
+    return 0;
+}
+
+static int start(node_t *n, const char *node, const char *cookie) {
     uv_handle_type t;
-    int rc, out;
+    int rc, out = -1;
 
     rc = uv_loop_init(&n->loop);
     if (rc != 0)
         return rc;
     n->loop_ready = 1;
-    /* Frames go to a copy of stdout: fd 1 itself becomes the errlog
-     * pipe, so that a library's prints cannot corrupt the frames. */
-    out = fcntl(1, F_DUPFD_CLOEXEC, 3);
-    if (out < 0)
+    /* Port frames go to a copy of stdout: fd 1 itself becomes the errlog
+     * pipe, so that a library's prints cannot corrupt the frames.  Over
+     * distribution stdout and stderr stay as they are. */
+    if (!n->distributed && (out = fcntl(1, F_DUPFD_CLOEXEC, 3)) < 0)
         return -errno;
     rc = moat__outbox_init(&n->ob, out);
     if (rc != 0) {
-        close(out);
+        if (out >= 0)
+            close(out);
         return rc;
     }
     n->ob_ready = 1;
-    rc = moat__errlog_start(&n->errlog, &n->loop, &n->ob);
-    if (rc != 0)
-        return rc;
-    n->errlog_ready = 1;
+    if (!n->distributed) {
+        rc = moat__errlog_start(&n->errlog, &n->loop, &n->ob);
+        if (rc != 0)
+            return rc;
+        n->errlog_ready = 1;
+    }
     rc = moat__jobs_init(&n->jobs, &n->loop, &n->ob);
     if (rc != 0)
         return rc;
     n->jobs_ready = 1;
+    if (n->distributed && (rc = start_dist(n, node, cookie)) != 0)
+        return rc;
+    if (n->serve)
+        return 0; /* no lifeline */
     /* epoll cannot watch a regular file (libuv aborts on it) */
     t = uv_guess_handle(0);
     if (t == UV_FILE || t == UV_UNKNOWN_HANDLE)
@@ -555,7 +638,7 @@ static int stop(node_t *n) {
         moat_pool_close(n->pool);
         for (int i = 0; busy(n); i++) {
             if (i == EXIT_GRACE_MS)
-                _exit(n->status); /* see DESIGN: no waiting for bodies */
+                leave(n); /* see DESIGN: no waiting for bodies */
             uv_sleep(1);
         }
         /* No body is left, so this is quick; afterwards no callback can
@@ -573,6 +656,8 @@ static int stop(node_t *n) {
     }
     if (n->in_open)
         uv_close((uv_handle_t *)&n->in, NULL);
+    if (n->dist_ready) /* no thread can queue a frame any more */
+        moat__dist_stop(&n->dist);
     if (n->errlog_ready)
         moat__errlog_stop(&n->errlog);
     if (n->loop_ready) {
@@ -586,42 +671,86 @@ static int stop(node_t *n) {
     free(n->libs);
     if (n->ob_ready)
         moat__outbox_close(&n->ob);
+    if (n->dist_ready)
+        moat__dist_free(&n->dist);
     free(n->rbuf);
     return n->status;
 }
 
-int main(void) {
+/* MOAT_NODE and MOAT_COOKIE, taken out of the environment.  Returns 0,
+ * or -1 when only one of them is there. */
+static int take_env(char **node, char **cookie) {
+    const char *v = getenv("MOAT_NODE"), *c = getenv("MOAT_COOKIE");
+
+    *node = v != NULL ? strdup(v) : NULL;
+    *cookie = c != NULL ? strdup(c) : NULL;
+    unsetenv("MOAT_NODE");
+    unsetenv("MOAT_COOKIE");
+    if ((*node == NULL) != (*cookie == NULL) ||
+        (v != NULL && *node == NULL) || (c != NULL && *cookie == NULL)) {
+        free(*node);
+        free(*cookie);
+        *node = *cookie = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
     node_t *n = &node;
     pid_t parent = getppid();
+    char *dnode, *dcookie;
     ssize_t len;
     int rc;
 
     len = readlink("/proc/self/exe", exe_path, sizeof exe_path - 1);
     exe_path[len > 0 ? len : 0] = '\0';
+    if (take_env(&dnode, &dcookie) != 0) {
+        fprintf(stderr, "moat_cnode: MOAT_NODE and MOAT_COOKIE go together\n");
+        return MOAT_CNODE_EXIT_FAILURE;
+    }
+    n->distributed = dnode != NULL;
+    n->serve = argc == 2 && strcmp(argv[1], "--serve") == 0;
+    if (argc > 1 && (!n->serve || !n->distributed)) {
+        fprintf(stderr, "usage: MOAT_NODE=alive@host MOAT_COOKIE=cookie "
+                        "moat_cnode --serve\n");
+        return MOAT_CNODE_EXIT_FAILURE;
+    }
+    serve_node = dnode;
+    serve_cookie = dcookie;
     ei_init();
     /* ei does not write with MSG_NOSIGNAL, and a VM that is gone must be
      * a write error here, not a signal. */
     signal(SIGPIPE, SIG_IGN);
     /* Die with the VM even when it is killed outright, then check that
      * it did not die before the signal was armed.  A parent that died
-     * before `parent` was read leaves stdin at EOF: the loop sees it. */
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
+     * before `parent` was read leaves stdin at EOF: the loop sees it.  A
+     * server started by hand has no VM to die with. */
+    if (!n->serve &&
+        (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent))
         return MOAT_CNODE_EXIT_FAILURE;
     if (standard_fds() != 0)
         return MOAT_CNODE_EXIT_FAILURE;
-    rc = start(n);
+    rc = start(n, dnode, dcookie);
     if (rc != 0) {
         /* errlog may already hold fd 2: say it through the outbox */
-        if (n->ob_ready)
+        if (n->errlog_ready)
             moat__outbox_logf(&n->ob, "error", "moat_cnode: cannot start: %s",
                               moat_strerror(rc));
         else
             fprintf(stderr, "moat_cnode: cannot start: %s\n",
                     moat_strerror(rc));
         n->status = MOAT_CNODE_EXIT_FAILURE;
-        return stop(n);
+        n->serve = 0; /* a server that cannot start must not loop */
+        rc = stop(n);
+    } else {
+        n->status = MOAT_CNODE_EXIT_FAILURE; /* unless finish says otherwise */
+        uv_run(&n->loop, UV_RUN_DEFAULT);
+        rc = stop(n);
+        if (n->serve)
+            leave(n);
     }
-    n->status = MOAT_CNODE_EXIT_FAILURE; /* unless finish says otherwise */
-    uv_run(&n->loop, UV_RUN_DEFAULT);
-    return stop(n);
+    free(dnode);
+    free(dcookie);
+    return rc;
 }

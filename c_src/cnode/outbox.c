@@ -25,6 +25,13 @@
  * nothing between different tags, and ready is queued before any task
  * can exist.
  *
+ * Deferred.  Over the distribution transport the socket has one owner,
+ * the loop thread, which also answers ticks while it reads
+ * (REFERENCE.md §6).  There the outbox is deferred: a thread that is not
+ * the loop thread only queues and signals the loop's async handle, and
+ * the loop thread writes everything queued, frame by frame, through the
+ * transport's sink (dist.c).
+ *
  * Shutdown.  moat__outbox_discard makes every later append a no-op.  A
  * write error (EPIPE when the VM has gone) does the same.  An outcome that
  * cannot be queued for want of memory ends the process (cnode.h).
@@ -93,9 +100,11 @@ static int write_all(int fd, struct iovec *iov, int n) {
     return 0;
 }
 
+static int put(moat__outbox_t *ob, struct iovec *iov, int n);
+
 /* Writes {Atom, [Elements]} whose n elements are encoded in x. */
-static int write_list_frame(int fd, const char *atom, ei_x_buff *x,
-                            size_t n) {
+static int write_list_frame(moat__outbox_t *ob, const char *atom,
+                            ei_x_buff *x, size_t n) {
     char head[HEADER_MAX], tail = ERL_NIL_EXT;
     int i = LEN_BYTES;
     size_t len;
@@ -113,7 +122,7 @@ static int write_list_frame(int fd, const char *atom, ei_x_buff *x,
     iov[0] = (struct iovec){head, (size_t)i};
     iov[1] = (struct iovec){x->buff, (size_t)x->index};
     iov[2] = (struct iovec){&tail, 1};
-    return write_all(fd, iov, 3);
+    return put(ob, iov, 3);
 }
 
 static void free_blobs(moat__blob_t *b) {
@@ -135,12 +144,15 @@ static void drop_queued(moat__outbox_t *ob) {
     ob->nstopped = 0;
 }
 
-/*
- * Called with the lock held after queueing something; returns with it
- * released.  Becomes the writer unless there is one, and writes until
- * the outbox is empty.
- */
-static void kick(moat__outbox_t *ob) {
+/* Writes one whole frame where this outbox's frames go. */
+static int put(moat__outbox_t *ob, struct iovec *iov, int n) {
+    return ob->sink != NULL ? ob->sink(ob->sink_data, iov, n)
+                            : write_all(ob->fd, iov, n);
+}
+
+/* Called with the lock held; returns with it released.  Becomes the
+ * writer unless there is one, and writes until the outbox is empty. */
+static void drain(moat__outbox_t *ob) {
     if (ob->writing || ob->discard) {
         uv_mutex_unlock(&ob->lock);
         return;
@@ -167,14 +179,14 @@ static void kick(moat__outbox_t *ob) {
 
         for (moat__blob_t *b = frames; b != NULL && rc == 0; b = b->next) {
             struct iovec iov = {b->data, b->len};
-            rc = write_all(ob->fd, &iov, 1);
+            rc = put(ob, &iov, 1);
         }
         free_blobs(frames);
         if (rc == 0 && nstopped > 0)
-            rc = write_list_frame(ob->fd, "stopped", &ob->spare_stopped,
+            rc = write_list_frame(ob, "stopped", &ob->spare_stopped,
                                   nstopped);
         if (rc == 0 && ndone > 0)
-            rc = write_list_frame(ob->fd, "done", &ob->spare_done, ndone);
+            rc = write_list_frame(ob, "done", &ob->spare_done, ndone);
         ob->spare_done.index = 0;
         ob->spare_stopped.index = 0;
 
@@ -188,6 +200,24 @@ static void kick(moat__outbox_t *ob) {
     }
     ob->writing = 0;
     uv_mutex_unlock(&ob->lock);
+}
+
+/* Called with the lock held after queueing something; returns with it
+ * released.  A deferred outbox is written by the loop thread only. */
+static void kick(moat__outbox_t *ob) {
+    uv_thread_t self;
+
+    if (ob->wake != NULL) {
+        self = uv_thread_self();
+        if (!uv_thread_equal(&self, &ob->loop_thread)) {
+            int discard = ob->discard;
+            uv_mutex_unlock(&ob->lock);
+            if (!discard)
+                uv_async_send(ob->wake);
+            return;
+        }
+    }
+    drain(ob);
 }
 
 /* ---------------------------------------------------------------- API */
@@ -218,9 +248,23 @@ fail:
     return rc;
 }
 
+void moat__outbox_defer(moat__outbox_t *ob, moat__sink_fn sink, void *data,
+                        uv_async_t *wake) {
+    ob->sink = sink;
+    ob->sink_data = data;
+    ob->wake = wake;
+    ob->loop_thread = uv_thread_self();
+}
+
+void moat__outbox_pump(moat__outbox_t *ob) {
+    uv_mutex_lock(&ob->lock);
+    drain(ob);
+}
+
 void moat__outbox_close(moat__outbox_t *ob) {
     drop_queued(ob);
-    close(ob->fd);
+    if (ob->fd >= 0)
+        close(ob->fd);
     ei_x_free(&ob->done);
     ei_x_free(&ob->stopped);
     ei_x_free(&ob->spare_done);

@@ -75,7 +75,8 @@
     X(supervisors) X(workers) X(moat_gave_up) X(permanent) X(transient)    \
     X(temporary) X(brutal_kill) X(one_for_one) X(one_for_all)              \
     X(rest_for_one) X(unknown_server) X(failed_to_start_child)            \
-    X(other) X(native_crash) X(cnode_down) X(moat_cnode_out) X(bad_frame)
+    X(other) X(native_crash) X(cnode_down) X(moat_cnode_out) X(bad_frame) \
+    X(distribution) X(moat_cnode_send)
 
 #define DECLARE_ATOM(name) static ERL_NIF_TERM atom_##name;
 ATOMS(DECLARE_ATOM)
@@ -172,6 +173,7 @@ typedef struct npool_s {
      * (the C-node's, connected to the owner) and cancels wait in the
      * outbox until the owner sends them (cnode_flush). */
     int remote;
+    int dist;       /* over distribution: frames go to the owner to relay */
     ErlNifPort port;
     uv_mutex_t out_lock; /* guards out, nout, capout, out_told */
     cancel_t *out;
@@ -817,9 +819,17 @@ static void wire_sent(ErlNifEnv *env, npool_t *np, moat_task_t *t) {
 
 /* Sends one ETF frame to the pool's C-node from a process-bound env.  A
  * port that is gone is not an error here: its owner sees it end and
- * every task the C-node held gets cnode_down. */
+ * every task the C-node held gets cnode_down.  Over distribution a NIF
+ * cannot reach a remote node: the owner relays the frame, as
+ * {moat_cnode_send, Frame}.  It is one process, so the frames of each
+ * sender keep their order (a cancel still follows its run frame). */
 static void port_send(ErlNifEnv *env, npool_t *np, ErlNifBinary *bin) {
-    enif_port_command(env, &np->port, NULL, enif_make_binary(env, bin));
+    if (np->dist)
+        enif_send(env, &np->owner, NULL,
+                  enif_make_tuple2(env, atom_moat_cnode_send,
+                                   enif_make_binary(env, bin)));
+    else
+        enif_port_command(env, &np->port, NULL, enif_make_binary(env, bin));
 }
 
 /* Sends the run frame of tasks just accepted.  On out of memory the
@@ -1192,13 +1202,15 @@ static ERL_NIF_TERM nif_pool_owner(ErlNifEnv *env, int argc,
 }
 
 /* cnode_pool_new(Name :: atom(), Size :: pos_integer(),
- *                MaxQueue :: pos_integer(), Port :: port(),
+ *                MaxQueue :: pos_integer(), Port :: port() | distribution,
  *                Tasks :: [atom()]) ->
  *     {ok, Handle} | {error, {already_started, pid()}} | {error, atom()}
  * A pool whose bodies run in the C-node behind Port, which listed Tasks.
  * The calling process is its owner: Port must be connected to it, since
- * outcomes come back as its port data (cnode_deliver).  Dirty (it starts
- * the pool's housekeeping thread). */
+ * outcomes come back as its port data (cnode_deliver).  With
+ * `distribution' the owner relays the frames ({moat_cnode_send, Frame})
+ * and hands over those that come back.  Dirty (it starts the pool's
+ * housekeeping thread). */
 static ERL_NIF_TERM nif_cnode_pool_new(ErlNifEnv *env, int argc,
                                        const ERL_NIF_TERM argv[]) {
     unsigned size, max_queue, ntasks;
@@ -1210,7 +1222,8 @@ static ERL_NIF_TERM nif_cnode_pool_new(ErlNifEnv *env, int argc,
     if (!enif_get_atom(env, argv[0], name, sizeof name, ERL_NIF_LATIN1) ||
         !enif_get_uint(env, argv[1], &size) || size == 0 ||
         !enif_get_uint(env, argv[2], &max_queue) || max_queue == 0 ||
-        !enif_is_port(env, argv[3]) ||
+        (!enif_is_port(env, argv[3]) &&
+         !enif_is_identical(argv[3], atom_distribution)) ||
         !enif_get_list_length(env, list, &ntasks))
         return enif_make_badarg(env);
     np = calloc(1, sizeof *np);
@@ -1228,7 +1241,8 @@ static ERL_NIF_TERM nif_cnode_pool_new(ErlNifEnv *env, int argc,
     np->name = argv[0];
     np->size = size;
     enif_self(env, &np->owner);
-    if (!enif_get_local_port(env, argv[3], &np->port)) {
+    np->dist = enif_is_identical(argv[3], atom_distribution);
+    if (!np->dist && !enif_get_local_port(env, argv[3], &np->port)) {
         ret = enif_make_badarg(env);
         goto fail;
     }
@@ -1388,18 +1402,21 @@ static ERL_NIF_TERM nif_cnode_flush(ErlNifEnv *env, int argc,
 }
 
 /* cnode_lost(Handle) -> ok
+ * cnode_lost(Handle, Reason :: term()) -> ok
  * The pool's C-node is gone: the pool is unregistered (new tasks get
- * noproc) and every task it held ends with {native_crash, cnode_down}. */
+ * noproc) and every task it held ends with Reason: by default
+ * {native_crash, cnode_down}, noconnection over distribution. */
 static ERL_NIF_TERM nif_cnode_lost(ErlNifEnv *env, int argc,
                                    const ERL_NIF_TERM argv[]) {
     npool_t *np = cnode_pool(env, argv[0]);
     pool_res_t *reg_res;
     moat_term_t *down;
-    (void)argc;
     if (np == NULL)
         return enif_make_badarg(env);
     reg_res = reg_remove(np);
-    down = encode(env, enif_make_tuple2(env, atom_native_crash, atom_cnode_down));
+    down = encode(env, argc > 1 ? argv[1]
+                                : enif_make_tuple2(env, atom_native_crash,
+                                                   atom_cnode_down));
     tl_caller_env = env;
     moat_pool_remote_lost(np->pool, down != NULL ? down : moat_atom(MOAT_A_ENOMEM));
     tl_caller_env = NULL;
@@ -2545,6 +2562,7 @@ static ErlNifFunc funcs[] = {
     {"cnode_deliver", 2, nif_cnode_deliver, 0},
     {"cnode_flush", 1, nif_cnode_flush, 0},
     {"cnode_lost", 1, nif_cnode_lost, 0},
+    {"cnode_lost", 2, nif_cnode_lost, 0},
     {"async", 5, nif_async, 0},
     {"run", 4, nif_run, 0},
     {"task_cancel", 2, nif_task_cancel, 0},

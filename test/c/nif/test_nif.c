@@ -305,7 +305,8 @@ static void test_nif_load_exports_the_table(void **state) {
     static const char *names[] = {
         "pool_new/4",       "pool_close/1",    "pool_stats/1",
         "pool_owner/1",     "cnode_pool_new/5", "cnode_deliver/2",
-        "cnode_flush/1",    "cnode_lost/1",    "async/5",
+        "cnode_flush/1",    "cnode_lost/1",    "cnode_lost/2",
+        "async/5",
         "run/4",            "task_cancel/2",   "task_running/1",
         "task_spin/1",      "task_ignore/1",   "stream_new/4",
         "stream_submit/3",  "stream_take/3",   "stream_close/1",
@@ -3178,6 +3179,74 @@ static void test_nif_cnode_cancel_follows_its_run_frame(void **state) {
     assert_int_equal(settle(all, 2), 0);
 }
 
+/* The frame a distribution pool's owner was given to relay:
+ * {moat_cnode_send, Frame}. */
+static void take_relayed(cnode_t *k, fake_frame_t *f) {
+    ERL_NIF_TERM m = recv(k->o);
+    ErlNifBinary b;
+    assert_int_equal(fake_arity(m), 2);
+    assert_term(el(m, 0), "moat_cnode_send");
+    assert_true(enif_inspect_binary(fake_env(k->o), el(m, 1), &b));
+    if (fake_frame_parse(b.data, b.size, f) != 0)
+        fail_msg("a relayed binary that is no frame: %s", f->text);
+}
+
+/* Over distribution the NIF cannot reach the C-node: every frame goes to
+ * the owner to relay, in the order its sender made them, a cancel after
+ * its run frame; outcomes come back the same way, and a lost C-node ends
+ * the tasks with the reason the owner gives (noconnection). */
+static void test_nif_cnode_dist_relays_through_the_owner(void **state) {
+    fake_proc_t *o = fake_spawn(), *c = fake_spawn();
+    ERL_NIF_TERM r, t, t2;
+    fake_frame_t *f = malloc(sizeof *f);
+    cnode_t k;
+    (void)state;
+    r = cnode_pool_new(o, A("distribution"), "cn_dist", 2, 8);
+    assert_term(el(r, 0), "ok");
+    k = (cnode_t){o, 0, el(r, 1), "cn_dist"};
+    t = async1(c, "cn_dist", "echo", A("x"), -1);
+    take_relayed(&k, f);
+    assert_string_equal(f->what, "run");
+    assert_true(f->tag[0] == tag_of(t));
+    assert_no_message(o);
+    assert_term(answer_echo(&k, f), "ok");
+    assert_term(await(c, t), "x");
+    /* A deadline decided in the caller's process: run, then cancel. */
+    t = async1(c, "cn_dist", "sleep", I(c, 100000), 0);
+    assert_term(await(c, t), "{DOWN,timeout}");
+    take_relayed(&k, f);
+    assert_string_equal(f->what, "run");
+    take_relayed(&k, f);
+    assert_string_equal(f->what, "cancel");
+    assert_true(f->tag[0] == tag_of(t));
+    assert_term(deliver(&k, "{stopped,[%llu]}", (unsigned long long)tag_of(t)),
+                "ok");
+    /* The connection is lost with two tasks in flight. */
+    t = async1(c, "cn_dist", "sleep", I(c, 100000), -1);
+    t2 = async1(c, "cn_dist", "sleep", I(c, 100000), -1);
+    take_relayed(&k, f);
+    take_relayed(&k, f);
+    assert_term(fake_call(o, "cnode_lost", 2, k.h, A("noconnection")), "ok");
+    /* Both DOWNs, in no particular order. */
+    assert_int_equal(fake_mailbox_len(c), 2);
+    for (int i = 0; i < 2; i++) {
+        ERL_NIF_TERM m = recv(c);
+        assert_int_equal(fake_arity(m), 5);
+        assert_true(enif_is_identical(el(m, 1), el(t, 0)) ||
+                    enif_is_identical(el(m, 1), el(t2, 0)));
+        assert_term(el(m, 4), "noconnection");
+    }
+    assert_no_message(o); /* nothing to cancel: the C-node is gone */
+    t = async1(c, "cn_dist", "echo", A("x"), -1);
+    assert_term(await(c, t), "{DOWN,noproc}");
+    assert_badarg(o, cnode_pool_new(o, A("elsewhere"), "cn_bad", 1, 1));
+    free(f);
+    close_cnode(&k);
+    assert_no_message(o);
+    fake_proc_t *all[] = {o, c};
+    assert_int_equal(settle(all, 2), 0);
+}
+
 /* Once the C-node is lost the pool takes no more tasks (doc/cnode.md:
  * "tasks submitted in between get noproc"), but a stream made before
  * still submits into the core pool: its tasks are accepted, their frame
@@ -3316,6 +3385,7 @@ int main(void) {
         T(test_nif_cnode_callers_race_the_owner),
         T(test_nif_cnode_cancel_follows_its_run_frame),
         T(test_nif_cnode_lost_refuses_stream_tasks),
+        T(test_nif_cnode_dist_relays_through_the_owner),
     };
 #undef T
     return cmocka_run_group_tests(tests, group_setup, NULL);
