@@ -32,18 +32,17 @@ typedef struct moat__blob_s {
     char data[];
 } moat__blob_t;
 
-/* Where a deferred outbox's frames go (moat__outbox_defer): one whole
- * frame, its 4-byte length first, in iov[0..n).  Returns 0 or a negative
- * error (then everything later is dropped).  Loop thread. */
+/* Where an outbox's frames go instead of its fd (moat__outbox_sink): one
+ * whole frame, its 4-byte length first, in iov[0..n).  Returns 0 or a
+ * negative error (then everything later is dropped).  Called by the
+ * writer, whichever thread that is. */
 typedef int (*moat__sink_fn)(void *data, struct iovec *iov, int n);
 
 /* See outbox.c's DESIGN.  The fields are the outbox's own. */
 typedef struct moat__outbox_s {
-    int fd;                 /* or -1 when deferred */
-    moat__sink_fn sink;     /* deferred: constant once set */
+    int fd;                 /* or -1 with a sink */
+    moat__sink_fn sink;     /* constant once set */
     void *sink_data;
-    uv_async_t *wake;       /* deferred: what other threads signal */
-    uv_thread_t loop_thread;
     uv_mutex_t lock;        /* guards every field below, except that the
                                spare_* buffers belong to the writer while
                                `writing` is set */
@@ -67,19 +66,9 @@ int moat__outbox_init(moat__outbox_t *ob, int fd);
 /* Frees the buffers.  Only when no thread can use the outbox any more. */
 void moat__outbox_close(moat__outbox_t *ob);
 
-/*
- * Makes an outbox (initialised with fd -1) deferred: only the loop
- * thread writes, through `sink`.  A frame queued on the loop thread is
- * written before the call returns, as before; one queued on another
- * thread signals `wake`, whose callback must call moat__outbox_pump.
- * This is the distribution transport's: its socket must have one owner
- * (REFERENCE.md §6).  Loop thread, before any other thread exists.
- */
-void moat__outbox_defer(moat__outbox_t *ob, moat__sink_fn sink, void *data,
-                        uv_async_t *wake);
-
-/* Writes everything queued in a deferred outbox.  Loop thread. */
-void moat__outbox_pump(moat__outbox_t *ob);
+/* Makes an outbox initialised with fd -1 hand its frames to `sink`.
+ * Before any other thread exists. */
+void moat__outbox_sink(moat__outbox_t *ob, moat__sink_fn sink, void *data);
 
 /*
  * Queues {Tag, ok | exit, Term} for the next done frame; `term` is the
@@ -242,15 +231,17 @@ typedef struct moat__dist_s {
     moat__outbox_t *ob;
     int lfd;               /* the listening socket, or -1 */
     int epmd;              /* keeps the name published while open, or -1 */
+    uv_mutex_t lock;       /* the socket's: guards every use of fd by ei,
+                              fd, live, owner and tx */
+    int lock_ready;
     int fd;                /* the connection to the pool's VM, or -1 */
+    int live;              /* frames may be sent on fd */
     erlang_pid owner;      /* who sent the first frame: frames go there */
-    int has_owner;
-    int ended;             /* the session is over: no more callbacks */
+    int has_owner;         /* loop thread; set under the lock */
+    int ended;             /* loop thread: the session is over */
     uv_poll_t lpoll, cpoll;
     int lpoll_open, cpoll_open;
-    uv_async_t wake;       /* the deferred outbox's */
-    int wake_open;
-    ei_x_buff rx;          /* the message being read */
+    ei_x_buff rx;          /* loop thread: the message being read */
     ei_x_buff tx;          /* {moat_cnode, Self, << ... the frame being sent */
     int prefix;            /* tx's constant start, up to the binary's length */
     /* What the node does with the session (data: the node). */
@@ -263,8 +254,8 @@ typedef struct moat__dist_s {
 /*
  * Joins as hidden node `node` ("alive@host") with `cookie`: listens on
  * an ephemeral port, publishes it to epmd, and makes `ob` (initialised
- * with fd -1) a deferred outbox that sends each frame to the session's
- * owner.  Returns 0 or a negative error, with `why` set to a message.
+ * with fd -1) send each frame to the session's owner.  Returns 0 or a
+ * negative error, with `why` set to a message.
  * The loop then accepts one connection; every later one is refused.
  * Loop thread, before any other thread exists.
  */

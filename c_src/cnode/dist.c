@@ -19,8 +19,15 @@
  * registered name `moat_echo` sends any message back to its sender: it is
  * the bare ei echo the benchmarks compare with.
  *
- * Threads.  The loop thread owns the socket: it reads (ei answers ticks
- * inside its receive) and it alone writes, for the outbox is deferred.
+ * Threads.  ei answers ticks inside its receive, which therefore writes,
+ * so the socket must never be written by two threads at once
+ * (REFERENCE.md §6).  Rather than handing every outcome to the loop
+ * thread (a wake-up that cost 90 us a round trip here, three times the
+ * bare ei echo), the socket has a lock: the loop thread holds it for each
+ * receive, and whichever thread writes the outbox holds it for each send.
+ * The loop thread alone reads, so ticks are always answered.  A send
+ * that fails shuts the socket down, and the loop thread, reading, ends
+ * the session.
  *
  * Session.  One connection is served; later ones are accepted and closed
  * at once, and a hello from another process is answered with an error.
@@ -76,6 +83,9 @@ static void end(moat__dist_t *d, const char *why) {
     if (d->ended)
         return;
     d->ended = 1;
+    uv_mutex_lock(&d->lock);
+    d->live = 0;
+    uv_mutex_unlock(&d->lock);
     if (d->cpoll_open)
         uv_poll_stop(&d->cpoll);
     moat__outbox_discard(d->ob);
@@ -83,7 +93,7 @@ static void end(moat__dist_t *d, const char *why) {
 }
 
 /* Sends {moat_cnode, Self, Frame} to `to`, the frame (its length first)
- * in iov[0..n).  Returns 0 or a negative error. */
+ * in iov[0..n).  Returns 0 or a negative error.  lock held. */
 static int send_to(moat__dist_t *d, erlang_pid *to, struct iovec *iov,
                    int n) {
     size_t len = 0;
@@ -101,21 +111,23 @@ static int send_to(moat__dist_t *d, erlang_pid *to, struct iovec *iov,
     return 0;
 }
 
-/* The outbox's sink.  With nobody to tell, the frame is dropped; when it
- * cannot be sent the session ends, so that the VM sees the node go
- * rather than wait for outcomes that were lost. */
+/* The outbox's sink, on any thread.  With nobody to tell, the frame is
+ * dropped.  When it cannot be sent, the socket is shut down: the VM sees
+ * the node go rather than wait for outcomes that were lost, and the loop
+ * thread sees the end of the connection. */
 static int sink(void *data, struct iovec *iov, int n) {
     moat__dist_t *d = data;
-    int rc;
+    int rc = 0;
 
-    if (d->fd < 0 || !d->has_owner || d->ended)
-        return 0;
-    rc = send_to(d, &d->owner, iov, n);
-    if (rc != 0) {
-        ei_close_connection(d->fd);
-        d->fd = -1;
-        end(d, rc == UV_EIO ? "a send failed" : "a frame could not be sent");
+    uv_mutex_lock(&d->lock);
+    if (d->live && d->has_owner) {
+        rc = send_to(d, &d->owner, iov, n);
+        if (rc != 0) {
+            shutdown(d->fd, SHUT_RDWR);
+            d->live = 0;
+        }
     }
+    uv_mutex_unlock(&d->lock);
     return rc;
 }
 
@@ -140,7 +152,10 @@ static void refuse(moat__dist_t *d, erlang_pid *from) {
         len[3] = (char)n;
         iov[0] = (struct iovec){len, 4};
         iov[1] = (struct iovec){x.buff, (size_t)x.index};
-        send_to(d, from, iov, 2);
+        uv_mutex_lock(&d->lock);
+        if (d->live)
+            send_to(d, from, iov, 2);
+        uv_mutex_unlock(&d->lock);
     }
     ei_x_free(&x);
 }
@@ -183,8 +198,10 @@ static void on_msg(moat__dist_t *d, erlang_msg *m) {
         return;
     }
     if (reg && strcmp(m->toname, "moat_echo") == 0) {
-        if (ei_send(d->fd, &m->from, d->rx.buff, d->rx.index) < 0)
-            note(d, "error", "moat_cnode: an echo could not be sent");
+        uv_mutex_lock(&d->lock);
+        if (d->live)
+            ei_send(d->fd, &m->from, d->rx.buff, d->rx.index);
+        uv_mutex_unlock(&d->lock);
         return;
     }
     if (reg && strcmp(m->toname, "moat") != 0) {
@@ -193,8 +210,10 @@ static void on_msg(moat__dist_t *d, erlang_msg *m) {
         return;
     }
     if (reg && !d->has_owner) {
+        uv_mutex_lock(&d->lock);
         d->owner = m->from;
         d->has_owner = 1;
+        uv_mutex_unlock(&d->lock);
     } else if (reg && !pid_eq(&m->from, &d->owner)) {
         refuse(d, &m->from);
         return;
@@ -233,11 +252,15 @@ static void on_conn(uv_poll_t *h, int status, int events) {
         return;
     }
     for (int k = 0; k < BATCH && !d->ended; k++) {
-        int rc = ei_xreceive_msg_tmo(d->fd, &msg, &d->rx, RECV_TMO_MS);
+        int rc, err;
+
+        uv_mutex_lock(&d->lock);
+        rc = ei_xreceive_msg_tmo(d->fd, &msg, &d->rx, RECV_TMO_MS);
+        err = erl_errno;
+        uv_mutex_unlock(&d->lock);
         if (rc == ERL_MSG) {
             on_msg(d, &msg);
-        } else if (rc == ERL_ERROR && erl_errno != ETIMEDOUT &&
-                   closed(d->fd)) {
+        } else if (rc == ERL_ERROR && err != ETIMEDOUT && closed(d->fd)) {
             end(d, "the connection closed");
             return;
         }
@@ -277,15 +300,13 @@ static void on_listen(uv_poll_t *h, int status, int events) {
         ei_close_connection(fd);
         return;
     }
+    uv_mutex_lock(&d->lock);
     d->fd = fd;
+    d->live = 1;
+    uv_mutex_unlock(&d->lock);
     d->cpoll.data = d;
     d->cpoll_open = 1;
     uv_poll_start(&d->cpoll, UV_READABLE | UV_DISCONNECT, on_conn);
-}
-
-static void on_wake(uv_async_t *h) {
-    moat__dist_t *d = h->data;
-    moat__outbox_pump(d->ob);
 }
 
 int moat__dist_start(moat__dist_t *d, uv_loop_t *loop, moat__outbox_t *ob,
@@ -298,6 +319,12 @@ int moat__dist_start(moat__dist_t *d, uv_loop_t *loop, moat__outbox_t *ob,
     d->loop = loop;
     d->ob = ob;
     d->lfd = d->epmd = d->fd = -1;
+    rc = uv_mutex_init(&d->lock);
+    if (rc != 0) {
+        *why = "cannot make a lock";
+        return rc;
+    }
+    d->lock_ready = 1;
     if (at == NULL || at == node || at[1] == '\0' ||
         (size_t)(at - node) > EI_MAXALIVELEN || strlen(node) > MAXNODELEN) {
         *why = "MOAT_NODE is not a node name, alive@host";
@@ -334,13 +361,6 @@ int moat__dist_start(moat__dist_t *d, uv_loop_t *loop, moat__outbox_t *ob,
         return UV_ENOMEM;
     }
     d->prefix = d->tx.index;
-    rc = uv_async_init(loop, &d->wake, on_wake);
-    if (rc != 0) {
-        *why = "cannot make an async handle";
-        return rc;
-    }
-    d->wake.data = d;
-    d->wake_open = 1;
     rc = uv_poll_init(loop, &d->lpoll, d->lfd);
     if (rc != 0) {
         *why = "cannot poll the listening socket";
@@ -353,7 +373,7 @@ int moat__dist_start(moat__dist_t *d, uv_loop_t *loop, moat__outbox_t *ob,
         *why = "cannot poll the listening socket";
         return rc;
     }
-    moat__outbox_defer(ob, sink, d, &d->wake);
+    moat__outbox_sink(ob, sink, d);
     return 0;
 }
 
@@ -363,9 +383,12 @@ void moat__dist_stop(moat__dist_t *d) {
         uv_close((uv_handle_t *)&d->cpoll, NULL);
     if (d->lpoll_open)
         uv_close((uv_handle_t *)&d->lpoll, NULL);
-    if (d->wake_open)
-        uv_close((uv_handle_t *)&d->wake, NULL);
-    d->cpoll_open = d->lpoll_open = d->wake_open = 0;
+    d->cpoll_open = d->lpoll_open = 0;
+    if (d->lock_ready) {
+        uv_mutex_lock(&d->lock);
+        d->live = 0;
+        uv_mutex_unlock(&d->lock);
+    }
     if (d->fd >= 0)
         ei_close_connection(d->fd);
     if (d->lfd >= 0)
@@ -376,6 +399,9 @@ void moat__dist_stop(moat__dist_t *d) {
 }
 
 void moat__dist_free(moat__dist_t *d) {
+    if (d->lock_ready)
+        uv_mutex_destroy(&d->lock);
+    d->lock_ready = 0;
     if (d->rx.buff != NULL)
         ei_x_free(&d->rx);
     if (d->tx.buff != NULL)

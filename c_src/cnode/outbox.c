@@ -25,12 +25,9 @@
  * nothing between different tags, and ready is queued before any task
  * can exist.
  *
- * Deferred.  Over the distribution transport the socket has one owner,
- * the loop thread, which also answers ticks while it reads
- * (REFERENCE.md §6).  There the outbox is deferred: a thread that is not
- * the loop thread only queues and signals the loop's async handle, and
- * the loop thread writes everything queued, frame by frame, through the
- * transport's sink (dist.c).
+ * Sink.  Over the distribution transport the writer hands each whole
+ * frame to the transport's sink (dist.c) instead of writing it to a file
+ * descriptor.
  *
  * Shutdown.  moat__outbox_discard makes every later append a no-op.  A
  * write error (EPIPE when the VM has gone) does the same.  An outcome that
@@ -203,22 +200,8 @@ static void drain(moat__outbox_t *ob) {
 }
 
 /* Called with the lock held after queueing something; returns with it
- * released.  A deferred outbox is written by the loop thread only. */
-static void kick(moat__outbox_t *ob) {
-    uv_thread_t self;
-
-    if (ob->wake != NULL) {
-        self = uv_thread_self();
-        if (!uv_thread_equal(&self, &ob->loop_thread)) {
-            int discard = ob->discard;
-            uv_mutex_unlock(&ob->lock);
-            if (!discard)
-                uv_async_send(ob->wake);
-            return;
-        }
-    }
-    drain(ob);
-}
+ * released. */
+static void kick(moat__outbox_t *ob) { drain(ob); }
 
 /* ---------------------------------------------------------------- API */
 
@@ -248,17 +231,9 @@ fail:
     return rc;
 }
 
-void moat__outbox_defer(moat__outbox_t *ob, moat__sink_fn sink, void *data,
-                        uv_async_t *wake) {
+void moat__outbox_sink(moat__outbox_t *ob, moat__sink_fn sink, void *data) {
     ob->sink = sink;
     ob->sink_data = data;
-    ob->wake = wake;
-    ob->loop_thread = uv_thread_self();
-}
-
-void moat__outbox_pump(moat__outbox_t *ob) {
-    uv_mutex_lock(&ob->lock);
-    drain(ob);
 }
 
 void moat__outbox_close(moat__outbox_t *ob) {
