@@ -74,6 +74,13 @@
 %%%     time, each killing its worker, which a spare replaces; timed until
 %%%     the last crash's outcome is in; target at least 2,000/s; no
 %%%     peer.</li>
+%%% <li>the round trip of one `moat:run(Pool, echo, [1])' on a C-node pool
+%%%     over the distribution transport (`transport => distribution', thread
+%%%     isolation), timed as in row 2; target a median of at most 35 us;
+%%%     peer: a bare ei echo, one message to the same C-node's `moat_echo'
+%%%     name and back. The bench makes the VM a distributed node for this
+%%%     row if it is not one (short names, epmd started as `erl -sname'
+%%%     would), and stops the distribution afterwards.</li>
 %%% </ol>
 %%%
 %%% Where Elixir cannot be loaded (it is looked for in the code path, then
@@ -120,7 +127,7 @@
 %% `failed' counts the elements that were not `{ok, _}'.
 
 -type row() :: #{
-    row := 1..10,
+    row := 1..11,
     figure := string(),
     moat := number(),
     unit := string(),
@@ -193,6 +200,7 @@
 -define(CNODE_POOL, moat_bench_cnode).
 % Rows 9 and 10: the C-node pool with process isolation.
 -define(PROC_POOL, moat_bench_process).
+-define(DIST_POOL, moat_bench_dist).
 -define(ECHO, "/bin/cat").
 % Rows 5 and 6: the peer's registered name, and the restart intensity of
 % the bench pool's native supervisor and of the peer's OTP supervisor.
@@ -264,6 +272,11 @@ run(Opts) when is_map(Opts) ->
         max_restarts => ?INTENSITY,
         max_seconds => ?PERIOD
     }),
+    Distributed = distributed(),
+    _ = moat:stop_pool(?DIST_POOL),
+    {ok, _} = moat:start_pool(?DIST_POOL, #{
+        backend => cnode, transport => distribution, size => Size
+    }),
     T0 = erlang:monotonic_time(millisecond),
     try
         Peer = peer(),
@@ -278,7 +291,8 @@ run(Opts) when is_map(Opts) ->
             row_cnode_round_trip(Quick),
             row_cnode_fanout(Quick, Size),
             row_process_fanout(Quick, Size),
-            row_process_restarts(Quick)
+            row_process_restarts(Quick),
+            row_dist_round_trip(Quick)
         ],
         status(""),
         Seconds = (erlang:monotonic_time(millisecond) - T0) / 1000,
@@ -291,7 +305,9 @@ run(Opts) when is_map(Opts) ->
     after
         moat:stop_pool(?POOL),
         moat:stop_pool(?CNODE_POOL),
-        moat:stop_pool(?PROC_POOL)
+        moat:stop_pool(?PROC_POOL),
+        moat:stop_pool(?DIST_POOL),
+        Distributed andalso net_kernel:stop()
     end;
 run(_) ->
     error(badarg).
@@ -726,6 +742,50 @@ crash_workers(N) ->
     ]),
     Seconds = (erlang:monotonic_time(nanosecond) - T0) / 1.0e9,
     #{tasks => N, seconds => Seconds, per_second => rate(N, Seconds), concurrency => 1, failed => Failed}.
+
+%% Row 11: one moat:run/3 at a time on the C-node pool over distribution
+%% against one bare ei echo at a time (the same C-node's moat_echo name).
+-spec row_dist_round_trip(boolean()) -> row().
+row_dist_round_trip(Quick) ->
+    Pool = ?DIST_POOL,
+    Prefix = "moat_" ++ atom_to_list(Pool) ++ "_",
+    [Node] = [N || N <- nodes(hidden), lists:prefix(Prefix, atom_to_list(N))],
+    latency_row(
+        11,
+        Quick,
+        "distribution round trip, run/3 echo, median",
+        "ei echo (one message)",
+        fun() -> moat:run(Pool, echo, [1]) =:= {ok, 1} end,
+        fun() -> ei_echo(Node) end,
+        "moat: the C-node pool moat_bench_dist (backend cnode, thread "
+        "isolation, transport distribution); peer: one message to the same "
+        "C-node's moat_echo name and back, over the same connection",
+        35.0
+    ).
+
+%% Makes this VM a distributed node unless it is one; returns whether it
+%% did.
+-spec distributed() -> boolean().
+distributed() ->
+    case erlang:is_alive() of
+        true ->
+            false;
+        false ->
+            _ = os:cmd("epmd -daemon"),
+            Name = list_to_atom("moat_bench_" ++ os:getpid()),
+            {ok, _} = net_kernel:start([Name, shortnames]),
+            true
+    end.
+
+%% One message to the C-node's echo name and back.
+-spec ei_echo(node()) -> boolean().
+ei_echo(Node) ->
+    Ref = make_ref(),
+    {moat_echo, Node} ! {self(), Ref},
+    receive
+        {_, Ref} -> true
+    after 5000 -> false
+    end.
 
 %% One byte through the calling process's own echo port and back.
 -spec port_echo() -> boolean().
