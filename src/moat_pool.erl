@@ -255,8 +255,8 @@ dist_start(Name, {distribution, Node}, Opts, Deadline) ->
         ok ->
             case dist_hello(#state{name = Name, node = Node}, Opts, Deadline) of
                 {error, {cnode_exit, nodedown}} = Error ->
-                    %% Connected to a server just as its last session
-                    %% ended: it was execing itself afresh.
+                    %% Connected to a server's session just as it ended:
+                    %% the next one is starting.
                     case erlang:monotonic_time(millisecond) < Deadline of
                         true ->
                             timer:sleep(50),
@@ -283,8 +283,8 @@ cnode_node_name(Name) ->
     Alive = lists:concat(["moat_", Safe, "_", os:getpid(), "_", erlang:unique_integer([positive])]),
     list_to_atom(Alive ++ "@" ++ Host).
 
-%% A server between two sessions (it execs itself afresh) refuses
-%% connections for a moment: retry until the deadline.
+%% A server between two sessions (its next session's child starting)
+%% refuses connections for a moment: retry until the deadline.
 dist_connect(Node, Deadline) ->
     case net_kernel:connect_node(Node) of
         true ->

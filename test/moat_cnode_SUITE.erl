@@ -180,21 +180,30 @@ dist_frames_are_checked(_Config) ->
 
 dist_server_by_hand(Config) ->
     %% A moat_cnode --serve started by hand (here on loopback) serves one
-    %% pool at a time, then the next; killing it gives noconnection.
+    %% pool at a time, then the next; killing it gives noconnection, and
+    %% leaves no session behind.
     Node = server_node(Config),
     Opts = #{transport => {distribution, Node}, size => 2},
     {ok, _} = start(Opts),
     ?assertEqual({ok, one}, moat:run(?POOL, echo, [one])),
     ?assertMatch({error, {busy, _}}, moat:start_pool(?POOL2, maps:merge(#{backend => cnode}, Opts))),
     ok = moat:stop_pool(?POOL),
-    %% The server execs itself afresh for the next session.
+    %% Each session is a child process of the server: the next pool gets
+    %% a fresh one.
     {ok, _} = moat:start_pool(?POOL2, maps:merge(#{backend => cnode}, Opts)),
     ?assertEqual({ok, two}, moat:run(?POOL2, echo, [two])),
+    %% A segfault in thread isolation costs the session, not the server:
+    %% the pool's supervisor reconnects to the next session.
+    ?assertEqual({exit, noconnection}, moat:run(?POOL2, segfault, [])),
+    wait_until(fun() -> moat:run(?POOL2, echo, [three]) =:= {ok, three} end, next_session),
     T = moat:async(?POOL2, sleep, [60000]),
     wait_until(fun() -> maps:get(running, moat:stats(?POOL2)) =:= 1 end, sleeper_running),
+    Sessions = workers(get(server_os_pid)),
+    ?assertMatch([_], Sessions),
     _ = os:cmd("kill -9 " ++ integer_to_list(get(server_os_pid))),
     ?assertEqual(noconnection, down_reason(T)),
     erase(server_os_pid),
+    wait_until(fun() -> not lists:any(fun os_alive/1, Sessions) end, sessions_gone),
     sweep().
 
 %% Starts `moat_cnode --serve' as a user would, name and cookie in its

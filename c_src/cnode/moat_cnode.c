@@ -43,11 +43,13 @@
  * owner, stdin is then only its lifeline (its end still ends the node),
  * stdout and stderr go to the VM's log as lines, and the line
  * "moat_cnode listening" says that the name is published.  Started by
- * hand with --serve, it serves one pool's session at a time: when the
- * session ends it execs itself afresh (the simplest way to be sure that
- * nothing of the last session is left, even a body that ignores
- * cancellation) and serves the next.  The two variables are removed from
- * the environment at start, so that worker processes do not see them.
+ * hand with --serve, it is a small parent that runs one session at a
+ * time in a child (this executable with --session): the child publishes
+ * the name, serves one pool and exits when the session ends, or dies of
+ * a fault in thread isolation, and the parent starts the next child.  So
+ * nothing of a session outlives it, not even a body that ignored its
+ * cancel.  The two variables are removed from the environment at start,
+ * so that worker processes do not see them.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -56,7 +58,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <spawn.h>
 #include <sys/prctl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "cnode.h"
@@ -97,7 +101,7 @@ typedef struct node_s {
     moat__dist_t dist;
     int loop_ready, ob_ready, jobs_ready, errlog_ready, dist_ready;
     int distributed;   /* frames travel over distribution */
-    int serve;         /* --serve: a session at a time, for ever */
+    int session;       /* --session: a child of --serve, no lifeline */
 } node_t;
 
 /* Static, so that all of it stays reachable when the node exits with
@@ -108,23 +112,6 @@ static node_t node;
  * once at start, from /proc/self/exe (which valgrind answers with the
  * program it runs, not itself). */
 static char exe_path[PATH_MAX];
-
-/* --serve: MOAT_NODE and MOAT_COOKIE, put back before the exec. */
-static char *serve_node, *serve_cookie;
-
-/* Ends this process: with `status`, or, serving, by becoming a fresh
- * server. */
-static void leave(node_t *n) {
-    if (n->serve) {
-        setenv("MOAT_NODE", serve_node, 1);
-        setenv("MOAT_COOKIE", serve_cookie, 1);
-        execl(exe_path, exe_path, "--serve", (char *)NULL);
-        fprintf(stderr, "moat_cnode: cannot exec %s: %s\n", exe_path,
-                strerror(errno));
-        _exit(MOAT_CNODE_EXIT_FAILURE);
-    }
-    _exit(n->status);
-}
 
 static void finish(node_t *n, int status) {
     if (n->stop)
@@ -542,7 +529,7 @@ static void on_dist_batch(void *data) {
 
 static void on_dist_end(void *data, const char *why) {
     node_t *n = data;
-    if (n->serve)
+    if (n->session)
         fprintf(stderr, "moat_cnode: session over: %s\n", why);
     finish(n, MOAT_CNODE_EXIT_EOF);
 }
@@ -562,7 +549,7 @@ static int start_dist(node_t *n, const char *node, const char *cookie) {
         fprintf(stderr, "moat_cnode: %s: %s\n", node, why);
         return rc;
     }
-    if (n->serve)
+    if (n->session)
         fprintf(stderr, "moat_cnode: serving as %s\n", node);
     else if (write(1, line, sizeof line - 1) != (ssize_t)sizeof line - 1)
         return -errno;
@@ -601,7 +588,7 @@ static int start(node_t *n, const char *node, const char *cookie) {
     n->jobs_ready = 1;
     if (n->distributed && (rc = start_dist(n, node, cookie)) != 0)
         return rc;
-    if (n->serve)
+    if (n->session)
         return 0; /* no lifeline */
     /* epoll cannot watch a regular file (libuv aborts on it) */
     t = uv_guess_handle(0);
@@ -638,7 +625,7 @@ static int stop(node_t *n) {
         moat_pool_close(n->pool);
         for (int i = 0; busy(n); i++) {
             if (i == EXIT_GRACE_MS)
-                leave(n); /* see DESIGN: no waiting for bodies */
+                _exit(n->status); /* see DESIGN: no waiting for bodies */
             uv_sleep(1);
         }
         /* No body is left, so this is quick; afterwards no callback can
@@ -696,12 +683,56 @@ static int take_env(char **node, char **cookie) {
     return 0;
 }
 
+/* Some time for the name a dead session held to leave epmd. */
+#define SERVE_BACKOFF_MS 100
+#define SERVE_BACKOFF_MAX_MS 5000
+
+/* --serve: one session at a time, each in a child, for ever (see
+ * DESIGN).  A child that fails at once (its name still taken in epmd, say)
+ * is retried after a pause that doubles up to 5 s. */
+static int serve(const char *node, const char *cookie) {
+    char *argv[] = {exe_path, "--session", NULL};
+    unsigned pause = SERVE_BACKOFF_MS;
+
+    for (;;) {
+        uint64_t started = uv_hrtime();
+        pid_t pid;
+        int st, rc;
+
+        if (setenv("MOAT_NODE", node, 1) != 0 ||
+            setenv("MOAT_COOKIE", cookie, 1) != 0)
+            return MOAT_CNODE_EXIT_FAILURE;
+        rc = posix_spawn(&pid, exe_path, NULL, NULL, argv, environ);
+        unsetenv("MOAT_NODE");
+        unsetenv("MOAT_COOKIE");
+        if (rc != 0) {
+            fprintf(stderr, "moat_cnode: cannot start a session: %s\n",
+                    strerror(rc));
+            return MOAT_CNODE_EXIT_FAILURE;
+        }
+        while (waitpid(pid, &st, 0) < 0)
+            if (errno != EINTR)
+                return MOAT_CNODE_EXIT_FAILURE;
+        if (WIFSIGNALED(st))
+            fprintf(stderr, "moat_cnode: a session died of signal %d\n",
+                    WTERMSIG(st));
+        if (WIFEXITED(st) && WEXITSTATUS(st) == MOAT_CNODE_EXIT_FAILURE &&
+            uv_hrtime() - started < (uint64_t)1000000000) {
+            uv_sleep(pause);
+            pause = pause * 2 < SERVE_BACKOFF_MAX_MS ? pause * 2
+                                                     : SERVE_BACKOFF_MAX_MS;
+        } else {
+            pause = SERVE_BACKOFF_MS;
+        }
+    }
+}
+
 int main(int argc, char **argv) {
     node_t *n = &node;
     pid_t parent = getppid();
     char *dnode, *dcookie;
     ssize_t len;
-    int rc;
+    int rc, serving;
 
     len = readlink("/proc/self/exe", exe_path, sizeof exe_path - 1);
     exe_path[len > 0 ? len : 0] = '\0';
@@ -710,24 +741,29 @@ int main(int argc, char **argv) {
         return MOAT_CNODE_EXIT_FAILURE;
     }
     n->distributed = dnode != NULL;
-    n->serve = argc == 2 && strcmp(argv[1], "--serve") == 0;
-    if (argc > 1 && (!n->serve || !n->distributed)) {
+    serving = argc == 2 && strcmp(argv[1], "--serve") == 0;
+    n->session = argc == 2 && strcmp(argv[1], "--session") == 0;
+    if (argc > 1 && (!(serving || n->session) || !n->distributed)) {
         fprintf(stderr, "usage: MOAT_NODE=alive@host MOAT_COOKIE=cookie "
                         "moat_cnode --serve\n");
         return MOAT_CNODE_EXIT_FAILURE;
     }
-    serve_node = dnode;
-    serve_cookie = dcookie;
+    if (serving) {
+        /* A server started by hand has no VM to die with. */
+        rc = serve(dnode, dcookie);
+        free(dnode);
+        free(dcookie);
+        return rc;
+    }
     ei_init();
     /* ei does not write with MSG_NOSIGNAL, and a VM that is gone must be
      * a write error here, not a signal. */
     signal(SIGPIPE, SIG_IGN);
-    /* Die with the VM even when it is killed outright, then check that
-     * it did not die before the signal was armed.  A parent that died
-     * before `parent` was read leaves stdin at EOF: the loop sees it.  A
-     * server started by hand has no VM to die with. */
-    if (!n->serve &&
-        (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent))
+    /* Die with the VM (or the server) even when it is killed outright,
+     * then check that it did not die before the signal was armed.  A
+     * parent that died before `parent` was read leaves stdin at EOF: the
+     * loop sees it. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
         return MOAT_CNODE_EXIT_FAILURE;
     if (standard_fds() != 0)
         return MOAT_CNODE_EXIT_FAILURE;
@@ -741,15 +777,11 @@ int main(int argc, char **argv) {
             fprintf(stderr, "moat_cnode: cannot start: %s\n",
                     moat_strerror(rc));
         n->status = MOAT_CNODE_EXIT_FAILURE;
-        n->serve = 0; /* a server that cannot start must not loop */
-        rc = stop(n);
     } else {
         n->status = MOAT_CNODE_EXIT_FAILURE; /* unless finish says otherwise */
         uv_run(&n->loop, UV_RUN_DEFAULT);
-        rc = stop(n);
-        if (n->serve)
-            leave(n);
     }
+    rc = stop(n);
     free(dnode);
     free(dcookie);
     return rc;
