@@ -304,7 +304,11 @@ $(B)/$(1)/test_cnode: $(B)/$(1)/obj/cnode-test/test_cnode.o | $$(CNODE_$(1)) $(B
 $(B)/$(1)/test_cnode_frame: $(B)/$(1)/obj/cnode-test/test_frame.o $(B)/$(1)/obj/cnode/frame.o $(B)/$(1)/libmoat_core.a
 	$$(call link_program,$(1),$$(CMOCKA_LIBS))
 
-TEST_BINS_$(1) += $(B)/$(1)/test_cnode $(B)/$(1)/test_cnode_frame
+# test_cnode_dist drives the executable over distribution, ei playing the VM.
+$(B)/$(1)/test_cnode_dist: $(B)/$(1)/obj/cnode-test/test_dist.o | $$(CNODE_$(1)) $(B)/$(1)/cnode/cnode_lib.so
+	$$(call link_program,$(1),$$(CMOCKA_LIBS))
+
+TEST_BINS_$(1) += $(B)/$(1)/test_cnode $(B)/$(1)/test_cnode_frame $(B)/$(1)/test_cnode_dist
 endef
 ifneq ($(CNODE_SRCS),)
 $(foreach v,$(VARIANTS),$(eval $(call cnode_rules,$(v))))
