@@ -139,6 +139,12 @@ typedef struct moat__jobs_s {
     size_t npend, cappend;
     moat__job_t *cancelling;  /* cancelled jobs whose bodies still run */
     uv_timer_t timer;         /* polls `cancelling` while it is not empty */
+    int sized;                /* `ordered` is set */
+    int ordered;              /* set before the first submission, then
+                                 read by pool threads: one thread, whose
+                                 outcomes are written before it takes its
+                                 next task (a worker of process isolation:
+                                 procs.c relies on it) */
 } moat__jobs_t;
 
 /* Prepares the jobs of a node; the pool is attached later (jobs->pool),

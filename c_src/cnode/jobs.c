@@ -32,14 +32,25 @@
  * moat_task_running while the list is not empty; a tag is reported once
  * its body has left its thread.
  *
+ * Order.  In a node of one thread (a worker of process isolation), an
+ * outcome is written before the thread takes its next task: the complete
+ * callback waits while another thread (the loop, writing a log or a
+ * stopped frame) is the outbox's writer with the outcome queued behind.
+ * The parent holds several runs of a worker and, when the worker dies,
+ * takes the oldest one not answered for the one that was running; an
+ * outcome left queued in a dead process would make it blame the wrong
+ * task and run the next one twice (procs.c).
+ *
  * Shutdown.  moat__jobs_close runs after moat_pool_close has decided every
  * outcome, so the map is empty then; it releases the cancelling list.
  *
  * Lock: `lock` (the map lock) guards buckets, mask, count, and each job's
  * in_map and task.  The outbox's lock is never taken under it.
  */
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cnode.h"
 
@@ -125,6 +136,26 @@ static moat__job_t *map_take(moat__jobs_t *jobs, uint64_t tag) {
 }
 
 /* ------------------------------------------------------------ helpers */
+
+/* Waits until no thread is writing the outbox, so that everything queued
+ * so far is written (or dropped).  A writer only waits on stdout, which
+ * the parent keeps reading: yield at first, then sleep 50 us at a time. */
+static void wait_written(moat__outbox_t *ob) {
+    const struct timespec nap = {0, 50000};
+
+    for (int i = 0;; i++) {
+        int busy;
+        uv_mutex_lock(&ob->lock);
+        busy = ob->writing && !ob->discard;
+        uv_mutex_unlock(&ob->lock);
+        if (!busy)
+            return;
+        if (i < 64)
+            sched_yield();
+        else
+            nanosleep(&nap, NULL);
+    }
+}
 
 /* Answers {Tag, exit, Atom}. */
 static void answer(moat__jobs_t *jobs, uint64_t tag, moat_atom_t a) {
@@ -239,6 +270,8 @@ void moat__jobs_complete(moat_task_t *task, const moat_outcome_t *o,
     uv_mutex_unlock(&jobs->lock);
     etf = moat_term_data(o->term, &len);
     moat__outbox_done(jobs->ob, tag, o->kind, etf + 1, len - 1);
+    if (jobs->ordered)
+        wait_written(jobs->ob);
     if (handle != NULL) {
         moat_task_release(handle);
         free(job);
@@ -270,6 +303,12 @@ void moat__jobs_flush(moat__jobs_t *jobs) {
 
     if (n == 0)
         return;
+    if (!jobs->sized) {
+        moat_pool_stats_t st;
+        moat_pool_stats(jobs->pool, &st);
+        jobs->ordered = st.threads == 1;
+        jobs->sized = 1;
+    }
     jobs->npend = 0;
     /* In the map before any of them can complete. */
     uv_mutex_lock(&jobs->lock);

@@ -2,7 +2,7 @@
  * procs.c: `isolation => process`.  The C-node (the parent) runs each task
  * in a worker: a process of its own that is this same executable in thread
  * isolation with one thread, so that a hard fault ends one worker and the
- * one task in it, not the node.
+ * one task running in it, not the node.
  *
  * DESIGN
  *
@@ -16,37 +16,68 @@
  * own errlog starts still reaches the VM.
  *
  * The protocol to a worker is the VM's (doc/cnode.md): hello with size 1,
- * max_queue 1, the node's libraries, and max_memory when set; then run
- * and cancel.  It answers ready, done, stopped and log.  Its frames are
- * not trusted: each one is checked and decoded with bounds
+ * max_queue PIPELINE, the node's libraries, and max_memory when set; then
+ * run and cancel.  It answers ready, done, stopped and log.  Its frames
+ * are not trusted: each one is checked and decoded with bounds
  * (moat__wframe_decode), and a malformed one, or one that does not fit
  * what the worker was asked (a tag it does not hold, a second ready),
- * kills the worker, whose task (if any) ends {native_crash, protocol}.
+ * kills the worker, whose running task (if any) ends {native_crash,
+ * protocol}.
  *
- * Workers.  The parent keeps size + spares live workers (starting, idle
- * or busy), of which at most `size` are busy; the spares are idle
- * processes ready to take over at once when a busy one dies.  A run goes
- * to an idle worker or waits in a FIFO queue; size + max_queue tasks at
- * most are admitted (running or queued), as the thread pool admits them,
- * and a run beyond that is answered `overloaded`.  A worker's done entry
- * for its task goes to the VM and the worker becomes idle.
+ * Workers and pipelining.  The parent keeps size + spares live workers
+ * (starting or ready), of which at most `size` hold runs; the spares are
+ * idle processes ready to take over at once when one dies.  A worker
+ * holds up to PIPELINE runs, sent and not yet answered, oldest first, so
+ * that the pipe round trip is overlapped instead of paid per task.  Its
+ * one pool thread takes its tasks in FIFO order and writes each outcome
+ * before it takes the next, so the only run that can have begun is the
+ * oldest it holds, or, behind cancelled runs whose bodies may still be
+ * running abandoned, the oldest one not cancelled.  Runs wait in the
+ * parent's FIFO queue; size + max_queue at most are admitted (held or
+ * queued), and one beyond that is answered `overloaded`.
+ *
+ * Turns.  Dispatch, the outcomes for the VM and spawning wait for the
+ * end of the loop turn (an idle handle, armed by whatever may need
+ * them), so that they are done once for all the frames of the turn and
+ * never in the middle of handling a death.  Dispatch
+ * first gives one run to each worker holding none, while fewer than
+ * `size` hold any; then, while at least DEEP_QUEUE runs per worker still
+ * wait, it tops the holders up, one run each round, to PIPELINE: only
+ * those that answered their last run fast (FAST_NS) and whose oldest run
+ * has been held less than STALL_NS.  A run sent behind a long task still
+ * waits for it even if another worker frees up: only under a deep queue,
+ * where runs wait anyway, right after short tasks, and for at most
+ * PIPELINE - 1 runs per long task.  Each worker's new
+ * runs leave in one write; the turn's outcomes leave as one done frame
+ * and one stopped frame.  Then, if workers are missing, one is spawned
+ * (a posix_spawn blocks the loop for a few hundred microseconds, so one
+ * a turn, after the outcomes are out, and the next turn's frames are
+ * read before the next one).
  *
  * Deaths.  SIGCHLD (a uv_signal_t) makes the loop call waitpid(pid,
  * WNOHANG) for each worker not yet reaped, never waitpid(-1).  A reaped
- * worker's stdout is read to its end first, so a done it wrote before
- * dying counts.  A worker that died with its task gives that task
- * {native_crash, Signal} (sigsegv, sigabrt, ...), {native_crash, enomem}
- * for the worker's own out-of-memory exit status, or {native_crash,
- * {exit_status, N}}, and does not count toward the intensity; one that
- * died starting or idle does, and more than max_restarts such deaths
- * within max_seconds end the node (MOAT_CNODE_EXIT_WORKERS).  Every death
- * is replaced at once, so the spares never run out for long.
+ * worker's stdout is read to its end first, so an outcome it wrote before
+ * dying counts.  Then its held runs are settled, oldest first: a
+ * cancelled one is reported stopped; the first other one, which may have
+ * begun, ends {native_crash, Signal} (sigsegv, sigabrt, ...),
+ * {native_crash, enomem} for the worker's own out-of-memory exit status,
+ * or {native_crash, {exit_status, N}}; the ones behind it had not begun
+ * and go back to the front of the queue, to run once elsewhere.  After a
+ * run the parent killed the worker for (below), nothing behind it had
+ * begun.  A worker that died holding runs does not count toward the
+ * intensity; one that died starting or idle, or could not be spawned,
+ * does, and more than max_restarts such deaths within max_seconds end the
+ * node (MOAT_CNODE_EXIT_WORKERS).  Every death is replaced at once, so
+ * the spares never run out for long.
  *
  * Cancels.  A queued run is dropped and its tag reported stopped at once.
- * For a running one, `killed` and `timeout` SIGKILL the worker (a real
- * kill), and its tag is reported stopped once the worker is reaped;
- * `shutdown` is forwarded, and the worker answers stopped or done, which
- * goes to the VM as it is.
+ * For the oldest run a worker holds, `killed` and `timeout` SIGKILL the
+ * worker (a real kill); its tag is reported stopped once the worker is
+ * reaped, and its other runs are settled as for any death.  Otherwise
+ * the cancel is forwarded as `shutdown`: a run still queued in the worker
+ * never begins and comes back stopped, a running one is the worker's to
+ * stop (cooperative, as in thread isolation), and whatever the worker
+ * answers goes to the VM as it is.
  *
  * Shutdown.  moat__procs_stop closes every worker's stdin (a worker exits
  * with status 0 on EOF), SIGKILLs those still alive after STOP_GRACE_MS,
@@ -85,33 +116,69 @@ extern char **environ;
 /* The core's default max_queue (moat_core.h). */
 #define DEFAULT_MAX_QUEUE 65536
 
+/* Runs a worker holds at most.  A round trip to a worker and back costs
+ * tens of microseconds of wake-ups, a trivial task a few: sixteen in
+ * flight keep a worker busy, and a crash sends back at most fifteen. */
+#define PIPELINE 16
+
+/* Workers take more than one run only while at least this many runs per
+ * worker wait in the queue: under that load every run waits anyway, and
+ * below it a run never waits behind a task that may be long while another
+ * worker could take it. */
+#define DEEP_QUEUE PIPELINE
+
+/* A worker takes more than one run only while it answers fast: its last
+ * oldest run was answered within 500 us of becoming the oldest.  A fresh
+ * worker, or one that has just run a long task, takes one at a time. */
+#define FAST_NS 500000u
+
+/* A worker whose oldest run has been held this long (1 ms) gets no more
+ * runs until it answers one: a task that long gains nothing from
+ * pipelining, and runs sent behind it would wait for it. */
+#define STALL_NS 1000000u
+
 typedef enum {
     W_STARTING, /* spawned, hello sent, no ready yet */
-    W_IDLE,
-    W_BUSY,     /* runs `tag` */
-    W_DYING,    /* killed by the parent; gone once reaped */
+    W_READY,    /* serves: holds 0..PIPELINE runs */
+    W_DYING,    /* killed by the parent or dead; settled once reaped */
     W_ENDING    /* its stdin closed by moat__procs_stop */
 } wstate_t;
 
-/* A packet to write (a worker's run, cancel or hello, or a queued run):
- * the 4-byte length, then the term.  The write request comes first, so
- * that the write callback can free it. */
+/* A packet to write: a run (queued, or held by a worker), a cancel or a
+ * hello; the 4-byte length, then the term.  Counted references: the
+ * queue or a worker's held list, and each write still using it. */
 typedef struct packet_s {
-    uv_write_t req;
-    struct packet_s *next; /* in the queue */
+    struct packet_s *next; /* in the queue, or in a worker's held list */
     uint64_t tag;
+    unsigned refs;
+    unsigned char cancelled; /* held: the VM has decided its outcome */
+    unsigned char forwarded; /* held: a cancel for it went to the worker */
+    unsigned char killed;    /* held: its worker was SIGKILLed for it */
     size_t len;
     char data[];
 } packet_t;
+
+/* One write of n packets to a worker's stdin. */
+typedef struct wreq_s {
+    uv_write_t req;
+    unsigned n;
+    packet_t *k[];
+} wreq_t;
 
 typedef struct worker_s {
     struct worker_s *next;
     moat__procs_t *p;
     pid_t pid;
     wstate_t state;
-    uint64_t tag;     /* W_BUSY: its task; W_DYING: see stop_tag */
-    int stop_tag;     /* W_DYING: report `tag` stopped once reaped */
-    int cancelled;    /* W_BUSY: a shutdown cancel was forwarded */
+    const char *why;  /* W_DYING: what a run that may have begun ends
+                         with, {native_crash, Why}; NULL: how it ended */
+    int counts;       /* W_DYING: its death counts toward the intensity */
+    packet_t *held, **held_tail; /* runs sent, not answered, oldest first */
+    unsigned nheld;
+    uint64_t since;   /* uv_hrtime() when the oldest held run became so */
+    uint64_t last_ns; /* how long its last oldest run took to answer */
+    packet_t *fresh[PIPELINE]; /* runs this dispatch gave it */
+    unsigned nfresh;
     int reaped;
     int ignore;       /* its frames are no longer read */
     uv_pipe_t in, out;
@@ -131,21 +198,31 @@ struct moat__procs_s {
     uint64_t max_ms;         /* max_seconds in ms */
     size_t max_queue;
     worker_t *workers;       /* every worker not yet freed */
-    unsigned nlive;          /* starting, idle or busy */
-    unsigned nbusy;
+    unsigned nlive;          /* starting or ready */
+    unsigned nbusy;          /* ready and holding runs */
+    size_t nheld;            /* runs held by workers */
     packet_t *queue, **queue_tail;
     size_t nqueue;
     uint64_t *deaths;        /* ring: times of the last max_restarts + 1
                                 deaths that count */
     size_t ndeaths, dhead;
+    ei_x_buff done;          /* this turn's done frame, but its list's
+                                length (at list_at) and tail */
+    size_t ndone;
+    int list_at;
+    uint64_t *stopped;       /* this turn's stopped tags */
+    size_t nstopped, capstopped;
     uv_signal_t sigchld;
-    int sig_open;
+    uv_idle_t turn;          /* armed: dispatch, flush and spawn at the
+                                turn's end */
+    int sig_open, turn_open;
     ei_x_buff hello;         /* the workers' hello, with its version */
-    int stopping;            /* no more spawning */
+    int stopping;            /* no more spawning or dispatching */
 };
 
 static void replenish(moat__procs_t *p);
-static void dispatch(moat__procs_t *p);
+static void settle(worker_t *w, int st);
+static void reap(moat__procs_t *p);
 
 /* ------------------------------------------------------------ helpers */
 
@@ -162,65 +239,119 @@ static uint32_t be32(const char *b) {
            u[3];
 }
 
-/* A packet holding x's bytes; NULL when memory is short. */
+/* A packet holding x's bytes, with one reference; NULL when memory is
+ * short. */
 static packet_t *packet_new(uint64_t tag, const ei_x_buff *x) {
     packet_t *k = malloc(sizeof *k + LEN_BYTES + (size_t)x->index);
 
     if (k == NULL)
         return NULL;
-    k->next = NULL;
+    memset(k, 0, sizeof *k);
     k->tag = tag;
+    k->refs = 1;
     k->len = LEN_BYTES + (size_t)x->index;
     put_be32(k->data, (uint32_t)x->index);
     memcpy(k->data + LEN_BYTES, x->buff, (size_t)x->index);
     return k;
 }
 
-static void on_written(uv_write_t *req, int status) {
-    (void)status; /* a dead worker's stdin: its reaping tells the rest */
-    free(req);
-}
-
-/* Writes packet k (owned from now on) to the worker's stdin. */
-static void send_packet(worker_t *w, packet_t *k) {
-    uv_buf_t b = uv_buf_init(k->data, (unsigned)k->len);
-
-    if (!w->in_open ||
-        uv_write(&k->req, (uv_stream_t *)&w->in, &b, 1, on_written) != 0)
+static void unref(packet_t *k) {
+    if (--k->refs == 0)
         free(k);
 }
 
-/* Answers {Tag, exit, Term}, Term encoded in x without a version. */
-static void answer_x(moat__procs_t *p, uint64_t tag, ei_x_buff *x) {
-    moat__outbox_done(p->ob, tag, MOAT_EXIT, x->buff, (size_t)x->index);
+static void free_list(packet_t *k) {
+    while (k != NULL) {
+        packet_t *next = k->next;
+        k->next = NULL;
+        unref(k);
+        k = next;
+    }
+}
+
+/* The node cannot keep an outcome: it ends, and the VM gives every task
+ * cnode_down (as the outbox does, cnode.h). */
+static void nomem(moat__procs_t *p) {
+    if (p->stopping)
+        return;
+    p->stopping = 1;
+    p->fatal(p->data, MOAT_CNODE_EXIT_NOMEM);
+}
+
+static void on_turn(uv_idle_t *h);
+
+/* Dispatch and flush at the end of this loop turn. */
+static void arm(moat__procs_t *p) {
+    if (p->turn_open && !p->stopping)
+        uv_idle_start(&p->turn, on_turn);
+}
+
+/* Adds {Tag, ok | exit, Term} to this turn's done frame; `term` without
+ * its version byte. */
+static void emit_done(moat__procs_t *p, uint64_t tag, int kind,
+                      const char *term, size_t len) {
+    ei_x_buff *x = &p->done;
+
+    if (p->ndone == 0) {
+        x->index = 0;
+        if (ei_x_encode_version(x) < 0 || ei_x_encode_tuple_header(x, 2) < 0 ||
+            ei_x_encode_atom(x, "done") < 0)
+            goto fail;
+        p->list_at = x->index;
+        /* a LIST_EXT whose length flush writes */
+        if (ei_x_encode_list_header(x, 1) < 0)
+            goto fail;
+    }
+    if (len > INT32_MAX || ei_x_encode_tuple_header(x, 3) < 0 ||
+        ei_x_encode_ulonglong(x, tag) < 0 ||
+        ei_x_encode_atom(x, kind == MOAT_OK ? "ok" : "exit") < 0 ||
+        ei_x_append_buf(x, term, (int)len) < 0)
+        goto fail;
+    p->ndone++;
+    arm(p);
+    return;
+fail:
+    nomem(p);
+}
+
+static void emit_stopped(moat__procs_t *p, uint64_t tag) {
+    if (p->nstopped == p->capstopped) {
+        size_t cap = p->capstopped > 0 ? p->capstopped * 2 : 64;
+        uint64_t *s = realloc(p->stopped, cap * sizeof *s);
+        if (s == NULL) {
+            nomem(p);
+            return;
+        }
+        p->stopped = s;
+        p->capstopped = cap;
+    }
+    p->stopped[p->nstopped++] = tag;
+    arm(p);
+}
+
+/* Writes this turn's outcomes: one stopped frame, one done frame. */
+static void flush(moat__procs_t *p) {
+    ei_x_buff *x = &p->done;
+
+    if (p->nstopped > 0) {
+        moat__outbox_stopped(p->ob, p->stopped, p->nstopped);
+        p->nstopped = 0;
+    }
+    if (p->ndone == 0)
+        return;
+    put_be32(x->buff + p->list_at + 1, (uint32_t)p->ndone);
+    if (ei_x_encode_empty_list(x) < 0 ||
+        moat__outbox_frame(p->ob, x->buff, (size_t)x->index) != 0)
+        nomem(p);
+    p->ndone = 0;
+    x->index = 0;
 }
 
 static void answer_atom(moat__procs_t *p, uint64_t tag, moat_atom_t a) {
     size_t len;
     const char *etf = moat_term_data(moat_atom(a), &len);
 
-    moat__outbox_done(p->ob, tag, MOAT_EXIT, etf + 1, len - 1);
-}
-
-/* {native_crash, What}: `what` an atom, or with `status` >= 0 the tuple
- * {exit_status, Status}. */
-static void answer_crash(moat__procs_t *p, uint64_t tag, const char *what,
-                         int status) {
-    ei_x_buff x;
-
-    if (ei_x_new(&x) < 0 || ei_x_encode_tuple_header(&x, 2) < 0 ||
-        ei_x_encode_atom(&x, "native_crash") < 0 ||
-        (status >= 0
-             ? ei_x_encode_tuple_header(&x, 2) < 0 ||
-                   ei_x_encode_atom(&x, "exit_status") < 0 ||
-                   ei_x_encode_long(&x, status) < 0
-             : ei_x_encode_atom(&x, what) < 0)) {
-        ei_x_free(&x);
-        answer_atom(p, tag, MOAT_A_ENOMEM);
-        return;
-    }
-    answer_x(p, tag, &x);
-    ei_x_free(&x);
+    emit_done(p, tag, MOAT_EXIT, etf + 1, len - 1);
 }
 
 /* The lowercase name of a signal, "sigsegv"; "signal_N" when unknown. */
@@ -235,6 +366,38 @@ static void signal_name(int sig, char *out, size_t cap) {
     for (char *c = out; *c != '\0'; c++)
         if (*c >= 'A' && *c <= 'Z')
             *c = (char)(*c - 'A' + 'a');
+}
+
+/* {native_crash, What} for a run whose worker ended with wait status st:
+ * `why` when set, else the signal, enomem for the worker's own
+ * out-of-memory exit, or {exit_status, N}. */
+static void answer_crash(moat__procs_t *p, uint64_t tag, const char *why,
+                         int st) {
+    char sig[32];
+    int status = -1;
+    ei_x_buff x;
+
+    if (why == NULL && WIFSIGNALED(st)) {
+        signal_name(WTERMSIG(st), sig, sizeof sig);
+        why = sig;
+    } else if (why == NULL && WEXITSTATUS(st) == MOAT_CNODE_EXIT_NOMEM) {
+        why = "enomem";
+    } else if (why == NULL) {
+        status = WEXITSTATUS(st);
+    }
+    if (ei_x_new(&x) < 0 || ei_x_encode_tuple_header(&x, 2) < 0 ||
+        ei_x_encode_atom(&x, "native_crash") < 0 ||
+        (status >= 0
+             ? ei_x_encode_tuple_header(&x, 2) < 0 ||
+                   ei_x_encode_atom(&x, "exit_status") < 0 ||
+                   ei_x_encode_long(&x, status) < 0
+             : ei_x_encode_atom(&x, why) < 0)) {
+        ei_x_free(&x);
+        answer_atom(p, tag, MOAT_A_ENOMEM);
+        return;
+    }
+    emit_done(p, tag, MOAT_EXIT, x.buff, (size_t)x.index);
+    ei_x_free(&x);
 }
 
 /* Describes a wait status for logs. */
@@ -262,6 +425,7 @@ static void on_closed(uv_handle_t *h) {
             *pp = w->next;
             break;
         }
+    free_list(w->held);
     free(w->rbuf);
     free(w);
 }
@@ -309,96 +473,164 @@ static void died_on_its_own(moat__procs_t *p) {
     p->fatal(p->data, MOAT_CNODE_EXIT_WORKERS);
 }
 
-/* The worker broke the protocol, or must go for another reason: SIGKILL.
- * Its task, unless cancelled, ends {native_crash, protocol}. */
-static void kill_worker(worker_t *w, const char *why) {
+/* Takes w out of service (it is dead or about to be); its held runs wait
+ * for settle. */
+static void retire(worker_t *w) {
+    moat__procs_t *p = w->p;
+
+    if (w->state == W_STARTING || w->state == W_READY) {
+        p->nlive--;
+        if (w->state == W_READY && w->nheld > 0)
+            p->nbusy--;
+    }
+    w->state = W_DYING;
+}
+
+/* The worker broke the protocol, or must go for another reason: SIGKILL,
+ * its frames ignored from now on.  The run that may have begun ends
+ * {native_crash, Crash} once it is reaped; an idle worker's death
+ * counts. */
+static void kill_worker(worker_t *w, const char *why, const char *crash) {
     moat__procs_t *p = w->p;
 
     moat__outbox_logf(p->ob, "error", "moat_cnode: worker %d: %s; killed",
                       (int)w->pid, why);
     w->ignore = 1;
-    if (w->state == W_BUSY) {
-        if (w->cancelled) {
-            w->stop_tag = 1;
-        } else {
-            answer_crash(p, w->tag, "protocol", -1);
-        }
-        p->nbusy--;
-    }
-    if (w->state == W_STARTING || w->state == W_IDLE) {
-        /* counts as a death on its own, once reaped */
-        if (!w->reaped)
-            kill(w->pid, SIGKILL);
-        return;
-    }
-    if (w->state != W_DYING && w->state != W_ENDING) {
-        p->nlive--;
-        w->state = W_DYING;
+    if (w->state == W_STARTING || w->state == W_READY) {
+        w->counts = w->nheld == 0;
+        w->why = crash;
+        retire(w);
     }
     if (!w->reaped)
-        kill(w->pid, SIGKILL);
+        kill(w->pid, SIGKILL); /* not reaped yet: the pid is its own */
     replenish(p);
-    dispatch(p);
+    arm(p);
+}
+
+/* ------------------------------------------------------------ writing */
+
+static void on_written(uv_write_t *req, int status) {
+    wreq_t *r = (wreq_t *)req;
+
+    (void)status; /* a dead worker's stdin: its reaping tells the rest */
+    for (unsigned i = 0; i < r->n; i++)
+        unref(r->k[i]);
+    free(r);
+}
+
+/* Writes k[0..n) (n <= PIPELINE) to the worker's stdin in one write; the
+ * write takes its own references. */
+static void write_packets(worker_t *w, packet_t **k, unsigned n) {
+    uv_buf_t b[PIPELINE] = {{0}};
+    wreq_t *r;
+
+    if (!w->in_open)
+        return; /* its death settles what it holds */
+    r = malloc(sizeof *r + n * sizeof *k);
+    if (r == NULL) {
+        kill_worker(w, "no memory to write to it", "enomem");
+        return;
+    }
+    r->n = n;
+    for (unsigned i = 0; i < n; i++) {
+        r->k[i] = k[i];
+        k[i]->refs++;
+        b[i] = uv_buf_init(k[i]->data, (unsigned)k[i]->len);
+    }
+    if (uv_write(&r->req, (uv_stream_t *)&w->in, b, n, on_written) != 0) {
+        for (unsigned i = 0; i < n; i++)
+            unref(k[i]);
+        free(r);
+        kill_worker(w, "its stdin cannot be written", "epipe");
+    }
 }
 
 /* ------------------------------------------------- frames from workers */
 
+/* Where run `tag` sits in w's held list; NULL when it does not hold it. */
+static packet_t **find_held(worker_t *w, uint64_t tag) {
+    packet_t **pp = &w->held;
+
+    while (*pp != NULL && (*pp)->tag != tag)
+        pp = &(*pp)->next;
+    return *pp != NULL ? pp : NULL;
+}
+
+/* Takes the held run at *pp out of w's list; the caller owns it. */
+static packet_t *unhold(worker_t *w, packet_t **pp) {
+    moat__procs_t *p = w->p;
+    packet_t *k = *pp;
+
+    *pp = k->next;
+    if (w->held_tail == &k->next)
+        w->held_tail = pp;
+    k->next = NULL;
+    if (pp == &w->held) {
+        uint64_t now = uv_hrtime();
+        w->last_ns = now - w->since;
+        w->since = now;
+    }
+    w->nheld--;
+    p->nheld--;
+    if (w->nheld == 0 && w->state == W_READY)
+        p->nbusy--;
+    return k;
+}
+
 static void handle_wframe(worker_t *w, const char *buf, size_t len) {
     moat__procs_t *p = w->p;
     moat__wframe_t f;
+    packet_t **pp;
     int rc = moat__wframe_decode(buf, len, &f);
 
     if (rc == UV_ENOMEM) {
         moat__wframe_free(&f);
-        p->stopping = 1;
-        p->fatal(p->data, MOAT_CNODE_EXIT_NOMEM);
+        nomem(p);
         return;
     }
     if (rc != 0) {
         char why[200];
         snprintf(why, sizeof why, "a malformed frame (%s)", f.why);
-        kill_worker(w, why);
+        kill_worker(w, why, "protocol");
         goto out;
     }
     switch (f.kind) {
     case MOAT__WFRAME_READY:
         if (w->state != W_STARTING) {
-            kill_worker(w, "a second ready frame");
+            kill_worker(w, "a second ready frame", "protocol");
             break;
         }
-        w->state = W_IDLE;
-        dispatch(p);
+        w->state = W_READY;
+        arm(p);
         break;
     case MOAT__WFRAME_ERROR:
         /* It refused hello (and exits 2): a death on its own. */
-        kill_worker(w, "hello refused");
+        kill_worker(w, "hello refused", "protocol");
         break;
     case MOAT__WFRAME_DONE:
         for (size_t i = 0; i < f.ndone && !w->ignore; i++) {
             const moat__wdone_t *d = &f.done[i];
-            if (w->state != W_BUSY || d->tag != w->tag) {
-                kill_worker(w, "a done entry for a task it does not hold");
+            if ((pp = find_held(w, d->tag)) == NULL) {
+                kill_worker(w, "a done entry for a task it does not hold",
+                            "protocol");
                 break;
             }
-            moat__outbox_done(p->ob, d->tag, d->kind, d->term, d->len);
-            w->state = W_IDLE;
-            w->cancelled = 0;
-            p->nbusy--;
+            unref(unhold(w, pp));
+            emit_done(p, d->tag, d->kind, d->term, d->len);
         }
-        dispatch(p);
+        arm(p);
         break;
     case MOAT__WFRAME_STOPPED:
         for (size_t i = 0; i < f.ntags && !w->ignore; i++) {
-            if (w->state != W_BUSY || !w->cancelled || f.tags[i] != w->tag) {
-                kill_worker(w, "a stopped tag it was not asked to stop");
+            if ((pp = find_held(w, f.tags[i])) == NULL || !(*pp)->forwarded) {
+                kill_worker(w, "a stopped tag it was not asked to stop",
+                            "protocol");
                 break;
             }
-            moat__outbox_stopped(p->ob, &w->tag, 1);
-            w->state = W_IDLE;
-            w->cancelled = 0;
-            p->nbusy--;
+            unref(unhold(w, pp));
+            emit_stopped(p, f.tags[i]);
         }
-        dispatch(p);
+        arm(p);
         break;
     case MOAT__WFRAME_LOG:
         moat__outbox_log(p->ob, f.level, f.msg, f.msg_len);
@@ -417,7 +649,7 @@ static void parse(worker_t *w) {
     while (!w->ignore && w->rlen - off >= LEN_BYTES) {
         uint32_t len = be32(w->rbuf + off);
         if (len > WORKER_MAX_FRAME) {
-            kill_worker(w, "a frame over the size limit");
+            kill_worker(w, "a frame over the size limit", "protocol");
             break;
         }
         if (w->rlen - off - LEN_BYTES < len)
@@ -469,7 +701,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
         /* EOF: the worker is ending, and its reaping tells the rest. */
         uv_read_stop(s);
         if (nread == UV_ENOBUFS)
-            kill_worker(w, "no memory for its frames");
+            kill_worker(w, "no memory for its frames", "enomem");
         return;
     }
     if (w->ignore)
@@ -498,19 +730,16 @@ static void drain(worker_t *w) {
 
 /* ---------------------------------------------------------- spawning */
 
-/* Starts one worker.  Returns 0 or a negative error. */
-static int spawn(moat__procs_t *p) {
+/* Starts one worker of `exe`, its stdin and stdout on pipes whose other
+ * ends (close-on-exec) go to *in and *out.  Returns 0 or a negative
+ * error. */
+static int spawn_one(const char *exe, pid_t *pid, int *in_fd, int *out_fd) {
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t attr;
     sigset_t none;
-    char *argv[2] = {p->exe, NULL};
+    char *argv[2] = {(char *)exe, NULL};
     int in[2] = {-1, -1}, out[2] = {-1, -1}, rc, fa_ok = 0, attr_ok = 0;
-    worker_t *w = calloc(1, sizeof *w);
-    packet_t *hello;
 
-    if (w == NULL)
-        return UV_ENOMEM;
-    w->p = p;
     if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0) {
         rc = -errno;
         goto fail;
@@ -530,45 +759,13 @@ static int spawn(moat__procs_t *p) {
         (rc = -posix_spawn_file_actions_adddup2(&fa, in[0], 0)) != 0 ||
         (rc = -posix_spawn_file_actions_adddup2(&fa, out[1], 1)) != 0)
         goto fail;
-    rc = -posix_spawn(&w->pid, p->exe, &fa, &attr, argv, environ);
+    rc = -posix_spawn(pid, exe, &fa, &attr, argv, environ);
     if (rc != 0)
         goto fail;
     close(in[0]);
     close(out[1]);
-    in[0] = out[1] = -1;
-    /* From here on the worker exists: any failure kills it, and it is
-     * reaped like any other. */
-    w->state = W_STARTING;
-    w->next = p->workers;
-    p->workers = w;
-    p->nlive++;
-    if (uv_pipe_init(p->loop, &w->in, 0) == 0) {
-        w->in.data = w;
-        w->in_open = 1;
-        w->nopen++;
-        if (uv_pipe_open(&w->in, in[1]) == 0)
-            in[1] = -1;
-    }
-    if (uv_pipe_init(p->loop, &w->out, 0) == 0) {
-        w->out.data = w;
-        w->out_open = 1;
-        w->nopen++;
-        if (uv_pipe_open(&w->out, out[0]) == 0) {
-            out[0] = -1;
-            uv_read_start((uv_stream_t *)&w->out, on_alloc, on_read);
-        }
-    }
-    hello = packet_new(0, &p->hello);
-    if (in[1] >= 0 || out[0] >= 0 || hello == NULL) {
-        if (in[1] >= 0)
-            close(in[1]);
-        if (out[0] >= 0)
-            close(out[0]);
-        free(hello);
-        kill_worker(w, "its pipes could not be set up");
-        return 0;
-    }
-    send_packet(w, hello);
+    *in_fd = in[1];
+    *out_fd = out[0];
     posix_spawnattr_destroy(&attr);
     posix_spawn_file_actions_destroy(&fa);
     return 0;
@@ -584,100 +781,222 @@ fail:
         posix_spawnattr_destroy(&attr);
     if (fa_ok)
         posix_spawn_file_actions_destroy(&fa);
-    free(w);
     return rc;
 }
 
-/* Spawns workers until size + spares are live. */
-static void replenish(moat__procs_t *p) {
-    while (!p->stopping && p->nlive < p->size + p->spares) {
-        int rc = spawn(p);
-        if (rc != 0) {
-            moat__outbox_logf(p->ob, "error",
-                              "moat_cnode: cannot spawn a worker: %s",
-                              moat_strerror(rc));
-            died_on_its_own(p);
+/* Starts one worker and sends it hello.  Returns 0 or a negative error
+ * (then there is no worker); a failure after the spawn kills the worker,
+ * which is reaped like any other. */
+static int spawn(moat__procs_t *p) {
+    worker_t *w = calloc(1, sizeof *w);
+    packet_t *hello = NULL;
+    int in = -1, out = -1, rc;
+
+    if (w == NULL)
+        return UV_ENOMEM;
+    rc = spawn_one(p->exe, &w->pid, &in, &out);
+    if (rc != 0) {
+        free(w);
+        return rc;
+    }
+    w->p = p;
+    w->state = W_STARTING;
+    w->last_ns = UINT64_MAX; /* not known to be fast */
+    w->held_tail = &w->held;
+    w->next = p->workers;
+    p->workers = w;
+    p->nlive++;
+    if (uv_pipe_init(p->loop, &w->in, 0) == 0) {
+        w->in.data = w;
+        w->in_open = 1;
+        w->nopen++;
+        if (uv_pipe_open(&w->in, in) == 0)
+            in = -1;
+    }
+    if (uv_pipe_init(p->loop, &w->out, 0) == 0) {
+        w->out.data = w;
+        w->out_open = 1;
+        w->nopen++;
+        if (uv_pipe_open(&w->out, out) == 0) {
+            out = -1;
+            uv_read_start((uv_stream_t *)&w->out, on_alloc, on_read);
         }
     }
+    if (in < 0 && out < 0)
+        hello = packet_new(0, &p->hello);
+    if (hello == NULL) {
+        if (in >= 0)
+            close(in);
+        if (out >= 0)
+            close(out);
+        kill_worker(w, "its pipes could not be set up", "protocol");
+        return 0;
+    }
+    write_packets(w, &hello, 1);
+    unref(hello);
+    return 0;
 }
 
-/* Gives queued runs to idle workers, at most `size` busy. */
-static void dispatch(moat__procs_t *p) {
-    while (p->queue != NULL && p->nbusy < p->size && !p->stopping) {
-        worker_t *w = p->workers;
-        packet_t *k;
-        /* A reaped worker may still read as idle while its last frames
-         * are drained. */
-        while (w != NULL && (w->state != W_IDLE || w->reaped))
-            w = w->next;
-        if (w == NULL)
-            return;
-        k = p->queue;
-        p->queue = k->next;
-        if (p->queue == NULL)
-            p->queue_tail = &p->queue;
-        p->nqueue--;
-        k->next = NULL;
-        w->state = W_BUSY;
-        w->tag = k->tag;
-        w->cancelled = 0;
-        p->nbusy++;
-        send_packet(w, k);
+/* Spawns one missing worker, if any; asks for another turn while more
+ * are missing. */
+static void spawn_missing(moat__procs_t *p) {
+    int rc;
+
+    if (p->stopping || p->nlive >= p->size + p->spares)
+        return;
+    rc = spawn(p);
+    if (rc != 0) {
+        moat__outbox_logf(p->ob, "error",
+                          "moat_cnode: cannot spawn a worker: %s",
+                          moat_strerror(rc));
+        died_on_its_own(p);
     }
+    replenish(p);
+}
+
+/* Spawns what is missing at the end of the turn. */
+static void replenish(moat__procs_t *p) {
+    if (p->nlive < p->size + p->spares)
+        arm(p);
+}
+
+/* ---------------------------------------------------------- dispatch */
+
+static int serves(const worker_t *w) {
+    return w->state == W_READY && !w->reaped && w->in_open;
+}
+
+/* Gives w the oldest queued run. */
+static void give(moat__procs_t *p, worker_t *w) {
+    packet_t *k = p->queue;
+
+    p->queue = k->next;
+    if (p->queue == NULL)
+        p->queue_tail = &p->queue;
+    p->nqueue--;
+    k->next = NULL;
+    if (w->nheld == 0) {
+        p->nbusy++;
+        w->since = uv_hrtime();
+    }
+    *w->held_tail = k;
+    w->held_tail = &k->next;
+    w->nheld++;
+    p->nheld++;
+    w->fresh[w->nfresh++] = k;
+}
+
+/* Gives queued runs to workers (see DESIGN, Turns). */
+static void dispatch(moat__procs_t *p) {
+    uint64_t now;
+    int gave;
+
+    if (p->stopping || p->queue == NULL)
+        return;
+    for (worker_t *w = p->workers; w != NULL && p->queue != NULL; w = w->next)
+        if (p->nbusy < p->size && serves(w) && w->nheld == 0)
+            give(p, w);
+    now = uv_hrtime();
+    do {
+        gave = 0;
+        for (worker_t *w = p->workers;
+             w != NULL && p->nqueue >= (size_t)p->size * DEEP_QUEUE;
+             w = w->next)
+            if (serves(w) && w->nheld > 0 && w->nheld < PIPELINE &&
+                w->last_ns < FAST_NS && now - w->since < STALL_NS) {
+                give(p, w);
+                gave = 1;
+            }
+    } while (gave);
+    for (worker_t *w = p->workers; w != NULL; w = w->next)
+        if (w->nfresh > 0) {
+            unsigned n = w->nfresh;
+            w->nfresh = 0;
+            write_packets(w, w->fresh, n);
+        }
+}
+
+static void on_turn(uv_idle_t *h) {
+    moat__procs_t *p = h->data;
+
+    uv_idle_stop(h);
+    dispatch(p);
+    flush(p);
+    spawn_missing(p);
 }
 
 /* ------------------------------------------------------------ reaping */
 
+/* Ends the runs w held when it died with wait status st (see DESIGN,
+ * Deaths). */
+static void settle(worker_t *w, int st) {
+    moat__procs_t *p = w->p;
+    packet_t *k, *back = NULL, **back_tail = &back;
+    size_t nback = 0;
+    int begun = 1;
+
+    while ((k = w->held) != NULL) {
+        w->held = k->next;
+        k->next = NULL;
+        w->nheld--;
+        p->nheld--;
+        if (k->cancelled) {
+            emit_stopped(p, k->tag);
+            if (k->killed)
+                begun = 0;
+            unref(k);
+        } else if (begun) {
+            answer_crash(p, k->tag, w->why, st);
+            begun = 0;
+            unref(k);
+        } else {
+            *back_tail = k;
+            back_tail = &k->next;
+            nback++;
+        }
+    }
+    w->held_tail = &w->held;
+    if (back == NULL)
+        return;
+    if (p->stopping) {
+        free_list(back);
+        return;
+    }
+    *back_tail = p->queue;
+    if (p->queue == NULL)
+        p->queue_tail = back_tail;
+    p->queue = back;
+    p->nqueue += nback;
+}
+
 /* Worker w has been reaped with wait status st. */
 static void exited(worker_t *w, int st) {
     moat__procs_t *p = w->p;
-    char how[64], sig[32];
+    char how[64];
 
     drain(w);
-    switch (w->state) {
-    case W_BUSY:
-        if (w->cancelled) {
-            /* the VM already has its outcome: the body has left */
-            moat__outbox_stopped(p->ob, &w->tag, 1);
-        } else if (WIFSIGNALED(st)) {
-            signal_name(WTERMSIG(st), sig, sizeof sig);
-            answer_crash(p, w->tag, sig, -1);
-        } else if (WEXITSTATUS(st) == MOAT_CNODE_EXIT_NOMEM) {
-            answer_crash(p, w->tag, "enomem", -1);
-        } else {
-            answer_crash(p, w->tag, NULL, WEXITSTATUS(st));
+    if (w->state == W_STARTING || w->state == W_READY) {
+        w->counts = w->nheld == 0;
+        if (w->counts) {
+            describe(st, how, sizeof how);
+            moat__outbox_logf(p->ob, "warning",
+                              "moat_cnode: worker %d died %s while %s",
+                              (int)w->pid, how,
+                              w->state == W_READY ? "idle" : "starting");
         }
-        p->nbusy--;
-        p->nlive--;
-        break;
-    case W_DYING:
-        if (w->stop_tag)
-            moat__outbox_stopped(p->ob, &w->tag, 1);
-        break;
-    case W_STARTING:
-    case W_IDLE:
-        p->nlive--;
-        describe(st, how, sizeof how);
-        moat__outbox_logf(p->ob, "warning",
-                          "moat_cnode: worker %d died %s while %s",
-                          (int)w->pid, how,
-                          w->state == W_IDLE ? "idle" : "starting");
-        w->state = W_DYING;
-        died_on_its_own(p);
-        break;
-    case W_ENDING:
-        break;
+        retire(w);
     }
-    w->state = W_DYING;
+    if (w->state == W_DYING) {
+        settle(w, st);
+        if (w->counts)
+            died_on_its_own(p);
+    }
     w->ignore = 1;
     close_in(w);
     close_out(w);
 }
 
-static void on_sigchld(uv_signal_t *h, int signum) {
-    moat__procs_t *p = h->data;
-
-    (void)signum;
+static void reap(moat__procs_t *p) {
     for (worker_t *w = p->workers; w != NULL; w = w->next) {
         int st;
         pid_t r;
@@ -691,8 +1010,15 @@ static void on_sigchld(uv_signal_t *h, int signum) {
         w->reaped = 1;
         exited(w, st);
     }
+}
+
+static void on_sigchld(uv_signal_t *h, int signum) {
+    moat__procs_t *p = h->data;
+
+    (void)signum;
+    reap(p);
     replenish(p);
-    dispatch(p);
+    arm(p);
 }
 
 /* ---------------------------------------------------------------- API */
@@ -717,8 +1043,9 @@ int moat__limit_memory(uint64_t bytes) {
     return setrlimit(RLIMIT_AS, &rl) == 0 ? 0 : -errno;
 }
 
-/* The workers' hello: {hello, #{size => 1, max_queue => 1, libraries,
- * isolation => thread, name[, max_memory]}}. */
+/* The workers' hello: {hello, #{size => 1, max_queue => PIPELINE,
+ * libraries, isolation => thread, name[, max_memory]}}: the worker admits
+ * every run it may hold. */
 static int make_hello(moat__procs_t *p, const moat__hello_t *h) {
     ei_x_buff *x = &p->hello;
 
@@ -728,7 +1055,8 @@ static int make_hello(moat__procs_t *p, const moat__hello_t *h) {
         ei_x_encode_atom(x, "hello") < 0 ||
         ei_x_encode_map_header(x, h->max_memory > 0 ? 6 : 5) < 0 ||
         ei_x_encode_atom(x, "size") < 0 || ei_x_encode_long(x, 1) < 0 ||
-        ei_x_encode_atom(x, "max_queue") < 0 || ei_x_encode_long(x, 1) < 0 ||
+        ei_x_encode_atom(x, "max_queue") < 0 ||
+        ei_x_encode_long(x, PIPELINE) < 0 ||
         ei_x_encode_atom(x, "isolation") < 0 ||
         ei_x_encode_atom(x, "thread") < 0 || ei_x_encode_atom(x, "name") < 0 ||
         ei_x_encode_atom_len_as(x, h->name[0] != '\0' ? h->name : "cnode",
@@ -750,6 +1078,7 @@ static int make_hello(moat__procs_t *p, const moat__hello_t *h) {
         return UV_ENOMEM;
     return 0;
 }
+
 
 int moat__procs_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
                       const moat__hello_t *h, moat__procs_fatal_cb fatal,
@@ -773,13 +1102,18 @@ int moat__procs_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
     p->queue_tail = &p->queue;
     p->exe = strdup(exe);
     p->deaths = calloc((size_t)p->max_restarts + 1, sizeof *p->deaths);
-    if (p->exe == NULL || p->deaths == NULL) {
+    if (p->exe == NULL || p->deaths == NULL || ei_x_new(&p->done) < 0) {
         rc = UV_ENOMEM;
         goto fail;
     }
     rc = make_hello(p, h);
     if (rc != 0)
         goto fail;
+    rc = uv_idle_init(loop, &p->turn);
+    if (rc != 0)
+        goto fail;
+    p->turn_open = 1;
+    p->turn.data = p;
     rc = uv_signal_init(loop, &p->sigchld);
     if (rc != 0)
         goto fail;
@@ -816,7 +1150,7 @@ void moat__procs_run(moat__procs_t *p, uint64_t tag, const moat__atom_t *task,
         answer_atom(p, tag, MOAT_A_NOPROC);
         return;
     }
-    if (p->nbusy + p->nqueue >= p->size + p->max_queue) {
+    if (p->nheld + p->nqueue >= p->size + p->max_queue) {
         answer_atom(p, tag, MOAT_A_OVERLOADED);
         return;
     }
@@ -839,14 +1173,36 @@ void moat__procs_run(moat__procs_t *p, uint64_t tag, const moat__atom_t *task,
     *p->queue_tail = k;
     p->queue_tail = &k->next;
     p->nqueue++;
-    dispatch(p);
+    arm(p);
+}
+
+/* Tells w to cancel held run k (as `shutdown`). */
+static void forward_cancel(worker_t *w, packet_t *k) {
+    packet_t *c = NULL;
+    ei_x_buff x;
+
+    k->forwarded = 1;
+    if (ei_x_new_with_version(&x) == 0 &&
+        ei_x_encode_tuple_header(&x, 3) == 0 &&
+        ei_x_encode_atom(&x, "cancel") == 0 &&
+        ei_x_encode_ulonglong(&x, k->tag) == 0 &&
+        ei_x_encode_atom(&x, "shutdown") == 0)
+        c = packet_new(k->tag, &x);
+    ei_x_free(&x);
+    if (c == NULL) {
+        /* No memory to ask it: end it for real instead. */
+        kill_worker(w, "no memory to forward a cancel", "enomem");
+        return;
+    }
+    write_packets(w, &c, 1);
+    unref(c);
 }
 
 void moat__procs_cancel(moat__procs_t *p, uint64_t tag, moat_atom_t reason) {
-    ei_x_buff x;
-    packet_t *k;
+    int hard = reason == MOAT_A_KILLED || reason == MOAT_A_TIMEOUT;
+    packet_t **pp, *k;
 
-    for (packet_t **pp = &p->queue; *pp != NULL; pp = &(*pp)->next) {
+    for (pp = &p->queue; *pp != NULL; pp = &(*pp)->next) {
         if ((*pp)->tag != tag)
             continue;
         k = *pp;
@@ -854,58 +1210,49 @@ void moat__procs_cancel(moat__procs_t *p, uint64_t tag, moat_atom_t reason) {
         if (p->queue_tail == &k->next)
             p->queue_tail = pp;
         p->nqueue--;
-        free(k);
-        moat__outbox_stopped(p->ob, &tag, 1);
+        unref(k);
+        emit_stopped(p, tag);
         return;
     }
     for (worker_t *w = p->workers; w != NULL; w = w->next) {
-        if (w->state != W_BUSY || w->tag != tag)
+        if ((w->state != W_READY && w->state != W_DYING) ||
+            (pp = find_held(w, tag)) == NULL)
             continue;
-        if (reason == MOAT_A_KILLED || reason == MOAT_A_TIMEOUT) {
-            w->state = W_DYING;
-            w->stop_tag = 1;
-            w->ignore = 1;
-            p->nbusy--;
-            p->nlive--;
+        k = *pp;
+        k->cancelled = 1;
+        if (w->state == W_DYING)
+            return; /* settled stopped once reaped */
+        if (hard && pp == &w->held) {
+            /* The run that may be running: a real kill. */
+            k->killed = 1;
+            retire(w);
             kill(w->pid, SIGKILL); /* not reaped yet: the pid is its own */
             replenish(p);
-            dispatch(p);
+            arm(p);
             return;
         }
-        if (w->cancelled)
-            return;
-        w->cancelled = 1;
-        if (ei_x_new_with_version(&x) == 0 &&
-            ei_x_encode_tuple_header(&x, 3) == 0 &&
-            ei_x_encode_atom(&x, "cancel") == 0 &&
-            ei_x_encode_ulonglong(&x, tag) == 0 &&
-            ei_x_encode_atom(&x, "shutdown") == 0 &&
-            (k = packet_new(tag, &x)) != NULL) {
-            send_packet(w, k);
-        } else {
-            /* No memory to ask it: end it for real instead. */
-            kill_worker(w, "no memory to forward a cancel");
-        }
-        ei_x_free(&x);
+        if (!k->forwarded)
+            forward_cancel(w, k);
         return;
     }
 }
 
 void moat__procs_stop(moat__procs_t *p) {
     uint64_t deadline;
-    int left;
+    int left_n;
 
     p->stopping = 1;
-    while (p->queue != NULL) {
-        packet_t *k = p->queue;
-        p->queue = k->next;
-        free(k);
-    }
+    free_list(p->queue);
+    p->queue = NULL;
     p->queue_tail = &p->queue;
     p->nqueue = 0;
     if (p->sig_open) {
         p->sig_open = 0;
         uv_close((uv_handle_t *)&p->sigchld, NULL);
+    }
+    if (p->turn_open) {
+        p->turn_open = 0;
+        uv_close((uv_handle_t *)&p->turn, NULL);
     }
     /* EOF on each stdin (uv_close closes the descriptor at once). */
     for (worker_t *w = p->workers; w != NULL; w = w->next) {
@@ -917,7 +1264,7 @@ void moat__procs_stop(moat__procs_t *p) {
     uv_update_time(p->loop);
     deadline = uv_now(p->loop) + STOP_GRACE_MS;
     do {
-        left = 0;
+        left_n = 0;
         for (worker_t *w = p->workers; w != NULL; w = w->next) {
             int st;
             if (w->reaped)
@@ -925,12 +1272,12 @@ void moat__procs_stop(moat__procs_t *p) {
             if (waitpid(w->pid, &st, WNOHANG) == w->pid)
                 w->reaped = 1;
             else
-                left++;
+                left_n++;
         }
-        if (left > 0)
+        if (left_n > 0)
             uv_sleep(1);
         uv_update_time(p->loop);
-    } while (left > 0 && uv_now(p->loop) < deadline);
+    } while (left_n > 0 && uv_now(p->loop) < deadline);
     for (worker_t *w = p->workers; w != NULL; w = w->next) {
         int st;
         if (w->reaped)
@@ -951,10 +1298,14 @@ void moat__procs_free(moat__procs_t *p) {
     while (p->workers != NULL) {
         worker_t *w = p->workers;
         p->workers = w->next;
+        free_list(w->held);
         free(w->rbuf);
         free(w);
     }
+    free_list(p->queue);
+    ei_x_free(&p->done);
     ei_x_free(&p->hello);
+    free(p->stopped);
     free(p->deaths);
     free(p->exe);
     free(p);

@@ -1527,6 +1527,197 @@ static void test_cnode_process_replacement_cost(void **state) {
     ei_x_free(&none);
 }
 
+/* {runs, [{Tag, Task, Args}]} of n runs, tags base.., run i being
+ * tasks[i] with args[i] (argument lists without a version byte). */
+static void send_runs(node_t *n, uint64_t base, int count,
+                      const char *const *tasks, const ei_x_buff *args) {
+    ei_x_buff x;
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "runs");
+    ei_x_encode_list_header(&x, count);
+    for (int i = 0; i < count; i++) {
+        ei_x_encode_tuple_header(&x, 3);
+        ei_x_encode_ulonglong(&x, base + (uint64_t)i);
+        ei_x_encode_atom(&x, tasks[i]);
+        ei_x_append_buf(&x, args[i].buff, args[i].index);
+    }
+    ei_x_encode_empty_list(&x);
+    node_send_x(n, &x);
+}
+
+/* How many log events so far say exactly `line`. */
+static int count_logs(node_t *n, const char *line) {
+    int c = 0;
+    for (size_t i = 0; i < n->nev; i++)
+        c += n->ev[i].kind == EV_LOG && strcmp(n->ev[i].msg, line) == 0;
+    return c;
+}
+
+/* A worker holds several runs at once; when it segfaults, only the run
+ * it was running ends {native_crash, sigsegv}: the ones sent behind it
+ * run elsewhere, each exactly once (each `say` prints its line once,
+ * never twice), and every tag comes back exactly once. */
+static void test_cnode_process_crash_requeues_pipelined_runs(void **state) {
+    /* Enough that the parent pipelines: it sends a worker several runs
+     * only while many wait (procs.c, DEEP_QUEUE). */
+    enum { RUNS = 40, CRASH_AT = 5 };
+    const char *libs[] = {demo_path, lib_path, NULL};
+    const int rounds = slow() ? 3 : 20;
+    node_t *n = *state;
+    ev_t e;
+    node_spawn(n, 1, process_env);
+    send_hello_opts(n, 1, 1000, "process", libs, 1, 0);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    for (int r = 0; r < rounds; r++) {
+        const uint64_t base = 1000 * (uint64_t)(r + 1);
+        const char *tasks[RUNS];
+        ei_x_buff args[RUNS];
+        char line[RUNS][32];
+        int64_t deadline = now_ms() + WAIT_MS;
+        for (int i = 0; i < RUNS; i++) {
+            snprintf(line[i], sizeof line[i], "round %d run %d", r, i);
+            tasks[i] = i == CRASH_AT ? "segfault" : "say";
+            args[i] = i == CRASH_AT ? args_none() : args_binary(line[i]);
+        }
+        send_runs(n, base, RUNS, tasks, args);
+        for (int i = 0; i < RUNS; i++) {
+            e = node_wait(n, EV_DONE, base + (uint64_t)i);
+            if (i == CRASH_AT) {
+                assert_int_equal(e.ok, 0);
+                assert_string_equal(fmt(e.term), SEGFAULT_REASON);
+            } else if (!e.ok) {
+                fail_msg("round %d run %d: %s", r, i, fmt(e.term));
+            }
+            ev_free(&e);
+            ei_x_free(&args[i]);
+        }
+        /* The lines of runs behind the crash come from a live worker:
+         * wait for them.  One before it may be lost with its worker's
+         * stderr, but none may come twice. */
+        for (int i = CRASH_AT + 1; i < RUNS; i++)
+            while (count_logs(n, line[i]) == 0) {
+                assert_true(now_ms() < deadline);
+                pump(n, 5);
+            }
+        ping(n, base + RUNS);
+        for (int i = 0; i < RUNS; i++)
+            if (count_logs(n, line[i]) > 1)
+                fail_msg("\"%s\" ran %d times", line[i],
+                         count_logs(n, line[i]));
+        for (int i = 0; i <= RUNS; i++) {
+            expect_no_event(n, EV_DONE, base + (uint64_t)i);
+            expect_no_event(n, EV_STOPPED, base + (uint64_t)i);
+        }
+    }
+    expect_workers(n, 2);
+    assert_exited(node_close(n), 0);
+}
+
+/* Runs 1..RUNS: run 1 is `first` with argument v, the others echo their
+ * tag; enough that the parent sends the worker several at once (a deep
+ * queue), after a few echoes first, so that it knows the worker answers
+ * fast (procs.c, Turns). */
+enum { BEHIND_RUNS = 40 };
+static void send_behind(node_t *n, const char *first, long v) {
+    const char *tasks[BEHIND_RUNS];
+    ei_x_buff args[BEHIND_RUNS];
+    for (uint64_t t = 200; t < 205; t++)
+        ping(n, t);
+    for (int i = 0; i < BEHIND_RUNS; i++) {
+        tasks[i] = i == 0 ? first : "echo";
+        args[i] = args_long(i == 0 ? v : i + 1);
+    }
+    send_runs(n, 1, BEHIND_RUNS, tasks, args);
+    for (int i = 0; i < BEHIND_RUNS; i++)
+        ei_x_free(&args[i]);
+}
+
+/* The echoes of send_behind, 2..BEHIND_RUNS, each done once with its tag
+ * (tag `skip` excepted). */
+static void expect_behind(node_t *n, uint64_t skip) {
+    for (uint64_t t = 2; t <= BEHIND_RUNS; t++) {
+        char want[32];
+        if (t == skip)
+            continue;
+        snprintf(want, sizeof want, "%d", (int)t);
+        expect_done(n, t, 1, want);
+    }
+}
+
+/* A kill (cancel `killed`) of the run a worker is running SIGKILLs that
+ * worker; the runs it held behind it had not begun: they complete
+ * elsewhere, not {native_crash, sigkill}. */
+static void test_cnode_process_kill_of_head_spares_runs_behind(void **state) {
+    node_t *n = *state;
+    process_start(n, 1, 1, 0);
+    send_behind(n, "spin", (long)FOREVER_MS * 1000);
+    sleep_ms(50); /* the spin is running: the echoes wait behind it */
+    send_cancel_reason(n, 1, "killed");
+    expect_stopped(n, 1);
+    expect_behind(n, 0);
+    ping(n, 100);
+    expect_no_event(n, EV_DONE, 1);
+    expect_workers(n, 2);
+    assert_exited(node_close(n), 0);
+}
+
+/* A cancel, even `killed`, of a run still queued inside a worker (behind
+ * a running one) does not kill the worker: the run is stopped, never
+ * begun, and the same worker serves on. */
+static void test_cnode_process_cancel_in_worker_keeps_it(void **state) {
+    node_t *n = *state;
+    pid_t before[8], after[8];
+    process_start(n, 1, 0, 0);
+    expect_workers(n, 1);
+    assert_int_equal(children(n->pid, before, 8), 1);
+    send_behind(n, "sleep", FOREVER_MS);
+    sleep_ms(20);
+    send_cancel_reason(n, 2, "killed");
+    expect_stopped(n, 2);
+    send_cancel(n, 1);
+    expect_stopped(n, 1);
+    expect_behind(n, 2);
+    ping(n, 100);
+    assert_int_equal(children(n->pid, after, 8), 1);
+    assert_int_equal(before[0], after[0]); /* the same worker */
+    expect_no_event(n, EV_DONE, 1);
+    expect_no_event(n, EV_DONE, 2);
+    assert_exited(node_close(n), 0);
+}
+
+/* What a node costs to start: hello -> ready, and ready -> the first
+ * echo's outcome (which waits for a worker to start).  Printed, never
+ * asserted. */
+static void test_cnode_process_startup_cost(void **state) {
+    const char *libs[] = {demo_path, NULL};
+    const int rounds = slow() ? 2 : 10;
+    node_t *n = *state;
+    double ready_us = 0, first_us = 0;
+    for (int i = 0; i < rounds; i++) {
+        struct timespec t0, t1, t2;
+        ev_t e;
+        node_spawn(n, 1, process_env);
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        send_hello_opts(n, 2, 1000, "process", libs, 1, 0);
+        e = node_wait(n, EV_READY, 0);
+        ev_free(&e);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        ping(n, 1);
+        clock_gettime(CLOCK_MONOTONIC, &t2);
+        ready_us += (t1.tv_sec - t0.tv_sec) * 1e6 +
+                    (t1.tv_nsec - t0.tv_nsec) / 1e3;
+        first_us += (t2.tv_sec - t1.tv_sec) * 1e6 +
+                    (t2.tv_nsec - t1.tv_nsec) / 1e3;
+        assert_exited(node_close(n), 0);
+        node_free(n);
+    }
+    print_message("   hello -> ready %.0f us, ready -> first echo's outcome "
+                  "%.0f us more (mean of %d, 2 workers + 1 spare)\n",
+                  ready_us / rounds, first_us / rounds, rounds);
+}
+
 /* stdin's end ends the parent with status 0, and no worker outlives it,
  * not even one running a spin. */
 static void test_cnode_process_eof_ends_every_worker(void **state) {
@@ -1584,6 +1775,14 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_cnode_process_replacement_cost,
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_eof_ends_every_worker,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_crash_requeues_pipelined_runs,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_kill_of_head_spares_runs_behind,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_cancel_in_worker_keeps_it,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_startup_cost,
                                         own_setup, own_teardown),
     };
     const struct CMUnitTest own_tests[] = {
