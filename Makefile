@@ -8,11 +8,18 @@
 #                pre_hook runs, so it never calls apt.
 #   make test    deps, then each stage of TEST_STAGES in order, timed;
 #                stops at the first stage that fails
-#   make bench   deps, then every bench/*.c binary in turn, then the
-#                Erlang benchmarks (moat_bench:main/0)
+#   make bench   deps, then build, then the benchmark suite
+#                (moat_bench:main/0): a status line while it runs, one
+#                table, and bench/results/<date>.csv and .svg. Under five
+#                minutes on two cores; MOAT_BENCH_QUICK=1 for a short run
+#   make bench-core  the C core's own benchmark table (bench/core.c)
+#   make bench-peers build the C peers of the suite (bench/peers/: a dirty
+#                NIF and a port program) into _build/c/plain/bench/
 #   make fuzz    deps, then the test-fuzz stage: each libFuzzer target for
 #                FUZZ_SECONDS (`make fuzz FUZZ_SECONDS=600` by hand)
-#   make shell   rebar3 shell
+#   make shell   an Erlang shell with moat loaded and the pool demo
+#                running (NIF backend), the VM flags of the benchmarks
+#   make iex     the same in Elixir's iex
 #   make clean   remove the C build (_build/c) and what it put in priv/
 #
 # Variables: CC, CFLAGS, CPPFLAGS and LDFLAGS are taken from the
@@ -437,8 +444,23 @@ deps:
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 	    --no-install-recommends $$missing
 
-shell:
-	$(REBAR3) shell
+# The shells load moat from rebar3's build, with the benchmarks' VM flags
+# and the C peers, so that moat_bench:compare/1 finds everything; they
+# start the pool demo (moat_bench:start_demo/1) and print what to try.
+SHELL_ENV = MOAT_BENCH_PEERS="$(CURDIR)/$(BENCH_PEER_DIR)" \
+    MOAT_BENCH_CORE="$(CURDIR)/$(B)/plain/bench_core"
+
+shell: bench-peers
+	$(REBAR3_RUN) compile
+	$(SHELL_ENV) erl $(BENCH_ERL_FLAGS) -pa _build/default/lib/moat/ebin \
+	    -eval 'moat_bench:start_demo(erlang)'
+
+iex: bench-peers
+	@command -v iex >/dev/null || { \
+	    echo "moat: iex not found: install the Debian package elixir" >&2; exit 1; }
+	$(REBAR3_RUN) compile
+	$(SHELL_ENV) iex --erl "$(BENCH_ERL_FLAGS)" -pa _build/default/lib/moat/ebin \
+	    -e ':moat_bench.start_demo(:elixir)'
 
 # EEP-48 doc chunks from the EDoc of the public modules, so that
 # `h :moat.async` (iex) and `h(moat, async)` (erl) show it: code:get_doc/1
@@ -493,22 +515,50 @@ test: deps
 # moat and its peers alike (doc/nif.md).
 BENCH_ERL_FLAGS ?= +sbwt none +sbwtdcpu none +sbwtdio none
 
+# The C peers of moat_bench (bench/peers/): a NIF library of dirty CPU
+# NIFs and a port program, built for the benchmarks only, never into priv/.
+BENCH_PEER_DIR := $(B)/plain/bench
+BENCH_PEERS := $(BENCH_PEER_DIR)/moat_bench_dirty.so $(BENCH_PEER_DIR)/moat_bench_port
+
+$(BENCH_PEER_DIR)/moat_bench_dirty.so: bench/peers/moat_bench_dirty.c Makefile | check-build-env
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  LD [bench]  $@")
+	$(Q)$(CC) $(CFLAGS) $(MOAT_CFLAGS) $(CFLAGS_plain) -I$(ERL_ROOT)/usr/include $(CPPFLAGS) \
+	    -fvisibility=hidden $(LDFLAGS) -shared -o $@ $<
+
+$(BENCH_PEER_DIR)/moat_bench_port: bench/peers/moat_bench_port.c Makefile | check-build-env
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  LD [bench]  $@")
+	$(Q)$(CC) $(CFLAGS) $(MOAT_CFLAGS) $(CFLAGS_plain) $(CPPFLAGS) $(LDFLAGS) -o $@ $<
+
+bench-peers: $(BENCH_PEERS)
+
 bench: deps
 	@$(MAKE) --no-print-directory -j$(JOBS) ERL_ROOT="$(ERL_ROOT)" run-bench
 
-run-bench: $(BENCH_BINS) $(DEMO_plain)
-	@[ -n "$(BENCH_BINS)" ] || { echo "bench: no benchmarks in bench/ yet"; exit 0; }; \
-	for b in $(BENCH_BINS); do \
-	    echo "== $$b"; \
-	    MOAT_DEMO_SO="$(CURDIR)/$(DEMO_SO_plain)" "./$$b" || exit 1; \
-	done
+# The suite prints a status line while it runs (one line per step when
+# the output is not a terminal), then one table, and writes
+# bench/results/<date>.csv and .svg. bench_core is built for row 6b.
+run-bench: $(BENCH_BINS) $(BENCH_PEERS) $(DEMO_plain)
 	@command -v $(REBAR3) >/dev/null || { \
 	    echo "moat: rebar3 not found: install the Debian package rebar3" >&2; exit 1; }
 	$(REBAR3_RUN) compile
 	@echo "== moat_bench (bench/moat_bench.erl), VM flags: $(BENCH_ERL_FLAGS)"
+	@[ -t 1 ] || plain=1; \
+	MOAT_BENCH_PLAIN=$$plain MOAT_BENCH_RESULTS="$(CURDIR)/bench/results" $(SHELL_ENV) \
 	ERL_CRASH_DUMP_BYTES=0 erl $(BENCH_ERL_FLAGS) -noshell \
 	    -pa _build/default/lib/moat/ebin \
 	    -eval 'moat_bench:main() =:= ok orelse halt(1), halt().'
+
+bench-core: deps
+	@$(MAKE) --no-print-directory -j$(JOBS) ERL_ROOT="$(ERL_ROOT)" run-bench-core
+
+run-bench-core: $(BENCH_BINS) $(DEMO_plain)
+	@[ -n "$(BENCH_BINS)" ] || { echo "bench: no C benchmarks in bench/"; exit 0; }; \
+	for b in $(BENCH_BINS); do \
+	    echo "== $$b"; \
+	    MOAT_DEMO_SO="$(CURDIR)/$(DEMO_SO_plain)" "./$$b" || exit 1; \
+	done
 
 check-core: check-build-env $(GUARD_HEADERS)
 	@if grep -rsnE '^[[:space:]]*#[[:space:]]*include[[:space:]]*[<"]([^">]*/)?erl_(nif|driver)[a-z_]*\.h[">]' c_src/core; then \
@@ -661,7 +711,8 @@ test-example:
 
 .PHONY: test-example
 
-.PHONY: c deps shell doc-chunks clean test bench run-bench check-build-env check-test-env \
+.PHONY: c deps shell iex doc-chunks clean test bench run-bench bench-core run-bench-core \
+    bench-peers check-build-env check-test-env \
     check-fuzz-env check-core test-c test-c-asan test-c-tsan test-c-valgrind test-fuzz \
     $(FUZZ_RUNS) fuzz test-erl
 .SECONDARY:
