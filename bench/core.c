@@ -985,7 +985,7 @@ static int r5_trial(const config_t *cfg, uint64_t n, double *rate,
     moat_child_spec_t spec;
     /* High intensity: a list scan over this window (OTP's) would walk up
      * to 10 million entries per restart. */
-    moat_sup_opts_t so = {MOAT_ONE_FOR_ONE, 10000000, 10, NULL, NULL, NULL};
+    moat_sup_opts_t so = {MOAT_ONE_FOR_ONE, 10000000, 10, NULL, NULL, NULL, NULL};
     moat_pool_stats_t st;
     moat_term_t *reason = NULL;
     moat_pid_t sup, w;

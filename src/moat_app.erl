@@ -14,9 +14,11 @@
 %%% application callbacks
 %%%===================================================================
 
-%% Starts moat's root supervisor, the process whose exit stops the application.
+%% Looks for telemetry (moat_telemetry), then starts moat's root
+%% supervisor, the process whose exit stops the application.
 -spec start(application:start_type(), term()) -> {ok, pid()} | {error, term()}.
 start(_StartType, _StartArgs) ->
+    ok = moat_telemetry:init(),
     moat_sup:start_link().
 
 %% Nothing to release here: the supervision tree has already stopped.

@@ -5,6 +5,7 @@
 -module(moat_nif).
 
 -export([pool_new/4, pool_close/1, pool_stats/1, pool_owner/1]).
+-export([pool_crashes/1]).
 -export([cnode_pool_new/5, cnode_deliver/2, cnode_flush/1, cnode_lost/1, cnode_lost/2]).
 -export([async/5, run/4, task_cancel/2, task_running/1, task_spin/1, task_ignore/1]).
 -export([stream_new/4, stream_submit/3, stream_take/3, stream_close/1]).
@@ -37,6 +38,11 @@ pool_stats(_Name) -> nif_missing().
 
 -spec pool_owner(atom()) -> pid() | undefined.
 pool_owner(_Name) -> nif_missing().
+
+%% The native servers' crashes since the last call: {Count, LastId,
+%% LastReason}; the owner is sent {moat_child_crashed, Name} at the next.
+-spec pool_crashes(reference()) -> {non_neg_integer(), term(), term()}.
+pool_crashes(_Handle) -> nif_missing().
 
 %% A pool whose tasks run in the C-node behind the port, or over
 %% distribution with the owner relaying frames (see doc/cnode.md).

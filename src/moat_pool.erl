@@ -42,8 +42,18 @@
     os_pid :: non_neg_integer() | undefined,
     %% over distribution: the C-node's node and pid
     node :: node() | undefined,
-    cpid :: pid() | undefined
+    cpid :: pid() | undefined,
+    %% crash reports of native servers, at most one per ?REPORT_MS: when
+    %% the last went out, the crashes held back since, the last of them
+    reported_at :: integer() | undefined,
+    held = 0 :: non_neg_integer(),
+    held_last :: {term(), term()} | undefined,
+    report_timer = false :: boolean()
 }).
+
+%% At most one crash report of native servers per this many ms per pool:
+%% a crash loop cannot flood the log; the next report counts the rest.
+-define(REPORT_MS, 1000).
 
 %% How long a new C-node may take to load its libraries and answer hello.
 -define(HELLO_TIMEOUT, 10000).
@@ -139,6 +149,12 @@ handle_info({Port, {data, Frame}}, #state{port = Port, handle = Handle} = State)
         {error, bad_frame} -> log_bad_frame(Frame, State)
     end,
     {noreply, State};
+handle_info({moat_child_crashed, Name}, #state{name = Name, handle = Handle} = State) ->
+    {N, Id, Reason} = moat_nif:pool_crashes(Handle),
+    moat_telemetry:pool_restart(Name, N, Id, Reason),
+    {noreply, crash_report(N, Id, Reason, State)};
+handle_info({moat_crash_report, Name}, #state{name = Name} = State) ->
+    {noreply, flush_crash_report(State#state{report_timer = false})};
 handle_info({moat_cnode_send, Frame}, #state{cpid = CPid} = State) ->
     CPid ! Frame,
     {noreply, State};
@@ -184,6 +200,52 @@ terminate(_Reason, #state{name = Name, handle = Handle} = State) ->
     end,
     %% The tasks have their outcomes: the C-node may go.
     cnode_close(State).
+
+%%%===================================================================
+%%% Crash reports
+%%%===================================================================
+
+%% N native servers crashed, the last one Id with Reason. Reported at
+%% once unless a report went out less than ?REPORT_MS ago; then held, and
+%% a timer sends the summary when that time is up.
+crash_report(0, _Id, _Reason, State) ->
+    State;
+crash_report(N, Id, Reason, #state{held = Held} = State) ->
+    State1 = State#state{held = Held + N, held_last = {Id, Reason}},
+    Now = erlang:monotonic_time(millisecond),
+    case State#state.reported_at of
+        At when is_integer(At), Now - At < ?REPORT_MS ->
+            arm_report_timer(State1, ?REPORT_MS - (Now - At));
+        _ ->
+            flush_crash_report(State1)
+    end.
+
+arm_report_timer(#state{report_timer = true} = State, _Ms) ->
+    State;
+arm_report_timer(#state{name = Name} = State, Ms) ->
+    _ = erlang:send_after(Ms, self(), {moat_crash_report, Name}),
+    State#state{report_timer = true}.
+
+flush_crash_report(#state{held = 0} = State) ->
+    State;
+flush_crash_report(#state{name = Name, held = N, held_last = {Id, Reason}} = State) ->
+    ?LOG_ERROR(
+        #{
+            label => {moat, child_terminated},
+            pool => Name,
+            child => Id,
+            reason => Reason,
+            crashes => N
+        },
+        #{domain => [moat], report_cb => fun crash_report_text/1}
+    ),
+    State#state{held = 0, held_last = undefined, reported_at = erlang:monotonic_time(millisecond)}.
+
+crash_report_text(#{pool := Pool, child := Id, reason := Reason, crashes := 1}) ->
+    {"moat pool ~p: native server ~0p crashed: ~0p", [Pool, Id, Reason]};
+crash_report_text(#{pool := Pool, child := Id, reason := Reason, crashes := N}) ->
+    {"moat pool ~p: native servers crashed ~b times since the last report; the last, ~0p: ~0p",
+        [Pool, N, Id, Reason]}.
 
 %%%===================================================================
 %%% The C-node

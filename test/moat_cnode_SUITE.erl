@@ -74,7 +74,7 @@ init_per_suite(Config) ->
 
 end_per_suite(_Config) ->
     _ = application:stop(moat),
-    ok.
+    logger:unset_application_level(moat).
 
 init_per_group(dist, Config) ->
     [{started_dist, moat_ct_util:distributed()} | Config].

@@ -290,8 +290,21 @@ stats_counts(_Config) ->
     [{ok, _} = moat:run(st, echo, [I]) || I <- lists:seq(1, 10)],
     [{exit, _} = moat:run(st, fail, [<<"x">>]) || _ <- lists:seq(1, 3)],
     {exit, timeout} = moat:run(st, sleep, [5000], 10),
-    #{completed := 10, failed := 3, timeouts := 1, size := 2, threads := T} = moat:stats(st),
+    {exit, badarg} = moat:run(st, sum, [not_a_binary]),
+    #{completed := 10, failed := 4, timeouts := 1, size := 2, threads := T} = S = moat:stats(st),
     ?assert(T >= 2),
+    %% Failures by the class of their reason (a deadline is a timeout).
+    ?assertEqual(
+        #{native_error => 3, badarg => 1, native_crash => 0, noconnection => 0, exit => 0},
+        maps:get(failed_by, S)
+    ),
+    %% Every outcome's latency, submit to outcome, in ns: the deadline's
+    %% 10 ms is the slowest, to within a bucket (6.25%).
+    #{count := 15, p50 := P50, p90 := P90, p99 := P99, p999 := P999, max := Max} =
+        maps:get(latency_ns, S),
+    ?assert(0 < P50 andalso P50 =< P90 andalso P90 =< P99 andalso P99 =< P999),
+    ?assert(P999 =< Max),
+    ?assert(Max >= 9375000 andalso Max < 1000000000),
     ?assertError(badarg, moat:stats("st")).
 
 %% Deleting and purging the NIF module outright (not an upgrade), then

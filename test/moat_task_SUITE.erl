@@ -1476,8 +1476,11 @@ exactly_one_outcome(Config) ->
     ),
     Final = [settle(E) || E <- Deferred] ++ Tracked,
     Kept = [maps:get(ref, T) || {T, keep, _} <- Final],
+    %% The proxies whose exits are due: those of kept and awaited tasks
+    %% (a proxy may exit a moment after its task's message was taken).
+    Exiting = [maps:get(pid, T) || {T, Plan, true} <- Final, Plan =:= keep orelse element(1, Plan) =:= awaited],
     wait_pool_back(P),
-    Msgs = collect(sets:from_list(Kept), erlang:monotonic_time(millisecond) + 20000, []),
+    Msgs = collect(sets:from_list(Kept ++ Exiting), erlang:monotonic_time(millisecond) + 20000, []),
     ct:log("~b tasks, ~b kept, ~b messages, plans ~p", [
         length(Final),
         length(Kept),
@@ -1666,8 +1669,8 @@ kill_pool_owner(P) ->
 wait_pool_back(P) ->
     wait_until(fun() -> is_map(moat:stats(P)) end, pool_restarted).
 
-%% Every message until each kept ref has one and nothing came for 300 ms
-%% after that, or the deadline.
+%% Every message until each kept ref has one and each due proxy has
+%% exited, and nothing came for 300 ms after that, or the deadline.
 collect(Kept, Deadline, Acc) ->
     Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
     receive
@@ -1681,6 +1684,7 @@ collect(Kept, Deadline, Acc) ->
 
 seen({Ref, _}, Kept) when is_reference(Ref) -> sets:del_element(Ref, Kept);
 seen({'DOWN', Ref, process, _, _}, Kept) -> sets:del_element(Ref, Kept);
+seen({'EXIT', Pid, _}, Kept) -> sets:del_element(Pid, Kept);
 seen(_, Kept) -> Kept.
 
 %% Sorts raw messages into outcomes per task ref, exit reasons per proxy,

@@ -30,7 +30,10 @@
  * the session.
  *
  * Session.  One connection is served; later ones are accepted and closed
- * at once, and a hello from another process is answered with an error.
+ * at once, without a handshake, and a hello from another process is
+ * answered with an error.  (A frame sent to this node's pid carries no
+ * sender, so it cannot be told from the owner's: any process of the
+ * owner's node could send one.)
  * The session ends when the connection closes, or when the owner exits:
  * the owner links to this node's pid, so its exit arrives as an EXIT
  * message whatever its reason.  ei's receive fails with EIO both on a
@@ -50,8 +53,10 @@
 
 #include "cnode.h"
 
-/* How long a read waits for the rest of a message whose start came. */
-#define RECV_TMO_MS 1000
+/* How long a read waits for the rest of a message whose start came.
+ * Past it the stream cannot be trusted (ei has read part of a message)
+ * and the session ends. */
+#define RECV_TMO_MS 10000
 /* How long the handshake of a new connection may take. */
 #define ACCEPT_TMO_MS 5000
 /* Messages read per wake-up before the runs read so far are submitted. */
@@ -260,7 +265,13 @@ static void on_conn(uv_poll_t *h, int status, int events) {
         uv_mutex_unlock(&d->lock);
         if (rc == ERL_MSG) {
             on_msg(d, &msg);
-        } else if (rc == ERL_ERROR && err != ETIMEDOUT && closed(d->fd)) {
+        } else if (rc == ERL_ERROR && err == ETIMEDOUT) {
+            /* Readable, yet the message did not come whole in time: part
+             * of it has been read, so what follows would be misread. */
+            shutdown(d->fd, SHUT_RDWR);
+            end(d, "a message stalled halfway");
+            return;
+        } else if (rc == ERL_ERROR && closed(d->fd)) {
             end(d, "the connection closed");
             return;
         }
@@ -274,12 +285,21 @@ static void on_conn(uv_poll_t *h, int status, int events) {
 static void on_listen(uv_poll_t *h, int status, int events) {
     moat__dist_t *d = h->data;
     ErlConnect con;
-    char msg[MAXNODELEN + 64];
     int fd;
 
     (void)events;
     if (status < 0)
         return;
+    if (d->fd >= 0 || d->ended) {
+        /* Serving already: no handshake, which would hold the loop (and
+         * the session) while a peer takes its time. */
+        fd = accept(d->lfd, NULL, NULL);
+        if (fd >= 0) {
+            close(fd);
+            note(d, "warning", "moat_cnode: a second connection was refused");
+        }
+        return;
+    }
     fd = ei_accept_tmo(&d->ec, d->lfd, &con, ACCEPT_TMO_MS);
     if (fd < 0) {
         note(d, "warning", "moat_cnode: a connection failed its handshake");
@@ -288,14 +308,6 @@ static void on_listen(uv_poll_t *h, int status, int events) {
     cloexec(fd);
     /* Frames are small and each one is awaited: no Nagle delay. */
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &(int){1}, sizeof(int));
-    if (d->fd >= 0 || d->ended) {
-        ei_close_connection(fd);
-        snprintf(msg, sizeof msg,
-                 "moat_cnode: a second connection, from %s, was refused",
-                 con.nodename);
-        note(d, "warning", msg);
-        return;
-    }
     if (uv_poll_init(d->loop, &d->cpoll, fd) != 0) {
         ei_close_connection(fd);
         return;

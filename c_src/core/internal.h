@@ -96,6 +96,7 @@ struct moat_task_s {
     moat_term_t *args;
     uint64_t id;
     uint64_t owner;
+    uint64_t submitted; /* uv_hrtime() when it was made */
     void *data;
     atomic_int refs;
     atomic_int claim;   /* MOAT__OPEN -> CLAIMED -> DELIVERED, once */

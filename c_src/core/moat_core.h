@@ -291,6 +291,9 @@ int moat_task_cancel(moat_task_t *task, moat_atom_t reason, unsigned flags);
 int moat_task_running(moat_task_t *task);
 
 uint64_t moat_task_id(const moat_task_t *task);   /* unique in the pool */
+/* When the task (or server call) was accepted, in uv_hrtime()'s
+ * nanoseconds: its latency is the time from then to its outcome. */
+uint64_t moat_task_submitted(const moat_task_t *task);
 void *moat_task_data(const moat_task_t *task);
 void moat_task_release(moat_task_t *task);
 
@@ -500,6 +503,12 @@ typedef struct moat_sup_opts_s {
      * their own to walk the intensity window without sleeping. */
     int64_t (*now_sec)(void *data);
     void *data;
+    /* Called on the supervisor's thread for every child that ended with
+     * an abnormal reason (what OTP reports as child_terminated), with the
+     * child's id, before the supervisor acts on it.  May be NULL.  Must
+     * not block. */
+    void (*child_crashed)(moat_pid_t sup, moat_term_t *id,
+                          moat_term_t *reason, void *data);
 } moat_sup_opts_t;
 
 /*

@@ -749,6 +749,9 @@ int moat_task_running(moat_task_t *task) {
 }
 
 uint64_t moat_task_id(const moat_task_t *task) { return task->id; }
+uint64_t moat_task_submitted(const moat_task_t *task) {
+    return task->submitted;
+}
 void *moat_task_data(const moat_task_t *task) { return task->data; }
 void moat_task_release(moat_task_t *task) { moat__task_unref(task); }
 
@@ -791,7 +794,7 @@ static size_t admit(moat_pool_t *pool, size_t n) {
 }
 
 static moat_task_t *task_make(moat_pool_t *pool, const moat_job_t *job,
-                              int internal, int handle) {
+                              int internal, int handle, uint64_t now) {
     moat_task_t *t = task_alloc();
     if (t == NULL)
         return NULL;
@@ -808,6 +811,7 @@ static moat_task_t *task_make(moat_pool_t *pool, const moat_job_t *job,
     t->data = job->data;
     t->internal = internal;
     t->id = atomic_fetch_add(&pool->seq, 1) + 1;
+    t->submitted = now;
     t->has_deadline = job->timeout_ms >= 0;
     atomic_init(&t->refs, 1 + (handle ? 1 : 0) + t->has_deadline);
     atomic_init(&t->claim, MOAT__OPEN);
@@ -1080,6 +1084,7 @@ static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
     moat_task_t *stack[64];
     moat_task_t **ts = n <= 64 ? stack : malloc(n * sizeof *ts);
     size_t k = 0, taken;
+    uint64_t now;
     int wake;
     *err = 0;
     if (ts == NULL) {
@@ -1098,8 +1103,9 @@ static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
         *err = MOAT_EOVERLOADED;
         goto done;
     }
+    now = uv_hrtime();
     for (; k < taken; k++) {
-        ts[k] = task_make(pool, &jobs[k], internal, out != NULL);
+        ts[k] = task_make(pool, &jobs[k], internal, out != NULL, now);
         if (ts[k] == NULL)
             break;
     }
@@ -1203,7 +1209,7 @@ moat_task_t *moat__task_call_new(moat_pool_t *pool, uint64_t owner,
                                  void *data, int handle, int timeout) {
     moat_job_t job = {NULL, "call", NULL, NULL, owner, timeout ? 0 : -1,
                       data};
-    return task_make(pool, &job, 0, handle);
+    return task_make(pool, &job, 0, handle, uv_hrtime());
 }
 
 int moat__task_call_posted(moat_task_t *t, int64_t timeout_ms) {
@@ -1234,7 +1240,7 @@ int moat__task_prepare(moat_pool_t *pool, const moat_job_t *job,
         atomic_fetch_add(&pool->n_rejected, 1);
         return MOAT_EOVERLOADED;
     }
-    t = task_make(pool, job, 1, 1);
+    t = task_make(pool, job, 1, 1, uv_hrtime());
     if (t == NULL) {
         atomic_fetch_sub(&pool->admitted, 1);
         return -ENOMEM;

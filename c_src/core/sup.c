@@ -427,6 +427,8 @@ static void restart(sup_t *sup, size_t i) {
 /* Child i ended on its own with reason (S3). */
 static void child_exited(sup_t *sup, size_t i, moat_term_t *reason) {
     child_t *c = &sup->children[i];
+    if (sup->opts.child_crashed != NULL && moat_term_is_abnormal(reason))
+        sup->opts.child_crashed(sup->srv->pid, c->id, reason, sup->opts.data);
     if (c->restart == MOAT_TEMPORARY) {
         set_child(sup, i, 0, 0, 1);
         compact(sup);

@@ -51,6 +51,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
@@ -76,7 +77,9 @@
     X(temporary) X(brutal_kill) X(one_for_one) X(one_for_all)              \
     X(rest_for_one) X(unknown_server) X(failed_to_start_child)            \
     X(other) X(native_crash) X(cnode_down) X(moat_cnode_out) X(bad_frame) \
-    X(distribution) X(moat_cnode_send)
+    X(distribution) X(moat_cnode_send) X(latency_ns) X(failed_by) X(count)   \
+    X(p50) X(p90) X(p99) X(p999) X(max) X(badarg) X(noconnection)       \
+    X(moat_child_crashed)
 
 #define DECLARE_ATOM(name) static ERL_NIF_TERM atom_##name;
 ATOMS(DECLARE_ATOM)
@@ -179,6 +182,15 @@ typedef struct npool_s {
     cancel_t *out;
     size_t nout, capout;
     int out_told; /* the owner has been sent moat_cnode_out */
+    /* What stats/1 adds to the core's counters: see "Statistics". */
+    struct lat_shard_s *lat;
+    atomic_uint_fast64_t n_class[5]; /* C_NATIVE_ERROR ... C_EXIT */
+    /* Native servers that crashed since the owner last read them
+     * (pool_crashes), the last one's id and reason, and whether the owner
+     * has been told; mon_lock guards them too. */
+    uint64_t ncrashed;
+    moat_term_t *crash_id, *crash_reason;
+    int crash_told;
 } npool_t;
 
 /* A pool's native servers: the supervisor's pid and each child's id, as
@@ -230,6 +242,7 @@ static void np_discard(npool_t *np) {
     free(np->tasks);
     free(np->mons);
     free(np->out);
+    free(np->lat);
     if (np->remote)
         uv_mutex_destroy(&np->out_lock);
     uv_mutex_destroy(&np->mon_lock);
@@ -239,6 +252,8 @@ static void np_discard(npool_t *np) {
 static void np_free(npool_t *np) {
     moat_pool_free(np->pool);
     servers_free(atomic_load(&np->servers));
+    moat_term_unref(np->crash_id);
+    moat_term_unref(np->crash_reason);
     np_discard(np);
 }
 
@@ -754,11 +769,163 @@ static void stream_dtor(ErlNifEnv *env, void *obj) {
     np_unref(s->np);
 }
 
+/* --------------------------------------------------------- statistics */
+
+/* Each outcome's latency, from its submit to its outcome, goes into a
+ * log-linear histogram: 8 buckets of 128 ns below 1 us, then 8 per power
+ * of two (a bucket is at most 12.5% as wide as its values) up to 2^42 ns
+ * (73 min), the
+ * last bucket holding anything longer.  Pool threads record into one of
+ * LAT_SHARDS copies, picked once per thread, so that they do not fight
+ * over the same counters; stats/1 adds them up. */
+#define LAT_SHARDS 8
+#define LAT_LINEAR 8
+#define LAT_MIN_EXP 10 /* 1024 ns: where the octaves start */
+#define LAT_MAX_EXP 41
+#define LAT_BUCKETS (LAT_LINEAR + (LAT_MAX_EXP - LAT_MIN_EXP + 1) * 8)
+
+typedef struct lat_shard_s {
+    _Alignas(64) atomic_uint_fast64_t b[LAT_BUCKETS];
+} lat_shard_t;
+
+static atomic_uint next_shard;
+static _Thread_local unsigned tl_shard = UINT_MAX;
+
+static unsigned lat_bucket(uint64_t ns) {
+    unsigned e;
+    if (ns < (1u << LAT_MIN_EXP))
+        return (unsigned)(ns >> 7);
+    e = 63u - (unsigned)__builtin_clzll(ns);
+    if (e > LAT_MAX_EXP)
+        return LAT_BUCKETS - 1;
+    return LAT_LINEAR + (e - LAT_MIN_EXP) * 8 + (unsigned)((ns >> (e - 3)) & 7);
+}
+
+/* The middle of bucket i, in ns. */
+static uint64_t lat_mid(unsigned i) {
+    unsigned e, m;
+    if (i < LAT_LINEAR)
+        return (uint64_t)i * 128 + 64;
+    e = LAT_MIN_EXP + (i - LAT_LINEAR) / 8;
+    m = (i - LAT_LINEAR) % 8;
+    return ((uint64_t)(8 + m) << (e - 3)) + (1ull << (e - 4));
+}
+
+static void lat_record(npool_t *np, moat_task_t *t) {
+    uint64_t now = uv_hrtime(), then = moat_task_submitted(t);
+    if (np->lat == NULL)
+        return;
+    if (tl_shard == UINT_MAX)
+        tl_shard = atomic_fetch_add(&next_shard, 1) % LAT_SHARDS;
+    atomic_fetch_add_explicit(
+        &np->lat[tl_shard].b[lat_bucket(now > then ? now - then : 0)], 1,
+        memory_order_relaxed);
+}
+
+/* Failure classes of stats/1's failed_by: the reasons of outcomes that
+ * are the task's own (a deadline, shutdown and kill are counted apart,
+ * as timeouts and cancelled). */
+enum { C_NATIVE_ERROR, C_NATIVE_CRASH, C_BADARG, C_NOCONNECTION, C_EXIT,
+       C__COUNT };
+
+/* Whether ETF term `d` (no version byte) is the atom `name`. */
+static int etf_atom_is(const unsigned char *d, size_t len, const char *name) {
+    size_t n = strlen(name), alen, head;
+    if (len < 2)
+        return 0;
+    if (d[0] == ERL_SMALL_ATOM_UTF8_EXT || d[0] == ERL_SMALL_ATOM_EXT) {
+        alen = d[1];
+        head = 2;
+    } else if ((d[0] == ERL_ATOM_UTF8_EXT || d[0] == ERL_ATOM_EXT) && len >= 3) {
+        alen = (size_t)d[1] << 8 | d[2];
+        head = 3;
+    } else {
+        return 0;
+    }
+    return alen == n && len >= head + n && memcmp(d + head, name, n) == 0;
+}
+
+static int failure_class(const moat_term_t *term) {
+    size_t len;
+    const unsigned char *d = (const unsigned char *)moat_term_data(term, &len);
+    if (len < 2)
+        return C_EXIT;
+    d++; /* the version byte */
+    len--;
+    if (etf_atom_is(d, len, "badarg"))
+        return C_BADARG;
+    if (etf_atom_is(d, len, "noconnection"))
+        return C_NOCONNECTION;
+    if (len > 2 && d[0] == ERL_SMALL_TUPLE_EXT && d[1] == 2) {
+        if (etf_atom_is(d + 2, len - 2, "native_error"))
+            return C_NATIVE_ERROR;
+        if (etf_atom_is(d + 2, len - 2, "native_crash"))
+            return C_NATIVE_CRASH;
+    }
+    return C_EXIT;
+}
+
+static void count_outcome(npool_t *np, moat_task_t *t,
+                          const moat_outcome_t *o) {
+    lat_record(np, t);
+    if (o->kind == MOAT_EXIT && !moat_term_is(o->term, MOAT_A_TIMEOUT) &&
+        !moat_term_is(o->term, MOAT_A_SHUTDOWN) &&
+        !moat_term_is(o->term, MOAT_A_KILLED))
+        atomic_fetch_add_explicit(&np->n_class[failure_class(o->term)], 1,
+                                  memory_order_relaxed);
+}
+
+/* #{count, p50, p90, p99, p999, max} in nanoseconds, each the middle of
+ * its bucket (to within 6.25%); 0 for each when nothing ended yet. */
+static ERL_NIF_TERM latency_map(ErlNifEnv *env, npool_t *np) {
+    static const double qs[] = {0.50, 0.90, 0.99, 0.999};
+    ERL_NIF_TERM keys[5] = {atom_p50, atom_p90, atom_p99, atom_p999,
+                            atom_max};
+    ERL_NIF_TERM map = enif_make_new_map(env);
+    uint64_t b[LAT_BUCKETS] = {0}, total = 0, cum = 0, v[5] = {0};
+    unsigned q = 0, last = 0;
+    for (unsigned s = 0; np->lat != NULL && s < LAT_SHARDS; s++)
+        for (unsigned i = 0; i < LAT_BUCKETS; i++)
+            b[i] += atomic_load_explicit(&np->lat[s].b[i],
+                                         memory_order_relaxed);
+    for (unsigned i = 0; i < LAT_BUCKETS; i++)
+        if (b[i] > 0) {
+            total += b[i];
+            last = i;
+        }
+    for (unsigned i = 0; total > 0 && i < LAT_BUCKETS && q < 4; i++) {
+        cum += b[i];
+        while (q < 4 && (double)cum >= qs[q] * (double)total)
+            v[q++] = lat_mid(i);
+    }
+    if (total > 0)
+        v[4] = lat_mid(last);
+    enif_make_map_put(env, map, atom_count, enif_make_uint64(env, total),
+                      &map);
+    for (int k = 0; k < 5; k++)
+        enif_make_map_put(env, map, keys[k], enif_make_uint64(env, v[k]),
+                          &map);
+    return map;
+}
+
+static ERL_NIF_TERM failed_by_map(ErlNifEnv *env, npool_t *np) {
+    ERL_NIF_TERM keys[C__COUNT] = {atom_native_error, atom_native_crash,
+                                   atom_badarg, atom_noconnection, atom_exit};
+    ERL_NIF_TERM map = enif_make_new_map(env);
+    for (int k = 0; k < C__COUNT; k++)
+        enif_make_map_put(
+            env, map, keys[k],
+            enif_make_uint64(env, atomic_load_explicit(
+                                      &np->n_class[k], memory_order_relaxed)),
+            &map);
+    return map;
+}
+
 /* ------------------------------------------------------ core callback */
 
 static void on_complete(moat_task_t *t, const moat_outcome_t *o, void *data) {
     int *kind = moat_task_data(t);
-    (void)data;
+    count_outcome(data, t, o);
     if (*kind == K_TASK)
         task_complete((ntask_t *)kind, o, moat_task_id(t));
     else
@@ -1026,6 +1193,10 @@ static ERL_NIF_TERM pool_start(ErlNifEnv *env, npool_t *np, const char *name,
     opts.thread_stop = thread_stop;
     opts.remote = np->remote;
     opts.remote_cancel = np->remote ? on_remote_cancel : NULL;
+    /* Latencies are statistics: a pool without them still works. */
+    np->lat = aligned_alloc(64, LAT_SHARDS * sizeof *np->lat);
+    if (np->lat != NULL)
+        memset(np->lat, 0, LAT_SHARDS * sizeof *np->lat);
     if ((rc = moat_pool_new(&opts, &np->pool)) != 0) {
         ERL_NIF_TERM ret = error_tuple(env, enif_make_atom(env, moat_err_name(rc)));
         np_discard(np);
@@ -1157,7 +1328,7 @@ static ERL_NIF_TERM nif_pool_stats(ErlNifEnv *env, int argc,
                                    const ERL_NIF_TERM argv[]) {
     pool_res_t *res;
     moat_pool_stats_t st;
-    ERL_NIF_TERM map = enif_make_new_map(env);
+    ERL_NIF_TERM map = enif_make_new_map(env), lat, failed_by;
     unsigned size;
     (void)argc;
     if (!enif_is_atom(env, argv[0]))
@@ -1171,6 +1342,8 @@ static ERL_NIF_TERM nif_pool_stats(ErlNifEnv *env, int argc,
         st.queued = st.running - size;
         st.running = size;
     }
+    lat = latency_map(env, res->np);
+    failed_by = failed_by_map(env, res->np);
     reg_done();
     STAT(queued);
     STAT(running);
@@ -1183,6 +1356,8 @@ static ERL_NIF_TERM nif_pool_stats(ErlNifEnv *env, int argc,
     STAT(threads);
     STAT(restarts);
     enif_make_map_put(env, map, atom_size, enif_make_uint(env, size), &map);
+    enif_make_map_put(env, map, atom_latency_ns, lat, &map);
+    enif_make_map_put(env, map, atom_failed_by, failed_by, &map);
     return map;
 }
 
@@ -1774,6 +1949,77 @@ static void on_gave_up(moat_pid_t sup, moat_term_t *reason, void *data) {
     msg_env_put(env);
 }
 
+/* The child_crashed callback of a pool's native supervisor: counts the
+ * crash and keeps the last one's id and reason for the owner, which logs
+ * and reports them (telemetry).  The owner is told once until it reads
+ * them (pool_crashes), so a crash loop costs it one message per read.  On
+ * the supervisor's thread. */
+static void on_child_crashed(moat_pid_t sup, moat_term_t *id,
+                             moat_term_t *reason, void *data) {
+    npool_t *np = data;
+    int tell = 0;
+    (void)sup;
+    moat_term_ref(id);
+    moat_term_ref(reason);
+    uv_mutex_lock(&np->mon_lock);
+    np->ncrashed++;
+    moat_term_unref(np->crash_id);
+    moat_term_unref(np->crash_reason);
+    np->crash_id = id;
+    np->crash_reason = reason;
+    if (!np->crash_told)
+        tell = np->crash_told = 1;
+    uv_mutex_unlock(&np->mon_lock);
+    if (tell) {
+        ErlNifEnv *env = msg_env_get();
+        send_msg(&np->owner, env,
+                 enif_make_tuple2(env, atom_moat_child_crashed, np->name));
+        msg_env_put(env);
+    }
+}
+
+/* A core term as an Erlang term, or `undefined`. */
+static ERL_NIF_TERM core_term(ErlNifEnv *env, const moat_term_t *t) {
+    ERL_NIF_TERM r;
+    size_t len;
+    const char *d;
+    if (t == NULL)
+        return atom_undefined;
+    d = moat_term_data(t, &len);
+    if (enif_binary_to_term(env, (const unsigned char *)d, len, &r, 0) == 0)
+        return atom_undefined;
+    return r;
+}
+
+/* pool_crashes(Handle) -> {Count, LastId, LastReason}
+ * The native servers' crashes since the last call (Count 0 and
+ * `undefined' when none); the next crash tells the owner again. */
+static ERL_NIF_TERM nif_pool_crashes(ErlNifEnv *env, int argc,
+                                     const ERL_NIF_TERM argv[]) {
+    pool_res_t *res;
+    npool_t *np;
+    moat_term_t *id, *reason;
+    uint64_t n;
+    ERL_NIF_TERM ret;
+    (void)argc;
+    if (!enif_get_resource(env, argv[0], pool_rt, (void **)&res))
+        return enif_make_badarg(env);
+    np = res->np;
+    uv_mutex_lock(&np->mon_lock);
+    n = np->ncrashed;
+    id = np->crash_id;
+    reason = np->crash_reason;
+    np->ncrashed = 0;
+    np->crash_id = np->crash_reason = NULL;
+    np->crash_told = 0;
+    uv_mutex_unlock(&np->mon_lock);
+    ret = enif_make_tuple3(env, enif_make_uint64(env, n), core_term(env, id),
+                           core_term(env, reason));
+    moat_term_unref(id);
+    moat_term_unref(reason);
+    return ret;
+}
+
 static void server_child_free(void *arg) {
     moat_server_child_t *c = arg;
     moat_term_unref(c->args);
@@ -1923,6 +2169,7 @@ static ERL_NIF_TERM nif_sup_start(ErlNifEnv *env, int argc,
                 goto done;
             }
     opts.escalate = on_gave_up;
+    opts.child_crashed = on_child_crashed;
     opts.data = np;
     tl_caller_env = env;
     rc = moat_sup_start(np->pool, 0, &opts, specs, sv->n, &sv->sup, &reason);
@@ -2558,6 +2805,7 @@ static ErlNifFunc funcs[] = {
     {"pool_close", 1, nif_pool_close, ERL_NIF_DIRTY_JOB_IO_BOUND},
     {"pool_stats", 1, nif_pool_stats, 0},
     {"pool_owner", 1, nif_pool_owner, 0},
+    {"pool_crashes", 1, nif_pool_crashes, 0},
     {"cnode_pool_new", 5, nif_cnode_pool_new, ERL_NIF_DIRTY_JOB_IO_BOUND},
     {"cnode_deliver", 2, nif_cnode_deliver, 0},
     {"cnode_flush", 1, nif_cnode_flush, 0},

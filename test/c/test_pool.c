@@ -7,6 +7,8 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
+#include <uv.h>
+
 #include "core_util.h"
 
 typedef t_rec_t rec_t;
@@ -162,6 +164,35 @@ static void test_pool_result_and_reasons(void **state) {
 
 /* A full pool refuses with MOAT_EOVERLOADED, never blocks, and a refused
  * task gets no callback; size + max_queue tasks are admitted. */
+/* A task knows when it was accepted (moat_task_submitted): between the
+ * clock before and after the submit, for one task and for a batch. */
+static void test_pool_task_submitted_time(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    rec_t r[3] = {0};
+    moat_job_t js[2] = {job(t_ok, &r[1]), job(t_ok, &r[2])};
+    moat_task_t *t, *ts[2];
+    uint64_t before, after;
+    (void)state;
+    before = uv_hrtime();
+    t = submit(pool, t_ok, &r[0], 0, -1);
+    after = uv_hrtime();
+    assert_true(moat_task_submitted(t) >= before);
+    assert_true(moat_task_submitted(t) <= after);
+    before = uv_hrtime();
+    assert_int_equal(moat_pool_submit_batch(pool, js, 2, ts), 2);
+    after = uv_hrtime();
+    for (int i = 0; i < 2; i++) {
+        assert_true(moat_task_submitted(ts[i]) >= before);
+        assert_true(moat_task_submitted(ts[i]) <= after);
+        moat_task_release(ts[i]);
+    }
+    moat_task_release(t);
+    for (int i = 0; i < 3; i++)
+        t_wait(&r[i]);
+    moat_pool_free(pool);
+    t_rec_clear(r, 3);
+}
+
 static void test_pool_overload_is_a_value(void **state) {
     moat_pool_t *pool = pool_make(1, 2);
     rec_t r[4] = {0};
@@ -701,6 +732,7 @@ int main(void) {
         cmocka_unit_test(test_pool_result_and_reasons),
         cmocka_unit_test(test_pool_overload_is_a_value),
         cmocka_unit_test(test_pool_batch_submit),
+        cmocka_unit_test(test_pool_task_submitted_time),
         cmocka_unit_test(test_pool_cancel_queued),
         cmocka_unit_test(test_pool_cancel_running_flags_task),
         cmocka_unit_test(test_pool_cancel_silent_and_after_completion),

@@ -10,6 +10,8 @@
 
 static atomic_int_fast64_t clock_now;
 static atomic_int escalations;
+static atomic_int crashes;
+static char crashed_id[16]; /* the last crash's child id; `crashes` orders it */
 
 static int64_t test_clock(void *data) {
     (void)data;
@@ -23,6 +25,21 @@ static void on_escalate(moat_pid_t sup, moat_term_t *reason, void *data) {
     atomic_fetch_add(&escalations, 1);
 }
 
+static void on_crashed(moat_pid_t sup, moat_term_t *id, moat_term_t *reason,
+                       void *data) {
+    size_t len;
+    const char *d = moat_term_data(id, &len);
+    (void)sup;
+    (void)data;
+    assert_true(moat_term_is_abnormal(reason));
+    /* ids here are atoms c<n>: version, tag, length, name */
+    if (len > 3 && len - 3 < sizeof crashed_id) {
+        memcpy(crashed_id, d + 3, len - 3);
+        crashed_id[len - 3] = '\0';
+    }
+    atomic_fetch_add(&crashes, 1);
+}
+
 static int setup(void **state) {
     *state = t_pool(2, 0, "tsup", t_ignore);
     return 0;
@@ -33,6 +50,7 @@ static int before(void **state) {
     tsrv_reset();
     atomic_store(&clock_now, 0);
     atomic_store(&escalations, 0);
+    atomic_store(&crashes, 0);
     return 0;
 }
 
@@ -64,7 +82,7 @@ static moat_pid_t start_sup(moat_pool_t *pool, moat_strategy_t strategy,
                             int intensity, int period, moat_child_spec_t *k,
                             size_t n) {
     moat_sup_opts_t o = {strategy, intensity, period, on_escalate,
-                         test_clock, NULL};
+                         test_clock, NULL, on_crashed};
     moat_pid_t sup = 0;
     moat_term_t *reason = NULL;
     assert_int_equal(moat_sup_start(pool, 0, &o, k, n, &sup, &reason), 0);
@@ -147,7 +165,7 @@ static void test_sup_failed_start(void **state) {
     moat_child_spec_t k[4] = {
         kid(1, MOAT_PERMANENT, 1000), kid(2, MOAT_PERMANENT, 1000),
         kid(3, MOAT_PERMANENT, 1000), kid(4, MOAT_PERMANENT, 1000)};
-    moat_sup_opts_t o = {MOAT_ONE_FOR_ONE, 3, 5, NULL, NULL, NULL};
+    moat_sup_opts_t o = {MOAT_ONE_FOR_ONE, 3, 5, NULL, NULL, NULL, NULL};
     moat_pid_t sup = 0, w;
     moat_term_t *reason = NULL;
     ei_x_buff x;
@@ -232,6 +250,10 @@ static void test_sup_transient_rules(void **state) {
     assert_int_equal(tsrv_count('s', 1), 1);
     assert_int_equal(tsrv_count('s', 2), 1);
     assert_int_equal(tsrv_count('s', 3), 2);
+    /* Only the crash is reported (child_crashed): not normal, not
+     * shutdown. */
+    assert_int_equal(atomic_load(&crashes), 1);
+    assert_string_equal(crashed_id, "c3");
     moat_term_unref(stop);
     moat_term_unref(exit);
     stop_sup(pool, sup, moat_atom(MOAT_A_SHUTDOWN));
@@ -531,7 +553,7 @@ static void test_sup_invalid_specs(void **state) {
     moat_pool_t *pool = *state;
     moat_child_spec_t k[2] = {kid(1, MOAT_PERMANENT, 1000),
                               kid(1, MOAT_PERMANENT, 1000)};
-    moat_sup_opts_t o = {MOAT_ONE_FOR_ONE, 3, 5, NULL, NULL, NULL};
+    moat_sup_opts_t o = {MOAT_ONE_FOR_ONE, 3, 5, NULL, NULL, NULL, NULL};
     moat_pid_t sup;
     moat_term_t *r;
     assert_int_equal(moat_sup_start(pool, 0, &o, k, 2, &sup, &r),

@@ -304,7 +304,8 @@ static int teardown(void **state) {
 static void test_nif_load_exports_the_table(void **state) {
     static const char *names[] = {
         "pool_new/4",       "pool_close/1",    "pool_stats/1",
-        "pool_owner/1",     "cnode_pool_new/5", "cnode_deliver/2",
+        "pool_owner/1",     "pool_crashes/1",  "cnode_pool_new/5",
+        "cnode_deliver/2",
         "cnode_flush/1",    "cnode_lost/1",    "cnode_lost/2",
         "async/5",
         "run/4",            "task_cancel/2",   "task_running/1",
@@ -1482,6 +1483,7 @@ static void test_nif_call_answers_on_the_spot(void **state) {
     assert_int_equal(calls_waited, waited);
     assert_no_message(c);
     wait_get(c, "spot_srv", "ctr", "{ok,100}"); /* restarted afresh */
+    assert_term(recv(o), "{moat_child_crashed,spot_srv}"); /* for its log */
     close_pool(o, h);
     fake_proc_t *all[] = {o, c};
     assert_int_equal(settle(all, 2), 0);
@@ -1641,6 +1643,11 @@ static void test_nif_call_crash_restarts_the_server(void **state) {
     fake_freeze_clock(0);
     wait_get(c, "crashy", "ctr", "{ok,10}");
     assert_int_equal(start_seq(c, "crashy", "ctr"), seq + 1);
+    /* The owner hears of the crash, and reads it (to log and report). */
+    assert_term(recv(o), "{moat_child_crashed,crashy}");
+    assert_term(fake_call(o, "pool_crashes", 1, h),
+                "{1,ctr,{native_error,<<\"crash\">>}}");
+    assert_term(fake_call(o, "pool_crashes", 1, h), "{0,undefined,undefined}");
     /* By message, with calls queued behind the crash. */
     assert_term(srv_call(c, "crashy", A("ctr"), add_req(c, 5), -1), "{ok,15}");
     ra = call_raw(c, "crashy", A("ctr"), sleep_req(c, 200), -1);
@@ -1661,6 +1668,14 @@ static void test_nif_call_crash_restarts_the_server(void **state) {
     /* one_for_one: the other server was not restarted. */
     assert_int_equal(start_seq(c, "crashy", "other"), seq);
     assert_term(srv_call(c, "crashy", A("other"), A("get"), -1), "{ok,1}");
+    /* Crashes before the owner reads: one notice, every crash counted. */
+    assert_term(srv_call(c, "crashy", A("other"), A("crash"), -1),
+                "{exit,{native_error,<<\"crash\">>}}");
+    wait_get(c, "crashy", "other", "{ok,1}");
+    assert_term(recv(o), "{moat_child_crashed,crashy}");
+    assert_no_message(o);
+    assert_term(fake_call(o, "pool_crashes", 1, h),
+                "{2,other,{native_error,<<\"crash\">>}}");
     assert_no_message(o);
     close_pool(o, h);
     fake_proc_t *all[] = {o, c};
@@ -1767,6 +1782,8 @@ static void test_nif_sup_gives_up(void **state) {
                 "ok");
     assert_term(srv_call(c, "fragile", A("a"), A("crash"), -1),
                 "{exit,{native_error,<<\"crash\">>}}");
+    /* The crash is told first: the supervisor acts on it afterwards. */
+    assert_term(recv(o), "{moat_child_crashed,fragile}");
     assert_term(recv(o), "{moat_gave_up,fragile,shutdown}");
     /* At once, though the supervisor may not have exited yet. */
     assert_term(fake_call(c, "which_children", 1, A("fragile")),
@@ -1794,6 +1811,7 @@ static void test_nif_sup_gives_up(void **state) {
         assert_term(srv_call(c, "fragile", A(i & 1 ? "b" : "a"), A("crash"),
                              -1),
                     "{exit,{native_error,<<\"crash\">>}}");
+        assert_term(recv(o), "{moat_child_crashed,fragile}");
         assert_term(recv(o), "{moat_gave_up,fragile,shutdown}");
         assert_term(fake_call(c, "which_children", 1, A("fragile")),
                     "[{a,restarting,worker},{b,restarting,worker}]");
@@ -1802,7 +1820,7 @@ static void test_nif_sup_gives_up(void **state) {
         fake_gc(c);
     }
     fake_proc_t *all[] = {o, c};
-    assert_int_equal(settle(all, 2), 0); /* one moat_gave_up each, no more */
+    assert_int_equal(settle(all, 2), 0); /* one of each, no more */
 }
 
 /* pool_close stops the servers gracefully: it waits for a slow
