@@ -65,7 +65,8 @@
 %%%     at the end; target: each grows by less than 16 MiB or 5%.</li>
 %%% </ol>
 %%%
-%%% Every figure is the median of several trials (3 in each group; latency:
+%%% Every figure is the median of several trials (5 in groups 1 to 3, 3 in
+%%% a quick run and in the other groups; latency:
 %%% percentiles over every call, with the range of the per-block medians),
 %%% printed with its minimum and maximum; moat and peer trials alternate,
 %%% each in a fresh process. The dirty NIF and the port program are C peers
@@ -489,8 +490,8 @@ start_pools(Quick, Backends) ->
     #{
         quick => Quick,
         size => Size,
-        trials => 3,
-        seconds => pick(Quick, 0.12, 0.4),
+        trials => pick(Quick, 3, 5),
+        seconds => pick(Quick, 0.12, 0.3),
         concurrency => ?CONCURRENCY,
         elixir => moat_bench_peers:elixir(),
         pools => Pools,

@@ -284,28 +284,22 @@ field(F) ->
 %% crash recovery.
 -spec svg(map(), [moat_bench:group()]) -> iolist().
 svg(Meta, Groups) ->
-    Bars = [
-        {G, Scale}
-     || #{group := N} = G <- Groups,
-        Scale <- [
-            case N of
-                6 -> log;
-                7 -> log;
-                _ -> linear
-            end
-        ],
-        lists:member(N, [1, 2, 3, 6, 7]) orelse maps:is_key(job, G)
-    ],
-    Latency = [G || #{group := 4} = G <- Groups],
+    Panels = lists:append([
+        case G of
+            #{group := 4} -> [fun(Y) -> latency_panel(G, Y) end];
+            #{group := N} when N =:= 6; N =:= 7 -> [fun(Y) -> bar_panel(G, log, Y) end];
+            #{group := N} when N =< 3 -> [fun(Y) -> bar_panel(G, linear, Y) end];
+            _ -> []
+        end
+     || G <- Groups
+    ]),
     {Parts, Height} = lists:foldl(
         fun(Panel, {Acc, Y}) ->
             {Part, H} = Panel(Y),
             {[Part | Acc], Y + H}
         end,
         {[], 0},
-        [fun(Y) -> title(Meta, Y) end] ++
-            [fun(Y) -> bar_panel(G, Scale, Y) end || {G, Scale} <- Bars] ++
-            [fun(Y) -> latency_panel(G, Y) end || G <- Latency]
+        [fun(Y) -> title(Meta, Y) end | Panels]
     ),
     [
         io_lib:format(
@@ -410,8 +404,9 @@ latency_panel(#{group := G, title := Title, rows := Rows}, Y0) ->
     Top = Y0 + 30,
     Series = lists:append([
         [
-            {Color, maps:get(subject, R), "", maps:get(percentiles, R, [])},
-            {Color, [maps:get(peer_label, R)], "stroke-dasharray=\"5 4\"", maps:get(peer_percentiles, R, [])}
+            {Color, [maps:get(id, R), " ", maps:get(subject, R)], "", maps:get(percentiles, R, [])},
+            {Color, [maps:get(id, R), " peer: ", maps:get(peer_label, R)], "stroke-dasharray=\"5 4\"",
+                maps:get(peer_percentiles, R, [])}
         ]
      || {Color, R} <- lists:zip(lists:sublist(?COLORS, length(Rows)), Rows)
     ]),
