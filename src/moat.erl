@@ -305,8 +305,9 @@ shutdown(T) ->
 %% @doc Stops the task, as `Task.shutdown/2' does: `{ok, R}' or
 %% `{exit, R}' if its outcome was already there, `nil' if moat's own
 %% cancellation ended it. With a timeout the task is asked to stop; a
-%% body that has not returned after `Timeout' ms is abandoned and the
-%% answer is `{exit, killed}'. With `brutal_kill' the task is abandoned at
+%% body that has not returned after `Timeout' ms is abandoned (in a
+%% C-node's process isolation, its worker is killed) and the answer is
+%% `{exit, killed}'. With `brutal_kill' the task is abandoned at
 %% once (`nil'). `{exit, noproc}' if its outcome was already consumed.
 -spec shutdown(task(), timeout() | brutal_kill) -> outcome() | nil.
 shutdown(#{ref := Ref} = T, How) ->
@@ -326,8 +327,14 @@ shutdown(#{ref := Ref} = T, How) ->
                         nil;
                     cancelled ->
                         case wait_stopped(Ref, How) of
-                            true -> nil;
-                            false -> {exit, killed}
+                            true ->
+                                nil;
+                            false ->
+                                %% In a C-node's process isolation the
+                                %% kill is real; elsewhere the body runs
+                                %% on, abandoned.
+                                ok = moat_nif:task_kill(Ref),
+                                {exit, killed}
                         end;
                     delivered ->
                         case take(T) of

@@ -7,7 +7,7 @@
 -export([pool_new/4, pool_close/1, pool_stats/1, pool_owner/1]).
 -export([pool_crashes/1]).
 -export([cnode_pool_new/5, cnode_deliver/2, cnode_flush/1, cnode_lost/1, cnode_lost/2]).
--export([async/5, run/4, task_cancel/2, task_running/1, task_spin/1, task_ignore/1]).
+-export([async/5, run/4, task_cancel/2, task_running/1, task_kill/1, task_spin/1, task_ignore/1]).
 -export([stream_new/4, stream_submit/3, stream_take/3, stream_close/1]).
 -export([sup_start/3, call/4, cast/3, which_children/1, count_children/1]).
 
@@ -79,6 +79,11 @@ task_cancel(_Ref, _Reason) -> nif_missing().
 
 -spec task_running(reference()) -> boolean().
 task_running(_Ref) -> nif_missing().
+
+%% After a shutdown timeout: a C-node body still running is told `killed'
+%% (in process isolation, a real kill of its worker).
+-spec task_kill(reference()) -> ok.
+task_kill(_Ref) -> nif_missing().
 
 -spec task_spin(reference()) -> boolean().
 task_spin(_Ref) -> nif_missing().

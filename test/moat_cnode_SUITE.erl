@@ -406,7 +406,24 @@ process_kill_is_real(_Config) ->
         two_workers_replaced
     ),
     wait_until(fun() -> maps:get(abandoned, moat:stats(?POOL)) =:= 0 end, bodies_gone),
+    %% shutdown/2 asks first; a spin does not listen, so past the timeout
+    %% its worker is killed too (with threads it would run on, abandoned).
+    Before2 = workers(OsPid),
+    ?assertEqual({exit, killed}, shutdown_spin(5)),
+    wait_until(fun() -> length(Before2 -- workers(OsPid)) =:= 1 end, spin_worker_killed),
+    wait_until(fun() -> maps:get(abandoned, moat:stats(?POOL)) =:= 0 end, spin_gone),
     sweep().
+
+%% shutdown(T, 100) of a spin that has begun. A spin cancelled before a
+%% worker began it is rightly nil: try again, a few times.
+shutdown_spin(Tries) ->
+    U = moat:async(?POOL, spin, [60000000]),
+    wait_until(fun() -> maps:get(running, moat:stats(?POOL)) =:= 1 end, spin_sent),
+    ?assertEqual({ok, x}, moat:run(?POOL, echo, [x])),
+    case moat:shutdown(U, 100) of
+        nil when Tries > 1 -> shutdown_spin(Tries - 1);
+        Outcome -> Outcome
+    end.
 
 process_chaos(_Config) ->
     %% 1,000 tasks of which a random tenth segfault, abort, spin past their

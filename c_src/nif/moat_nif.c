@@ -1913,6 +1913,25 @@ static ERL_NIF_TERM nif_task_running(ErlNifEnv *env, int argc,
     return nt->t != NULL && moat_task_running(nt->t) ? atom_true : atom_false;
 }
 
+/* task_kill(Ref) -> ok
+ * Owner only.  For a shutdown whose body outlived its timeout: a C-node
+ * task whose body still runs is told `killed` after the `shutdown` it had,
+ * which in process isolation is a real SIGKILL of its worker (the VM
+ * decided the outcome already).  Otherwise nothing. */
+static ERL_NIF_TERM nif_task_kill(ErlNifEnv *env, int argc,
+                                  const ERL_NIF_TERM argv[]) {
+    ntask_t *nt = owned_task(env, argv[0]);
+    (void)argc;
+    if (nt == NULL)
+        return enif_make_badarg(env);
+    if (nt->t != NULL && nt->np != NULL && nt->np->remote &&
+        moat_task_running(nt->t)) {
+        cancel_t c = {moat_task_id(nt->t), MOAT_A_KILLED};
+        cancel_send(env, nt->np, &c); /* after this process's shutdown */
+    }
+    return atom_ok;
+}
+
 /* task_ignore(Ref) -> ignored | delivered
  * Owner only.  `ignored`: the task runs on and no message about it will
  * come.  `delivered`: its message was sent before this call returned. */
@@ -2815,6 +2834,7 @@ static ErlNifFunc funcs[] = {
     {"run", 4, nif_run, 0},
     {"task_cancel", 2, nif_task_cancel, 0},
     {"task_running", 1, nif_task_running, 0},
+    {"task_kill", 1, nif_task_kill, 0},
     {"task_spin", 1, nif_task_spin, 0},
     {"task_ignore", 1, nif_task_ignore, 0},
     {"stream_new", 4, nif_stream_new, 0},

@@ -309,6 +309,7 @@ static void test_nif_load_exports_the_table(void **state) {
         "cnode_flush/1",    "cnode_lost/1",    "cnode_lost/2",
         "async/5",
         "run/4",            "task_cancel/2",   "task_running/1",
+        "task_kill/1",
         "task_spin/1",      "task_ignore/1",   "stream_new/4",
         "stream_submit/3",  "stream_take/3",   "stream_close/1",
         "sup_start/3",      "call/4",          "cast/3",
@@ -2568,8 +2569,15 @@ static void test_nif_cnode_cancel_goes_to_the_port(void **state) {
     assert_term(fake_call(c, "task_running", 1, el(a, 0)), "false");
     assert_term(fake_call(c, "task_cancel", 2, el(a, 0), A("shutdown")),
                 "delivered");
-    assert_term(fake_call(c, "task_cancel", 2, el(b, 0), A("killed")),
+    /* task_kill on a task whose body has stopped: nothing to tell. */
+    assert_term(fake_call(c, "task_kill", 1, el(a, 0)), "ok");
+    assert_no_frame(&k);
+    assert_term(fake_call(c, "task_cancel", 2, el(b, 0), A("shutdown")),
                 "cancelled");
+    assert_frame(&k, "{cancel, %llu, shutdown}", tb);
+    /* shutdown/2's timeout passed with the body still on: `killed`
+     * follows (a real kill in process isolation). */
+    assert_term(fake_call(c, "task_kill", 1, el(b, 0)), "ok");
     assert_frame(&k, "{cancel, %llu, killed}", tb);
     assert_term(fake_call(c, "task_running", 1, el(b, 0)), "true");
     /* The C-node stops it; ei writes a list of bytes as a string. */
