@@ -285,6 +285,7 @@ run(Opts0) ->
             status(""),
             erlang:raise(Class, Reason, Stack)
     after
+        erase(moat_bench_t0),
         stop_pools(Ctx),
         Distributed andalso net_kernel:stop()
     end.
@@ -335,9 +336,11 @@ fanout(_, _, _, _) ->
     error(badarg).
 
 %% @doc Runs one job through moat's backends and through the peers, in
-%% alternating trials, prints the side-by-side table and returns its rows
-%% (as {@link run/1} does; the suite's groups 1 to 3 are this with `echo',
-%% `spin 10' and `spin 1000').
+%% alternating trials, prints the side-by-side table (the suite's groups 1
+%% to 3 are this with `echo', `spin 10' and `spin 1000') and returns each
+%% subject's median in tasks per second, `undefined' for a subject that
+%% could not run (the table says why): `#{nif => 1.1e6, port => 6.2e5,
+%% ...}'.
 %%
 %% `Opts', a map or a proplist: `task' (`echo' or `spin'; default `echo');
 %% `arg' (`spin''s microseconds, default 10; `echo' ignores it);
@@ -351,7 +354,8 @@ fanout(_, _, _, _) ->
 %% pool per backend (`moat_bench', `moat_bench_cnode',
 %% `moat_bench_process', replacing pools of those names) and stops them.
 %% Bad options raise `badarg'.
--spec compare(map() | proplists:proplist()) -> [row()].
+-spec compare(map() | proplists:proplist()) ->
+    #{backend() | moat_bench_peers:peer() => float() | undefined}.
 compare(Opts0) ->
     Opts = options(Opts0, #{
         task => echo,
@@ -385,16 +389,18 @@ compare(Opts0) ->
     Ctx0 = start_pools(false, Backends),
     Ctx = Ctx0#{trials := Trials, seconds := float(Seconds), concurrency := C, tasks => Tasks},
     try
-        Group = fanout_group(1, Job, [{moat, B} || B <- Backends] ++ [{peer, P} || P <- Peers], Ctx),
+        Subjects = [{moat, B} || B <- Backends] ++ [{peer, P} || P <- Peers],
+        #{rows := Rows} = Group = fanout_group(1, Job, Subjects, Ctx),
         status(""),
         Meta = meta(Ctx, (erlang:monotonic_time(millisecond) - T0) / 1000),
         moat_bench_report:print(Meta#{compare => true}, [Group], Verbose),
-        maps:get(rows, Group)
+        maps:from_list([{Name, M} || {{_, Name}, #{median := M}} <- lists:zip(Subjects, Rows)])
     catch
         Class:Reason:Stack ->
             status(""),
             erlang:raise(Class, Reason, Stack)
     after
+        erase(moat_bench_t0),
         stop_pools(Ctx)
     end.
 
@@ -612,7 +618,7 @@ streams(Pool, Task, Arg, N, C, T0, Done, Failed, Next, Shown0) ->
         Shown andalso Done1 < N andalso
             status(
                 io_lib:format(
-                    "fanout ~s on ~s: ~b of ~b tasks (~b%), ~s tasks/s, ~.1f s, about ~.1f s to go",
+                    "fanout ~s on ~s: ~b of ~b (~b%), ~s tasks/s, ~.1f s, ~.1f s to go",
                     [
                         Task,
                         Pool,

@@ -114,58 +114,38 @@ fanout_badarg() ->
 
 compare_test_() ->
     {setup, fun() -> {ok, _} = application:ensure_all_started(moat) end, fun(_) -> ok end, [
-        {timeout, 60, {"rows of moat and of a peer, with the moat row held against the peer",
+        {timeout, 60, {"a median for each backend and peer asked for",
             fun compare_rows/0}},
-        {timeout, 60, {"spin jobs get a target against the ideal",
+        {timeout, 60, {"spin jobs, with their microseconds",
             fun compare_spin/0}},
-        {timeout, 60, {"a peer that is not built is a row with a note, not a crash",
+        {timeout, 60, {"a peer that is not built is undefined, not a crash",
             fun compare_unavailable/0}},
         {"bad options raise badarg", fun compare_badarg/0}
     ]}.
 
 compare_rows() ->
-    Rows = moat_bench:compare([
+    Figures = moat_bench:compare([
         {task, echo}, {tasks, 300}, {trials, 2}, {backends, [nif]}, {peers, [task_async_stream]}
     ]),
-    ?assertMatch([#{id := "1a", kind := moat}, #{id := "1b", kind := peer}], Rows),
-    [Moat, Peer] = Rows,
-    [
-        ?assert(maps:is_key(K, R))
-     || R <- Rows,
-        K <- [id, group, subject, kind, unit, median, min, max, trials, target, met, peer_label,
-              peer, ratio, failed, note, detail]
-    ],
-    ?assertMatch(#{subject := "moat nif", unit := "tasks/s", failed := 0, tasks := 600}, Moat),
-    #{median := Med, min := Min, max := Max, trials := Trials, peer := PeerMed, ratio := Ratio} = Moat,
-    ?assertEqual(2, length(Trials)),
-    ?assert(Min =< Med andalso Med =< Max),
-    ?assert(is_boolean(maps:get(met, Moat))),
-    ?assertEqual(maps:get(median, Peer), PeerMed),
-    ?assertEqual(maps:get(subject, Peer), maps:get(peer_label, Moat)),
-    ?assert(is_float(Ratio)),
-    ?assertMatch(#{kind := peer, target := "-", met := undefined, failed := 0}, Peer),
+    ?assertMatch(#{nif := N, task_async_stream := P} when is_float(N) andalso is_float(P), Figures),
+    ?assertEqual(2, map_size(Figures)),
     % compare/1 stops the pools it started.
     ?assertEqual({error, not_found}, moat:stop_pool(moat_bench)).
 
 compare_spin() ->
-    [Moat] = moat_bench:compare(#{
-        task => spin, arg => 100, tasks => 40, trials => 1, backends => [nif], peers => []
-    }),
-    ?assertMatch(#{id := "1a", failed := 0, peer := undefined, ratio := undefined}, Moat),
-    ?assertNotEqual(nomatch, string:find(maps:get(target, Moat), "of ideal")),
-    ?assert(is_boolean(maps:get(met, Moat))).
+    ?assertMatch(
+        #{nif := N} when is_float(N),
+        moat_bench:compare(#{task => spin, arg => 100, tasks => 40, trials => 1, backends => [nif], peers => []})
+    ).
 
 compare_unavailable() ->
     Saved = os:getenv("MOAT_BENCH_PEERS"),
     os:putenv("MOAT_BENCH_PEERS", "/nonexistent/moat_bench_peers"),
     try
-        Rows = moat_bench:compare(#{tasks => 100, trials => 1, backends => [nif], peers => [port]}),
         ?assertMatch(
-            [#{id := "1a", peer := undefined}, #{id := "1b", median := undefined, trials := []}],
-            Rows
-        ),
-        [_, #{note := Note}] = Rows,
-        ?assertNotEqual(nomatch, string:find(Note, "not built"))
+            #{nif := N, port := undefined} when is_float(N),
+            moat_bench:compare(#{tasks => 100, trials => 1, backends => [nif], peers => [port]})
+        )
     after
         case Saved of
             false -> os:unsetenv("MOAT_BENCH_PEERS");
