@@ -75,9 +75,9 @@
 %%% Erlang stand-in), its row says so instead of a figure. Row 6b needs
 %%% `_build/c/plain/bench_core' (`$MOAT_BENCH_CORE').
 %%%
-%%% The full run takes about two minutes on two cores, the quick one
+%%% The full run takes about 100 seconds on two cores, the quick one
 %%% (`#{quick => true}', or `MOAT_BENCH_QUICK=1' for {@link main/0}) about
-%%% 40 seconds. Figures drift 20-40% between runs on shared machines:
+%%% 25 seconds. Figures drift 20-40% between runs on shared machines:
 %%% compare moat with the peer of the same run; a note under the table
 %%% says when other processes kept the CPUs busy. Benchmarks never gate CI;
 %%% a row that loses or fails tasks, or whose counts do not add up, prints
@@ -1347,7 +1347,25 @@ crash_workers(Pool, Deadline, Done, Failed) ->
 %%%===================================================================
 
 -spec recovery_group(ctx()) -> group().
-recovery_group(#{quick := Quick, pools := Pools} = Ctx) ->
+recovery_group(Ctx) ->
+    % Else every crash logs the pool supervisor's child_terminated report
+    % and the pool's own cnode_down warning.
+    quiet([supervisor, moat_pool], fun() -> recovery_rows(Ctx) end).
+
+%% Fun's value, with logger off for Modules meanwhile.
+-spec quiet([module()], fun(() -> T)) -> T.
+quiet(Modules, Fun) ->
+    Saved = logger:get_module_level(Modules),
+    ok = logger:set_module_level(Modules, none),
+    try
+        Fun()
+    after
+        ok = logger:unset_module_level(Modules),
+        _ = [logger:set_module_level(M, L) || {M, L} <- Saved]
+    end.
+
+-spec recovery_rows(ctx()) -> group().
+recovery_rows(#{quick := Quick, pools := Pools} = Ctx) ->
     {ThreadN, ProcN} = pick(Quick, {3, 5}, {5, 10}),
     PeerReady = moat_bench_peers:available(port),
     Sample = fun(What, I, N, Fun) ->
