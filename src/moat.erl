@@ -440,7 +440,7 @@ cast(_, _, _) ->
     [{term(), running | restarting | undefined, worker | supervisor}]
     | {error, not_found}.
 which_children(Pool) when is_atom(Pool) ->
-    moat_nif:which_children(Pool);
+    children(moat_nif:which_children(Pool));
 which_children(_) ->
     error(badarg).
 
@@ -451,9 +451,20 @@ which_children(_) ->
       supervisors := non_neg_integer(), workers := non_neg_integer()}
     | {error, not_found}.
 count_children(Pool) when is_atom(Pool) ->
-    moat_nif:count_children(Pool);
+    children(moat_nif:count_children(Pool));
 count_children(_) ->
     error(badarg).
+
+%% A C-node pool's servers run in its C-node, which answers for them like
+%% a call; while it cannot (a C-node lost or restarting), every server is
+%% restarting.
+children({remote, Outcome, Fallback}) ->
+    case settled(Outcome) of
+        {ok, Answer} -> Answer;
+        {exit, _} -> Fallback
+    end;
+children(Local) ->
+    Local.
 
 %%%===================================================================
 %%% Streams

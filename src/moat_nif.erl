@@ -6,7 +6,7 @@
 
 -export([pool_new/4, pool_close/1, pool_stats/1, pool_owner/1]).
 -export([pool_crashes/1]).
--export([cnode_pool_new/5, cnode_deliver/2, cnode_flush/1, cnode_lost/1, cnode_lost/2]).
+-export([cnode_pool_new/5, cnode_pool_new/6, cnode_deliver/2, cnode_flush/1, cnode_lost/1, cnode_lost/2]).
 -export([async/5, run/4, task_cancel/2, task_running/1, task_kill/1, task_spin/1, task_ignore/1]).
 -export([stream_new/4, stream_submit/3, stream_take/3, stream_close/1]).
 -export([sup_start/3, call/4, cast/3, which_children/1, count_children/1]).
@@ -49,6 +49,13 @@ pool_crashes(_Handle) -> nif_missing().
 -spec cnode_pool_new(atom(), pos_integer(), pos_integer(), port() | distribution, [atom()]) ->
     {ok, reference()} | {error, term()}.
 cnode_pool_new(_Name, _Size, _MaxQueue, _Port, _Tasks) -> nif_missing().
+
+%% The same, with the ids of the native servers the C-node runs, in the
+%% order of its hello's `servers' (frames name a server by its index).
+-spec cnode_pool_new(atom(), pos_integer(), pos_integer(), port() | distribution, [atom()],
+                     [term()]) ->
+    {ok, reference()} | {error, term()}.
+cnode_pool_new(_Name, _Size, _MaxQueue, _Port, _Tasks, _ServerIds) -> nif_missing().
 
 %% A packet from the pool's C-node: ok | {other, Term} | {error, bad_frame}.
 -spec cnode_deliver(reference(), binary()) -> ok | {other, term()} | {error, bad_frame}.
@@ -118,10 +125,16 @@ call(_Pool, _Server, _Request, _Timeout) -> nif_missing().
 -spec cast(atom(), term(), term()) -> ok.
 cast(_Pool, _Server, _Request) -> nif_missing().
 
--spec which_children(atom()) -> [{term(), atom(), atom()}] | {error, not_found}.
+%% A C-node pool with servers answers {remote, Outcome, Fallback}: its
+%% C-node's answer as a call's outcome, and what to say when none comes.
+-spec which_children(atom()) ->
+    [{term(), atom(), atom()}]
+    | {error, not_found}
+    | {remote, {ok, list()} | {exit, term()} | {wait, reference()}, list()}.
 which_children(_Pool) -> nif_missing().
 
--spec count_children(atom()) -> map() | {error, not_found}.
+-spec count_children(atom()) ->
+    map() | {error, not_found} | {remote, {ok, map()} | {exit, term()} | {wait, reference()}, map()}.
 count_children(_Pool) -> nif_missing().
 
 nif_missing() -> erlang:nif_error({not_loaded, ?MODULE}).

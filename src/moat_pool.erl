@@ -26,6 +26,13 @@
 %%% `{moat_cnode, CNodePid, Frame}'. It links to the C-node's pid (the
 %%% C-node ends the session when this process exits) and watches the node:
 %%% on `nodedown' every task in flight ends with `noconnection'.
+%%%
+%%% A C-node pool's native servers run in the C-node, under its native
+%%% supervisor (thread isolation only): hello carries their specs, calls
+%%% are remote tasks, and the C-node reports its supervisor's restarts,
+%%% crashes and giving up in frames this process handles as it handles the
+%%% NIF's. Before the pool closes it asks the C-node to stop them in order
+%%% (`{stop_servers}') and waits for the answer, relaying frames meanwhile.
 -module(moat_pool).
 
 -behaviour(gen_server).
@@ -43,6 +50,8 @@
     %% over distribution: the C-node's node and pid
     node :: node() | undefined,
     cpid :: pid() | undefined,
+    %% a C-node pool with native servers
+    servers = false :: boolean(),
     %% crash reports of native servers, at most one per ?REPORT_MS: when
     %% the last went out, the crashes held back since, the last of them
     reported_at :: integer() | undefined,
@@ -73,9 +82,10 @@ start_link(Name, Opts) ->
 %%%===================================================================
 
 -spec init({atom(), map()}) -> {ok, #state{}} | {stop, term()}.
-init({Name, #{backend := cnode, servers := [_ | _]}}) ->
-    _ = Name,
-    {stop, {not_supported, {servers, cnode}}};
+init({_Name, #{backend := cnode, isolation := process, servers := [_ | _]}}) ->
+    %% Each worker process would need a supervisor of its own, or one
+    %% worker process would hold them all: see doc/cnode.md.
+    {stop, {not_supported, {servers, {cnode, process}}}};
 init({Name, #{backend := cnode, size := Size, max_queue := MaxQueue} = Opts}) ->
     process_flag(trap_exit, true),
     case cnode_start(Name, Opts) of
@@ -85,9 +95,11 @@ init({Name, #{backend := cnode, size := Size, max_queue := MaxQueue} = Opts}) ->
                     undefined -> C#state.port;
                     _ -> distribution
                 end,
-            case moat_nif:cnode_pool_new(Name, Size, MaxQueue, Via, Tasks) of
+            Servers = maps:get(servers, Opts),
+            Ids = [element(1, S) || S <- Servers],
+            case moat_nif:cnode_pool_new(Name, Size, MaxQueue, Via, Tasks, Ids) of
                 {ok, Handle} ->
-                    {ok, C#state{handle = Handle}};
+                    {ok, C#state{handle = Handle, servers = Servers =/= []}};
                 {error, Reason} ->
                     cnode_close(C),
                     {stop, Reason}
@@ -128,27 +140,9 @@ handle_cast(Request, State) ->
 %% ours to follow.
 -spec handle_info(term(), #state{}) -> {noreply, #state{}} | {stop, shutdown, #state{}}.
 handle_info({moat_gave_up, Name, Reason}, #state{name = Name} = State) ->
-    %% The native supervisor reached its intensity and stopped its
-    %% servers. Exit as an OTP supervisor does when it gives up, so that
-    %% the one above restarts the pool, under its own intensity.
-    ?LOG_ERROR(
-        #{
-            label => {moat, native_supervisor_gave_up},
-            pool => Name,
-            reason => Reason
-        },
-        #{domain => [moat]}
-    ),
-    {stop, shutdown, State};
-handle_info({Port, {data, Frame}}, #state{port = Port, handle = Handle} = State) when
-    is_binary(Frame)
-->
-    case moat_nif:cnode_deliver(Handle, Frame) of
-        ok -> ok;
-        {other, Term} -> cnode_frame(Term, State);
-        {error, bad_frame} -> log_bad_frame(Frame, State)
-    end,
-    {noreply, State};
+    gave_up(Reason, State);
+handle_info({Port, {data, Frame}}, #state{port = Port} = State) when is_binary(Frame) ->
+    deliver(Frame, State);
 handle_info({moat_child_crashed, Name}, #state{name = Name, handle = Handle} = State) ->
     {N, Id, Reason} = moat_nif:pool_crashes(Handle),
     moat_telemetry:pool_restart(Name, N, Id, Reason),
@@ -158,13 +152,8 @@ handle_info({moat_crash_report, Name}, #state{name = Name} = State) ->
 handle_info({moat_cnode_send, Frame}, #state{cpid = CPid} = State) ->
     CPid ! Frame,
     {noreply, State};
-handle_info({moat_cnode, CPid, Frame}, #state{cpid = CPid, handle = Handle} = State) ->
-    case moat_nif:cnode_deliver(Handle, Frame) of
-        ok -> ok;
-        {other, Term} -> cnode_frame(Term, State);
-        {error, bad_frame} -> log_bad_frame(Frame, State)
-    end,
-    {noreply, State};
+handle_info({moat_cnode, CPid, Frame}, #state{cpid = CPid} = State) ->
+    deliver(Frame, State);
 handle_info({moat_cnode_out, Name}, #state{name = Name, handle = Handle} = State) ->
     ok = moat_nif:cnode_flush(Handle),
     {noreply, State};
@@ -188,6 +177,9 @@ handle_info(Info, State) ->
 
 -spec terminate(term(), #state{}) -> ok.
 terminate(_Reason, #state{name = Name, handle = Handle} = State) ->
+    %% Servers stop in order, each running its terminate, while calls to
+    %% them still get their replies; then the rest ends.
+    stop_servers(State),
     try
         moat_nif:pool_close(Handle)
     catch
@@ -200,6 +192,20 @@ terminate(_Reason, #state{name = Name, handle = Handle} = State) ->
     end,
     %% The tasks have their outcomes: the C-node may go.
     cnode_close(State).
+
+%% The native supervisor reached its intensity and stopped its servers.
+%% Exit as an OTP supervisor does when it gives up, so that the one above
+%% restarts the pool, under its own intensity.
+gave_up(Reason, #state{name = Name} = State) ->
+    ?LOG_ERROR(
+        #{
+            label => {moat, native_supervisor_gave_up},
+            pool => Name,
+            reason => Reason
+        },
+        #{domain => [moat]}
+    ),
+    {stop, shutdown, State}.
 
 %%%===================================================================
 %%% Crash reports
@@ -291,7 +297,12 @@ hello(Name, Opts) ->
         max_restarts => maps:get(max_restarts, Opts),
         max_seconds => maps:get(max_seconds, Opts)
     },
-    maps:merge(Hello, maps:with([max_memory, spares], Opts)).
+    Servers =
+        case maps:get(servers, Opts) of
+            [] -> #{};
+            Specs -> #{servers => Specs, strategy => maps:get(strategy, Opts)}
+        end,
+    maps:merge(maps:merge(Hello, Servers), maps:with([max_memory, spares], Opts)).
 
 %% Distribution: a C-node of our own, named after the pool and this OS
 %% process, or the one at Node.
@@ -424,7 +435,7 @@ ready_frame(Name, Frame, #state{port = Port} = C, Deadline) ->
                 end,
             {error, Reason};
         {log, _, _} = Log ->
-            cnode_frame(Log, C),
+            _ = cnode_frame(Log, C),
             await_ready(Name, C, Deadline);
         Other ->
             cnode_close(C),
@@ -434,14 +445,87 @@ ready_frame(Name, Frame, #state{port = Port} = C, Deadline) ->
 path_binary(Path) when is_binary(Path) -> Path;
 path_binary(Path) -> unicode:characters_to_binary(Path).
 
+%% A packet of the C-node: the NIF settles tasks with it, or hands it
+%% back.
+deliver(Frame, #state{handle = Handle} = State) ->
+    case moat_nif:cnode_deliver(Handle, Frame) of
+        ok ->
+            {noreply, State};
+        {other, Term} ->
+            cnode_frame(Term, State);
+        {error, bad_frame} ->
+            log_bad_frame(Frame, State),
+            {noreply, State}
+    end.
+
 %% A frame the NIF did not take: logs from the C-node (its own, and what
-%% its task libraries wrote to stderr).
-cnode_frame({log, Level, Message}, #state{name = Name}) when
+%% its task libraries wrote to stderr), and its native supervisor's
+%% reports.
+cnode_frame({log, Level, Message}, #state{name = Name} = State) when
     (Level =:= error orelse Level =:= warning orelse Level =:= info), is_binary(Message)
 ->
-    logger:log(Level, "moat pool ~p: C-node: ~ts", [Name, Message], #{domain => [moat]});
-cnode_frame(Other, #state{name = Name}) ->
-    ?LOG_WARNING("moat pool ~p: unexpected frame from the C-node: ~0p", [Name, Other]).
+    logger:log(Level, "moat pool ~p: C-node: ~ts", [Name, Message], #{domain => [moat]}),
+    {noreply, State};
+cnode_frame({crashed, N, Id, Reason}, #state{name = Name} = State) when is_integer(N), N > 0 ->
+    moat_telemetry:pool_restart(Name, N, Id, Reason),
+    {noreply, crash_report(N, Id, Reason, State)};
+cnode_frame({gave_up, Reason}, State) ->
+    gave_up(Reason, State);
+cnode_frame({servers_stopped}, State) ->
+    {noreply, State};
+cnode_frame(Other, #state{name = Name} = State) ->
+    ?LOG_WARNING("moat pool ~p: unexpected frame from the C-node: ~0p", [Name, Other]),
+    {noreply, State}.
+
+%% Asks the C-node to stop its servers (its tasks end first) and waits
+%% until it has, or is gone, handling its frames meanwhile: calls to the
+%% servers being stopped get their replies.
+stop_servers(#state{servers = false}) ->
+    ok;
+stop_servers(#state{port = undefined, cpid = undefined}) ->
+    ok;
+stop_servers(#state{handle = undefined}) ->
+    ok;
+stop_servers(State) ->
+    cnode_send(term_to_binary({stop_servers}), State),
+    await_stopped(State).
+
+cnode_send(Frame, #state{node = undefined, port = Port}) ->
+    catch port_command(Port, Frame),
+    ok;
+cnode_send(Frame, #state{cpid = CPid}) ->
+    CPid ! Frame,
+    ok.
+
+await_stopped(#state{name = Name, port = Port, cpid = CPid, node = Node, handle = Handle} = State) ->
+    Frame =
+        receive
+            {Port, {data, F}} when is_binary(F), Node =:= undefined -> F;
+            {moat_cnode, CPid, F} when is_binary(F) -> F;
+            {Port, {data, {_, Line}}} -> log_line(Name, Line), none;
+            {moat_cnode_send, F} when CPid =/= undefined -> CPid ! F, none;
+            {moat_cnode_out, Name} -> ok = moat_nif:cnode_flush(Handle), none;
+            {Port, {exit_status, _}} -> gone;
+            {'EXIT', Port, _} -> gone;
+            {nodedown, Node} -> gone;
+            {'EXIT', CPid, _} -> gone
+        end,
+    case Frame of
+        gone ->
+            ok;
+        none ->
+            await_stopped(State);
+        _ ->
+            case moat_nif:cnode_deliver(Handle, Frame) of
+                {other, {servers_stopped}} ->
+                    ok;
+                {other, Term} ->
+                    _ = cnode_frame(Term, State),
+                    await_stopped(State);
+                _ ->
+                    await_stopped(State)
+            end
+    end.
 
 %% A line a C-node over distribution wrote to stdout or stderr.
 log_line(Name, Line) ->

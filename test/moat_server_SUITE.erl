@@ -1,5 +1,8 @@
-%%% @doc Native servers in the NIF backend (DESIGN.md §4, §8; REFERENCE.md
-%%% §3, rules S1-S7): the demo `counter' server reached with moat:call/3,4
+%%% @doc Native servers (DESIGN.md §4, §8; REFERENCE.md §3, rules S1-S7),
+%%% in the NIF backend (group nif) and in the C-node, thread isolation,
+%%% over the port (cnode_thread) and over distribution (cnode_dist), where
+%%% the servers run in the C-node under its native supervisor and every
+%%% request is a frame: the demo `counter' server reached with moat:call/3,4
 %%% and moat:cast/3, the native supervisor's strategies, restart types,
 %%% restart intensity (OTP's algorithm, whole seconds of a monotonic
 %%% clock), shutdown, which_children/count_children, escalation to the
@@ -20,8 +23,9 @@
 
 -import(moat_ct_util, [wait_until/2]).
 
--export([all/0, suite/0]).
+-export([all/0, groups/0, suite/0]).
 -export([init_per_suite/1, end_per_suite/1]).
+-export([init_per_group/2, end_per_group/2]).
 -export([init_per_testcase/2, end_per_testcase/2]).
 -export([
     counter_keeps_state/1,
@@ -70,6 +74,25 @@ suite() ->
     [{timetrap, {seconds, 30}}].
 
 all() ->
+    [{group, nif}, {group, cnode_thread}, {group, cnode_dist}].
+
+groups() ->
+    [
+        {nif, [], cases()},
+        {cnode_thread, [], cases() -- nif_only()},
+        {cnode_dist, [], cases() -- nif_only()}
+    ].
+
+%% Cases that hold the pool's owner suspended to look at the window
+%% between a give-up and the pool's restart. A C-node's answers (replies,
+%% which_children) reach their callers through the owner, which relays
+%% the C-node's frames: suspended, it would hold those back too, so the
+%% window cannot be looked at that way. escalation_restarts_pool samples
+%% the same window with the owner running.
+nif_only() ->
+    [escalation_shows_restarting, give_up_window_all_restarting].
+
+cases() ->
     [
         counter_keeps_state,
         crash_restarts_one_for_one,
@@ -110,7 +133,25 @@ end_per_suite(_Config) ->
     _ = application:stop(moat),
     ok.
 
+init_per_group(nif, Config) ->
+    [{backend, #{}} | Config];
+init_per_group(cnode_thread, Config) ->
+    [{backend, #{backend => cnode, isolation => thread}} | Config];
+init_per_group(cnode_dist, Config) ->
+    %% The distribution transport, with the C-node on loopback.
+    Started = moat_ct_util:distributed(),
+    [{backend, #{backend => cnode, transport => distribution}}, {started_dist, Started} | Config].
+
+end_per_group(cnode_dist, Config) ->
+    moat_ct_util:undistributed(?config(started_dist, Config));
+end_per_group(_Group, _Config) ->
+    ok.
+
+%% The group's backend options, for start_pool/2 and child_spec/1 below:
+%% kept in the case's process dictionary, so that the cases read the
+%% same in every group.
 init_per_testcase(_Case, Config) ->
+    put(moat_backend, ?config(backend, Config)),
     Config.
 
 %% Stops every pool of this suite still under moat_sup.
@@ -139,7 +180,7 @@ pools_named(P) ->
 %% lists the servers in start order.
 counter_keeps_state(_Config) ->
     P = srv_state,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         servers => [spec(a, [0]), spec({b, 1}, [100]), spec(<<"c">>, [-5])]
     }),
@@ -181,7 +222,7 @@ counter_keeps_state(_Config) ->
 %% keep theirs and are not restarted.
 crash_restarts_one_for_one(_Config) ->
     P = srv_crash,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2, servers => [spec(a, [0]), spec(b, [10]), spec(c, [20])]
     }),
     Owner = moat_nif:pool_owner(P),
@@ -212,7 +253,7 @@ one_for_all_restarts_all_in_order(_Config) ->
     P = srv_all,
     %% Two crashes are two restarts: the siblings stopped and started
     %% again do not count (S4), so max_restarts 2 is not exceeded.
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         strategy => one_for_all,
         max_restarts => 2,
@@ -244,7 +285,7 @@ one_for_all_restarts_all_in_order(_Config) ->
 %% of them are noproc; then all are back, reset.
 one_for_all_restarting_while_stopping(_Config) ->
     P = srv_all_slow,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         strategy => one_for_all,
         servers => [spec(a, [0, 1000]), spec(b, [10]), spec(c, [20])]
@@ -269,7 +310,7 @@ one_for_all_restarting_while_stopping(_Config) ->
 rest_for_one_restarts_later_siblings(_Config) ->
     P = srv_rest,
     Ids = [a, b, c, d],
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         strategy => rest_for_one,
         max_restarts => 10,
@@ -307,7 +348,7 @@ restart_types(_Config) ->
     P = srv_types,
     Types = [permanent, transient, temporary],
     Ends = [normal, shutdown, shutdown_x, crash, boom],
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         max_restarts => 100,
         servers => [spec({T, E}, [7], #{restart => T}) || T <- Types, E <- Ends]
@@ -344,7 +385,7 @@ restart_types(_Config) ->
 %% one that had ended normally before.
 siblings_stopped_by_restart(_Config) ->
     P = srv_siblings,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         strategy => one_for_all,
         servers => [
@@ -387,7 +428,7 @@ siblings_stopped_by_restart(_Config) ->
 %% supervisor restarts the pool, every server back at its initial state.
 intensity_exceeded_gives_up(_Config) ->
     P = srv_intensity,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         max_restarts => 1,
         max_seconds => 1,
@@ -429,7 +470,7 @@ intensity_exceeded_gives_up(_Config) ->
 %% after it makes two in the window, which gives up.
 intensity_window_slides(_Config) ->
     P = srv_window,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         max_restarts => 1,
         max_seconds => 1,
@@ -467,7 +508,7 @@ intensity_period_plus_one_edge(_Config) ->
 
 period_plus_one_edge() ->
     P = srv_edge,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         max_restarts => 1,
         max_seconds => 1,
@@ -507,7 +548,7 @@ period_plus_one_edge() ->
 %% states (sampled; what it saw is printed).
 escalation_restarts_pool(_Config) ->
     P = srv_escalate,
-    {ok, PoolSup} = moat:start_pool(P, #{
+    {ok, PoolSup} = start_pool(P, #{
         size => 2,
         max_restarts => 1,
         max_seconds => 5,
@@ -598,7 +639,7 @@ sample(Parent, P, Old, Acc) ->
 %% the owner runs again the pool restarts.
 escalation_shows_restarting(_Config) ->
     P = srv_window_open,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         max_restarts => 1,
         max_seconds => 5,
@@ -642,7 +683,7 @@ pool_tree_ends(P, MaxRestarts) ->
     {ok, Sup} = supervisor:start_link(
         ?MODULE,
         {sup, #{strategy => one_for_one, intensity => 0, period => 5}, [
-            moat:child_spec(#{
+            child_spec(#{
                 name => P,
                 size => 2,
                 max_restarts => MaxRestarts,
@@ -697,7 +738,7 @@ give_up(P, N) ->
 %% and a call it was busy with gets an exit value.
 shutdown_timeout_kills_slow_server(_Config) ->
     P = srv_shut_timeout,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2, servers => [spec(a, [0, 3000], #{shutdown => 100})]
     }),
     Self = self(),
@@ -725,7 +766,7 @@ shutdown_timeout_kills_slow_server(_Config) ->
 %% other (fast) server is stopped normally, and the name is free again.
 shutdown_brutal_kill(_Config) ->
     P = srv_shut_brutal,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         servers => [spec(a, [0]), spec(b, [0, 3000], #{shutdown => brutal_kill})]
     }),
@@ -736,7 +777,7 @@ shutdown_brutal_kill(_Config) ->
     ct:pal("stop_pool took ~p ms", [Took]),
     ?assert(Took < 2500),
     ?assertEqual({error, not_found}, moat:which_children(P)),
-    {ok, _} = moat:start_pool(P, #{size => 1, servers => [spec(b, [5])]}),
+    {ok, _} = start_pool(P, #{size => 1, servers => [spec(b, [5])]}),
     ?assertEqual({ok, 5}, moat:call(P, b, get)),
     ok = moat:stop_pool(P),
     sweep().
@@ -752,7 +793,7 @@ shutdown_waits_for_slow_server(_Config) ->
     ],
     [
         begin
-            {ok, _} = moat:start_pool(P, #{size => 2, servers => Servers}),
+            {ok, _} = start_pool(P, #{size => 2, servers => Servers}),
             T0 = erlang:monotonic_time(millisecond),
             ok = moat:stop_pool(P),
             Took = erlang:monotonic_time(millisecond) - T0,
@@ -795,7 +836,7 @@ servers_stop_in_reverse_order(_Config) ->
 %% runs Stop once the request is in a's mailbox, and returns the call's
 %% result.
 call_while_stopping(P, Servers, Opts, Stop) ->
-    {ok, _} = moat:start_pool(P, Opts#{size => 2, servers => Servers}),
+    {ok, _} = start_pool(P, Opts#{size => 2, servers => Servers}),
     Self = self(),
     {Pid, Ref} = spawn_monitor(fun() ->
         Self ! {result, self(), moat:call(P, a, {sleep, 300}, infinity)}
@@ -819,7 +860,7 @@ call_while_stopping(P, Servers, Opts, Stop) ->
 %% arrives; the server still handles it and serves later calls.
 call_timeout_leaves_no_message(_Config) ->
     P = srv_timeout,
-    {ok, _} = moat:start_pool(P, #{size => 2, servers => [spec(a, [0])]}),
+    {ok, _} = start_pool(P, #{size => 2, servers => [spec(a, [0])]}),
     ?assertEqual({exit, timeout}, moat:call(P, a, {sleep, 1000}, 50)),
     %% Behind the sleeping request: a timeout too, even of 0.
     ?assertEqual({exit, timeout}, moat:call(P, a, {add, 1}, 20)),
@@ -851,7 +892,7 @@ call_timeout_leaves_no_message(_Config) ->
 %% before replying), and later calls reach the restarted server.
 crash_reaches_queued_callers(_Config) ->
     P = srv_queued,
-    {ok, _} = moat:start_pool(P, #{size => 2, servers => [spec(a, [0])]}),
+    {ok, _} = start_pool(P, #{size => 2, servers => [spec(a, [0])]}),
     Self = self(),
     %% Each request is in the server's mailbox (its caller waits in
     %% moat:call/4) before the next is sent; the first keeps the server
@@ -897,7 +938,7 @@ crash_reaches_queued_callers(_Config) ->
 %% noproc or reaches the restarted server, never the ending one.
 crash_outcome_after_server_ended(_Config) ->
     P = srv_crash_outcome,
-    {ok, _} = moat:start_pool(P, #{size => 2, servers => [spec(a, [0, 1000])]}),
+    {ok, _} = start_pool(P, #{size => 2, servers => [spec(a, [0, 1000])]}),
     {ok, 1} = moat:call(P, a, {add, 1}),
     ?assertEqual({exit, ?CRASH}, moat:call(P, a, crash)),
     Next = moat:call(P, a, get),
@@ -910,7 +951,7 @@ crash_outcome_after_server_ended(_Config) ->
 %% A caller that dies in the middle of a call leaves the server serving.
 caller_death_mid_call(_Config) ->
     P = srv_caller_death,
-    {ok, _} = moat:start_pool(P, #{size => 2, servers => [spec(a, [0])]}),
+    {ok, _} = start_pool(P, #{size => 2, servers => [spec(a, [0])]}),
     {Pid, Ref} = spawn_monitor(fun() -> moat:call(P, a, {sleep, 300}, infinity) end),
     wait_calling(Pid),
     exit(Pid, kill),
@@ -935,7 +976,7 @@ noproc_for_missing(_Config) ->
     ?assertEqual(ok, moat:cast(Gone, a, {add, 1})),
     ?assertEqual({error, not_found}, moat:which_children(Gone)),
     ?assertEqual({error, not_found}, moat:count_children(Gone)),
-    {ok, _} = moat:start_pool(P, #{size => 1, servers => [spec(a, [0])]}),
+    {ok, _} = start_pool(P, #{size => 1, servers => [spec(a, [0])]}),
     ?assertEqual({exit, noproc}, moat:call(P, b, get)),
     ?assertEqual({exit, noproc}, moat:call(P, "a", get)),
     ?assertEqual({exit, noproc}, moat:call(P, {a}, get)),
@@ -944,7 +985,7 @@ noproc_for_missing(_Config) ->
     ok = moat:stop_pool(P),
     ?assertEqual({exit, noproc}, moat:call(P, a, get)),
     ?assertEqual({error, not_found}, moat:which_children(P)),
-    {ok, _} = moat:start_pool(P, #{size => 1}),
+    {ok, _} = start_pool(P, #{size => 1}),
     ?assertEqual([], moat:which_children(P)),
     ?assertEqual(#{specs => 0, active => 0, supervisors => 0, workers => 0},
         moat:count_children(P)),
@@ -957,7 +998,7 @@ noproc_for_missing(_Config) ->
 %% nothing behind.
 bad_arguments_raise_badarg(_Config) ->
     P = srv_badarg,
-    {ok, _} = moat:start_pool(P, #{size => 1, servers => [spec(a, [0])]}),
+    {ok, _} = start_pool(P, #{size => 1, servers => [spec(a, [0])]}),
     [
         begin
             ?assertError(badarg, moat:call("p", a, get)),
@@ -991,13 +1032,13 @@ bad_arguments_raise_badarg(_Config) ->
         [not_a_spec],
         not_a_list
     ],
-    [?assertError(badarg, moat:start_pool(P, #{servers => S})) || S <- BadServers],
-    ?assertError(badarg, moat:start_pool(P, #{strategy => simple_one_for_one, servers => [Good]})),
-    ?assertError(badarg, moat:child_spec(#{name => P, servers => [Good, Good]})),
+    [?assertError(badarg, start_pool(P, #{servers => S})) || S <- BadServers],
+    ?assertError(badarg, start_pool(P, #{strategy => simple_one_for_one, servers => [Good]})),
+    ?assertError(badarg, child_spec(#{name => P, servers => [Good, Good]})),
     ?assertEqual([], pools_named(P)),
     ?assertEqual({error, not_found}, moat:which_children(P)),
     %% The good spec, as a proplist, works.
-    {ok, _} = moat:start_pool(P, [{size, 1}, {servers, [maps:to_list(Good)]}]),
+    {ok, _} = start_pool(P, [{size, 1}, {servers, [maps:to_list(Good)]}]),
     ?assertEqual({ok, 0}, moat:call(P, a, get)),
     ok = moat:stop_pool(P),
     sweep().
@@ -1022,7 +1063,7 @@ failed_to_start_child(_Config) ->
         begin
             ?assertEqual(
                 {error, {shutdown, {failed_to_start_child, Id, Reason}}},
-                moat:start_pool(P, #{size => 1, servers => Servers})
+                start_pool(P, #{size => 1, servers => Servers})
             ),
             ?assertEqual({error, not_found}, moat:stats(P)),
             ?assertEqual({error, not_found}, moat:which_children(P)),
@@ -1033,12 +1074,12 @@ failed_to_start_child(_Config) ->
     %% A library that cannot be loaded.
     ?assertMatch(
         {error, {bad_library, _}},
-        moat:start_pool(P, #{
+        start_pool(P, #{
             servers => [#{id => a, start => {"/nonexistent/lib.so", counter, [0]}}]
         })
     ),
     ?assertEqual([], pools_named(P)),
-    {ok, _} = moat:start_pool(P, #{size => 1, servers => [spec(a, [3])]}),
+    {ok, _} = start_pool(P, #{size => 1, servers => [spec(a, [3])]}),
     ?assertEqual({ok, 3}, moat:call(P, a, get)),
     ok = moat:stop_pool(P),
     sweep().
@@ -1047,7 +1088,7 @@ failed_to_start_child(_Config) ->
 %% pool busy with tasks, calls are served and tasks complete.
 servers_share_threads_with_tasks(_Config) ->
     P = srv_shared,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 1,
         servers => [#{id => a, start => {{priv, moat, "moat_demo.so"}, counter, [0]}}]
     }),
@@ -1070,7 +1111,7 @@ servers_share_threads_with_tasks(_Config) ->
 %% afterwards.
 many_callers_during_restarts(_Config) ->
     P = srv_many,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         max_restarts => 1000000,
         max_seconds => 1,
@@ -1182,7 +1223,7 @@ vm_and_caller_alive(_Config) ->
     ?assertEqual(
         [], [N || {{moat, N}, _, _, _} <- supervisor:which_children(moat_sup), is_suite_pool(N)]
     ),
-    {ok, _} = moat:start_pool(srv_last, #{size => 1, servers => [spec(a, [1])]}),
+    {ok, _} = start_pool(srv_last, #{size => 1, servers => [spec(a, [1])]}),
     ?assertEqual({ok, 2}, moat:call(srv_last, a, {add, 1})),
     ?assertEqual({ok, 1}, moat:run(srv_last, echo, [1])),
     ok = moat:stop_pool(srv_last),
@@ -1199,7 +1240,7 @@ vm_and_caller_alive(_Config) ->
 %% it is looked at: both show `restarting' throughout.
 give_up_window_all_restarting(_Config) ->
     P = srv_bug_window,
-    {ok, _} = moat:start_pool(P, #{
+    {ok, _} = start_pool(P, #{
         size => 2,
         max_restarts => 1,
         max_seconds => 5,
@@ -1248,7 +1289,7 @@ failed_start_stops_started_in_order(_Config) ->
     T0 = erlang:monotonic_time(millisecond),
     ?assertEqual(
         {error, {shutdown, {failed_to_start_child, c, badarg}}},
-        moat:start_pool(P, #{
+        start_pool(P, #{
             size => 2, servers => [spec(a, [0, 300]), spec(b, [0, 300]), spec(c, [bad])]
         })
     ),
@@ -1267,6 +1308,18 @@ init({sup, Flags, Children}) ->
 %%%===================================================================
 %%% Helpers
 %%%===================================================================
+
+%% moat:start_pool/2 and moat:child_spec/1 with the group's backend.
+start_pool(P, Opts) ->
+    moat:start_pool(P, with_backend(Opts)).
+
+child_spec(Opts) ->
+    moat:child_spec(with_backend(Opts)).
+
+with_backend(Opts) when is_list(Opts) ->
+    with_backend(maps:from_list(Opts));
+with_backend(Opts) ->
+    maps:merge(get(moat_backend), Opts).
 
 spec(Id, Args) ->
     spec(Id, Args, #{}).

@@ -171,6 +171,14 @@ void moat__jobs_add(moat__jobs_t *jobs, uint64_t tag,
  * thread. */
 void moat__jobs_flush(moat__jobs_t *jobs);
 
+/* Sends `request` (borrowed) as a call to native server `server` of the
+ * jobs' pool, known by `tag` from now on like a task: its outcome is
+ * sent as a done entry, a cancel finds it, and a server that is not
+ * alive answers `noproc` at once.  The VM keeps the deadline, so the
+ * call has none here.  Loop thread. */
+void moat__jobs_call(moat__jobs_t *jobs, uint64_t tag, moat_pid_t server,
+                     moat_term_t *request);
+
 /* The VM decided the outcome of task `tag`: ends it silently (after a
  * flush) and reports the tag in a stopped frame once its body is off its
  * thread, at once if it never started.  A tag that is not in flight (its

@@ -366,8 +366,9 @@ size_t moat__atom_utf8(const moat__atom_t *a, char *out, size_t cap) {
     return o;
 }
 
-/* Makes the argument term from the list's encoding (no version byte). */
-static int args_term(const unsigned char *list, size_t len, moat_term_t **out) {
+/* Makes a term from its encoding without the version byte: a task's
+ * argument list, a request, a server's id. */
+static int etf_term(const unsigned char *list, size_t len, moat_term_t **out) {
     char stack[ARGS_STACK], *etf = stack;
     int err = 0;
 
@@ -418,7 +419,7 @@ static int read_run(rd_t *r, uint32_t n, int trusted, moat__frame_t *f,
     }
     if (!trusted)
         return 0; /* the frame failed the check: nothing in it counts */
-    rc = args_term(r->p + start, r->pos - start, &e->args);
+    rc = etf_term(r->p + start, r->pos - start, &e->args);
     if (rc == MOAT_EBADTERM)
         why(f, "task %llu: malformed arguments", (unsigned long long)e->tag);
     e->status = rc;
@@ -509,6 +510,171 @@ static void decode_cancel(rd_t *r, uint32_t arity, moat__frame_t *f) {
                                               : MOAT_A_SHUTDOWN;
 }
 
+/* {call, Tag, Child, Request} (n == 3 after the atom, has_tag) or {cast,
+ * Child, Request} (n == 2). */
+static void decode_server_msg(rd_t *r, uint32_t n, int has_tag, int trusted,
+                              moat__frame_t *f) {
+    const char *what = has_tag ? "a call frame is not {call, Tag, Child, "
+                                 "Request}"
+                               : "a cast frame is not {cast, Child, Request}";
+    uint64_t v;
+    size_t start;
+    int rc;
+
+    if (has_tag) {
+        if (n < 1 || read_u64(r, &f->tag) < 0) {
+            why(f, "%s", what);
+            return;
+        }
+        f->tagged = 1;
+        n--;
+    }
+    if (n != 2 || read_u64(r, &v) < 0 || v > UINT32_MAX) {
+        why(f, "%s", what);
+        return;
+    }
+    f->child = (uint32_t)v;
+    start = r->pos;
+    if (skip_term(r) < 0) {
+        why(f, "%s", what);
+        return;
+    }
+    if (!trusted)
+        return;
+    rc = etf_term(r->p + start, r->pos - start, &f->msg);
+    if (rc != 0)
+        why(f, "%s", rc == UV_ENOMEM ? "no memory for the request"
+                                      : "malformed request");
+}
+
+/* {which_children, Tag} and {count_children, Tag} after the atom. */
+static void decode_query(rd_t *r, uint32_t arity, moat__frame_t *f) {
+    if (arity >= 2 && read_u64(r, &f->tag) == 0)
+        f->tagged = 1;
+    if (arity != 2 || !f->tagged)
+        why(f, "a query frame is not {which_children | count_children, "
+               "Tag}");
+}
+
+/* A term as it is, for a child's id or start arguments: bounded by
+ * skip_term, copied with a version byte.  Returns 0, -1 or UV_ENOMEM. */
+static int read_term(rd_t *r, moat_term_t **out) {
+    size_t start = r->pos;
+    int rc;
+
+    if (skip_term(r) < 0)
+        return -1;
+    rc = etf_term(r->p + start, r->pos - start, out);
+    return rc == UV_ENOMEM ? rc : rc < 0 ? -1 : 0;
+}
+
+/* One element of `servers`, {Id, Lib, Server, Args, Restart, Shutdown},
+ * into c.  Returns 0, -1 (f->why set) or UV_ENOMEM. */
+static int hello_child(rd_t *r, moat__frame_t *f, uint32_t i,
+                       moat__child_t *c) {
+    moat__atom_t a;
+    uint32_t arity;
+    uint64_t v;
+    size_t start;
+    int rc;
+
+    if (read_tuple(r, &arity) < 0 || arity != 6) {
+        why(f, "server %u is not {Id, Lib, Server, Args, Restart, Shutdown}",
+            i + 1);
+        return -1;
+    }
+    if ((rc = read_term(r, &c->id)) != 0) {
+        why(f, "server %u: malformed id", i + 1);
+        return rc;
+    }
+    if (read_u64(r, &v) < 0 || v > UINT32_MAX) {
+        why(f, "server %u: the library is not an index", i + 1);
+        return -1;
+    }
+    c->lib = (uint32_t)v;
+    if (read_atom(r, &c->server) < 0) {
+        why(f, "server %u: the server's name is not an atom", i + 1);
+        return -1;
+    }
+    start = r->pos;
+    if (skip_proper_list(r) < 0) {
+        why(f, "server %u: the start arguments are not a proper list", i + 1);
+        return -1;
+    }
+    rc = etf_term(r->p + start, r->pos - start, &c->args);
+    if (rc != 0) {
+        why(f, "server %u: malformed start arguments", i + 1);
+        return rc == UV_ENOMEM ? rc : -1;
+    }
+    if (read_atom(r, &a) < 0 ||
+        !(atom_is(&a, "permanent") || atom_is(&a, "transient") ||
+          atom_is(&a, "temporary"))) {
+        why(f, "server %u: restart is not permanent, transient or temporary",
+            i + 1);
+        return -1;
+    }
+    c->restart = atom_is(&a, "permanent")   ? MOAT_PERMANENT
+                 : atom_is(&a, "transient") ? MOAT_TRANSIENT
+                                            : MOAT_TEMPORARY;
+    start = r->pos;
+    if (read_atom(r, &a) == 0) {
+        if (!(atom_is(&a, "brutal_kill") || atom_is(&a, "infinity"))) {
+            why(f, "server %u: shutdown is not brutal_kill, infinity or an "
+                   "integer in 0..2^31-1", i + 1);
+            return -1;
+        }
+        c->shutdown_ms = atom_is(&a, "brutal_kill") ? MOAT_SHUTDOWN_BRUTAL
+                                                    : MOAT_SHUTDOWN_INFINITY;
+    } else if (r->pos = start, read_u64(r, &v) == 0 && v <= INT32_MAX) {
+        c->shutdown_ms = (int)v;
+    } else {
+        why(f, "server %u: shutdown is not brutal_kill, infinity or an "
+               "integer in 0..2^31-1", i + 1);
+        return -1;
+    }
+    return 0;
+}
+
+/* hello's `servers`: a list of child specs.  Each library index is
+ * checked once the whole map is read (decode_hello). */
+static int hello_servers(rd_t *r, moat__frame_t *f) {
+    moat__hello_t *h = &f->hello;
+    uint32_t n;
+    int rc;
+
+    if (h->servers != NULL) {
+        why(f, "servers is given twice");
+        return -1;
+    }
+    if (peek(r) == TAG_NIL) {
+        r->pos++;
+        return 0;
+    }
+    if (peek(r) != TAG_LIST || !has(r, 5) ||
+        (n = be32(r->p + r->pos + 1)) > r->len - r->pos - 5) {
+        why(f, "servers is not a list");
+        return -1;
+    }
+    r->pos += 5;
+    h->servers = calloc(n > 0 ? n : 1, sizeof *h->servers);
+    if (h->servers == NULL)
+        return UV_ENOMEM;
+    for (uint32_t i = 0; i < n; i++) {
+        rc = hello_child(r, f, i, &h->servers[h->nservers]);
+        /* Counted even when half made, so that moat__frame_free frees
+         * what it holds. */
+        h->nservers++;
+        if (rc != 0)
+            return rc;
+    }
+    if (peek(r) != TAG_NIL) {
+        why(f, "servers is not a proper list");
+        return -1;
+    }
+    r->pos++;
+    return 0;
+}
+
 /* One option of hello's map; the cursor is at its value. */
 static int hello_option(rd_t *r, const moat__atom_t *key, moat__frame_t *f) {
     moat__hello_t *h = &f->hello;
@@ -560,6 +726,19 @@ static int hello_option(rd_t *r, const moat__atom_t *key, moat__frame_t *f) {
             return -1;
         }
         h->max_seconds = (unsigned)v;
+    } else if (atom_is(key, "strategy")) {
+        if (read_atom(r, &a) < 0 ||
+            !(atom_is(&a, "one_for_one") || atom_is(&a, "one_for_all") ||
+              atom_is(&a, "rest_for_one"))) {
+            why(f, "strategy is not one_for_one, one_for_all or "
+                   "rest_for_one");
+            return -1;
+        }
+        h->strategy = atom_is(&a, "one_for_one")   ? MOAT_ONE_FOR_ONE
+                      : atom_is(&a, "one_for_all") ? MOAT_ONE_FOR_ALL
+                                                   : MOAT_REST_FOR_ONE;
+    } else if (atom_is(key, "servers")) {
+        return hello_servers(r, f);
     } else if (atom_is(key, "name")) {
         if (read_atom(r, &a) < 0) {
             why(f, "name is not an atom");
@@ -654,6 +833,12 @@ static int decode_hello(rd_t *r, uint32_t arity, int trusted,
         if (rc < 0)
             return 0;
     }
+    for (size_t i = 0; i < f->hello.nservers; i++)
+        if (f->hello.servers[i].lib >= f->hello.nlibraries) {
+            why(f, "server %zu: the library is not an index into libraries",
+                i + 1);
+            return 0;
+        }
     return 0;
 }
 
@@ -694,6 +879,22 @@ int moat__frame_decode(const char *buf, size_t len, moat__frame_t *f) {
     } else if (atom_is(&kind, "hello")) {
         f->kind = MOAT__FRAME_HELLO;
         rc = decode_hello(&r, arity, trusted, f);
+    } else if (atom_is(&kind, "call")) {
+        f->kind = MOAT__FRAME_CALL;
+        decode_server_msg(&r, arity - 1, 1, trusted, f);
+    } else if (atom_is(&kind, "cast")) {
+        f->kind = MOAT__FRAME_CAST;
+        decode_server_msg(&r, arity - 1, 0, trusted, f);
+    } else if (atom_is(&kind, "which_children")) {
+        f->kind = MOAT__FRAME_WHICH_CHILDREN;
+        decode_query(&r, arity, f);
+    } else if (atom_is(&kind, "count_children")) {
+        f->kind = MOAT__FRAME_COUNT_CHILDREN;
+        decode_query(&r, arity, f);
+    } else if (atom_is(&kind, "stop_servers")) {
+        f->kind = MOAT__FRAME_STOP_SERVERS;
+        if (arity != 1)
+            why(f, "a stop_servers frame is not {stop_servers}");
     } else {
         why(f, "an unknown kind of frame");
     }
@@ -710,6 +911,12 @@ void moat__frame_free(moat__frame_t *f) {
     for (size_t i = 0; i < f->hello.nlibraries; i++)
         free(f->hello.libraries[i]);
     free(f->hello.libraries);
+    for (size_t i = 0; i < f->hello.nservers; i++) {
+        moat_term_unref(f->hello.servers[i].id);
+        moat_term_unref(f->hello.servers[i].args);
+    }
+    free(f->hello.servers);
+    moat_term_unref(f->msg);
     memset(f, 0, sizeof *f);
 }
 

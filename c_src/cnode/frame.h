@@ -22,7 +22,12 @@ typedef enum {
     MOAT__FRAME_HELLO,
     MOAT__FRAME_RUN,
     MOAT__FRAME_RUNS,
-    MOAT__FRAME_CANCEL
+    MOAT__FRAME_CANCEL,
+    MOAT__FRAME_CALL,           /* {call, Tag, Child, Request} */
+    MOAT__FRAME_CAST,           /* {cast, Child, Request} */
+    MOAT__FRAME_WHICH_CHILDREN, /* {which_children, Tag} */
+    MOAT__FRAME_COUNT_CHILDREN, /* {count_children, Tag} */
+    MOAT__FRAME_STOP_SERVERS    /* {stop_servers} */
 } moat__frame_kind_t;
 
 typedef enum {
@@ -47,6 +52,17 @@ typedef struct moat__atom_s {
 #define MOAT__HELLO_MAX_RESTARTS 3
 #define MOAT__HELLO_MAX_SECONDS 5
 
+/* One native server of hello's `servers`, {Id, Lib, Server, Args,
+ * Restart, Shutdown}. */
+typedef struct moat__child_s {
+    moat_term_t *id;      /* any term, with the version byte */
+    uint32_t lib;         /* an index into `libraries` */
+    moat__atom_t server;  /* the server's name: points into the frame */
+    moat_term_t *args;    /* the start argument list, with the version byte */
+    int restart;          /* a moat_restart_t */
+    int shutdown_ms;      /* >= 0, MOAT_SHUTDOWN_BRUTAL or _INFINITY */
+} moat__child_t;
+
 /* {hello, Opts}.  Absent options are 0, NULL or empty, except those of
  * process isolation, which take the defaults above. */
 typedef struct moat__hello_s {
@@ -59,7 +75,14 @@ typedef struct moat__hello_s {
     uint64_t max_memory;    /* bytes of address space; 0: no limit */
     unsigned spares;        /* process: idle workers beyond size, 0..1024 */
     unsigned max_restarts;  /* process: workers that may die on their own */
-    unsigned max_seconds;   /* ... within this many seconds, 1.. */
+    unsigned max_seconds;   /* ... within this many seconds, 1..; also the
+                               native supervisor's intensity, with
+                               max_restarts */
+    moat__child_t *servers; /* the native servers, in start order; the
+                               ids and args are freed by moat__frame_free
+                               (take a reference to keep them) */
+    size_t nservers;
+    int strategy;           /* a moat_strategy_t; one_for_one if absent */
 } moat__hello_t;
 
 /* One task to run, from a run frame or an element of a runs frame. */
@@ -84,7 +107,16 @@ typedef struct moat__frame_s {
     size_t nruns;
     moat__run_t one;
     size_t untagged;       /* runs elements whose tag could not be read */
-    uint64_t tag;          /* MOAT__FRAME_CANCEL */
+    uint64_t tag;          /* MOAT__FRAME_CANCEL, and call, which_children
+                              and count_children when `tagged` */
+    int tagged;            /* call, which_children, count_children: the
+                              tag could be read (a malformed frame is then
+                              answered badarg) */
+    uint32_t child;        /* call and cast: the server's index in hello's
+                              `servers` */
+    moat_term_t *msg;      /* call and cast, well formed: the request, with
+                              the version byte.  moat__frame_free unrefs
+                              it unless the caller took it (set to NULL). */
     moat_atom_t reason;    /* MOAT__FRAME_CANCEL: shutdown, killed or
                               timeout; any other atom reads as shutdown */
     char why[160];         /* when malformed: what is wrong, as a phrase */

@@ -5,8 +5,11 @@
  * DESIGN
  *
  * Threads.  The loop thread adds jobs (run frames), submits them in
- * batches, and cancels them (cancel frames).  Pool threads run the bodies
- * and call moat__jobs_complete with each outcome, which the outbox writes
+ * batches, sends calls to native servers (call frames: a call is a job
+ * whose task is the core's call, its outcome the reply or the server's
+ * exit reason), and cancels them (cancel frames).  Pool threads run the
+ * bodies and the servers, and call moat__jobs_complete with each outcome,
+ * which the outbox writes
  * (outbox.c).  A silent cancel never calls back, so only the loop thread
  * reports stopped tags.
  *
@@ -355,6 +358,40 @@ void moat__jobs_flush(moat__jobs_t *jobs) {
             moat_task_release(tasks[i]);
             free(job);
         }
+    }
+}
+
+void moat__jobs_call(moat__jobs_t *jobs, uint64_t tag, moat_pid_t server,
+                     moat_term_t *request) {
+    moat__job_t *job = calloc(1, sizeof *job);
+    moat_task_t *task = NULL;
+    int rc;
+
+    if (job == NULL) {
+        answer(jobs, tag, MOAT_A_ENOMEM);
+        return;
+    }
+    job->tag = tag;
+    /* In the map before the reply can come, as flush does for tasks. */
+    uv_mutex_lock(&jobs->lock);
+    map_insert(jobs, job);
+    uv_mutex_unlock(&jobs->lock);
+    rc = moat_server_call(jobs->pool, server, request, 0, -1, job, &task);
+    uv_mutex_lock(&jobs->lock);
+    if (rc != 0) {
+        map_unlink(jobs, job);
+    } else if (job->in_map) {
+        job->task = task;
+        task = NULL;
+        job = NULL; /* the callback's from here on */
+    }
+    uv_mutex_unlock(&jobs->lock);
+    if (rc != 0) {
+        answer(jobs, tag, rc == MOAT_ENOPROC ? MOAT_A_NOPROC : MOAT_A_ENOMEM);
+        free(job);
+    } else if (job != NULL) { /* the reply is already sent */
+        moat_task_release(task);
+        free(job);
     }
 }
 

@@ -55,6 +55,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,6 +95,7 @@ typedef struct node_s {
     moat_lib_t **libs;
     size_t nlibs;
     moat_pool_t *pool;        /* thread isolation */
+    struct servers_s *servers; /* thread isolation, with servers */
     moat__procs_t *procs;     /* process isolation */
     moat__outbox_t ob;
     moat__jobs_t jobs;
@@ -103,6 +105,36 @@ typedef struct node_s {
     int distributed;   /* frames travel over distribution */
     int session;       /* --session: a child of --serve, no lifeline */
 } node_t;
+
+/* The native servers of thread isolation (see DESIGN): the supervisor
+ * and its children's ids, and what the supervisor's callbacks leave for
+ * the loop thread to report. */
+typedef struct servers_s {
+    moat_pid_t sup;
+    moat_term_t **ids;        /* the specs' own terms, in start order */
+    size_t n;
+    atomic_int started;       /* the first starts are over: any later
+                                 start is a restart */
+    atomic_uint_fast64_t restarts;
+    uint64_t restarts_sent;   /* loop thread */
+    uv_async_t report;        /* wakes the loop to send the reports */
+    int report_open;
+    uv_mutex_t lock;          /* guards the four fields below */
+    uint64_t ncrashed;        /* children ended abnormally, unreported */
+    moat_term_t *crash_id, *crash_reason; /* the last of them */
+    moat_term_t *gave_up;     /* the supervisor's reason, unreported */
+    uv_work_t stop_req;       /* {stop_servers}: drain and stop */
+    int stopping;             /* loop thread: stop_req is queued */
+    int stopped;              /* loop thread: stop_req is done */
+    node_t *node;
+} servers_t;
+
+/* A child's start argument: the core's server child, and the node to
+ * count its restarts in. */
+typedef struct {
+    moat_server_child_t c;
+    servers_t *sv;
+} child_arg_t;
 
 /* Static, so that all of it stays reachable when the node exits with
  * bodies still running. */
@@ -164,6 +196,450 @@ static void hello_fail(node_t *n, const char *kind, const char *msg) {
     finish(n, MOAT_CNODE_EXIT_HELLO);
 }
 
+/* ------------------------------------------------------------- servers */
+
+/* Sends one frame built in x (with its version byte); drops it when no
+ * memory is left (reports are best effort, as logs are). */
+static void send_x(node_t *n, ei_x_buff *x) {
+    moat__outbox_frame(&n->ob, x->buff, (size_t)x->index);
+}
+
+/* Appends a core term's encoding, without its version byte. */
+static int x_term(ei_x_buff *x, const moat_term_t *t) {
+    size_t len;
+    const char *d = moat_term_data(t, &len);
+    return ei_x_append_buf(x, d + 1, (int)(len - 1));
+}
+
+/* The loop's side of the supervisor's callbacks: {restarts, Total},
+ * {crashed, N, LastId, LastReason} and {gave_up, Reason}, each sent when
+ * there is something new, so a crash loop costs one frame of each a loop
+ * turn however many crashes it holds. */
+static void on_report(uv_async_t *a) {
+    servers_t *sv = a->data;
+    node_t *n = sv->node;
+    uint64_t restarts = atomic_load(&sv->restarts), ncrashed;
+    moat_term_t *id, *reason, *gave_up;
+    ei_x_buff x;
+
+    uv_mutex_lock(&sv->lock);
+    ncrashed = sv->ncrashed;
+    id = sv->crash_id;
+    reason = sv->crash_reason;
+    gave_up = sv->gave_up;
+    sv->ncrashed = 0;
+    sv->crash_id = sv->crash_reason = sv->gave_up = NULL;
+    uv_mutex_unlock(&sv->lock);
+    if (restarts != sv->restarts_sent && ei_x_new_with_version(&x) == 0) {
+        if (ei_x_encode_tuple_header(&x, 2) == 0 &&
+            ei_x_encode_atom(&x, "restarts") == 0 &&
+            ei_x_encode_ulonglong(&x, restarts) == 0)
+            send_x(n, &x);
+        ei_x_free(&x);
+        sv->restarts_sent = restarts;
+    }
+    if (ncrashed > 0 && ei_x_new_with_version(&x) == 0) {
+        if (ei_x_encode_tuple_header(&x, 4) == 0 &&
+            ei_x_encode_atom(&x, "crashed") == 0 &&
+            ei_x_encode_ulonglong(&x, ncrashed) == 0 && x_term(&x, id) == 0 &&
+            x_term(&x, reason) == 0)
+            send_x(n, &x);
+        ei_x_free(&x);
+    }
+    if (gave_up != NULL && ei_x_new_with_version(&x) == 0) {
+        if (ei_x_encode_tuple_header(&x, 2) == 0 &&
+            ei_x_encode_atom(&x, "gave_up") == 0 && x_term(&x, gave_up) == 0)
+            send_x(n, &x);
+        ei_x_free(&x);
+    }
+    moat_term_unref(id);
+    moat_term_unref(reason);
+    moat_term_unref(gave_up);
+}
+
+/* The start callback of every child: the core's, counting each start
+ * after the first ones as a restart (the supervisor counts the same
+ * ones in the pool's stats).  On the supervisor's thread. */
+static int child_start(moat_pool_t *pool, moat_pid_t sup, void *arg,
+                       moat_pid_t *pid, moat_term_t **reason) {
+    child_arg_t *a = arg;
+    int rc = moat_server_child_start(pool, sup, &a->c, pid, reason);
+
+    if (rc == 0 && atomic_load(&a->sv->started)) {
+        atomic_fetch_add(&a->sv->restarts, 1);
+        uv_async_send(&a->sv->report);
+    }
+    return rc;
+}
+
+static void child_arg_free(void *arg) {
+    child_arg_t *a = arg;
+    moat_term_unref(a->c.args);
+    free(a);
+}
+
+/* The supervisor's child_crashed callback.  On its thread. */
+static void on_child_crashed(moat_pid_t sup, moat_term_t *id,
+                             moat_term_t *reason, void *data) {
+    servers_t *sv = data;
+
+    (void)sup;
+    moat_term_ref(id);
+    moat_term_ref(reason);
+    uv_mutex_lock(&sv->lock);
+    sv->ncrashed++;
+    moat_term_unref(sv->crash_id);
+    moat_term_unref(sv->crash_reason);
+    sv->crash_id = id;
+    sv->crash_reason = reason;
+    uv_mutex_unlock(&sv->lock);
+    uv_async_send(&sv->report);
+}
+
+/* The supervisor's escalate callback: it gave up.  On a pool thread. */
+static void on_gave_up(moat_pid_t sup, moat_term_t *reason, void *data) {
+    servers_t *sv = data;
+
+    (void)sup;
+    moat_term_ref(reason);
+    uv_mutex_lock(&sv->lock);
+    moat_term_unref(sv->gave_up);
+    sv->gave_up = reason;
+    uv_mutex_unlock(&sv->lock);
+    uv_async_send(&sv->report);
+}
+
+/* Waits until supervisor `sup` has ended, after telling it to stop (exit
+ * `shutdown` from outside, as its parent would) if `stop`: its children
+ * stop in reverse order, each within its shutdown.  Also returns when the
+ * pool closes under it.  Any thread but a pool thread. */
+static void sup_wait(moat_pool_t *pool, moat_pid_t sup, int stop) {
+    moat_pid_t w;
+    moat_msg_t *m;
+    uint64_t ref;
+
+    if (moat_proc_open(pool, &w) != 0)
+        return;
+    if (moat_proc_monitor(pool, w, sup, &ref) == 0) {
+        if (stop)
+            moat_proc_exit(pool, 0, sup, moat_atom(MOAT_A_SHUTDOWN));
+        while (moat_proc_receive(pool, w, -1, &m) == 0) {
+            int down = m->kind == MOAT_MSG_DOWN && m->ref == ref;
+            moat_msg_free(m);
+            if (down)
+                break;
+        }
+    }
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+static void servers_free(servers_t *sv) {
+    if (sv == NULL)
+        return;
+    for (size_t i = 0; i < sv->n; i++)
+        moat_term_unref(sv->ids[i]);
+    free(sv->ids);
+    moat_term_unref(sv->crash_id);
+    moat_term_unref(sv->crash_reason);
+    moat_term_unref(sv->gave_up);
+    uv_mutex_destroy(&sv->lock);
+    free(sv);
+}
+
+/* {error, Reason} with Reason's encoding (no version byte) as it is, in
+ * answer to hello; then the node ends with status 2. */
+static void hello_fail_term(node_t *n, const char *etf, size_t len) {
+    ei_x_buff x;
+
+    if (ei_x_new_with_version(&x) == 0 &&
+        ei_x_encode_tuple_header(&x, 2) == 0 &&
+        ei_x_encode_atom(&x, "error") == 0 &&
+        ei_x_append_buf(&x, etf, (int)len) == 0)
+        moat__outbox_frame(&n->ob, x.buff, (size_t)x.index);
+    ei_x_free(&x);
+    finish(n, MOAT_CNODE_EXIT_HELLO);
+}
+
+/* The server's definition in its library, by the name the frame had. */
+static const moat_server_def_t *find_server(node_t *n,
+                                            const moat__child_t *c) {
+    char utf8[2 * 255 + 1]; /* a Latin-1 atom doubles at most */
+    size_t len = moat__atom_utf8(&c->server, utf8, sizeof utf8);
+
+    return moat_lib_server(n->libs[c->lib], utf8, len);
+}
+
+/* Answers hello with {error, {shutdown, {failed_to_start_child, Id,
+ * {unknown_server, Server}}}}, as the NIF backend's start fails. */
+static void unknown_server(node_t *n, const moat__child_t *c) {
+    ei_x_buff x;
+
+    if (ei_x_new(&x) == 0 && ei_x_encode_tuple_header(&x, 2) == 0 &&
+        ei_x_encode_atom(&x, "shutdown") == 0 &&
+        ei_x_encode_tuple_header(&x, 3) == 0 &&
+        ei_x_encode_atom(&x, "failed_to_start_child") == 0 &&
+        x_term(&x, c->id) == 0 && ei_x_encode_tuple_header(&x, 2) == 0 &&
+        ei_x_encode_atom(&x, "unknown_server") == 0 &&
+        ei_x_append_buf(&x, c->server.etf, (int)c->server.etf_len) == 0)
+        hello_fail_term(n, x.buff, (size_t)x.index);
+    else
+        hello_fail(n, "bad_hello", "out of memory");
+    ei_x_free(&x);
+}
+
+/*
+ * Starts hello's servers under a native supervisor, in order, running
+ * each init on this thread, before the node answers ready.  Returns 0,
+ * or -1 once hello has been answered with an error: a server that fails
+ * to start is {error, {shutdown, {failed_to_start_child, Id, Reason}}},
+ * after the supervisor has stopped those it started (S2).
+ */
+static int servers_start(node_t *n, const moat__hello_t *h) {
+    moat_sup_opts_t o = {0};
+    moat_child_spec_t *specs;
+    servers_t *sv;
+    moat_term_t *reason = NULL;
+    char msg[160];
+    int rc;
+
+    for (size_t i = 0; i < h->nservers; i++)
+        if (find_server(n, &h->servers[i]) == NULL) {
+            unknown_server(n, &h->servers[i]);
+            return -1;
+        }
+    sv = calloc(1, sizeof *sv);
+    specs = calloc(h->nservers, sizeof *specs);
+    if (sv == NULL || specs == NULL ||
+        (sv->ids = calloc(h->nservers, sizeof *sv->ids)) == NULL ||
+        uv_mutex_init(&sv->lock) != 0) {
+        if (sv != NULL)
+            free(sv->ids);
+        free(sv);
+        free(specs);
+        hello_fail(n, "bad_hello", "out of memory");
+        return -1;
+    }
+    sv->node = n;
+    rc = uv_async_init(&n->loop, &sv->report, on_report);
+    if (rc != 0) {
+        n->servers = sv; /* freed by stop() */
+        free(specs);
+        hello_fail(n, "bad_hello", "cannot start the servers' reports");
+        return -1;
+    }
+    sv->report.data = sv;
+    sv->report_open = 1;
+    n->servers = sv;
+    for (size_t i = 0; i < h->nservers; i++) {
+        const moat__child_t *c = &h->servers[i];
+        child_arg_t *a = calloc(1, sizeof *a);
+        if (a == NULL)
+            break;
+        a->c.def = find_server(n, c);
+        a->c.lib = n->libs[c->lib];
+        a->c.args = moat_term_ref(c->args);
+        a->sv = sv;
+        sv->ids[i] = moat_term_ref(c->id);
+        sv->n++;
+        specs[i] = (moat_child_spec_t){c->id,        child_start,
+                                       a,            child_arg_free,
+                                       c->restart,   c->shutdown_ms,
+                                       MOAT_WORKER};
+    }
+    if (sv->n < h->nservers) {
+        for (size_t i = 0; i < sv->n; i++)
+            child_arg_free(specs[i].arg);
+        free(specs);
+        hello_fail(n, "bad_hello", "out of memory");
+        return -1;
+    }
+    o.strategy = (moat_strategy_t)h->strategy;
+    o.intensity = h->max_restarts > INT_MAX ? INT_MAX : (int)h->max_restarts;
+    o.period = (int)h->max_seconds;
+    o.escalate = on_gave_up;
+    o.child_crashed = on_child_crashed;
+    o.data = sv;
+    rc = moat_sup_start(n->pool, 0, &o, specs, sv->n, &sv->sup, &reason);
+    if (rc == MOAT_EINVAL || rc == MOAT_EEXISTS) /* the args are still ours */
+        for (size_t i = 0; i < sv->n; i++)
+            child_arg_free(specs[i].arg);
+    free(specs);
+    if (rc == 0) {
+        atomic_store(&sv->started, 1);
+        return 0;
+    }
+    if (rc == MOAT_ESTART && reason != NULL) {
+        size_t len;
+        const char *d = moat_term_data(reason, &len);
+        sup_wait(n->pool, sv->sup, 0);
+        hello_fail_term(n, d + 1, len - 1);
+    } else {
+        snprintf(msg, sizeof msg, "cannot start the servers: %s",
+                 rc == MOAT_EEXISTS ? "two servers have one id"
+                                    : moat_strerror(rc));
+        hello_fail(n, "bad_hello", msg);
+    }
+    moat_term_unref(reason);
+    sv->sup = 0;
+    return -1;
+}
+
+/* The running server at index `child`, or 0. */
+static moat_pid_t server_pid(node_t *n, uint32_t child) {
+    servers_t *sv = n->servers;
+    moat_pid_t pid;
+
+    if (sv == NULL || sv->sup == 0 || child >= sv->n ||
+        moat_sup_child_pid(n->pool, sv->sup, sv->ids[child], &pid) != 0)
+        return 0;
+    return pid;
+}
+
+static void on_call(node_t *n, moat__frame_t *f) {
+    moat_pid_t pid = server_pid(n, f->child);
+
+    if (pid == 0)
+        reply_atom(n, f->tag, MOAT_A_NOPROC);
+    else
+        moat__jobs_call(&n->jobs, f->tag, pid, f->msg);
+}
+
+static void on_cast(node_t *n, moat__frame_t *f) {
+    moat_pid_t pid = server_pid(n, f->child);
+
+    if (pid != 0)
+        moat_server_cast(n->pool, pid, f->msg);
+}
+
+static const char *state_name(moat_child_state_t s) {
+    return s == MOAT_CHILD_RUNNING      ? "running"
+           : s == MOAT_CHILD_RESTARTING ? "restarting"
+                                        : "undefined";
+}
+
+/* Answers {which_children, Tag} with [{Id, State, worker | supervisor}],
+ * every server `restarting` once the supervisor has given up. */
+static void on_which_children(node_t *n, uint64_t tag) {
+    servers_t *sv = n->servers;
+    moat_child_info_t *ci = NULL;
+    int k = sv != NULL && sv->sup != 0
+                ? moat_sup_which_children(n->pool, sv->sup, &ci)
+                : 0;
+    ei_x_buff x;
+    int ok;
+
+    if (k < 0 && k != MOAT_ENOPROC) {
+        reply_atom(n, tag, MOAT_A_ENOMEM);
+        return;
+    }
+    if (ei_x_new(&x) < 0) {
+        moat_sup_children_free(ci, k > 0 ? k : 0);
+        reply_atom(n, tag, MOAT_A_ENOMEM);
+        return;
+    }
+    ok = 1;
+    if (k == MOAT_ENOPROC) {
+        for (size_t i = 0; ok && i < sv->n; i++)
+            ok = ei_x_encode_list_header(&x, 1) == 0 &&
+                 ei_x_encode_tuple_header(&x, 3) == 0 &&
+                 x_term(&x, sv->ids[i]) == 0 &&
+                 ei_x_encode_atom(&x, "restarting") == 0 &&
+                 ei_x_encode_atom(&x, "worker") == 0;
+    } else {
+        for (int i = 0; ok && i < k; i++)
+            ok = ei_x_encode_list_header(&x, 1) == 0 &&
+                 ei_x_encode_tuple_header(&x, 3) == 0 &&
+                 x_term(&x, ci[i].id) == 0 &&
+                 ei_x_encode_atom(&x, state_name(ci[i].state)) == 0 &&
+                 ei_x_encode_atom(&x, ci[i].type == MOAT_WORKER
+                                          ? "worker"
+                                          : "supervisor") == 0;
+        moat_sup_children_free(ci, k);
+    }
+    if (ok && ei_x_encode_empty_list(&x) == 0)
+        moat__outbox_done(&n->ob, tag, MOAT_OK, x.buff, (size_t)x.index);
+    else
+        reply_atom(n, tag, MOAT_A_ENOMEM);
+    ei_x_free(&x);
+}
+
+/* Answers {count_children, Tag} with #{specs, active, supervisors,
+ * workers}; once the supervisor has given up, the specs and none
+ * active. */
+static void on_count_children(node_t *n, uint64_t tag) {
+    servers_t *sv = n->servers;
+    moat_child_counts_t c = {0, 0, 0, 0};
+    ei_x_buff x;
+
+    if (sv != NULL && sv->sup != 0 &&
+        moat_sup_count_children(n->pool, sv->sup, &c) != 0) {
+        c = (moat_child_counts_t){0, 0, 0, 0};
+        c.specs = c.workers = (int)sv->n;
+    }
+    if (ei_x_new(&x) == 0 && ei_x_encode_map_header(&x, 4) == 0 &&
+        ei_x_encode_atom(&x, "specs") == 0 &&
+        ei_x_encode_long(&x, c.specs) == 0 &&
+        ei_x_encode_atom(&x, "active") == 0 &&
+        ei_x_encode_long(&x, c.active) == 0 &&
+        ei_x_encode_atom(&x, "supervisors") == 0 &&
+        ei_x_encode_long(&x, c.supervisors) == 0 &&
+        ei_x_encode_atom(&x, "workers") == 0 &&
+        ei_x_encode_long(&x, c.workers) == 0)
+        moat__outbox_done(&n->ob, tag, MOAT_OK, x.buff, (size_t)x.index);
+    else
+        reply_atom(n, tag, MOAT_A_ENOMEM);
+    ei_x_free(&x);
+}
+
+static void send_servers_stopped(node_t *n) {
+    ei_x_buff x;
+
+    if (ei_x_new_with_version(&x) == 0 &&
+        ei_x_encode_tuple_header(&x, 1) == 0 &&
+        ei_x_encode_atom(&x, "servers_stopped") == 0)
+        send_x(n, &x);
+    ei_x_free(&x);
+}
+
+/* {stop_servers}, off the loop: the tasks end (`shutdown`), freeing the
+ * threads the servers need to run their terminate, then the supervisor
+ * stops them in reverse order, each within its shutdown. */
+static void stop_servers_work(uv_work_t *req) {
+    servers_t *sv = req->data;
+    node_t *n = sv->node;
+
+    moat_pool_drain(n->pool, MOAT_A_SHUTDOWN);
+    sup_wait(n->pool, sv->sup, 1);
+}
+
+static void stop_servers_done(uv_work_t *req, int status) {
+    servers_t *sv = req->data;
+
+    (void)status;
+    sv->stopping = 0;
+    sv->stopped = 1;
+    send_servers_stopped(sv->node);
+}
+
+/* Answers {stop_servers} with {servers_stopped} once they are. */
+static void on_stop_servers(node_t *n) {
+    servers_t *sv = n->servers;
+
+    if (sv == NULL || sv->sup == 0 || sv->stopped) {
+        send_servers_stopped(n);
+        return;
+    }
+    if (sv->stopping)
+        return; /* answered when the first is done */
+    sv->stop_req.data = sv;
+    if (uv_queue_work(&n->loop, &sv->stop_req, stop_servers_work,
+                      stop_servers_done) != 0) {
+        send_servers_stopped(n); /* the pool's close stops them */
+        return;
+    }
+    sv->stopping = 1;
+}
+
 /* --------------------------------------------------------------- hello */
 
 static int send_ready(node_t *n) {
@@ -202,6 +678,11 @@ static void on_hello(node_t *n, moat__hello_t *h) {
     char msg[256];
     int rc;
 
+    if (h->isolation == MOAT__ISOLATION_PROCESS && h->nservers > 0) {
+        hello_fail(n, "bad_hello",
+                   "native servers need isolation thread (doc/cnode.md)");
+        return;
+    }
     if (h->isolation == MOAT__ISOLATION_PROCESS && exe_path[0] == '\0') {
         hello_fail(n, "bad_hello",
                    "isolation process: /proc/self/exe cannot be read");
@@ -259,6 +740,8 @@ static void on_hello(node_t *n, moat__hello_t *h) {
         hello_fail(n, "bad_hello", msg);
         return;
     }
+    if (h->nservers > 0 && servers_start(n, h) != 0)
+        return;
 ready:
     if (send_ready(n) != 0) {
         /* The VM would wait for ready for ever: end with a status it
@@ -325,6 +808,16 @@ static const char *kind_name(moat__frame_kind_t k) {
         return "runs";
     case MOAT__FRAME_CANCEL:
         return "cancel";
+    case MOAT__FRAME_CALL:
+        return "call";
+    case MOAT__FRAME_CAST:
+        return "cast";
+    case MOAT__FRAME_WHICH_CHILDREN:
+        return "which_children";
+    case MOAT__FRAME_COUNT_CHILDREN:
+        return "count_children";
+    case MOAT__FRAME_STOP_SERVERS:
+        return "stop_servers";
     default:
         return "unknown";
     }
@@ -379,6 +872,29 @@ static void handle_frame(node_t *n, const char *buf, size_t len) {
         if (rc == 0)
             moat__outbox_logf(&n->ob, "error",
                               "moat_cnode: a second hello frame was ignored");
+        break;
+    case MOAT__FRAME_CALL:
+        if (rc == 0)
+            on_call(n, &f);
+        else if (f.tagged)
+            reply_atom(n, f.tag, MOAT_A_BADARG);
+        break;
+    case MOAT__FRAME_CAST:
+        if (rc == 0)
+            on_cast(n, &f);
+        break;
+    case MOAT__FRAME_WHICH_CHILDREN:
+    case MOAT__FRAME_COUNT_CHILDREN:
+        if (rc != 0 && f.tagged)
+            reply_atom(n, f.tag, MOAT_A_BADARG);
+        else if (rc == 0 && f.kind == MOAT__FRAME_WHICH_CHILDREN)
+            on_which_children(n, f.tag);
+        else if (rc == 0)
+            on_count_children(n, f.tag);
+        break;
+    case MOAT__FRAME_STOP_SERVERS:
+        if (rc == 0)
+            on_stop_servers(n);
         break;
     default:
         break;
@@ -623,6 +1139,9 @@ static int stop(node_t *n) {
         moat__outbox_discard(&n->ob);
     if (n->pool != NULL) {
         moat_pool_close(n->pool);
+        /* A {stop_servers} still stopping them ends with the close. */
+        while (n->servers != NULL && n->servers->stopping)
+            uv_run(&n->loop, UV_RUN_ONCE);
         for (int i = 0; busy(n); i++) {
             if (i == EXIT_GRACE_MS)
                 _exit(n->status); /* see DESIGN: no waiting for bodies */
@@ -641,6 +1160,9 @@ static int stop(node_t *n) {
         moat_pool_free(n->pool);
         n->pool = NULL;
     }
+    /* No thread can report any more: the pool's are joined. */
+    if (n->servers != NULL && n->servers->report_open)
+        uv_close((uv_handle_t *)&n->servers->report, NULL);
     if (n->in_open)
         uv_close((uv_handle_t *)&n->in, NULL);
     if (n->dist_ready) /* no thread can queue a frame any more */
@@ -653,6 +1175,8 @@ static int stop(node_t *n) {
     }
     moat__procs_free(n->procs);
     n->procs = NULL;
+    servers_free(n->servers);
+    n->servers = NULL;
     for (size_t i = 0; i < n->nlibs; i++)
         moat_lib_close(n->libs[i]);
     free(n->libs);

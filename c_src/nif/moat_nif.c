@@ -79,7 +79,7 @@
     X(other) X(native_crash) X(cnode_down) X(moat_cnode_out) X(bad_frame) \
     X(distribution) X(moat_cnode_send) X(latency_ns) X(failed_by) X(count)   \
     X(p50) X(p90) X(p99) X(p999) X(max) X(badarg) X(noconnection)       \
-    X(moat_child_crashed)
+    X(moat_child_crashed) X(remote) X(which_children) X(count_children)
 
 #define DECLARE_ATOM(name) static ERL_NIF_TERM atom_##name;
 ATOMS(DECLARE_ATOM)
@@ -191,11 +191,17 @@ typedef struct npool_s {
     uint64_t ncrashed;
     moat_term_t *crash_id, *crash_reason;
     int crash_told;
+    /* C-node pools: the restarts of the C-node's native supervisor, as
+     * its last {restarts, Total} frame said. */
+    atomic_uint_fast64_t remote_restarts;
 } npool_t;
 
 /* A pool's native servers: the supervisor's pid and each child's id, as
  * an Erlang term (in `env`) for look-ups and as ETF, the very term the
- * supervisor's spec holds, so that finding a child is a pointer compare. */
+ * supervisor's spec holds, so that finding a child is a pointer compare.
+ * A C-node pool's supervisor runs in the C-node: `sup` is 0, `etf` NULL,
+ * and a child is named in frames by its index here, the same as in the
+ * C-node's hello. */
 typedef struct servers_s {
     moat_pid_t sup;
     ErlNifEnv *env;
@@ -234,6 +240,7 @@ static void servers_free(servers_t *sv) {
 
 /* Frees what pool_new or cnode_pool_new set up, but the core pool. */
 static void np_discard(npool_t *np) {
+    servers_free(atomic_exchange(&np->servers, NULL));
     for (size_t i = 0; i < np->nlibs; i++)
         moat_lib_close(np->libs[i]);
     free(np->libs);
@@ -251,7 +258,6 @@ static void np_discard(npool_t *np) {
 
 static void np_free(npool_t *np) {
     moat_pool_free(np->pool);
-    servers_free(atomic_load(&np->servers));
     moat_term_unref(np->crash_id);
     moat_term_unref(np->crash_reason);
     np_discard(np);
@@ -1330,6 +1336,8 @@ static ERL_NIF_TERM nif_pool_stats(ErlNifEnv *env, int argc,
     moat_pool_stats_t st;
     ERL_NIF_TERM map = enif_make_new_map(env), lat, failed_by;
     unsigned size;
+    int res_remote;
+    uint64_t remote_restarts;
     (void)argc;
     if (!enif_is_atom(env, argv[0]))
         return enif_make_badarg(env);
@@ -1344,6 +1352,8 @@ static ERL_NIF_TERM nif_pool_stats(ErlNifEnv *env, int argc,
     }
     lat = latency_map(env, res->np);
     failed_by = failed_by_map(env, res->np);
+    res_remote = res->np->remote;
+    remote_restarts = atomic_load(&res->np->remote_restarts);
     reg_done();
     STAT(queued);
     STAT(running);
@@ -1354,6 +1364,8 @@ static ERL_NIF_TERM nif_pool_stats(ErlNifEnv *env, int argc,
     STAT(rejected);
     STAT(abandoned);
     STAT(threads);
+    if (res_remote)
+        st.restarts += remote_restarts;
     STAT(restarts);
     enif_make_map_put(env, map, atom_size, enif_make_uint(env, size), &map);
     enif_make_map_put(env, map, atom_latency_ns, lat, &map);
@@ -1379,8 +1391,11 @@ static ERL_NIF_TERM nif_pool_owner(ErlNifEnv *env, int argc,
 /* cnode_pool_new(Name :: atom(), Size :: pos_integer(),
  *                MaxQueue :: pos_integer(), Port :: port() | distribution,
  *                Tasks :: [atom()]) ->
+ * cnode_pool_new(Name, Size, MaxQueue, Port, Tasks, ServerIds :: [term()]) ->
  *     {ok, Handle} | {error, {already_started, pid()}} | {error, atom()}
- * A pool whose bodies run in the C-node behind Port, which listed Tasks.
+ * A pool whose bodies run in the C-node behind Port, which listed Tasks,
+ * and whose native servers, if any, run there too, ServerIds in the order
+ * of hello's `servers' (frames name a server by its index).
  * The calling process is its owner: Port must be connected to it, since
  * outcomes come back as its port data (cnode_deliver).  With
  * `distribution' the owner relays the frames ({moat_cnode_send, Frame})
@@ -1388,8 +1403,9 @@ static ERL_NIF_TERM nif_pool_owner(ErlNifEnv *env, int argc,
  * housekeeping thread). */
 static ERL_NIF_TERM nif_cnode_pool_new(ErlNifEnv *env, int argc,
                                        const ERL_NIF_TERM argv[]) {
-    unsigned size, max_queue, ntasks;
+    unsigned size, max_queue, ntasks, nids = 0;
     ERL_NIF_TERM list = argv[4], head, ret;
+    servers_t *sv = NULL;
     char name[256];
     npool_t *np;
     size_t cap;
@@ -1399,16 +1415,29 @@ static ERL_NIF_TERM nif_cnode_pool_new(ErlNifEnv *env, int argc,
         !enif_get_uint(env, argv[2], &max_queue) || max_queue == 0 ||
         (!enif_is_port(env, argv[3]) &&
          !enif_is_identical(argv[3], atom_distribution)) ||
-        !enif_get_list_length(env, list, &ntasks))
+        !enif_get_list_length(env, list, &ntasks) ||
+        (argc > 5 && !enif_get_list_length(env, argv[5], &nids)))
         return enif_make_badarg(env);
+    if (nids > 0) {
+        ERL_NIF_TERM ids = argv[5];
+        sv = calloc(1, sizeof *sv + nids * sizeof sv->ids[0]);
+        if (sv == NULL || (sv->env = enif_alloc_env()) == NULL) {
+            free(sv);
+            return error_tuple(env, atom_enomem);
+        }
+        while (enif_get_list_cell(env, ids, &head, &ids))
+            sv->ids[sv->n++].id = enif_make_copy(sv->env, head);
+    }
     np = calloc(1, sizeof *np);
     if (np == NULL || uv_mutex_init(&np->mon_lock) != 0) {
         free(np);
+        servers_free(sv);
         return error_tuple(env, atom_enomem);
     }
     if (uv_mutex_init(&np->out_lock) != 0) {
         uv_mutex_destroy(&np->mon_lock);
         free(np);
+        servers_free(sv);
         return error_tuple(env, atom_enomem);
     }
     np->remote = 1;
@@ -1445,9 +1474,11 @@ static ERL_NIF_TERM nif_cnode_pool_new(ErlNifEnv *env, int argc,
         }
         e->name = head;
     }
+    atomic_store(&np->servers, sv); /* np_free frees it from here on */
     return pool_start(env, np, name, max_queue);
 fail:
     np_discard(np);
+    servers_free(sv);
     return ret;
 }
 
@@ -1520,15 +1551,16 @@ static int deliver_list(npool_t *np, const char *buf, int *i, int done) {
  *     ok | {other, term()} | {error, bad_frame}
  * A packet of the pool's C-node, from its owner.  done and stopped frames
  * settle their tasks here, each outcome sent to its caller from the
- * owner's process; any other well-formed frame comes back decoded for the
- * owner to handle.  Nothing in the frame is trusted: it is checked whole
- * before it is read. */
+ * owner's process; {restarts, Total} sets what stats/1 reports as the
+ * native supervisor's restarts; any other well-formed frame comes back
+ * decoded for the owner to handle.  Nothing in the frame is trusted: it
+ * is checked whole before it is read. */
 static ERL_NIF_TERM nif_cnode_deliver(ErlNifEnv *env, int argc,
                                       const ERL_NIF_TERM argv[]) {
     npool_t *np = cnode_pool(env, argv[0]);
     ErlNifBinary bin;
     const char *buf;
-    char what[16];
+    char what[16] = "";
     int i = 0, version, arity, rc;
     ERL_NIF_TERM t;
     (void)argc;
@@ -1546,6 +1578,13 @@ static ERL_NIF_TERM nif_cnode_deliver(ErlNifEnv *env, int argc,
         rc = deliver_list(np, buf, &i, what[0] == 'd');
         tl_caller_env = NULL;
         return rc == 0 ? atom_ok : error_tuple(env, atom_bad_frame);
+    }
+    if (arity == 2 && strcmp(what, "restarts") == 0) {
+        EI_ULONGLONG n;
+        if (ei_decode_ulonglong(buf, &i, &n) != 0)
+            return error_tuple(env, atom_bad_frame);
+        atomic_store(&np->remote_restarts, n);
+        return atom_ok;
     }
     if (enif_binary_to_term(env, bin.data, bin.size, &t, ERL_NIF_BIN2TERM_SAFE) == 0)
         return error_tuple(env, atom_bad_frame);
@@ -2284,6 +2323,109 @@ static moat_pid_t server_pid(npool_t *np, ERL_NIF_TERM id) {
     return 0;
 }
 
+/* The index of server `id` of a pool, or -1. */
+static long server_index(const servers_t *sv, ERL_NIF_TERM id) {
+    for (size_t i = 0; sv != NULL && i < sv->n; i++)
+        if (enif_is_identical(sv->ids[i].id, id))
+            return (long)i;
+    return -1;
+}
+
+/* A C-node pool's frame about its servers, into *bin: {call, Tag, Index,
+ * Request}, {cast, Index, Request}, {which_children, Tag} or
+ * {count_children, Tag} (`what`; index < 0: none; request NULL: none).
+ * Returns 0 or -1 (no memory). */
+static int server_frame(ErlNifBinary *bin, const char *what, uint64_t tag,
+                        int tagged, long index, const moat_term_t *request) {
+    size_t rlen = 0;
+    const char *rd = request != NULL ? moat_term_data(request, &rlen) : NULL;
+    int arity = 1 + (tagged != 0) + (index >= 0) + (request != NULL);
+    char *buf = NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        int i = 0;
+        ei_encode_version(buf, &i);
+        ei_encode_tuple_header(buf, &i, arity);
+        ei_encode_atom(buf, &i, what);
+        if (tagged)
+            ei_encode_ulonglong(buf, &i, tag);
+        if (index >= 0)
+            ei_encode_ulong(buf, &i, (unsigned long)index);
+        if (request != NULL) {
+            if (buf != NULL)
+                memcpy(buf + i, rd + 1, rlen - 1);
+            i += (int)(rlen - 1);
+        }
+        if (pass == 0) {
+            if (!enif_alloc_binary((size_t)i, bin))
+                return -1;
+            buf = (char *)bin->data;
+        }
+    }
+    return 0;
+}
+
+/* A call to a C-node pool's server, or a query of its supervisor: a
+ * remote task of the core pool (admission, the caller as owner, the
+ * deadline, one claim), whose frame is `what` instead of a run.  The
+ * registry's read lock is held on entry and released here.  Returns as
+ * nif_call. */
+static ERL_NIF_TERM remote_request(ErlNifEnv *env, pool_res_t *res,
+                                   ntask_t *nt, ERL_NIF_TERM ref,
+                                   const char *what, long index,
+                                   const moat_term_t *request,
+                                   int64_t timeout_ms) {
+    npool_t *np = res->np;
+    moat_job_t job = {NULL, what, NULL, NULL, pid_key(&nt->owner),
+                      timeout_ms, nt};
+    ErlNifBinary bin;
+    int rc;
+    watch_caller(env, res, &nt->owner);
+    nt->np = np;
+    np_ref(np);
+    enif_keep_resource(nt); /* for the callback */
+    rc = moat_pool_accept(np->pool, &job, 1, &nt->t);
+    reg_done();
+    if (rc != 1) {
+        enif_release_resource(nt);
+        atomic_store(&nt->state, T_SENT);
+        return enif_make_tuple2(env, atom_exit, rc == MOAT_EOVERLOADED
+                                                    ? atom_overloaded
+                                                    : atom_noproc);
+    }
+    tl_caller_env = tl_port_env = env;
+    if (server_frame(&bin, what, moat_task_id(nt->t), 1, index, request) != 0)
+        moat_pool_remote_done(np->pool, moat_task_id(nt->t), MOAT_EXIT,
+                              moat_atom(MOAT_A_ENOMEM));
+    else
+        port_send(env, np, &bin);
+    wire_sent(env, np, nt->t);
+    tl_caller_env = tl_port_env = NULL;
+    return spin_outcome(env, nt, ref);
+}
+
+/* How long which_children and count_children wait for a C-node's
+ * answer before they give the pool's own view (every server restarting):
+ * a C-node that has not answered in this time is stuck or gone. */
+#define QUERY_TIMEOUT_MS 5000
+
+/* which_children or count_children of a C-node pool with servers:
+ * {remote, Outcome, Fallback}, Outcome as nif_call's (the C-node's
+ * answer), Fallback what to say when there is none.  Read lock held on
+ * entry, released here. */
+static ERL_NIF_TERM remote_query(ErlNifEnv *env, pool_res_t *res,
+                                 const char *what, ERL_NIF_TERM fallback) {
+    ntask_t *nt;
+    ERL_NIF_TERM ref;
+    if ((nt = ntask_new(env, res->np->name, NULL, T_SPIN, &ref)) == NULL) {
+        reg_done();
+        return enif_raise_exception(env, atom_enomem);
+    }
+    return enif_make_tuple3(env, atom_remote,
+                            remote_request(env, res, nt, ref, what, -1, NULL,
+                                           QUERY_TIMEOUT_MS),
+                            fallback);
+}
+
 /* call(Pool, Id, Request, Timeout) ->
  *     {ok, Reply} | {exit, Reason} | {wait, Ref}
  * A call to the pool's server Id.  {exit, noproc} when no such server is
@@ -2298,7 +2440,7 @@ static ERL_NIF_TERM nif_call(ErlNifEnv *env, int argc,
     moat_term_t *req;
     moat_pid_t pid;
     int64_t timeout_ms;
-    ERL_NIF_TERM ref;
+    ERL_NIF_TERM ref, ret;
     int rc;
     (void)argc;
     if (!enif_is_atom(env, argv[0]) || !get_timeout(env, argv[3], &timeout_ms))
@@ -2309,6 +2451,18 @@ static ERL_NIF_TERM nif_call(ErlNifEnv *env, int argc,
     if ((res = reg_find(argv[0])) == NULL) {
         moat_term_unref(req);
         return enif_make_tuple2(env, atom_exit, atom_noproc);
+    }
+    if (res->np->remote) {
+        long index = server_index(atomic_load(&res->np->servers), argv[1]);
+        if (index < 0) {
+            reg_done();
+            ret = enif_make_tuple2(env, atom_exit, atom_noproc);
+        } else {
+            ret = remote_request(env, res, nt, ref, "call", index, req,
+                                 timeout_ms);
+        }
+        moat_term_unref(req);
+        return ret;
     }
     if ((pid = server_pid(res->np, argv[1])) == 0) {
         reg_done();
@@ -2345,6 +2499,17 @@ static ERL_NIF_TERM nif_cast(ErlNifEnv *env, int argc,
         return enif_make_badarg(env);
     if ((res = reg_find(argv[0])) == NULL)
         return atom_ok;
+    if (res->np->remote) {
+        long index = server_index(atomic_load(&res->np->servers), argv[1]);
+        ErlNifBinary bin;
+        if (index >= 0 && (req = encode(env, argv[2])) != NULL) {
+            if (server_frame(&bin, "cast", 0, 0, index, req) == 0)
+                port_send(env, res->np, &bin);
+            moat_term_unref(req);
+        }
+        reg_done();
+        return atom_ok;
+    }
     if ((pid = server_pid(res->np, argv[1])) != 0 &&
         (req = encode(env, argv[2])) != NULL) {
         moat_server_cast(res->np->pool, pid, req);
@@ -2355,8 +2520,10 @@ static ERL_NIF_TERM nif_cast(ErlNifEnv *env, int argc,
 }
 
 /* which_children(Pool) -> [{Id, running | restarting | undefined, worker}]
- *                       | {error, not_found}
- * In start order.  Once the supervisor has given up and until the pool
+ *                       | {error, not_found} | {remote, Outcome, Fallback}
+ * In start order.  A C-node pool with servers asks its C-node: the list
+ * comes as Outcome, a call's ({ok, List} or {wait, Ref}), and Fallback
+ * (every server restarting) is the answer when none comes.  Once the supervisor has given up and until the pool
  * restarts, every child is `restarting`. */
 static ERL_NIF_TERM nif_which_children(ErlNifEnv *env, int argc,
                                        const ERL_NIF_TERM argv[]) {
@@ -2373,6 +2540,15 @@ static ERL_NIF_TERM nif_which_children(ErlNifEnv *env, int argc,
     if ((sv = atomic_load(&res->np->servers)) == NULL) {
         reg_done();
         return list;
+    }
+    if (res->np->remote) {
+        for (size_t i = sv->n; i > 0; i--)
+            list = enif_make_list_cell(
+                env,
+                enif_make_tuple3(env, enif_make_copy(env, sv->ids[i - 1].id),
+                                 atom_restarting, atom_worker),
+                list);
+        return remote_query(env, res, "which_children", list);
     }
     n = moat_sup_which_children(res->np->pool, sv->sup, &ci);
     reg_done();
@@ -2407,33 +2583,42 @@ static ERL_NIF_TERM nif_which_children(ErlNifEnv *env, int argc,
     return list;
 }
 
+static ERL_NIF_TERM counts_map(ErlNifEnv *env, const moat_child_counts_t *c) {
+    ERL_NIF_TERM map = enif_make_new_map(env);
+    enif_make_map_put(env, map, atom_specs, enif_make_int(env, c->specs), &map);
+    enif_make_map_put(env, map, atom_active, enif_make_int(env, c->active), &map);
+    enif_make_map_put(env, map, atom_supervisors,
+                      enif_make_int(env, c->supervisors), &map);
+    enif_make_map_put(env, map, atom_workers, enif_make_int(env, c->workers), &map);
+    return map;
+}
+
 /* count_children(Pool) -> #{specs, active, supervisors, workers}
- *                       | {error, not_found} */
+ *                       | {error, not_found} | {remote, Outcome, Fallback}
+ * A C-node pool with servers asks its C-node (see remote_query). */
 static ERL_NIF_TERM nif_count_children(ErlNifEnv *env, int argc,
                                        const ERL_NIF_TERM argv[]) {
     pool_res_t *res;
     servers_t *sv;
     moat_child_counts_t c;
-    ERL_NIF_TERM map = enif_make_new_map(env);
     (void)argc;
     if (!enif_is_atom(env, argv[0]))
         return enif_make_badarg(env);
     if ((res = reg_find(argv[0])) == NULL)
         return error_tuple(env, atom_not_found);
     memset(&c, 0, sizeof c);
-    if ((sv = atomic_load(&res->np->servers)) != NULL &&
+    if ((sv = atomic_load(&res->np->servers)) != NULL && res->np->remote) {
+        c.specs = c.workers = (int)sv->n;
+        return remote_query(env, res, "count_children", counts_map(env, &c));
+    }
+    if (sv != NULL &&
         moat_sup_count_children(res->np->pool, sv->sup, &c) != 0) {
         /* Given up, restart pending: the specs, none active. */
         memset(&c, 0, sizeof c);
         c.specs = c.workers = (int)sv->n;
     }
     reg_done();
-    enif_make_map_put(env, map, atom_specs, enif_make_int(env, c.specs), &map);
-    enif_make_map_put(env, map, atom_active, enif_make_int(env, c.active), &map);
-    enif_make_map_put(env, map, atom_supervisors,
-                      enif_make_int(env, c.supervisors), &map);
-    enif_make_map_put(env, map, atom_workers, enif_make_int(env, c.workers), &map);
-    return map;
+    return counts_map(env, &c);
 }
 
 /* -------------------------------------------------------- NIFs: streams */
@@ -2826,6 +3011,7 @@ static ErlNifFunc funcs[] = {
     {"pool_owner", 1, nif_pool_owner, 0},
     {"pool_crashes", 1, nif_pool_crashes, 0},
     {"cnode_pool_new", 5, nif_cnode_pool_new, ERL_NIF_DIRTY_JOB_IO_BOUND},
+    {"cnode_pool_new", 6, nif_cnode_pool_new, ERL_NIF_DIRTY_JOB_IO_BOUND},
     {"cnode_deliver", 2, nif_cnode_deliver, 0},
     {"cnode_flush", 1, nif_cnode_flush, 0},
     {"cnode_lost", 1, nif_cnode_lost, 0},

@@ -305,7 +305,7 @@ static void test_nif_load_exports_the_table(void **state) {
     static const char *names[] = {
         "pool_new/4",       "pool_close/1",    "pool_stats/1",
         "pool_owner/1",     "pool_crashes/1",  "cnode_pool_new/5",
-        "cnode_deliver/2",
+        "cnode_pool_new/6", "cnode_deliver/2",
         "cnode_flush/1",    "cnode_lost/1",    "cnode_lost/2",
         "async/5",
         "run/4",            "task_cancel/2",   "task_running/1",
