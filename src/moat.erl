@@ -106,7 +106,12 @@
 %% `infinity'); `strategy' is the native supervisor's (`one_for_one'
 %% (default), `one_for_all' or `rest_for_one'). They start in list order,
 %% before this returns; one that fails to start fails the pool with
-%% `{error, {shutdown, {failed_to_start_child, Id, Reason}}}'.
+%% `{error, {shutdown, {failed_to_start_child, Id, Reason}}}'. With
+%% `backend => cnode' they run in the C-node, under its native supervisor
+%% (a fault that costs the C-node costs them too: the pool restarts with
+%% them at their initial state); not in process isolation, where
+%% `start_pool' returns `{error, {not_supported, {servers, {cnode,
+%% process}}}}' (see doc/cnode.md).
 -spec start_pool(pool(), map() | proplists:proplist()) ->
     {ok, pid()} | {error, {already_started, pid()} | term()}.
 start_pool(Name, Opts) when is_atom(Name) ->

@@ -526,6 +526,7 @@ static void on_which_children(node_t *n, uint64_t tag) {
                 ? moat_sup_which_children(n->pool, sv->sup, &ci)
                 : 0;
     ei_x_buff x;
+    size_t count;
     int ok;
 
     if (k < 0 && k != MOAT_ENOPROC) {
@@ -537,18 +538,17 @@ static void on_which_children(node_t *n, uint64_t tag) {
         reply_atom(n, tag, MOAT_A_ENOMEM);
         return;
     }
-    ok = 1;
+    count = k == MOAT_ENOPROC ? sv->n : (size_t)k;
+    ok = count == 0 || ei_x_encode_list_header(&x, (long)count) == 0;
     if (k == MOAT_ENOPROC) {
         for (size_t i = 0; ok && i < sv->n; i++)
-            ok = ei_x_encode_list_header(&x, 1) == 0 &&
-                 ei_x_encode_tuple_header(&x, 3) == 0 &&
+            ok = ei_x_encode_tuple_header(&x, 3) == 0 &&
                  x_term(&x, sv->ids[i]) == 0 &&
                  ei_x_encode_atom(&x, "restarting") == 0 &&
                  ei_x_encode_atom(&x, "worker") == 0;
     } else {
         for (int i = 0; ok && i < k; i++)
-            ok = ei_x_encode_list_header(&x, 1) == 0 &&
-                 ei_x_encode_tuple_header(&x, 3) == 0 &&
+            ok = ei_x_encode_tuple_header(&x, 3) == 0 &&
                  x_term(&x, ci[i].id) == 0 &&
                  ei_x_encode_atom(&x, state_name(ci[i].state)) == 0 &&
                  ei_x_encode_atom(&x, ci[i].type == MOAT_WORKER

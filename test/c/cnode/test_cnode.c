@@ -165,6 +165,18 @@ static void fmt_at(const char *b, int *i, char *o, size_t cap, size_t *n) {
         }
         put(o, cap, n, "]");
         return;
+    case ERL_MAP_EXT:
+        assert_int_equal(ei_decode_map_header(b, i, &arity), 0);
+        put(o, cap, n, "#{");
+        for (int k = 0; k < arity; k++) {
+            if (k)
+                put(o, cap, n, ",");
+            fmt_at(b, i, o, cap, n);
+            put(o, cap, n, "=>");
+            fmt_at(b, i, o, cap, n);
+        }
+        put(o, cap, n, "}");
+        return;
     case ERL_SMALL_TUPLE_EXT:
     case ERL_LARGE_TUPLE_EXT:
         assert_int_equal(ei_decode_tuple_header(b, i, &arity), 0);
@@ -196,7 +208,7 @@ static const char *fmt(const char *etf) {
 
 /* ------------------------------------------------------- events (frames) */
 
-enum { EV_READY, EV_ERROR, EV_DONE, EV_STOPPED, EV_LOG };
+enum { EV_READY, EV_ERROR, EV_DONE, EV_STOPPED, EV_LOG, EV_REPORT };
 
 typedef struct {
     int kind;
@@ -204,7 +216,7 @@ typedef struct {
     int ok;          /* done: 1 for ok, 0 for exit */
     char *term;      /* done: the outcome term; ready, error: the frame;
                         with the version byte */
-    char level[16];  /* log */
+    char level[16];  /* log; report: the frame's kind */
     char *msg;       /* log, NUL-terminated */
 } ev_t;
 
@@ -301,6 +313,22 @@ static void parse_frame(node_t *n, const char *b, size_t len) {
     } else if (strcmp(kind, "ready") == 0 || strcmp(kind, "error") == 0) {
         ev_t ev = {0};
         ev.kind = kind[0] == 'r' ? EV_READY : EV_ERROR;
+        ev.term = malloc(len);
+        assert_non_null(ev.term);
+        memcpy(ev.term, b, len);
+        i = 0;
+        assert_int_equal(ei_decode_version(b, &i, &version), 0);
+        assert_int_equal(ei_skip_term(b, &i), 0);
+        ev_push(n, ev);
+    } else if (strcmp(kind, "restarts") == 0 ||
+               strcmp(kind, "crashed") == 0 ||
+               strcmp(kind, "gave_up") == 0 ||
+               strcmp(kind, "servers_stopped") == 0) {
+        /* the native supervisor's reports: the whole frame */
+        ev_t ev = {0};
+        ev.kind = EV_REPORT;
+        assert_true(strlen(kind) < sizeof ev.level);
+        memcpy(ev.level, kind, strlen(kind) + 1);
         ev.term = malloc(len);
         assert_non_null(ev.term);
         memcpy(ev.term, b, len);
@@ -1738,6 +1766,282 @@ static void test_cnode_process_eof_ends_every_worker(void **state) {
     expect_no_event(n, EV_DONE, 1);
 }
 
+/* ------------------------------------------------------ native servers */
+
+/* One server of a hello: {{s, Index}, 0, Server, Args, permanent, 5000},
+ * Args [Initial] or, with a terminate delay, [Initial, DelayMs]; a
+ * `bad' server gets [bad] and fails its init with badarg. */
+typedef struct {
+    const char *server;
+    long initial;
+    long delay;  /* > 0: the counter's terminate takes this long */
+    int bad;
+} srv_t;
+
+/* {hello, #{size => 2, libraries => [demo], isolation, name, servers,
+ * strategy, max_restarts, max_seconds => 60}}. */
+static void send_hello_servers(node_t *n, const char *isolation,
+                               const srv_t *s, int ns, const char *strategy,
+                               long max_restarts) {
+    ei_x_buff x;
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "hello");
+    ei_x_encode_map_header(&x, 8);
+    ei_x_encode_atom(&x, "servers");
+    ei_x_encode_list_header(&x, ns);
+    for (int i = 0; i < ns; i++) {
+        ei_x_encode_tuple_header(&x, 6);
+        ei_x_encode_tuple_header(&x, 2);
+        ei_x_encode_atom(&x, "s");
+        ei_x_encode_long(&x, i);
+        ei_x_encode_long(&x, 0);
+        ei_x_encode_atom(&x, s[i].server);
+        ei_x_encode_list_header(&x, s[i].delay > 0 ? 2 : 1);
+        if (s[i].bad)
+            ei_x_encode_atom(&x, "bad");
+        else
+            ei_x_encode_long(&x, s[i].initial);
+        if (s[i].delay > 0)
+            ei_x_encode_long(&x, s[i].delay);
+        ei_x_encode_empty_list(&x);
+        ei_x_encode_atom(&x, "permanent");
+        ei_x_encode_long(&x, 5000);
+    }
+    ei_x_encode_empty_list(&x);
+    ei_x_encode_atom(&x, "strategy");
+    ei_x_encode_atom(&x, strategy);
+    ei_x_encode_atom(&x, "max_restarts");
+    ei_x_encode_long(&x, max_restarts);
+    ei_x_encode_atom(&x, "max_seconds");
+    ei_x_encode_long(&x, 60);
+    ei_x_encode_atom(&x, "size");
+    ei_x_encode_long(&x, 2);
+    ei_x_encode_atom(&x, "libraries");
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_binary(&x, demo_path, (long)strlen(demo_path));
+    ei_x_encode_empty_list(&x);
+    ei_x_encode_atom(&x, "isolation");
+    ei_x_encode_atom(&x, isolation);
+    ei_x_encode_atom(&x, "name");
+    ei_x_encode_atom(&x, "srv");
+    node_send_x(n, &x);
+}
+
+/* Sends `text' as the request's encoding: an atom, or {add, N}. */
+static void encode_request(ei_x_buff *x, const char *req, long n) {
+    if (strcmp(req, "add") == 0 || strcmp(req, "sleep") == 0) {
+        ei_x_encode_tuple_header(x, 2);
+        ei_x_encode_atom(x, req);
+        ei_x_encode_long(x, n);
+    } else {
+        ei_x_encode_atom(x, req);
+    }
+}
+
+/* {call, Tag, Child, Request} */
+static void send_call(node_t *n, uint64_t tag, long child, const char *req,
+                      long v) {
+    ei_x_buff x;
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 4);
+    ei_x_encode_atom(&x, "call");
+    ei_x_encode_ulonglong(&x, tag);
+    ei_x_encode_long(&x, child);
+    encode_request(&x, req, v);
+    node_send_x(n, &x);
+}
+
+/* {cast, Child, Request} */
+static void send_cast(node_t *n, long child, const char *req, long v) {
+    ei_x_buff x;
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 3);
+    ei_x_encode_atom(&x, "cast");
+    ei_x_encode_long(&x, child);
+    encode_request(&x, req, v);
+    node_send_x(n, &x);
+}
+
+/* {Kind, Tag} or, with tag 0 and no_tag, {Kind}. */
+static void send_kind(node_t *n, const char *kind, uint64_t tag,
+                      int no_tag) {
+    ei_x_buff x;
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, no_tag ? 1 : 2);
+    ei_x_encode_atom(&x, kind);
+    if (!no_tag)
+        ei_x_encode_ulonglong(&x, tag);
+    node_send_x(n, &x);
+}
+
+/* Waits for the next report frame of this kind; checks its text. */
+static void expect_report(node_t *n, const char *kind, const char *text) {
+    int64_t deadline = now_ms() + WAIT_MS;
+    for (;;) {
+        for (size_t i = 0; i < n->nev; i++)
+            if (n->ev[i].kind == EV_REPORT &&
+                strcmp(n->ev[i].level, kind) == 0) {
+                ev_t e = ev_take(n, i);
+                assert_string_equal(fmt(e.term), text);
+                ev_free(&e);
+                return;
+            }
+        assert_false(n->eof);
+        assert_true(now_ms() < deadline);
+        pump(n, (int)(deadline - now_ms()));
+    }
+}
+
+/* Calls get until the server at `child' answers (it may be restarting);
+ * returns the count. */
+static long wait_get(node_t *n, uint64_t *tag, long child) {
+    int64_t deadline = now_ms() + WAIT_MS;
+    for (;;) {
+        ev_t e;
+        long v;
+        int i = 1;
+        send_call(n, ++*tag, child, "get", 0);
+        e = node_wait(n, EV_DONE, *tag);
+        if (e.ok) {
+            assert_int_equal(ei_decode_long(e.term, &i, &v), 0);
+            ev_free(&e);
+            return v;
+        }
+        assert_string_equal(fmt(e.term), "noproc");
+        ev_free(&e);
+        assert_true(now_ms() < deadline);
+        sleep_ms(2);
+    }
+}
+
+/* Servers start before ready and keep their state across calls and
+ * casts; a crash is the caller's outcome and the server comes back from
+ * its initial state, with a restarts and a crashed report; an index that
+ * names no server, and a malformed call, are answered; a call cancelled
+ * while the server handles it comes back stopped, and the server serves
+ * on; which_children and count_children answer in start order;
+ * stop_servers stops them (calls are then noproc) and is answered. */
+static void test_cnode_servers_calls_and_children(void **state) {
+    const srv_t s[] = {{"counter", 0, 0, 0}, {"counter", 10, 0, 0}};
+    node_t *n = *state;
+    uint64_t tag = 100;
+    ei_x_buff x;
+    ev_t e;
+    node_spawn(n, 1, NULL);
+    send_hello_servers(n, "thread", s, 2, "one_for_one", 10);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    send_call(n, 1, 0, "add", 5);
+    expect_done(n, 1, 1, "5");
+    send_cast(n, 0, "add", 10);
+    send_call(n, 2, 0, "get", 0);
+    expect_done(n, 2, 1, "15");
+    send_call(n, 3, 1, "get", 0);
+    expect_done(n, 3, 1, "10");
+    send_kind(n, "which_children", 4, 0);
+    expect_done(n, 4, 1, "[{{s,0},running,worker},{{s,1},running,worker}]");
+    send_kind(n, "count_children", 5, 0);
+    expect_done(n, 5, 1,
+                "#{specs=>2,active=>2,supervisors=>0,workers=>2}");
+    /* no such server, and casts to it dropped */
+    send_call(n, 6, 2, "get", 0);
+    expect_done(n, 6, 0, "noproc");
+    send_cast(n, 7, "add", 1);
+    /* a malformed call with a readable tag: badarg, and a log */
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 3);
+    ei_x_encode_atom(&x, "call");
+    ei_x_encode_ulonglong(&x, 8);
+    ei_x_encode_long(&x, 0);
+    node_send_x(n, &x);
+    expect_done(n, 8, 0, "badarg");
+    expect_log(n, "error", "malformed call frame");
+    /* a crash */
+    send_call(n, 9, 1, "crash", 0);
+    expect_done(n, 9, 0, "{native_error,<<\"crash\">>}");
+    expect_report(n, "crashed", "{crashed,1,{s,1},{native_error,<<\"crash\">>}}");
+    expect_report(n, "restarts", "{restarts,1}");
+    assert_int_equal(wait_get(n, &tag, 1), 10);
+    send_call(n, ++tag, 0, "get", 0);
+    expect_done(n, tag, 1, "15");
+    /* a call cancelled while it is handled */
+    send_call(n, 10, 0, "sleep", 300);
+    sleep_ms(50);
+    send_cancel_reason(n, 10, "timeout");
+    expect_stopped(n, 10);
+    send_call(n, 11, 0, "add", 1);
+    expect_done(n, 11, 1, "16");
+    expect_no_event(n, EV_DONE, 10);
+    /* stop_servers, then nothing is running */
+    send_kind(n, "stop_servers", 0, 1);
+    expect_report(n, "servers_stopped", "{servers_stopped}");
+    send_call(n, 12, 0, "get", 0);
+    expect_done(n, 12, 0, "noproc");
+    send_kind(n, "stop_servers", 0, 1);
+    expect_report(n, "servers_stopped", "{servers_stopped}");
+    assert_exited(node_close(n), 0);
+}
+
+/* A server that fails to start fails hello with OTP's reason, after the
+ * ones started are stopped; so does a server its library lacks; process
+ * isolation refuses servers.  Each exits with status 2. */
+static void test_cnode_servers_failed_start(void **state) {
+    const srv_t bad[] = {{"counter", 0, 0, 0}, {"counter", 0, 0, 1}};
+    const srv_t unknown[] = {{"counter", 0, 0, 0}, {"nope", 0, 0, 0}};
+    const struct {
+        const srv_t *s;
+        const char *isolation, *want;
+    } cases[] = {
+        {bad, "thread",
+         "{error,{shutdown,{failed_to_start_child,{s,1},badarg}}}"},
+        {unknown, "thread",
+         "{error,{shutdown,{failed_to_start_child,{s,1},"
+         "{unknown_server,nope}}}}"},
+        {bad, "process",
+         "{error,{bad_hello,<<\"native servers need isolation thread "
+         "(doc/cnode.md)\">>}}"},
+    };
+    node_t *n = *state;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        ev_t e;
+        node_spawn(n, 1, NULL);
+        send_hello_servers(n, cases[i].isolation, cases[i].s, 2,
+                           "one_for_one", 3);
+        e = node_wait(n, EV_ERROR, 0);
+        assert_string_equal(fmt(e.term), cases[i].want);
+        ev_free(&e);
+        assert_exited(node_reap(n), 2);
+        node_free(n);
+    }
+}
+
+/* Past its intensity the supervisor gives up: a gave_up report, every
+ * server restarting, calls noproc; stop_servers is still answered. */
+static void test_cnode_servers_give_up(void **state) {
+    const srv_t s[] = {{"counter", 0, 0, 0}, {"counter", 10, 0, 0}};
+    node_t *n = *state;
+    ev_t e;
+    node_spawn(n, 1, NULL);
+    send_hello_servers(n, "thread", s, 2, "one_for_all", 0);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    send_call(n, 1, 0, "crash", 0);
+    expect_done(n, 1, 0, "{native_error,<<\"crash\">>}");
+    expect_report(n, "gave_up", "{gave_up,shutdown}");
+    send_kind(n, "which_children", 2, 0);
+    expect_done(n, 2, 1,
+                "[{{s,0},restarting,worker},{{s,1},restarting,worker}]");
+    send_kind(n, "count_children", 3, 0);
+    expect_done(n, 3, 1,
+                "#{specs=>2,active=>0,supervisors=>0,workers=>2}");
+    send_call(n, 4, 1, "get", 0);
+    expect_done(n, 4, 0, "noproc");
+    send_kind(n, "stop_servers", 0, 1);
+    expect_report(n, "servers_stopped", "{servers_stopped}");
+    assert_exited(node_close(n), 0);
+}
+
 int main(void) {
     static char runner_buf[4096];
     const char *r = getenv("MOAT_CNODE_RUNNER");
@@ -1796,6 +2100,14 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_cnode_segfault_kills_the_node, own_setup,
                                         own_teardown),
     };
+    const struct CMUnitTest server_tests[] = {
+        cmocka_unit_test_setup_teardown(test_cnode_servers_calls_and_children,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_servers_failed_start,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_servers_give_up,
+                                        own_setup, own_teardown),
+    };
     int failed;
 
     cnode_path = getenv("MOAT_CNODE");
@@ -1824,5 +2136,7 @@ int main(void) {
                                           NULL, NULL);
     failed += cmocka_run_group_tests_name("cnode (process isolation)",
                                           process_tests, NULL, NULL);
+    failed += cmocka_run_group_tests_name("cnode (native servers)",
+                                          server_tests, NULL, NULL);
     return failed;
 }

@@ -742,6 +742,328 @@ static void test_cnode_frame_worker_frames(void **state) {
     ei_x_free(&x);
 }
 
+/* -------------------------------------------------------------- servers */
+
+/* One child spec {Id, Lib, counter, [0], Restart, Shutdown}; Id is {a,
+ * Index}, Shutdown an integer (>= 0), brutal_kill (-1) or infinity
+ * (-2). */
+static void child(ei_x_buff *x, long index, long lib, const char *restart,
+                  long shutdown) {
+    ei_x_encode_tuple_header(x, 6);
+    ei_x_encode_tuple_header(x, 2);
+    ei_x_encode_atom(x, "a");
+    ei_x_encode_long(x, index);
+    ei_x_encode_long(x, lib);
+    ei_x_encode_atom(x, "counter");
+    ei_x_encode_list_header(x, 1);
+    ei_x_encode_long(x, 0);
+    ei_x_encode_empty_list(x);
+    ei_x_encode_atom(x, restart);
+    if (shutdown >= 0)
+        ei_x_encode_long(x, shutdown);
+    else
+        ei_x_encode_atom(x, shutdown == -1 ? "brutal_kill" : "infinity");
+}
+
+/* {hello, #{servers => [...], strategy => S, libraries => [<<"l.so">>]}}
+ * with the servers last in the map, as a crafted frame may put them:
+ * library indices are checked once the whole map is read. */
+static ei_x_buff hello_servers(const char *strategy, int n, long lib,
+                               const char *restart, long shutdown) {
+    ei_x_buff x = start("hello", 2);
+    ei_x_encode_map_header(&x, 3);
+    ei_x_encode_atom(&x, "strategy");
+    ei_x_encode_atom(&x, strategy);
+    ei_x_encode_atom(&x, "servers");
+    ei_x_encode_list_header(&x, n);
+    for (int i = 0; i < n; i++)
+        child(&x, i, lib, restart, shutdown);
+    ei_x_encode_empty_list(&x);
+    ei_x_encode_atom(&x, "libraries");
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_binary(&x, "l.so", 4);
+    ei_x_encode_empty_list(&x);
+    return x;
+}
+
+static void test_cnode_frame_hello_servers(void **state) {
+    static const struct {
+        const char *strategy, *restart;
+        long shutdown;
+        int want_strategy, want_restart, want_shutdown;
+    } cases[] = {
+        {"one_for_one", "permanent", 5000, MOAT_ONE_FOR_ONE, MOAT_PERMANENT,
+         5000},
+        {"one_for_all", "transient", -1, MOAT_ONE_FOR_ALL, MOAT_TRANSIENT,
+         MOAT_SHUTDOWN_BRUTAL},
+        {"rest_for_one", "temporary", -2, MOAT_REST_FOR_ONE, MOAT_TEMPORARY,
+         MOAT_SHUTDOWN_INFINITY},
+        {"one_for_one", "permanent", 0, MOAT_ONE_FOR_ONE, MOAT_PERMANENT, 0},
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        ei_x_buff x = hello_servers(cases[i].strategy, 2, 0,
+                                    cases[i].restart, cases[i].shutdown);
+        ei_x_buff id;
+        moat__frame_t f;
+        size_t len;
+        const char *d;
+        assert_int_equal(decode_keep(&x, &f), 0);
+        assert_int_equal(f.hello.strategy, cases[i].want_strategy);
+        assert_int_equal(f.hello.nservers, 2);
+        for (int k = 0; k < 2; k++) {
+            const moat__child_t *c = &f.hello.servers[k];
+            char name[16];
+            assert_int_equal(c->lib, 0);
+            moat__atom_utf8(&c->server, name, sizeof name);
+            assert_string_equal(name, "counter");
+            assert_int_equal(c->restart, cases[i].want_restart);
+            assert_int_equal(c->shutdown_ms, cases[i].want_shutdown);
+            /* the id and the args, exactly as encoded */
+            ei_x_new_with_version(&id);
+            ei_x_encode_tuple_header(&id, 2);
+            ei_x_encode_atom(&id, "a");
+            ei_x_encode_long(&id, k);
+            d = moat_term_data(c->id, &len);
+            assert_int_equal(len, (size_t)id.index);
+            assert_memory_equal(d, id.buff, len);
+            ei_x_free(&id);
+            d = moat_term_data(c->args, &len);
+            /* 131, then [0] as ei wrote it: LIST_EXT, 0, NIL */
+            assert_int_equal(len, 1 + 5 + 2 + 1);
+            assert_int_equal((unsigned char)d[1], 108);
+        }
+        moat__frame_free(&f);
+        ei_x_free(&x);
+    }
+    {
+        /* An empty list: no servers, one_for_one. */
+        ei_x_buff x = start("hello", 2);
+        moat__frame_t f;
+        ei_x_encode_map_header(&x, 1);
+        ei_x_encode_atom(&x, "servers");
+        ei_x_encode_empty_list(&x);
+        assert_int_equal(decode_x(&x, &f), 0);
+        assert_int_equal(f.hello.nservers, 0);
+        assert_int_equal(f.hello.strategy, MOAT_ONE_FOR_ONE);
+        moat__frame_free(&f);
+    }
+}
+
+static void v_strategy_sofo(ei_x_buff *x) {
+    ei_x_encode_atom(x, "simple_one_for_one");
+}
+static void v_servers_improper(ei_x_buff *x) {
+    ei_x_encode_list_header(x, 1);
+    child(x, 0, 0, "permanent", 10);
+    ei_x_encode_atom(x, "tail");
+}
+static void v_servers_arity5(ei_x_buff *x) {
+    ei_x_encode_list_header(x, 1);
+    ei_x_encode_tuple_header(x, 5);
+    ei_x_encode_atom(x, "a");
+    ei_x_encode_long(x, 0);
+    ei_x_encode_atom(x, "counter");
+    ei_x_encode_empty_list(x);
+    ei_x_encode_atom(x, "permanent");
+    ei_x_encode_empty_list(x);
+}
+static void v_servers_bad_restart(ei_x_buff *x) {
+    ei_x_encode_list_header(x, 1);
+    child(x, 0, 0, "sometimes", 10);
+    ei_x_encode_empty_list(x);
+}
+static void v_servers_bad_shutdown(ei_x_buff *x) {
+    ei_x_encode_list_header(x, 1);
+    child(x, 0, 0, "permanent", 1L << 31);
+    ei_x_encode_empty_list(x);
+}
+static void v_servers_bad_lib(ei_x_buff *x) {
+    ei_x_encode_list_header(x, 1);
+    child(x, 0, 1, "permanent", 10); /* no library at all in this hello */
+    ei_x_encode_empty_list(x);
+}
+
+/* Each bad servers option makes hello malformed, and says which; the
+ * parts read before the fault are freed (ASan, valgrind). */
+static void test_cnode_frame_hello_refuses_bad_servers(void **state) {
+    static const struct {
+        const char *key;
+        void (*value)(ei_x_buff *);
+        const char *why;
+    } cases[] = {
+        {"strategy", v_strategy_sofo, "strategy"},
+        {"strategy", v_binary, "strategy"},
+        {"servers", v_atom, "servers"},
+        {"servers", v_servers_improper, "proper"},
+        {"servers", v_servers_arity5, "{Id, Lib, Server, Args"},
+        {"servers", v_servers_bad_restart, "restart"},
+        {"servers", v_servers_bad_shutdown, "shutdown"},
+        {"servers", v_servers_bad_lib, "library"},
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        ei_x_buff x = hello1(cases[i].key, cases[i].value);
+        moat__frame_t f;
+        assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+        if (strstr(f.why, cases[i].why) == NULL)
+            fail_msg("case %zu: \"%s\" does not say %s", i, f.why,
+                     cases[i].why);
+        moat__frame_free(&f);
+    }
+    {
+        /* A library index past the libraries given. */
+        ei_x_buff x = hello_servers("one_for_one", 3, 1, "permanent", 1);
+        moat__frame_t f;
+        assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+        assert_non_null(strstr(f.why, "server 1: the library"));
+        moat__frame_free(&f);
+    }
+}
+
+/* {call, Tag, Child, Request}, {cast, Child, Request}, the queries and
+ * stop_servers, read; a call or query whose tag can be read is tagged
+ * even when the rest is wrong, so that it is answered badarg. */
+static void test_cnode_frame_server_frames(void **state) {
+    ei_x_buff x = start("call", 4);
+    moat__frame_t f;
+    size_t len;
+    const char *d;
+    (void)state;
+    ei_x_encode_ulonglong(&x, UINT64_MAX);
+    ei_x_encode_long(&x, 3);
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "add");
+    ei_x_encode_long(&x, 5);
+    assert_int_equal(decode_x(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__FRAME_CALL);
+    assert_int_equal(f.tagged, 1);
+    assert_true(f.tag == UINT64_MAX);
+    assert_int_equal(f.child, 3);
+    d = moat_term_data(f.msg, &len);
+    assert_int_equal(len, 1 + 2 + 5 + 2); /* 131, {2, add, 5} */
+    assert_int_equal((unsigned char)d[1], 104);
+    moat__frame_free(&f);
+
+    x = start("cast", 3);
+    ei_x_encode_long(&x, 0);
+    ei_x_encode_atom(&x, "get");
+    assert_int_equal(decode_x(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__FRAME_CAST);
+    assert_int_equal(f.tagged, 0);
+    assert_int_equal(f.child, 0);
+    assert_non_null(f.msg);
+    moat__frame_free(&f);
+
+    x = start("which_children", 2);
+    ei_x_encode_long(&x, 7);
+    assert_int_equal(decode_x(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__FRAME_WHICH_CHILDREN);
+    assert_true(f.tagged && f.tag == 7);
+    moat__frame_free(&f);
+
+    x = start("count_children", 2);
+    ei_x_encode_long(&x, 8);
+    assert_int_equal(decode_x(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__FRAME_COUNT_CHILDREN);
+    assert_true(f.tagged && f.tag == 8);
+    moat__frame_free(&f);
+
+    x = start("stop_servers", 1);
+    assert_int_equal(decode_x(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__FRAME_STOP_SERVERS);
+    moat__frame_free(&f);
+
+    /* Wrong shapes: refused, the tag kept where it could be read. */
+    x = start("call", 3); /* no request */
+    ei_x_encode_long(&x, 9);
+    ei_x_encode_long(&x, 0);
+    assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+    assert_true(f.tagged && f.tag == 9);
+    assert_null(f.msg);
+    moat__frame_free(&f);
+
+    x = start("call", 4);
+    ei_x_encode_long(&x, 10);
+    ei_x_encode_long(&x, -1); /* not an index */
+    ei_x_encode_atom(&x, "get");
+    assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+    assert_true(f.tagged && f.tag == 10);
+    moat__frame_free(&f);
+
+    x = start("call", 4);
+    ei_x_encode_atom(&x, "no_tag");
+    ei_x_encode_long(&x, 0);
+    ei_x_encode_atom(&x, "get");
+    assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+    assert_int_equal(f.tagged, 0);
+    moat__frame_free(&f);
+
+    x = start("cast", 2);
+    ei_x_encode_long(&x, 0);
+    assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+    assert_int_equal(f.kind, MOAT__FRAME_CAST);
+    moat__frame_free(&f);
+
+    x = start("which_children", 3);
+    ei_x_encode_long(&x, 11);
+    ei_x_encode_long(&x, 0);
+    assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+    assert_true(f.tagged && f.tag == 11);
+    moat__frame_free(&f);
+
+    x = start("count_children", 2);
+    ei_x_encode_atom(&x, "x");
+    assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+    assert_int_equal(f.tagged, 0);
+    moat__frame_free(&f);
+
+    x = start("stop_servers", 2);
+    ei_x_encode_long(&x, 0);
+    assert_int_equal(decode_x(&x, &f), MOAT_EBADTERM);
+    moat__frame_free(&f);
+}
+
+/* Every cut of a call frame and a hello with servers, and every byte of
+ * them changed, decodes without reading out of bounds or leaking. */
+static void test_cnode_frame_server_frames_survive_cuts(void **state) {
+    ei_x_buff frames[2];
+    (void)state;
+    frames[0] = start("call", 4);
+    ei_x_encode_ulonglong(&frames[0], 1234567);
+    ei_x_encode_long(&frames[0], 1);
+    ei_x_encode_tuple_header(&frames[0], 2);
+    ei_x_encode_atom(&frames[0], "add");
+    ei_x_encode_long(&frames[0], -5);
+    frames[1] = hello_servers("rest_for_one", 2, 0, "transient", -1);
+    for (int k = 0; k < 2; k++) {
+        ei_x_buff *x = &frames[k];
+        size_t n = (size_t)x->index;
+        char *copy = malloc(n);
+        assert_non_null(copy);
+        for (size_t cut = 0; cut <= n; cut++) {
+            moat__frame_t f;
+            char *b = malloc(cut > 0 ? cut : 1);
+            assert_non_null(b);
+            memcpy(b, x->buff, cut);
+            (void)moat__frame_decode(b, cut, &f);
+            moat__frame_free(&f);
+            free(b);
+        }
+        for (size_t i = 0; i < n; i++) {
+            for (int v = 0; v < 256; v += 51) {
+                moat__frame_t f;
+                memcpy(copy, x->buff, n);
+                copy[i] = (char)v;
+                (void)moat__frame_decode(copy, n, &f);
+                moat__frame_free(&f);
+            }
+        }
+        free(copy);
+        ei_x_free(x);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cnode_frame_hello_reads_every_option),
@@ -760,6 +1082,10 @@ int main(void) {
         cmocka_unit_test(test_cnode_frame_atom_utf8_cuts_at_characters),
         cmocka_unit_test(test_cnode_frame_hello_process_options),
         cmocka_unit_test(test_cnode_frame_worker_frames),
+        cmocka_unit_test(test_cnode_frame_hello_servers),
+        cmocka_unit_test(test_cnode_frame_hello_refuses_bad_servers),
+        cmocka_unit_test(test_cnode_frame_server_frames),
+        cmocka_unit_test(test_cnode_frame_server_frames_survive_cuts),
     };
     ei_init();
     return cmocka_run_group_tests_name("cnode frame decoder", tests, NULL,

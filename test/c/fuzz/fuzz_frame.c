@@ -24,7 +24,12 @@
  *    no arguments, and no entry of a packet the check refused runs;
  *  - moat__atom_utf8 stays within its buffer at every size, and cuts a
  *    checked UTF-8 name at a character boundary;
- *  - well-formed hello and cancel frames hold what frame.h says they hold;
+ *  - well-formed hello and cancel frames hold what frame.h says they hold,
+ *    and hello's servers are within bounds, each with an id and start
+ *    arguments that are checked terms (a list for the arguments) and a
+ *    library index below the libraries' count;
+ *  - a request (call, cast) is a checked term, held only by a call or cast
+ *    frame that passed the check; a well-formed call or query is tagged;
  *  - moat__frame_free releases everything (LeakSanitizer) and is
  *    idempotent.
  */
@@ -134,6 +139,52 @@ static void check_frame(int rc, const moat__frame_t *f, const char *buf,
                 strlen(h->libraries[i]) > len)
                 abort();
     }
+    if (f->kind == MOAT__FRAME_HELLO) {
+        const moat__hello_t *h = &f->hello;
+        if (h->nservers > len || (h->nservers > 0 && h->servers == NULL) ||
+            (h->nservers > 0 && !trusted) ||
+            (h->strategy != MOAT_ONE_FOR_ONE &&
+             h->strategy != MOAT_ONE_FOR_ALL &&
+             h->strategy != MOAT_REST_FOR_ONE))
+            abort();
+        for (size_t i = 0; rc == 0 && i < h->nservers; i++) {
+            const moat__child_t *c = &h->servers[i];
+            const unsigned char *d;
+            size_t dlen;
+            if (c->id == NULL || c->args == NULL || c->lib >= h->nlibraries ||
+                c->shutdown_ms < MOAT_SHUTDOWN_INFINITY ||
+                (c->restart != MOAT_PERMANENT &&
+                 c->restart != MOAT_TRANSIENT &&
+                 c->restart != MOAT_TEMPORARY))
+                abort();
+            check_atom(&c->server, buf, len, trusted);
+            d = (const unsigned char *)moat_term_data(c->id, &dlen);
+            if (moat_etf_check((const char *)d, dlen) != 0)
+                abort();
+            d = (const unsigned char *)moat_term_data(c->args, &dlen);
+            if (moat_etf_check((const char *)d, dlen) != 0 ||
+                (d[1] != 106 && d[1] != 107 && d[1] != 108))
+                abort();
+        }
+    }
+    if (f->msg != NULL) {
+        const char *d;
+        size_t dlen;
+        if (!trusted ||
+            (f->kind != MOAT__FRAME_CALL && f->kind != MOAT__FRAME_CAST))
+            abort();
+        d = moat_term_data(f->msg, &dlen);
+        if (moat_etf_check(d, dlen) != 0)
+            abort();
+    }
+    if (rc == 0 && (f->kind == MOAT__FRAME_CALL || f->kind == MOAT__FRAME_CAST) &&
+        f->msg == NULL)
+        abort();
+    if (rc == 0 && !f->tagged &&
+        (f->kind == MOAT__FRAME_CALL ||
+         f->kind == MOAT__FRAME_WHICH_CHILDREN ||
+         f->kind == MOAT__FRAME_COUNT_CHILDREN))
+        abort();
     if (f->kind == MOAT__FRAME_CANCEL && rc == 0 &&
         f->reason != MOAT_A_SHUTDOWN && f->reason != MOAT_A_KILLED &&
         f->reason != MOAT_A_TIMEOUT)

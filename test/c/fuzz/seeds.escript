@@ -1,7 +1,8 @@
 #!/usr/bin/env escript
 %%! -noshell
 %% seeds.escript: writes the seed corpora of the fuzz targets,
-%% test/c/fuzz/corpus/fuzz_frame/ (frames as the VM sends them, doc/cnode.md)
+%% test/c/fuzz/corpus/fuzz_frame/ (frames as the VM sends them, doc/cnode.md,
+%% native servers' included)
 %% and test/c/fuzz/corpus/fuzz_term/ (one term of each kind the ETF check
 %% accepts, and a few it refuses).  The seeds are committed; run this again
 %% only to change them (the pid, reference and fun seeds then change too):
@@ -72,7 +73,30 @@ frames() ->
      {"cancel_shutdown", etf({cancel, 7, shutdown})},
      {"cancel_killed", etf({cancel, 1 bsl 63, killed})},
      {"cancel_timeout", utf8({cancel, 9, timeout})},
-     {"cancel_other", etf({cancel, 10, other})}].
+     {"cancel_other", etf({cancel, 10, other})},
+     %% Native servers (thread isolation): hello's specs, and the frames
+     %% that reach them.
+     {"hello_servers",
+      etf({hello, #{size => 2, libraries => [<<"priv/moat_demo.so">>],
+                    strategy => rest_for_one, max_restarts => 3,
+                    max_seconds => 5,
+                    servers => [{a, 0, counter, [0], permanent, 5000},
+                                {{b, 1}, 0, counter, [10, 300], transient,
+                                 brutal_kill},
+                                {<<"c">>, 0, counter, [], temporary,
+                                 infinity}]}})},
+     {"hello_servers_bad",
+      etf({hello, #{libraries => [], strategy => simple_one_for_one,
+                    servers => [{a, 3, counter, [0 | 1], sometimes, -1},
+                                not_a_spec]}})},
+     {"call", etf({call, 11, 0, {add, 5}})},
+     {"call_big", utf8({call, 1 bsl 64 - 1, 4294967295,
+                        {sleep, [<<"x">>, #{k => 1.5}]}})},
+     {"call_bad", etf({call, 12, -1})},
+     {"cast", etf({cast, 1, {add, -3}})},
+     {"which_children", etf({which_children, 13})},
+     {"count_children", utf8({count_children, 14})},
+     {"stop_servers", etf({stop_servers})}].
 
 terms() ->
     Node = <<119, 13, "nonode@nohost">>, % SMALL_ATOM_UTF8_EXT
