@@ -25,6 +25,19 @@
  * frames of one read are submitted as one batch (at the end of the read,
  * or before a cancel, so a cancel always finds the tasks sent before it).
  *
+ * Servers.  In thread isolation hello may bring native servers: the loop
+ * thread starts the core's native supervisor and them (each init on this
+ * thread) before it answers ready.  Calls are jobs (jobs.c), casts and
+ * the which_children/count_children queries are served on the loop
+ * thread from the supervisor's tables, and servers run on the pool's
+ * threads.  The supervisor's callbacks (a restart, a crash, giving up)
+ * run on pool threads: they leave their news under the servers' lock and
+ * wake the loop with a uv_async_t, which sends the report frames.
+ * stop_servers drains the pool and waits for the supervisor to stop its
+ * servers on a thread of libuv's work queue (a terminate may take
+ * seconds), then the loop answers servers_stopped.  Lock order: the
+ * servers' lock is taken alone.
+ *
  * Shutdown.  stdin's end ends the node with status 0.  The outbox drops
  * what follows (the VM has stopped listening); the pool is closed, which
  * decides every outcome at once; bodies that heed cancellation get

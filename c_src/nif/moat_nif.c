@@ -1561,7 +1561,7 @@ static ERL_NIF_TERM nif_cnode_deliver(ErlNifEnv *env, int argc,
     ErlNifBinary bin;
     const char *buf;
     char what[16] = "";
-    int i = 0, version, arity, rc;
+    int i = 0, version, arity = 0, rc;
     ERL_NIF_TERM t;
     (void)argc;
     if (np == NULL || !enif_inspect_binary(env, argv[1], &bin))
