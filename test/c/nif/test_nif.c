@@ -3350,6 +3350,143 @@ static void test_nif_pool_new_out_of_memory_frees_the_pool(void **state) {
     }
 }
 
+/* ------------------------------------------- C-node pools' native servers */
+
+/* The next frame sent to the C-node as ei prints it, and the tag it
+ * carries (0 for a cast).  fake_frame_parse knows only run, runs and
+ * cancel frames, but prints every frame first. */
+static const char *take_text(cnode_t *k, uint64_t *tag) {
+    static fake_frame_t f;
+    const char *text = f.text;
+    size_t len;
+    unsigned char *pkt = fake_port_take(k->port, &len, RECV_MS);
+    unsigned long long t = 0;
+    if (pkt == NULL)
+        fail_msg("no frame within %d ms", RECV_MS);
+    (void)fake_frame_parse(pkt, len, &f);
+    free(pkt);
+    if (f.text[0] == '\0')
+        fail_msg("a packet of %zu bytes that is no term", len);
+    if (strncmp(text, "{cast", 5) != 0 &&
+        sscanf(strchr(text, ',') != NULL ? strchr(text, ',') + 1 : "", "%llu",
+               &t) != 1)
+        t = 0;
+    *tag = t;
+    return text;
+}
+
+/* A C-node pool's native servers (doc/cnode.md, "Native servers"): a
+ * call is a remote task whose frame names its server by index; a cast
+ * is a frame; which_children and count_children ask the C-node, their
+ * fallback beside; {restarts, N} is stats' restarts; past its deadline a
+ * call is timeout, its cancel goes through the outbox and its late reply
+ * is dropped; the C-node lost ends a call in flight. */
+static void test_nif_cnode_servers(void **state) {
+    cnode_t k = {fake_spawn(), 0, 0, "cn_srv"}, k0;
+    fake_proc_t *c = fake_spawn();
+    ErlNifEnv *e = fake_env(k.o);
+    ERL_NIF_TERM port = fake_port(k.o, &k.port), r, v;
+    char want[128];
+    const char *text;
+    uint64_t tag;
+    long n;
+    (void)state;
+    r = fake_call(k.o, "cnode_pool_new", 6, A("cn_srv"), I(k.o, 2),
+                  I(k.o, 4), port, list1(k.o, A("echo")),
+                  enif_make_list2(e, A("a"),
+                                  enif_make_tuple2(e, A("b"), I(k.o, 1))));
+    assert_term(el(r, 0), "ok");
+    k.h = el(r, 1);
+    /* calls, by index */
+    r = call_raw(c, "cn_srv", A("a"), A("get"), -1);
+    assert_term(el(r, 0), "wait");
+    text = take_text(&k, &tag);
+    snprintf(want, sizeof want, "{call, %llu, 0, get}", (unsigned long long)tag);
+    assert_string_equal(text, want);
+    assert_term(deliver(&k, "{done,[{%llu,ok,7}]}", (unsigned long long)tag),
+                "ok");
+    assert_term(call_outcome(c, "cn_srv", r), "{ok,7}");
+    r = call_raw(c, "cn_srv", tup2(c, A("b"), I(c, 1)), add_req(c, 2), -1);
+    text = take_text(&k, &tag);
+    snprintf(want, sizeof want, "{call, %llu, 1, {add, 2}}", (unsigned long long)tag);
+    assert_string_equal(text, want);
+    assert_term(deliver(&k, "{done,[{%llu,exit,noproc}]}",
+                        (unsigned long long)tag),
+                "ok");
+    assert_term(call_outcome(c, "cn_srv", r), "{exit,noproc}");
+    assert_term(call_raw(c, "cn_srv", A("nobody"), A("get"), -1),
+                "{exit,noproc}");
+    assert_no_frame(&k);
+    /* casts */
+    assert_term(fake_call(c, "cast", 3, A("cn_srv"), tup2(c, A("b"), I(c, 1)),
+                          add_req(c, 1)),
+                "ok");
+    text = take_text(&k, &tag);
+    assert_string_equal(text, "{cast, 1, {add, 1}}");
+    assert_term(fake_call(c, "cast", 3, A("cn_srv"), A("nobody"), A("x")),
+                "ok");
+    assert_no_frame(&k);
+    /* which_children and count_children */
+    r = fake_call(c, "which_children", 1, A("cn_srv"));
+    assert_term(el(r, 0), "remote");
+    assert_term(el(r, 2), "[{a,restarting,worker},{{b,1},restarting,worker}]");
+    text = take_text(&k, &tag);
+    snprintf(want, sizeof want, "{which_children, %llu}", (unsigned long long)tag);
+    assert_string_equal(text, want);
+    assert_term(deliver(&k, "{done,[{%llu,ok,[{a,running,worker}]}]}",
+                        (unsigned long long)tag),
+                "ok");
+    assert_term(call_outcome(c, "cn_srv", el(r, 1)),
+                "{ok,[{a,running,worker}]}");
+    r = fake_call(c, "count_children", 1, A("cn_srv"));
+    assert_term(el(r, 0), "remote");
+    assert_true(enif_get_map_value(fake_env(c), el(r, 2), A("specs"), &v) &&
+                fake_get_long(v, &n) && n == 2);
+    assert_true(enif_get_map_value(fake_env(c), el(r, 2), A("active"), &v) &&
+                fake_get_long(v, &n) && n == 0);
+    text = take_text(&k, &tag);
+    assert_term(deliver(&k, "{done,[{%llu,exit,noproc}]}",
+                        (unsigned long long)tag),
+                "ok");
+    assert_term(call_outcome(c, "cn_srv", el(r, 1)), "{exit,noproc}");
+    /* restarts */
+    assert_int_equal(stat_of("cn_srv", "restarts"), 0);
+    assert_term(deliver(&k, "{restarts,3}"), "ok");
+    assert_int_equal(stat_of("cn_srv", "restarts"), 3);
+    assert_term(el(deliver(&k, "{restarts,-1}"), 1), "bad_frame");
+    assert_term(deliver(&k, "{crashed,1,a,boom}"), "{other,{crashed,1,a,boom}}");
+    /* a deadline: timeout, a cancel through the outbox, no late reply */
+    r = call_raw(c, "cn_srv", A("a"), sleep_req(c, 1000), 5);
+    assert_term(el(r, 0), "wait");
+    text = take_text(&k, &tag);
+    assert_term(call_outcome(c, "cn_srv", r), "{exit,timeout}");
+    flush_cancels(&k, &tag, 1, "timeout");
+    assert_term(deliver(&k, "{done,[{%llu,ok,late}]}",
+                        (unsigned long long)tag),
+                "ok");
+    assert_no_message(c);
+    /* the C-node lost with a call in it */
+    r = call_raw(c, "cn_srv", A("a"), A("get"), -1);
+    text = take_text(&k, &tag);
+    assert_term(fake_call(k.o, "cnode_lost", 1, k.h), "ok");
+    assert_term(call_outcome(c, "cn_srv", r),
+                "{exit,{native_crash,cnode_down}}");
+    assert_term(fake_call(c, "which_children", 1, A("cn_srv")),
+                "{error,not_found}");
+    close_cnode(&k);
+    /* a C-node pool without servers answers for itself */
+    k0 = cnode_start("cn_srv0", 1, 1);
+    assert_term(fake_call(c, "which_children", 1, A("cn_srv0")), "[]");
+    r = fake_call(c, "count_children", 1, A("cn_srv0"));
+    assert_true(enif_get_map_value(fake_env(c), r, A("specs"), &v) &&
+                fake_get_long(v, &n) && n == 0);
+    assert_term(call_raw(c, "cn_srv0", A("a"), A("get"), -1), "{exit,noproc}");
+    assert_no_frame(&k0);
+    close_cnode(&k0);
+    fake_proc_t *all[] = {k.o, k0.o, c};
+    assert_int_equal(settle(all, 3), 0);
+}
+
 int main(void) {
 #define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
     const struct CMUnitTest tests[] = {
@@ -3418,6 +3555,7 @@ int main(void) {
         T(test_nif_cnode_callers_race_the_owner),
         T(test_nif_cnode_cancel_follows_its_run_frame),
         T(test_nif_cnode_lost_refuses_stream_tasks),
+        T(test_nif_cnode_servers),
         T(test_nif_cnode_dist_relays_through_the_owner),
     };
 #undef T
