@@ -441,6 +441,8 @@ cast(_, _, _) ->
 %% the pid: `restarting' while a restart is pending (also for every server
 %% from the moment the native supervisor gives up until the pool is
 %% restarted), `undefined' for a child that ended and is not restarted.
+%% With `backend => cnode' the C-node answers (within 5 s); while it
+%% cannot (lost, or between C-nodes) every server is `restarting'.
 -spec which_children(pool()) ->
     [{term(), running | restarting | undefined, worker | supervisor}]
     | {error, not_found}.
