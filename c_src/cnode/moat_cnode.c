@@ -126,8 +126,6 @@ typedef struct servers_s {
     moat_pid_t sup;
     moat_term_t **ids;        /* the specs' own terms, in start order */
     size_t n;
-    atomic_int started;       /* the first starts are over: any later
-                                 start is a restart */
     atomic_uint_fast64_t restarts;
     uint64_t restarts_sent;   /* loop thread */
     uv_async_t report;        /* wakes the loop to send the reports */
@@ -147,6 +145,8 @@ typedef struct servers_s {
 typedef struct {
     moat_server_child_t c;
     servers_t *sv;
+    int started; /* it started once: any later start is a restart.  Only
+                    its starts use it, which its supervisor serializes. */
 } child_arg_t;
 
 /* Static, so that all of it stays reachable when the node exits with
@@ -270,18 +270,21 @@ static void on_report(uv_async_t *a) {
     moat_term_unref(gave_up);
 }
 
-/* The start callback of every child: the core's, counting each start
- * after the first ones as a restart (the supervisor counts the same
- * ones in the pool's stats).  On the supervisor's thread. */
+/* The start callback of every child: the core's, counting each start of
+ * a child after its first as a restart (the supervisor counts the same
+ * ones in the pool's stats).  On the supervisor's thread, or the loop
+ * thread for the first starts. */
 static int child_start(moat_pool_t *pool, moat_pid_t sup, void *arg,
                        moat_pid_t *pid, moat_term_t **reason) {
     child_arg_t *a = arg;
     int rc = moat_server_child_start(pool, sup, &a->c, pid, reason);
 
-    if (rc == 0 && atomic_load(&a->sv->started)) {
+    if (rc == 0 && a->started) {
         atomic_fetch_add(&a->sv->restarts, 1);
         uv_async_send(&a->sv->report);
     }
+    if (rc == 0)
+        a->started = 1;
     return rc;
 }
 
@@ -477,10 +480,8 @@ static int servers_start(node_t *n, const moat__hello_t *h) {
         for (size_t i = 0; i < sv->n; i++)
             child_arg_free(specs[i].arg);
     free(specs);
-    if (rc == 0) {
-        atomic_store(&sv->started, 1);
+    if (rc == 0)
         return 0;
-    }
     if (rc == MOAT_ESTART && reason != NULL) {
         size_t len;
         const char *d = moat_term_data(reason, &len);
