@@ -56,8 +56,11 @@
     many_callers_during_restarts/1,
     vm_and_caller_alive/1,
     give_up_window_all_restarting/1,
-    failed_start_stops_started_in_order/1
+    failed_start_stops_started_in_order/1,
+    crashes_are_reported/1
 ]).
+%% A logger handler (crashes_are_reported).
+-export([log/2]).
 %% A test supervisor (escalation_past_otp_intensity_ends_pool).
 -export([init/1]).
 
@@ -122,6 +125,7 @@ cases() ->
         many_callers_during_restarts,
         give_up_window_all_restarting,
         failed_start_stops_started_in_order,
+        crashes_are_reported,
         vm_and_caller_alive
     ].
 
@@ -1297,6 +1301,63 @@ failed_start_stops_started_in_order(_Config) ->
     ct:pal("failed start_pool took ~p ms", [Took]),
     ?assert(Took >= 595),
     sweep().
+
+%% Servers' crashes reach the logger as {moat, child_terminated} reports
+%% from the pool's owner (in a C-node pool, from the C-node's crashed
+%% frames), at most one a second: of a burst of crashes the first is
+%% reported at once and the rest in summaries, every crash counted, each
+%% naming the server and its reason.
+crashes_are_reported(_Config) ->
+    P = srv_reported,
+    N = 20,
+    {ok, _} = start_pool(P, #{
+        size => 2, max_restarts => 1000, max_seconds => 1, servers => [spec(a, [0])]
+    }),
+    ok = logger:add_handler(?MODULE, ?MODULE, #{config => #{pid => self(), pool => P}}),
+    try
+        [
+            begin
+                ?assertEqual({exit, ?CRASH}, moat:call(P, a, crash)),
+                ?assertEqual(0, wait_get(P, a))
+            end
+         || _ <- lists:seq(1, N)
+        ],
+        Reports = collect_reports(N, []),
+        ct:pal("crash reports (ms after the first, crashes): ~p", [Reports]),
+        ?assertEqual(N, lists:sum([C || {_, C} <- Reports])),
+        Times = [T || {T, _} <- Reports],
+        Gaps = [B - A || {A, B} <- lists:zip(lists:droplast(Times), tl(Times))],
+        ?assertEqual([], [G || G <- Gaps, G < 500])
+    after
+        ok = logger:remove_handler(?MODULE)
+    end,
+    wait_until(fun() -> maps:get(restarts, moat:stats(P)) =:= N end, {restarts, N}),
+    ok = moat:stop_pool(P),
+    sweep().
+
+%% Reports until N crashes are counted: [{Ms since the first, Crashes}].
+collect_reports(N, Acc) ->
+    case lists:sum([C || {_, C} <- Acc]) of
+        Sum when Sum >= N ->
+            [{T0, _} | _] = Rs = lists:reverse(Acc),
+            [{T - T0, C} || {T, C} <- Rs];
+        _ ->
+            receive
+                {crash_report, #{child := a, reason := ?CRASH, crashes := C}} ->
+                    collect_reports(N, [{erlang:monotonic_time(millisecond), C} | Acc]);
+                {crash_report, Other} ->
+                    ct:fail({unexpected_report, Other})
+            after ?WAIT -> ct:fail({reports, lists:reverse(Acc)})
+            end
+    end.
+
+%% The logger handler: the pool's crash reports, to the test process.
+log(#{msg := {report, #{label := {moat, child_terminated}, pool := Pool} = R}},
+    #{config := #{pid := Pid, pool := Pool}}) ->
+    Pid ! {crash_report, R},
+    ok;
+log(_Event, _Config) ->
+    ok.
 
 %%%===================================================================
 %%% The test supervisor
