@@ -41,8 +41,10 @@
  * them), so that they are done once for all the frames of the turn and
  * never in the middle of handling a death.  Dispatch
  * first gives one run to each worker holding none, while fewer than
- * `size` hold any; then, while at least DEEP_QUEUE runs per worker still
- * wait, it tops the holders up, one run each round, to PIPELINE: only
+ * `size` hold any; then, once `size` workers hold runs (not while one is
+ * still starting: it would take the next run, which must not wait behind
+ * another's) and while at least DEEP_QUEUE runs per worker still wait,
+ * it tops the holders up, one run each round, to PIPELINE: only
  * those that answered their last run fast (FAST_NS) and whose oldest run
  * has been held less than STALL_NS.  A run sent behind a long task still
  * waits for it even if another worker frees up: only under a deep queue,
@@ -900,7 +902,8 @@ static void dispatch(moat__procs_t *p) {
     do {
         gave = 0;
         for (worker_t *w = p->workers;
-             w != NULL && p->nqueue >= (size_t)p->size * DEEP_QUEUE;
+             w != NULL && p->nbusy >= p->size &&
+             p->nqueue >= (size_t)p->size * DEEP_QUEUE;
              w = w->next)
             if (serves(w) && w->nheld > 0 && w->nheld < PIPELINE &&
                 w->last_ns < FAST_NS && now - w->since < STALL_NS) {

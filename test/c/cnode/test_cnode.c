@@ -1171,8 +1171,8 @@ static void test_cnode_eof_exits_0_with_a_spin_running(void **state) {
  * without MOAT_CNODE_RUNNER here, and with the sanitizers' own SIGSEGV
  * handlers off, so that the signal is the kernel's.  In the ASan build,
  * UBSan (built in with it, without recovery) sees the null store first
- * and ends the node with status 1 after its report, which reaches the VM
- * through stderr as a log frame. */
+ * and ends the node with status 1 after its report (which reaches the VM
+ * as a log frame only if the errlog thread forwards it in time). */
 static void test_cnode_segfault_kills_the_node(void **state) {
     const char *libs[] = {demo_path, NULL};
     const char *env[] = {"ASAN_OPTIONS=detect_leaks=0:handle_segv=0",
@@ -1189,8 +1189,10 @@ static void test_cnode_segfault_kills_the_node(void **state) {
     ei_x_free(&none);
     status = node_reap(n);
 #if defined(__SANITIZE_ADDRESS__)
+    /* UBSan's report may die with the node before its errlog thread
+     * forwards it (they are the same process): only the status is
+     * certain. */
     assert_exited(status, 1);
-    expect_log(n, "warning", "store to null pointer");
 #else
     if (!WIFSIGNALED(status))
         fail_msg("the node exited with %d, not on a signal",
