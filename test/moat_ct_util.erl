@@ -2,7 +2,7 @@
 %%% @doc Internal: helpers the Common Test suites share.
 -module(moat_ct_util).
 
--export([wait_until/2, distributed/0, undistributed/1]).
+-export([wait_until/2, distributed/0, undistributed/1, init_backend/2, end_backend/2]).
 
 %% How long a case waits for something it knows will happen.
 -define(WAIT, 5000).
@@ -46,3 +46,25 @@ distributed() ->
 -spec undistributed(boolean()) -> ok.
 undistributed(true) -> net_kernel:stop();
 undistributed(false) -> ok.
+
+%% The pool options of the suites' backend groups (nif, cnode_thread,
+%% cnode_process, cnode_dist), put in Config as `backend'; cnode_dist
+%% makes this VM a node first.
+-spec init_backend(atom(), list()) -> list().
+init_backend(nif, Config) ->
+    [{backend, #{}} | Config];
+init_backend(cnode_thread, Config) ->
+    [{backend, #{backend => cnode, isolation => thread}} | Config];
+init_backend(cnode_process, Config) ->
+    [{backend, #{backend => cnode, isolation => process}} | Config];
+init_backend(cnode_dist, Config) ->
+    %% The distribution transport, with the C-node on loopback.
+    Started = distributed(),
+    [{backend, #{backend => cnode, transport => distribution}}, {started_dist, Started} | Config].
+
+%% Undoes init_backend/2.
+-spec end_backend(atom(), list()) -> ok.
+end_backend(cnode_dist, Config) ->
+    undistributed(proplists:get_value(started_dist, Config));
+end_backend(_Group, _Config) ->
+    ok.

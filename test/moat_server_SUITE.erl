@@ -137,19 +137,11 @@ end_per_suite(_Config) ->
     _ = application:stop(moat),
     ok.
 
-init_per_group(nif, Config) ->
-    [{backend, #{}} | Config];
-init_per_group(cnode_thread, Config) ->
-    [{backend, #{backend => cnode, isolation => thread}} | Config];
-init_per_group(cnode_dist, Config) ->
-    %% The distribution transport, with the C-node on loopback.
-    Started = moat_ct_util:distributed(),
-    [{backend, #{backend => cnode, transport => distribution}}, {started_dist, Started} | Config].
+init_per_group(Group, Config) ->
+    moat_ct_util:init_backend(Group, Config).
 
-end_per_group(cnode_dist, Config) ->
-    moat_ct_util:undistributed(?config(started_dist, Config));
-end_per_group(_Group, _Config) ->
-    ok.
+end_per_group(Group, Config) ->
+    moat_ct_util:end_backend(Group, Config).
 
 %% The group's backend options, for start_pool/2 and child_spec/1 below:
 %% kept in the case's process dictionary, so that the cases read the

@@ -164,21 +164,11 @@ end_per_suite(_Config) ->
     _ = application:stop(moat),
     ok.
 
-init_per_group(nif, Config) ->
-    [{backend, #{}} | Config];
-init_per_group(cnode_thread, Config) ->
-    [{backend, #{backend => cnode, isolation => thread}} | Config];
-init_per_group(cnode_process, Config) ->
-    [{backend, #{backend => cnode, isolation => process}} | Config];
-init_per_group(cnode_dist, Config) ->
-    %% The distribution transport, with the C-node on loopback.
-    Started = moat_ct_util:distributed(),
-    [{backend, #{backend => cnode, transport => distribution}}, {started_dist, Started} | Config].
+init_per_group(Group, Config) ->
+    moat_ct_util:init_backend(Group, Config).
 
-end_per_group(cnode_dist, Config) ->
-    moat_ct_util:undistributed(?config(started_dist, Config));
-end_per_group(_Group, _Config) ->
-    ok.
+end_per_group(Group, Config) ->
+    moat_ct_util:end_backend(Group, Config).
 
 %% A fresh pool of two threads per case: counters start at zero and no
 %% task of an earlier case is left in it.
