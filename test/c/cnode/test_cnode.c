@@ -39,6 +39,8 @@
 #include <cmocka.h>
 #include <ei.h>
 
+#include "cnode_test.h"
+
 extern char **environ;
 
 /* Generous bounds for the slowest runs (valgrind on both ends): the tests
@@ -56,31 +58,6 @@ static char *runner[32]; /* MOAT_CNODE_RUNNER split on blanks */
 static int nrunner;
 
 /* ------------------------------------------------------------- helpers */
-
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
-}
-
-static void put(char *o, size_t cap, size_t *n, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static void put(char *o, size_t cap, size_t *n, const char *fmt, ...) {
-    va_list ap;
-    int k;
-    if (*n >= cap)
-        return;
-    va_start(ap, fmt);
-    k = vsnprintf(o + *n, cap - *n, fmt, ap);
-    va_end(ap);
-    *n = k < 0 ? cap : *n + (size_t)k;
-}
 
 /* Erlang-like text of the term at *i, e.g. {native_error,<<"boom">>}. */
 static void fmt_at(const char *b, int *i, char *o, size_t cap, size_t *n) {
@@ -638,32 +615,6 @@ static void send_run(node_t *n, uint64_t tag, const char *task,
     ei_x_encode_atom(&x, task);
     ei_x_append_buf(&x, args->buff, args->index);
     node_send_x(n, &x);
-}
-
-/* Argument lists, without a version byte. */
-static ei_x_buff args_long(long v) {
-    ei_x_buff x;
-    ei_x_new(&x);
-    ei_x_encode_list_header(&x, 1);
-    ei_x_encode_long(&x, v);
-    ei_x_encode_empty_list(&x);
-    return x;
-}
-
-static ei_x_buff args_binary(const char *s) {
-    ei_x_buff x;
-    ei_x_new(&x);
-    ei_x_encode_list_header(&x, 1);
-    ei_x_encode_binary(&x, s, (long)strlen(s));
-    ei_x_encode_empty_list(&x);
-    return x;
-}
-
-static ei_x_buff args_none(void) {
-    ei_x_buff x;
-    ei_x_new(&x);
-    ei_x_encode_empty_list(&x);
-    return x;
 }
 
 static void run_long(node_t *n, uint64_t tag, const char *task, long v) {

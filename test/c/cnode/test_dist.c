@@ -42,6 +42,8 @@
 #include <cmocka.h>
 #include <ei.h>
 
+#include "cnode_test.h"
+
 extern char **environ;
 
 /* Generous bounds for the slowest runs (valgrind on both ends): the tests
@@ -74,18 +76,6 @@ static int nodes_made;   /* makes each C-node's name unique */
 
 /* ------------------------------------------------------------- helpers */
 
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
-}
-
 /* Milliseconds left until `deadline`, at least 1 (ei takes 0 for
  * "no timeout"). */
 static unsigned left(int64_t deadline) {
@@ -96,20 +86,6 @@ static unsigned left(int64_t deadline) {
 static int pid_eq(const erlang_pid *a, const erlang_pid *b) {
     return a->num == b->num && a->serial == b->serial &&
            a->creation == b->creation && strcmp(a->node, b->node) == 0;
-}
-
-/* Appends printf output to the text o[0..cap) holds *n of. */
-static void put(char *o, size_t cap, size_t *n, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static void put(char *o, size_t cap, size_t *n, const char *fmt, ...) {
-    va_list ap;
-    int k;
-    if (*n >= cap)
-        return;
-    va_start(ap, fmt);
-    k = vsnprintf(o + *n, cap - *n, fmt, ap);
-    va_end(ap);
-    *n = k < 0 ? cap : *n + (size_t)k;
 }
 
 /* Writes the term at *i as Erlang would, compactly: {a,<<"b">>,[1,2]}. */
@@ -758,32 +734,6 @@ static void send_run_to(dnode_t *n, const char *reg, uint64_t tag,
 static void send_run(dnode_t *n, uint64_t tag, const char *task,
                      const ei_x_buff *args) {
     send_run_to(n, NULL, tag, task, args);
-}
-
-/* Argument lists, without a version byte. */
-static ei_x_buff args_long(long v) {
-    ei_x_buff x;
-    ei_x_new(&x);
-    ei_x_encode_list_header(&x, 1);
-    ei_x_encode_long(&x, v);
-    ei_x_encode_empty_list(&x);
-    return x;
-}
-
-static ei_x_buff args_binary(const char *s) {
-    ei_x_buff x;
-    ei_x_new(&x);
-    ei_x_encode_list_header(&x, 1);
-    ei_x_encode_binary(&x, s, (long)strlen(s));
-    ei_x_encode_empty_list(&x);
-    return x;
-}
-
-static ei_x_buff args_none(void) {
-    ei_x_buff x;
-    ei_x_new(&x);
-    ei_x_encode_empty_list(&x);
-    return x;
 }
 
 static void run_long(dnode_t *n, uint64_t tag, const char *task, long v) {
