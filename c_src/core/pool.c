@@ -169,10 +169,10 @@ static void abandon_thread(moat_pool_t *pool) {
         hk_poke(pool);
 }
 
-/* An abandoned body returned.  Returns 1 when its thread should retire. */
+/* An abandoned body returned (and no longer counts as abandoned).
+ * Returns 1 when its thread should retire. */
 static int rejoin_thread(moat_pool_t *pool) {
     int retire;
-    atomic_fetch_sub(&pool->n_abandoned, 1);
     uv_mutex_lock(&pool->thr_lock);
     retire = pool->serving >= pool->opts.nthreads;
     if (retire)
@@ -1347,6 +1347,10 @@ static int run_task(moat__worker_t *w, moat_task_t *t) {
      * the body abandoned right now; rq_lock orders us after it. */
     uv_mutex_lock(&pool->rq_lock);
     abandoned = t->abandoned;
+    /* In the same lock section as `where`: whoever sees the body gone
+     * (moat_task_running) sees it no longer counted as abandoned. */
+    if (abandoned)
+        atomic_fetch_sub(&pool->n_abandoned, 1);
     t->where = MOAT__DONE;
     w->current = NULL;
     uv_mutex_unlock(&pool->rq_lock);
