@@ -637,6 +637,8 @@ static int hello_child(rd_t *r, moat__frame_t *f, uint32_t i,
 
 /* hello's `servers`: a list of child specs.  Each library index is
  * checked once the whole map is read (decode_hello). */
+static int read_list(rd_t *r, uint32_t *n);
+
 static int hello_servers(rd_t *r, moat__frame_t *f) {
     moat__hello_t *h = &f->hello;
     uint32_t n;
@@ -650,12 +652,10 @@ static int hello_servers(rd_t *r, moat__frame_t *f) {
         r->pos++;
         return 0;
     }
-    if (peek(r) != TAG_LIST || !has(r, 5) ||
-        (n = be32(r->p + r->pos + 1)) > r->len - r->pos - 5) {
+    if (read_list(r, &n) != 0) {
         why(f, "servers is not a list");
         return -1;
     }
-    r->pos += 5;
     h->servers = calloc(n > 0 ? n : 1, sizeof *h->servers);
     if (h->servers == NULL)
         return UV_ENOMEM;
@@ -755,12 +755,10 @@ static int hello_option(rd_t *r, const moat__atom_t *key, moat__frame_t *f) {
             r->pos++;
             return 0;
         }
-        if (peek(r) != TAG_LIST || !has(r, 5) ||
-            (n = be32(r->p + r->pos + 1)) > r->len - r->pos - 5) {
+        if (read_list(r, &n) != 0) {
             why(f, "libraries is not a list of binaries");
             return -1;
         }
-        r->pos += 5;
         h->libraries = calloc(n > 0 ? n : 1, sizeof *h->libraries);
         if (h->libraries == NULL)
             return UV_ENOMEM;
