@@ -111,7 +111,7 @@ one_event_per_consumed_outcome(_Config) ->
     [{_, {ok, 1}}, {_, {ok, 2}}, {_, {ok, 3}}] = moat:yield_many(Ts, ?WAIT),
     [{[moat, task, stop], _, _} = event() || _ <- Ts],
     Done = moat:async(?POOL, fail, ["late"]),
-    timer:sleep(100),
+    moat_ct_util:wait_until(fun() -> maps:get(failed, moat:stats(?POOL)) =:= 1 end, done_failed),
     ?assertEqual({exit, {native_error, <<"late">>}}, moat:shutdown(Done, 1000)),
     {[moat, task, exception], _, #{task := fail}} = event(),
     Long = moat:async(?POOL, sleep, [60000]),
