@@ -232,6 +232,14 @@ void moat__procs_stop(moat__procs_t *p);
 /* Frees what is left, after moat__procs_stop and a run of the loop. */
 void moat__procs_free(moat__procs_t *p);
 
+/* Starts one process of `exe` (posix_spawn, an empty signal mask), its
+ * stdin and stdout on pipes whose other ends (close-on-exec) go to
+ * *in_fd and *out_fd, its stderr this process's.  Returns 0 with its pid
+ * in *pid, or a negative error (then nothing was started).  The caller
+ * reaps it.  Loop thread. */
+int moat__spawn_worker(const char *exe, pid_t *pid, int *in_fd,
+                       int *out_fd);
+
 /* Limits this process's address space to what it maps now plus `bytes`
  * (RLIMIT_AS).  Returns 0 or a negative error. */
 int moat__limit_memory(uint64_t bytes);

@@ -732,10 +732,8 @@ static void drain(worker_t *w) {
 
 /* ---------------------------------------------------------- spawning */
 
-/* Starts one worker of `exe`, its stdin and stdout on pipes whose other
- * ends (close-on-exec) go to *in and *out.  Returns 0 or a negative
- * error. */
-static int spawn_one(const char *exe, pid_t *pid, int *in_fd, int *out_fd) {
+int moat__spawn_worker(const char *exe, pid_t *pid, int *in_fd,
+                       int *out_fd) {
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t attr;
     sigset_t none;
@@ -796,7 +794,7 @@ static int spawn(moat__procs_t *p) {
 
     if (w == NULL)
         return UV_ENOMEM;
-    rc = spawn_one(p->exe, &w->pid, &in, &out);
+    rc = moat__spawn_worker(p->exe, &w->pid, &in, &out);
     if (rc != 0) {
         free(w);
         return rc;
