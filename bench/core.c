@@ -941,10 +941,13 @@ static int row_spawn(const config_t *cfg, size_t outstanding) {
 /* A child whose init casts itself `crash`: the whole cycle (cast, crash,
  * terminate, exit signal over the link, the supervisor's EXIT and
  * intensity check, start, init) runs inside the pool with nothing from
- * outside in the loop, until `r5_target` inits have run. */
+ * outside in the loop, until `r5_target` inits have run.  Each init counts
+ * itself in `r5_sink`, on which the caller sleeps: a caller polling for
+ * the end would take a core from a two-thread pool on two cores. */
 static moat_pool_t *r5_pool;
 static moat_term_t *r5_crash;
-static atomic_uint_fast64_t r5_inits, r5_target;
+static sink_t r5_sink;
+static atomic_uint_fast64_t r5_target;
 
 static int r5_init(moat_ctx_t *ctx, const char *args, int len, void **state,
                    ei_x_buff *out) {
@@ -952,8 +955,11 @@ static int r5_init(moat_ctx_t *ctx, const char *args, int len, void **state,
     (void)len;
     (void)out;
     *state = NULL;
-    if (atomic_fetch_add(&r5_inits, 1) + 1 < atomic_load(&r5_target))
+    /* Cast before counting: once the count reaches the target the
+     * caller may stop the pool. */
+    if (atomic_load(&r5_sink.completed) + 1 < atomic_load(&r5_target))
         moat_server_cast(r5_pool, moat_self(ctx), r5_crash);
+    sink_done(&r5_sink, MOAT_OK);
     return MOAT_OK;
 }
 
@@ -989,7 +995,7 @@ static int r5_trial(const config_t *cfg, uint64_t n, double *rate,
     moat_pool_stats_t st;
     moat_term_t *reason = NULL;
     moat_pid_t sup, w;
-    uint64_t ref, deadline;
+    uint64_t ref;
     sink_t sink;
     cpu_span_t c0, c1;
     moat_msg_t *m;
@@ -1009,23 +1015,15 @@ static int r5_trial(const config_t *cfg, uint64_t n, double *rate,
     spec.restart = MOAT_PERMANENT;
     spec.shutdown_ms = 1000;
     spec.type = MOAT_WORKER;
-    atomic_store(&r5_inits, 0);
+    sink_init(&r5_sink);
     atomic_store(&r5_target, n);
     c0 = cpu_mark();
     rc = moat_sup_start(r5_pool, 0, &so, &spec, 1, &sup, &reason);
-    deadline = now_ns() + DRAIN_NS;
-    while (rc == 0 && atomic_load(&r5_inits) < n) {
-        if (now_ns() > deadline) {
-            rc = MOAT_ETIMEDOUT;
-            break;
-        }
-        sched_yield();
-    }
+    if (rc == 0 && sink_wait(&r5_sink, n, now_ns() + DRAIN_NS) != 0)
+        rc = MOAT_ETIMEDOUT;
     c1 = cpu_mark();
     cpu_add(cpu, c0, c1);
     *rate = (double)(n - 1) * 1e9 / (double)(c1.wall - c0.wall);
-    moat_pool_stats(r5_pool, &st);
-    *restarts += st.restarts;
     if (rc == 0 && (rc = moat_proc_open(r5_pool, &w)) == 0) {
         moat_proc_monitor(r5_pool, w, sup, &ref);
         moat_proc_exit(r5_pool, 0, sup, moat_atom(MOAT_A_SHUTDOWN));
@@ -1034,6 +1032,10 @@ static int r5_trial(const config_t *cfg, uint64_t n, double *rate,
             moat_msg_free(m);
         moat_proc_close(r5_pool, w, moat_atom(MOAT_A_NORMAL));
     }
+    /* Read once the supervisor is gone: the last init runs before the
+     * supervisor counts its restart. */
+    moat_pool_stats(r5_pool, &st);
+    *restarts += st.restarts;
     moat_term_unref(reason);
     moat_pool_free(r5_pool);
     r5_pool = NULL;

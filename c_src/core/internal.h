@@ -249,6 +249,16 @@ typedef struct moat__worker_s {
      * pool->rq_lock.  The worker holds a reference to it. */
     moat_task_t *current;
     int exited; /* set by the thread as it leaves; pool->thr_lock */
+    /* Its local slot (pool.c's DESIGN, "Locality"); pool->rq_lock:
+     * the native process its current run made runnable, run next here
+     * unless stolen; on pool->slotted (snode) while set. */
+    moat__sysitem_t *next;
+    moat__node_t snode;
+    unsigned streak;     /* slot items run in a row */
+    uint64_t runs;       /* items taken so far */
+    uint64_t mark_runs;  /* runs when a thief first saw the slot set */
+    uint64_t mark_ns;    /* when it did; 0: not seen */
+    uint64_t seen_pushes; /* pool->slot_pushes when it last went to sleep */
     /* Its own counters, on its own line: two workers bumping one shared
      * counter per task would bounce a cache line between them. */
     _Alignas(64) atomic_uint_fast64_t n_completed;
@@ -275,16 +285,20 @@ struct moat_pool_s {
     /* The run queue.  `sysq` holds runnable native processes and is served
      * before `jobs`.  nqueued mirrors their length for lock-free peeking by
      * spinning workers. */
-    uv_mutex_t rq_lock; /* guards jobs, sysq, nsleeping, remote, task
-                           where/abandoned */
+    uv_mutex_t rq_lock; /* guards jobs, sysq, nsleeping, slotted, the
+                           workers' slots, remote, task where/abandoned */
     uv_cond_t rq_cond;
     moat__node_t jobs;
     moat__node_t sysq;
     unsigned nsleeping;
+    unsigned nsleeping_untimed; /* of them, those without a timeout */
+    moat__node_t slotted; /* workers whose local slot is set */
+    uint64_t slot_pushes; /* items put in local slots so far */
     size_t njobs; /* tasks in `jobs` */
     /* What spinning workers read without the lock: its own cache line. */
     _Alignas(64) atomic_uint nspinning;
     atomic_size_t nqueued;
+    atomic_uint nslotted; /* local slots set (not counted in nqueued) */
     atomic_int draining; /* moat_pool_drain: new tasks refused */
     /* Remote tasks by id: open addressing, linear probing, NULL empty;
      * each entry holds a task reference.  rq_lock. */
@@ -335,8 +349,12 @@ struct moat_pool_s {
         n_timeouts, n_rejected, n_abandoned, n_restarts;
 };
 
-/* Pushes a runnable item onto sysq and wakes a worker if needed.  The
- * caller may hold sig_lock (lock order), not rq_lock. */
-void moat__pool_ready_sys(moat_pool_t *pool, moat__sysitem_t *item);
+/* Makes an item runnable and wakes a worker if needed.  Called by a
+ * worker running a native process of this pool, it puts the item in the
+ * worker's local slot when that is free (it runs there next, see pool.c's
+ * DESIGN), unless `shared`; else it goes to the tail of sysq.  The caller
+ * may hold sig_lock (lock order), not rq_lock. */
+void moat__pool_ready_sys(moat_pool_t *pool, moat__sysitem_t *item,
+                          int shared);
 
 #endif /* MOAT_INTERNAL_H */

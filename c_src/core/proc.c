@@ -92,10 +92,11 @@ static moat__proc_t *lookup(moat_pool_t *pool, moat_pid_t pid) {
 }
 
 static moat__proc_t *proc_new(moat_pool_t *pool, int kind) {
-    moat__proc_t *p = calloc(1, sizeof *p);
+    moat__proc_t *p = malloc(sizeof *p); /* not calloc: see moat__msg_new */
     uint32_t i;
     if (p == NULL)
         return NULL;
+    memset(p, 0, sizeof *p);
     if (pool->nfree > 0) {
         i = pool->free_slots[--pool->nfree];
     } else {
@@ -149,9 +150,11 @@ static void proc_free(moat_pool_t *pool, moat__proc_t *p) {
 /* ------------------------------------------------------------- messages */
 
 moat_msg_t *moat__msg_new(moat_msg_kind_t kind) {
-    moat_msg_t *m = calloc(1, sizeof *m);
+    /* malloc and clear, not calloc: glibc's calloc skips the per-thread
+     * cache that serves malloc, and a restart makes four messages. */
+    moat_msg_t *m = malloc(sizeof *m);
     if (m != NULL)
-        m->kind = kind;
+        *m = (moat_msg_t){.kind = kind};
     return m;
 }
 
@@ -166,7 +169,7 @@ void moat_msg_free(moat_msg_t *msg) {
 static void wake_server(moat_pool_t *pool, moat__server_t *srv) {
     if (!srv->scheduled) {
         srv->scheduled = 1;
-        moat__pool_ready_sys(pool, &srv->item);
+        moat__pool_ready_sys(pool, &srv->item, 0);
     }
 }
 
@@ -932,7 +935,8 @@ void moat__proc_server_yield(moat__server_t *srv) {
     srv->current = NULL;
     p = lookup(pool, srv->pid);
     if (srv->dead || (p != NULL && p->head != NULL))
-        moat__pool_ready_sys(pool, &srv->item); /* still scheduled */
+        /* Still scheduled: behind the others, in the shared queue. */
+        moat__pool_ready_sys(pool, &srv->item, 1);
     else
         srv->scheduled = 0;
     uv_mutex_unlock(&pool->sig_lock);

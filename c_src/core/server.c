@@ -22,7 +22,10 @@
  * the loop then finds it dead and runs terminate.  Either way `finish`
  * ends the calls still in the mailbox with the exit reason and frees the
  * server.  Restarting is starting again: init runs inline on the caller's
- * thread (the supervisor's), so a restart costs no thread hand-off.
+ * thread (the supervisor's), so a restart costs no thread hand-off; and
+ * the exit signal that wakes the supervisor, like the server's first
+ * message after init, puts it in the worker's local slot (pool.c), so
+ * crash, signal, restart and init run one after another on one thread.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -163,9 +166,10 @@ static void run(moat__sysitem_t *item) {
 }
 
 moat__server_t *moat__server_alloc(moat_pool_t *pool) {
-    moat__server_t *s = calloc(1, sizeof *s);
+    moat__server_t *s = malloc(sizeof *s); /* not calloc: see proc.c */
     if (s == NULL)
         return NULL;
+    memset(s, 0, sizeof *s);
     s->item.run = run;
     s->ctx.api = &moat__server_api;
     s->pool = pool;

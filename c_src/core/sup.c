@@ -8,7 +8,10 @@
  * A supervisor is a built-in server (server.c) that traps exits: its
  * children's ends reach it as EXIT messages, and it runs on a pool thread
  * only while it has messages.  Starting a child calls the child's start
- * callback inline, so a restart costs no thread hand-off.
+ * callback inline, so a restart costs no thread hand-off; a child's exit
+ * signal, sent from the child's worker, schedules the supervisor in that
+ * worker's local slot (pool.c), so it usually runs next on the same
+ * thread.
  *
  * Stopping a child cannot block the thread (with one thread the child
  * could never run its terminate), so the supervisor is a state machine:

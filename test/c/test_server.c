@@ -381,6 +381,156 @@ static void test_server_terminate_runs_when_pool_freed(void **state) {
     }
 }
 
+/* Servers for the local-slot tests (pool.c's DESIGN, "Locality"): casts
+ * `relay` (casts `seen` to lt_to, then waits in the callback until that
+ * has run), `seen`, and `ping` (counts, and casts `ping` back to the
+ * other of lt_a and lt_b until lt_stop). */
+static moat_pool_t *lt_pool;
+static moat_term_t *lt_seen, *lt_ping;
+static _Atomic moat_pid_t lt_to, lt_a, lt_b;
+static atomic_int lt_seen_ran, lt_relay_result, lt_stop;
+static atomic_long lt_pings;
+
+static int lt_init(moat_ctx_t *ctx, const char *args, int len, void **state,
+                   ei_x_buff *out) {
+    (void)ctx;
+    (void)args;
+    (void)len;
+    (void)out;
+    *state = NULL;
+    return MOAT_OK;
+}
+
+static int lt_call(moat_ctx_t *ctx, void *state, const char *req, int len,
+                   ei_x_buff *out) {
+    (void)ctx;
+    (void)state;
+    (void)req;
+    (void)len;
+    return ei_x_encode_atom(out, "ok") ? MOAT_ERROR : MOAT_OK;
+}
+
+static int lt_cast(moat_ctx_t *ctx, void *state, const char *req, int len,
+                   ei_x_buff *out) {
+    char atom[MAXATOMLEN];
+    int i = 0, ver;
+    (void)state;
+    (void)len;
+    (void)out;
+    if (ei_decode_version(req, &i, &ver) || ei_decode_atom(req, &i, atom))
+        return MOAT_OK;
+    if (strcmp(atom, "relay") == 0) {
+        /* Waits for `seen`, which went to this worker's slot: only
+         * another worker can run it while this callback lasts. */
+        struct timespec t0, t;
+        moat_server_cast(lt_pool, atomic_load(&lt_to), lt_seen);
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        do {
+            sched_yield();
+            clock_gettime(CLOCK_MONOTONIC, &t);
+        } while (!atomic_load(&lt_seen_ran) && t.tv_sec - t0.tv_sec < 10);
+        atomic_store(&lt_relay_result, atomic_load(&lt_seen_ran));
+    } else if (strcmp(atom, "seen") == 0) {
+        atomic_store(&lt_seen_ran, 1);
+    } else if (strcmp(atom, "ping") == 0) {
+        moat_pid_t self = moat_self(ctx);
+        atomic_fetch_add(&lt_pings, 1);
+        if (!atomic_load(&lt_stop))
+            moat_server_cast(lt_pool,
+                             self == atomic_load(&lt_a) ? atomic_load(&lt_b)
+                                                        : atomic_load(&lt_a),
+                             lt_ping);
+    }
+    return MOAT_OK;
+}
+
+static const moat_server_def_t lt_def = {"lt", lt_init, lt_call, lt_cast,
+                                         NULL};
+
+static moat_pid_t lt_start(moat_pool_t *pool) {
+    moat_pid_t pid = 0;
+    moat_term_t *reason = NULL, *args = t_nil();
+    assert_int_equal(
+        moat_server_start(pool, 0, &lt_def, NULL, args, 0, &pid, &reason), 0);
+    moat_term_unref(args);
+    return pid;
+}
+
+/* Ends a server and waits until it is gone. */
+static void lt_end(moat_pool_t *pool, moat_pid_t s) {
+    moat_pid_t w;
+    uint64_t ref;
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    ref = watch(pool, w, s);
+    moat_proc_exit(pool, 0, s, moat_atom(MOAT_A_SHUTDOWN));
+    t_expect_down(pool, w, ref, s, moat_atom(MOAT_A_SHUTDOWN));
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+}
+
+/* A server made runnable by a callback waits in that worker's local slot;
+ * while the callback goes on, another worker steals it, whether that
+ * worker was spinning or asleep. */
+static void test_server_slot_stolen_from_long_callback(void **state) {
+    moat_pool_t *pool = *state;
+    moat_term_t *relay = t_atom("relay");
+    moat_pid_t a, b;
+    lt_pool = pool;
+    lt_seen = t_atom("seen");
+    a = lt_start(pool);
+    b = lt_start(pool);
+    atomic_store(&lt_to, b);
+    for (int round = 0; round < 4; round++) {
+        if (round % 2 == 1) {
+            /* Long past the idle spin: both workers are asleep. */
+            struct timespec ts = {0, 30 * 1000000};
+            nanosleep(&ts, NULL);
+        }
+        atomic_store(&lt_seen_ran, 0);
+        atomic_store(&lt_relay_result, -1);
+        assert_int_equal(moat_server_cast(pool, a, relay), 0);
+        for (long i = 0; atomic_load(&lt_relay_result) < 0; i++) {
+            assert_true(i < 200000000L);
+            sched_yield();
+        }
+        assert_int_equal(atomic_load(&lt_relay_result), 1);
+    }
+    lt_end(pool, a);
+    lt_end(pool, b);
+    moat_term_unref(relay);
+    moat_term_unref(lt_seen);
+}
+
+/* Two servers messaging each other forever keep handing the one worker
+ * its next item through the local slot; calls from outside, in the shared
+ * queue, are still served.  (Tasks are not: the shared queue of native
+ * processes comes before tasks, with or without the slot.) */
+static void test_server_slot_does_not_starve_queue(void **state) {
+    moat_pool_t *pool = t_pool(1, 0, "tslot", t_record);
+    moat_pid_t s;
+    rec_t r = {0};
+    (void)state;
+    lt_pool = pool;
+    lt_ping = t_atom("ping");
+    atomic_store(&lt_stop, 0);
+    atomic_store(&lt_pings, 0);
+    atomic_store(&lt_a, lt_start(pool));
+    atomic_store(&lt_b, lt_start(pool));
+    s = start(pool, 1);
+    assert_int_equal(moat_server_cast(pool, atomic_load(&lt_a), lt_ping), 0);
+    while (atomic_load(&lt_pings) < 1000)
+        sched_yield();
+    for (int i = 0; i < 20; i++) {
+        assert_int_equal(call_long(pool, s, "inc"), i + 1);
+        call(pool, atomic_load(&lt_a), "get", -1, &r);
+        assert_int_equal(r.kind, MOAT_OK);
+        rec_done(&r);
+        r = (rec_t){0};
+    }
+    atomic_store(&lt_stop, 1);
+    moat_pool_free(pool);
+    moat_term_unref(lt_ping);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_server_state_across_calls, before),
@@ -397,6 +547,8 @@ int main(void) {
         cmocka_unit_test_setup(test_server_kill_sets_should_stop, before),
         cmocka_unit_test_setup(test_server_serves_through_drain, before),
         cmocka_unit_test_setup(test_server_terminate_runs_when_pool_freed, before),
+        cmocka_unit_test_setup(test_server_slot_stolen_from_long_callback, before),
+        cmocka_unit_test_setup(test_server_slot_does_not_starve_queue, before),
     };
     return cmocka_run_group_tests_name("server", tests, setup,
                                        t_pool_teardown);

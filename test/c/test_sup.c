@@ -588,6 +588,99 @@ static void test_sup_restart_storm(void **state) {
     assert_int_equal(tsrv_count('t', 1), 3001);
 }
 
+/* A child whose init casts itself `crash`: its restarts drive themselves
+ * inside the pool, each crash, exit signal, restart and init on the
+ * thread of the one before (pool.c's local slot). */
+static moat_pool_t *storm_pool;
+static moat_term_t *storm_crash;
+static atomic_int storm_inits, storm_terms;
+
+static int storm_init(moat_ctx_t *ctx, const char *args, int len,
+                      void **state, ei_x_buff *out) {
+    (void)args;
+    (void)len;
+    (void)out;
+    *state = NULL;
+    atomic_fetch_add(&storm_inits, 1);
+    moat_server_cast(storm_pool, moat_self(ctx), storm_crash);
+    return MOAT_OK;
+}
+
+static int storm_call(moat_ctx_t *ctx, void *state, const char *req, int len,
+                      ei_x_buff *out) {
+    (void)ctx;
+    (void)state;
+    (void)req;
+    (void)len;
+    return ei_x_encode_atom(out, "ok") ? MOAT_ERROR : MOAT_OK;
+}
+
+static int storm_cast(moat_ctx_t *ctx, void *state, const char *req, int len,
+                      ei_x_buff *out) {
+    (void)state;
+    (void)req;
+    (void)len;
+    (void)out;
+    return moat_error(ctx, "crash");
+}
+
+static void storm_terminate(moat_ctx_t *ctx, void *state, const char *reason,
+                            int len) {
+    (void)ctx;
+    (void)state;
+    (void)reason;
+    (void)len;
+    atomic_fetch_add(&storm_terms, 1);
+}
+
+static const moat_server_def_t storm_def = {"storm", storm_init, storm_call,
+                                            storm_cast, storm_terminate};
+
+/* S4 under a storm that runs by itself: with intensity 500 in an unmoving
+ * clock, the supervisor makes exactly 500 restarts, gives up on the
+ * 501st crash, escalates once and exits with `shutdown`; every init has
+ * its one terminate. */
+static void test_sup_self_driven_storm_stops_at_intensity(void **state) {
+    moat_pool_t *pool = *state;
+    moat_server_child_t child = {&storm_def, NULL, NULL};
+    moat_child_spec_t k = {0};
+    moat_sup_opts_t o = {MOAT_ONE_FOR_ONE, 500, 5, on_escalate,
+                         test_clock, NULL, on_crashed};
+    moat_pool_stats_t st0, st1;
+    moat_term_t *reason = NULL;
+    moat_pid_t sup = 0, w;
+    storm_pool = pool;
+    storm_crash = t_atom("crash");
+    atomic_store(&storm_inits, 0);
+    atomic_store(&storm_terms, 0);
+    child.args = t_nil();
+    k.id = t_atom("storm");
+    k.start = moat_server_child_start;
+    k.arg = &child;
+    k.restart = MOAT_PERMANENT;
+    k.shutdown_ms = 1000;
+    k.type = MOAT_WORKER;
+    assert_int_equal(moat_proc_open(pool, &w), 0);
+    moat_pool_stats(pool, &st0);
+    /* The storm starts with the first init: watch from outside, and
+     * catch the supervisor's end with a link (it may end before a
+     * monitor could be set). */
+    assert_int_equal(moat_proc_trap_exit(pool, w, 1), 0);
+    assert_int_equal(moat_sup_start(pool, w, &o, &k, 1, &sup, &reason), 0);
+    assert_null(reason);
+    t_expect_exit(pool, w, sup, moat_atom(MOAT_A_SHUTDOWN));
+    moat_pool_stats(pool, &st1);
+    assert_int_equal(st1.restarts - st0.restarts, 500);
+    assert_int_equal(atomic_load(&escalations), 1);
+    assert_int_equal(atomic_load(&crashes), 501);
+    assert_int_equal(atomic_load(&storm_inits), 501);
+    assert_int_equal(atomic_load(&storm_terms), 501);
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+    moat_term_unref(k.id);
+    moat_term_unref(child.args);
+    moat_term_unref(storm_crash);
+}
+
 /* Calls from several threads while the child keeps crashing and coming
  * back: each call is accepted with one outcome, or refused with
  * MOAT_ENOPROC; nothing crashes. */
@@ -678,6 +771,8 @@ int main(void) {
         cmocka_unit_test_setup(test_sup_give_up_shows_restarting, before),
         cmocka_unit_test_setup(test_sup_invalid_specs, before),
         cmocka_unit_test_setup(test_sup_restart_storm, before),
+        cmocka_unit_test_setup(test_sup_self_driven_storm_stops_at_intensity,
+                               before),
         cmocka_unit_test_setup(test_sup_calls_during_restarts, before),
         cmocka_unit_test_setup(test_sup_failing_child_does_not_block_sibling,
                                before),
