@@ -96,7 +96,7 @@ static moat__proc_t *proc_new(moat_pool_t *pool, int kind) {
     uint32_t i;
     if (p == NULL)
         return NULL;
-    memset(p, 0, sizeof *p);
+    *p = (moat__proc_t){.kind = kind};
     if (pool->nfree > 0) {
         i = pool->free_slots[--pool->nfree];
     } else {
@@ -150,8 +150,10 @@ static void proc_free(moat_pool_t *pool, moat__proc_t *p) {
 /* ------------------------------------------------------------- messages */
 
 moat_msg_t *moat__msg_new(moat_msg_kind_t kind) {
-    /* malloc and clear, not calloc: glibc's calloc skips the per-thread
-     * cache that serves malloc, and a restart makes four messages. */
+    /* malloc and a compound literal, not calloc (nor memset, which GCC
+     * turns into calloc): glibc's calloc skips the per-thread cache that
+     * serves malloc, and a restart makes four messages, one process and
+     * one server. */
     moat_msg_t *m = malloc(sizeof *m);
     if (m != NULL)
         *m = (moat_msg_t){.kind = kind};

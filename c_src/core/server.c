@@ -166,13 +166,12 @@ static void run(moat__sysitem_t *item) {
 }
 
 moat__server_t *moat__server_alloc(moat_pool_t *pool) {
-    moat__server_t *s = malloc(sizeof *s); /* not calloc: see proc.c */
+    moat__server_t *s = malloc(sizeof *s); /* not calloc: moat__msg_new */
     if (s == NULL)
         return NULL;
-    memset(s, 0, sizeof *s);
-    s->item.run = run;
-    s->ctx.api = &moat__server_api;
-    s->pool = pool;
+    *s = (moat__server_t){.item.run = run,
+                          .ctx.api = &moat__server_api,
+                          .pool = pool};
     atomic_init(&s->stopping, 0);
     return s;
 }

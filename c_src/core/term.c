@@ -169,9 +169,16 @@ static int read_atom(const unsigned char *p, size_t len, size_t *pos,
 /* Strict UTF-8 (no overlong forms, no surrogates, at most U+10FFFF) of at
  * most ATOM_MAX_CHARS code points, as the BEAM requires of an atom. */
 static int utf8_atom_ok(const unsigned char *s, size_t n) {
-    size_t i = 0, chars = 0, k, j;
+    size_t i = 0, chars, k, j;
     uint32_t cp, min;
 
+    /* Most atoms are ASCII: that run costs one compare a byte (every
+     * crash reason {native_error, _} passes here). */
+    while (i < n && s[i] < 0x80)
+        i++;
+    chars = i;
+    if (chars > ATOM_MAX_CHARS)
+        return -1;
     while (i < n) {
         if (s[i] < 0x80) {
             k = 1;

@@ -71,6 +71,17 @@ static int t_fail(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
     return moat_error(c, "bad %d", 42);
 }
 
+/* A plain message (no format directive) of 1500 bytes. */
+static int t_fail_long(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    static char msg[1501];
+    (void)a;
+    (void)n;
+    (void)out;
+    memset(msg, 'x', 1500);
+    msg[0] = 'p';
+    return moat_error(c, msg);
+}
+
 static int t_exit(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
     (void)c;
     (void)a;
@@ -160,6 +171,25 @@ static void test_pool_result_and_reasons(void **state) {
     moat_term_unref(ok);
     moat_term_unref(mine);
     moat_term_unref(nil);
+}
+
+/* moat_error's message, plain or formatted, is cut at 1023 bytes. */
+static void test_pool_error_message_cut(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    rec_t r = {0};
+    char want[1023];
+    moat_term_t *e;
+    (void)state;
+    moat_task_release(submit(pool, t_fail_long, &r, 0, -1));
+    t_wait(&r);
+    memset(want, 'x', sizeof want);
+    want[0] = 'p';
+    e = moat_term_tagged_binary("native_error", want, sizeof want);
+    assert_int_equal(r.kind, MOAT_EXIT);
+    assert_true(moat_term_equal(r.term, e));
+    moat_term_unref(e);
+    moat_pool_free(pool);
+    t_rec_clear(&r, 1);
 }
 
 /* A full pool refuses with MOAT_EOVERLOADED, never blocks, and a refused
@@ -730,6 +760,7 @@ static void test_pool_cancel_owner_races_submit(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pool_result_and_reasons),
+        cmocka_unit_test(test_pool_error_message_cut),
         cmocka_unit_test(test_pool_overload_is_a_value),
         cmocka_unit_test(test_pool_batch_submit),
         cmocka_unit_test(test_pool_task_submitted_time),
