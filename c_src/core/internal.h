@@ -341,6 +341,8 @@ struct moat_pool_s {
     uint32_t *free_slots;
     unsigned nfree;
     uint64_t next_ref;
+    moat__proc_t *proc_cache; /* freed processes kept for reuse (proc.c) */
+    unsigned nproc_cache;
 
     int stopped;
     atomic_int closed; /* 0 open, 1 closing, 2 closed (moat_pool_close) */

@@ -91,12 +91,78 @@ static moat__proc_t *lookup(moat_pool_t *pool, moat_pid_t pid) {
     return s->proc;
 }
 
+/* Freed processes wait in pool->proc_cache (linked through next_dying,
+ * at most PROC_CACHE_MAX) for reuse, with their link and monitor arrays
+ * when those are small: a restart frees one process and makes one, and
+ * each would otherwise cost two allocations and two frees.  Sanitizer
+ * builds free them, so that ASan and TSan see each one's real lifetime. */
+#define PROC_CACHE_MAX 64
+#define PROC_CACHE_CAP 8 /* larger arrays are freed, not kept */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define PROC_RECYCLE 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define PROC_RECYCLE 0
+#endif
+#endif
+#ifndef PROC_RECYCLE
+#define PROC_RECYCLE 1
+#endif
+
+/* A cleared process, from the cache or malloc.  sig_lock held. */
+static moat__proc_t *proc_alloc(moat_pool_t *pool, int kind) {
+    moat__proc_t *p = pool->proc_cache;
+    if (p != NULL) {
+        moat__proc_t keep = *p;
+        pool->proc_cache = p->next_dying;
+        pool->nproc_cache--;
+        *p = (moat__proc_t){.kind = kind,
+                            .links = keep.links,
+                            .caplinks = keep.caplinks,
+                            .mons = keep.mons,
+                            .capmons = keep.capmons,
+                            .watchers = keep.watchers,
+                            .capwatchers = keep.capwatchers};
+        return p;
+    }
+    p = malloc(sizeof *p); /* not calloc: see moat__msg_new */
+    if (p != NULL)
+        *p = (moat__proc_t){.kind = kind};
+    return p;
+}
+
+/* Frees an array of the process unless it is small enough to keep. */
+static void *keep_small(void *v, unsigned *cap) {
+    if (*cap <= PROC_CACHE_CAP)
+        return v;
+    free(v);
+    *cap = 0;
+    return NULL;
+}
+
+/* Gives back a process whose arrays hold no messages any more.  sig_lock
+ * held. */
+static void proc_release(moat_pool_t *pool, moat__proc_t *p) {
+    if (PROC_RECYCLE && pool->nproc_cache < PROC_CACHE_MAX) {
+        p->links = keep_small(p->links, &p->caplinks);
+        p->mons = keep_small(p->mons, &p->capmons);
+        p->watchers = keep_small(p->watchers, &p->capwatchers);
+        p->next_dying = pool->proc_cache;
+        pool->proc_cache = p;
+        pool->nproc_cache++;
+        return;
+    }
+    free(p->links);
+    free(p->mons);
+    free(p->watchers);
+    free(p);
+}
+
 static moat__proc_t *proc_new(moat_pool_t *pool, int kind) {
-    moat__proc_t *p = malloc(sizeof *p); /* not calloc: see moat__msg_new */
+    moat__proc_t *p = proc_alloc(pool, kind);
     uint32_t i;
     if (p == NULL)
         return NULL;
-    *p = (moat__proc_t){.kind = kind};
     if (pool->nfree > 0) {
         i = pool->free_slots[--pool->nfree];
     } else {
@@ -105,13 +171,13 @@ static moat__proc_t *proc_new(moat_pool_t *pool, int kind) {
             moat__slot_t *s = realloc(pool->slots, cap * sizeof *s);
             uint32_t *f;
             if (s == NULL) {
-                free(p);
+                proc_release(pool, p);
                 return NULL;
             }
             pool->slots = s;
             f = realloc(pool->free_slots, cap * sizeof *f);
             if (f == NULL) {
-                free(p);
+                proc_release(pool, p);
                 return NULL;
             }
             pool->free_slots = f;
@@ -136,15 +202,12 @@ static void proc_free(moat_pool_t *pool, moat__proc_t *p) {
         moat_msg_free(m);
         m = next;
     }
-    free(p->links);
-    free(p->mons);
-    free(p->watchers);
     pool->slots[i].proc = NULL;
     /* A generation that wrapped would make old ids valid again: retire
      * the slot instead (after 4 billion processes in it). */
     if (++pool->slots[i].gen != 0)
         pool->free_slots[pool->nfree++] = i;
-    free(p);
+    proc_release(pool, p);
 }
 
 /* ------------------------------------------------------------- messages */
@@ -401,6 +464,14 @@ void moat__proc_shutdown_all(moat_pool_t *pool) {
 
 void moat__proc_table_free(moat_pool_t *pool) {
     moat__proc_shutdown_all(pool);
+    while (pool->proc_cache != NULL) {
+        moat__proc_t *p = pool->proc_cache;
+        pool->proc_cache = p->next_dying;
+        free(p->links);
+        free(p->mons);
+        free(p->watchers);
+        free(p);
+    }
     free(pool->slots);
     free(pool->free_slots);
     uv_mutex_destroy(&pool->sig_lock);

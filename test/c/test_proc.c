@@ -280,6 +280,49 @@ static void test_proc_ids_never_reused(void **state) {
     moat_proc_close(pool, a, moat_atom(MOAT_A_NORMAL));
 }
 
+/* A process made after others died (its struct reused from the pool's
+ * cache) starts with no links, monitors or messages of theirs: its own
+ * death signals nobody, with few or many links (an array too large to
+ * keep is freed). */
+static void test_proc_new_process_inherits_nothing(void **state) {
+    moat_pool_t *pool = *state;
+    moat_pid_t w = open_proc(pool), peers[12];
+    moat_term_t *boom = t_atom("boom");
+    assert_int_equal(moat_proc_trap_exit(pool, w, 1), 0);
+    for (int n = 1; n <= 12; n += 11) {
+        for (int round = 0; round < 100; round++) {
+            moat_pid_t d = open_proc(pool), fresh;
+            uint64_t ref = watch(pool, w, d), mref;
+            for (int i = 0; i < n; i++) {
+                peers[i] = open_proc(pool);
+                assert_int_equal(moat_proc_trap_exit(pool, peers[i], 1), 0);
+                assert_int_equal(moat_proc_link(pool, d, peers[i]), 0);
+                assert_int_equal(moat_proc_monitor(pool, d, peers[i], &mref),
+                                 0);
+            }
+            assert_int_equal(moat_proc_link(pool, w, d), 0);
+            assert_int_equal(moat_proc_send(pool, w, d, boom), 0);
+            moat_proc_close(pool, d, boom);
+            t_expect_exit(pool, w, d, boom);
+            t_expect_down(pool, w, ref, d, boom);
+            for (int i = 0; i < n; i++)
+                t_expect_exit(pool, peers[i], d, boom);
+            /* Likely d's struct again: it must know none of them (a
+             * stale array would also free d's link messages twice). */
+            fresh = open_proc(pool);
+            t_expect_empty(pool, fresh);
+            moat_proc_close(pool, fresh, boom);
+            t_expect_empty(pool, w);
+            for (int i = 0; i < n; i++) {
+                t_expect_empty(pool, peers[i]);
+                moat_proc_close(pool, peers[i], moat_atom(MOAT_A_NORMAL));
+            }
+        }
+    }
+    moat_proc_close(pool, w, moat_atom(MOAT_A_NORMAL));
+    moat_term_unref(boom);
+}
+
 /* User messages arrive in order; a receive with a timeout returns
  * MOAT_ETIMEDOUT; a send to a dead process is silently dropped. */
 static void test_proc_send_receive_order(void **state) {
@@ -495,6 +538,7 @@ int main(void) {
         cmocka_unit_test(test_signal_noconnection_propagates),
         cmocka_unit_test(test_signal_cascade_along_links),
         cmocka_unit_test(test_proc_ids_never_reused),
+        cmocka_unit_test(test_proc_new_process_inherits_nothing),
         cmocka_unit_test(test_proc_send_receive_order),
         cmocka_unit_test(test_proc_receive_woken_by_death),
         cmocka_unit_test(test_proc_spawn_link_atomic),
