@@ -25,6 +25,7 @@
     process_fault_costs_one_task/1,
     process_kill_is_real/1,
     process_chaos/1,
+    process_vm_sigkill_leaves_nothing/1,
     dist_needs_a_live_node/1,
     dist_serves_and_stops/1,
     dist_kill_gives_noconnection/1,
@@ -52,6 +53,7 @@ all() ->
         process_fault_costs_one_task,
         process_kill_is_real,
         process_chaos,
+        process_vm_sigkill_leaves_nothing,
         dist_needs_a_live_node,
         {group, dist}
     ].
@@ -480,6 +482,46 @@ process_chaos(_Config) ->
     wait_until(fun() -> not lists:any(fun os_alive/1, [OsPid | Workers]) end, all_gone),
     sweep().
 
+process_vm_sigkill_leaves_nothing(_Config) ->
+    %% In process isolation a VM killed with SIGKILL leaves no C-node, no
+    %% fork server and no worker behind, not even one running a spin.
+    Ebin = filename:dirname(code:which(moat)),
+    Script =
+        "{ok, _} = application:ensure_all_started(moat),"
+        "{ok, _} = moat:start_pool(p, #{backend => cnode, size => 2,"
+        "  isolation => process}),"
+        "{ok, ok} = moat:run(p, echo, [ok]),"
+        "[P] = [P || P <- erlang:ports(),"
+        "  lists:suffix(\"moat_cnode\", element(2, erlang:port_info(P, name)))],"
+        "{os_pid, Os} = erlang:port_info(P, os_pid),"
+        "_ = moat:async(p, spin, [60000000]),"
+        "io:format(\"cnode ~b~n\", [Os]),"
+        "receive after infinity -> ok end.",
+    Erl = os:find_executable("erl"),
+    Port = open_port(
+        {spawn_executable, Erl},
+        [{args, ["-noshell", "-pa", Ebin, "-eval", Script]}, {line, 256}, exit_status]
+    ),
+    {os_pid, VmPid} = erlang:port_info(Port, os_pid),
+    CnodePid =
+        receive
+            {Port, {data, {eol, "cnode " ++ N}}} -> list_to_integer(N)
+        after 20000 -> ct:fail(peer_vm_did_not_start)
+        end,
+    %% Two workers and a spare, and the fork server they come from.
+    wait_until(fun() -> length(workers(CnodePid)) =:= 3 end, workers_up),
+    Children = children(CnodePid),
+    ?assertEqual(4, length(Children)),
+    ?assertEqual(1, length([C || C <- Children, comm(integer_to_list(C)) =:= <<"moat_forker">>])),
+    _ = os:cmd("kill -9 " ++ integer_to_list(VmPid)),
+    receive
+        {Port, {exit_status, _}} -> ok
+    after ?WAIT -> ct:fail(peer_vm_not_killed)
+    end,
+    wait_until(
+        fun() -> not lists:any(fun os_alive/1, [CnodePid | Children]) end, process_outlived_vm
+    ).
+
 chaos_kind() ->
     case rand:uniform(40) of
         1 -> segfault;
@@ -508,8 +550,13 @@ chaos_expected(_, _, _) -> false.
 %%% Helpers
 %%%===================================================================
 
-%% The live child processes of OS process Parent (a C-node's workers).
+%% The live child processes of OS process Parent (a C-node's workers),
+%% but its fork server, which names itself moat_forker.
 workers(Parent) ->
+    [C || C <- children(Parent), comm(integer_to_list(C)) =/= <<"moat_forker">>].
+
+%% The live child processes of OS process Parent.
+children(Parent) ->
     {ok, Names} = file:list_dir("/proc"),
     lists:sort([
         list_to_integer(N)
@@ -518,6 +565,12 @@ workers(Parent) ->
         os_alive(list_to_integer(N)),
         ppid(N) =:= Parent
     ]).
+
+comm(Pid) ->
+    case file:read_file("/proc/" ++ Pid ++ "/comm") of
+        {ok, Comm} -> string:trim(Comm);
+        {error, _} -> <<>>
+    end.
 
 ppid(Pid) ->
     case file:read_file("/proc/" ++ Pid ++ "/stat") of

@@ -232,6 +232,61 @@ void moat__procs_stop(moat__procs_t *p);
 /* Frees what is left, after moat__procs_stop and a run of the loop. */
 void moat__procs_free(moat__procs_t *p);
 
+/* ---------------------------------------------------------------- forker */
+
+/* The fork server of process isolation: see forker.c's DESIGN. */
+typedef struct moat__forker_s moat__forker_t;
+
+struct moat__frame_s;
+
+/* Hears, in request order, each fork request's answer: the worker's pid
+ * (> 0) or a negative error (UV_EPIPE: the server died first;
+ * UV_ECANCELED: moat__forker_close came first).  Once the server is gone
+ * it hears 0, after the answers of the requests left; it may then call
+ * moat__forker_close.  Loop thread. */
+typedef void (*moat__forker_cb)(void *data, int pid_or_error);
+
+/* Spawns the fork server (`exe` --forker), sends it hello[0..len) (the
+ * workers' hello with its version byte) and waits up to wait_ms for it to
+ * accept it: blocks for the server's start, a few milliseconds.  Returns
+ * 0 with the server in *out, or a negative error (*out NULL, nothing left
+ * running; then `cb` is never called).  Loop thread, which must live as
+ * long as the server. */
+int moat__forker_start(uv_loop_t *loop, const char *exe, const char *hello,
+                       size_t len, unsigned wait_ms, moat__forker_cb cb,
+                       void *data, moat__forker_t **out);
+
+/* Asks for a worker whose stdin reads in_fd and whose stdout writes
+ * out_fd; both stay the caller's (the server has its own copies once this
+ * returns).  The answer comes through the callback.  Returns 0, or a
+ * negative error (then no answer comes).  Never blocks.  Loop thread. */
+int moat__forker_fork(moat__forker_t *f, int in_fd, int out_fd);
+
+/* Whether the server may still answer requests (not known gone). */
+int moat__forker_alive(const moat__forker_t *f);
+
+/* Ends the server: waits up to wait_ms for the answers of the requests
+ * left (each one delivered), answers the rest UV_ECANCELED, SIGKILLs and
+ * reaps the server, and frees f once the loop has run (uv_close).  No
+ * callback comes afterwards.  NULL is ignored.  Loop thread. */
+void moat__forker_close(moat__forker_t *f, unsigned wait_ms);
+
+/* moat__forker_main's answer in a worker it forked. */
+#define MOAT__FORKED (-1)
+
+/*
+ * The fork server's body (moat_cnode --forker, stdin the socket): reads
+ * hello into *hello and opens its libraries into (*libs)[0..*nlibs), then
+ * forks a worker per request until the socket's end.  In the server it
+ * returns the status to exit with, everything freed.  In a worker it
+ * forked it returns MOAT__FORKED: stdin and stdout are the worker's
+ * pipes, its parent is the C-node and its parent-death signal is armed;
+ * the caller then owns *hello (moat__frame_free) and the libraries, and
+ * starts the worker as a node that was sent that hello.
+ */
+int moat__forker_main(struct moat__frame_s *hello, moat_lib_t ***libs,
+                      size_t *nlibs);
+
 /* Starts one process of `exe` (posix_spawn, an empty signal mask), its
  * stdin and stdout on pipes whose other ends (close-on-exec) go to
  * *in_fd and *out_fd, its stderr this process's.  Returns 0 with its pid

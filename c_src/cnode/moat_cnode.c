@@ -702,12 +702,15 @@ static void on_hello(node_t *n, moat__hello_t *h) {
                    "isolation process: /proc/self/exe cannot be read");
         return;
     }
-    n->libs = calloc(h->nlibraries > 0 ? h->nlibraries : 1, sizeof *n->libs);
+    /* A worker forked by the fork server (forker.c) has them all open. */
+    if (n->libs == NULL)
+        n->libs = calloc(h->nlibraries > 0 ? h->nlibraries : 1,
+                         sizeof *n->libs);
     if (n->libs == NULL) {
         hello_fail(n, "bad_hello", "out of memory");
         return;
     }
-    for (size_t i = 0; i < h->nlibraries; i++) {
+    for (size_t i = n->nlibs; i < h->nlibraries; i++) {
         char *err = NULL;
         rc = moat_lib_open(h->libraries[i], &n->libs[n->nlibs], &err);
         if (rc != 0) {
@@ -1269,8 +1272,9 @@ int main(int argc, char **argv) {
     node_t *n = &node;
     pid_t parent = getppid();
     char *dnode, *dcookie;
+    moat__frame_t forked; /* --forker: the hello of a forked worker */
     ssize_t len;
-    int rc, serving;
+    int rc, serving, forker;
 
     len = readlink("/proc/self/exe", exe_path, sizeof exe_path - 1);
     exe_path[len > 0 ? len : 0] = '\0';
@@ -1281,7 +1285,8 @@ int main(int argc, char **argv) {
     n->distributed = dnode != NULL;
     serving = argc == 2 && strcmp(argv[1], "--serve") == 0;
     n->session = argc == 2 && strcmp(argv[1], "--session") == 0;
-    if (argc > 1 && (!(serving || n->session) || !n->distributed)) {
+    forker = argc == 2 && strcmp(argv[1], "--forker") == 0;
+    if (argc > 1 && !forker && (!(serving || n->session) || !n->distributed)) {
         fprintf(stderr, "usage: MOAT_NODE=alive@host MOAT_COOKIE=cookie "
                         "moat_cnode --serve\n");
         return MOAT_CNODE_EXIT_FAILURE;
@@ -1305,6 +1310,11 @@ int main(int argc, char **argv) {
         return MOAT_CNODE_EXIT_FAILURE;
     if (standard_fds() != 0)
         return MOAT_CNODE_EXIT_FAILURE;
+    /* The fork server of process isolation only forks; each worker it
+     * forks goes on from here as a node that was sent hello. */
+    if (forker &&
+        (rc = moat__forker_main(&forked, &n->libs, &n->nlibs)) != MOAT__FORKED)
+        return rc;
     rc = start(n, dnode, dcookie);
     if (rc != 0) {
         /* errlog may already hold fd 2: say it through the outbox */
@@ -1317,9 +1327,13 @@ int main(int argc, char **argv) {
         n->status = MOAT_CNODE_EXIT_FAILURE;
     } else {
         n->status = MOAT_CNODE_EXIT_FAILURE; /* unless finish says otherwise */
+        if (forker)
+            on_hello(n, &forked.hello);
         uv_run(&n->loop, UV_RUN_DEFAULT);
     }
     rc = stop(n);
+    if (forker)
+        moat__frame_free(&forked);
     free(dnode);
     free(dcookie);
     return rc;

@@ -7,13 +7,35 @@
  * DESIGN
  *
  * Threads.  Everything here runs on the parent's loop thread, which lives
- * as long as the parent: the parent starts no pool.  Workers are spawned
- * from it with posix_spawn (fast whatever the parent's size, REFERENCE.md
- * §7), so their parent-death signal, which follows the spawning thread,
- * fires only when the parent is gone.  A worker's stdin and stdout are
- * pipes the loop writes and reads (libuv pipes, never blocking); its
- * stderr is the parent's (the errlog pipe), so what it says before its
- * own errlog starts still reaches the VM.
+ * as long as the parent: the parent starts no pool.  A worker's stdin and
+ * stdout are pipes the loop writes and reads (libuv pipes, never
+ * blocking); its stderr is the parent's (the errlog pipe), so what it
+ * says before its own errlog starts still reaches the VM.
+ *
+ * Making workers.  A worker is forked by the fork server (forker.c): a
+ * process spawned once, on the first spawn, that has already done what
+ * every worker would do before serving (exec, dynamic linking, the copy
+ * and dlopen of the libraries, decoding hello), so that a worker costs a
+ * fork and its own loop and pool thread.  The parent makes the worker's
+ * pipes and passes their far ends along with the request; the answer,
+ * the worker's pid, comes back later on the server's socket, and until
+ * then the worker is W_STARTING with pid 0: it is not reaped (waitpid(0)
+ * would take any child), not killed (kill(0) would hit the process
+ * group) and its stdout is not read, so no frame of it is handled before
+ * the parent knows whom it came from.  A forked worker needs no hello
+ * and answers ready by itself.  The parent is a child subreaper, so that
+ * workers, forked by a child of the server that exits at once, become
+ * its own children, reaped by pid with their true status.  The cost: a
+ * process a task started and left behind when its worker died is the
+ * parent's child too, and stays a zombie until the parent exits (the
+ * parent never reaps a pid it does not know).  When the server is gone
+ * (it died, or its socket broke) the requests it had not answered are
+ * failed spawns and count, as a failed posix_spawn did, and the next
+ * spawn starts a new server; when a server cannot be started, or refuses
+ * hello (a library started a thread, say: forker.c), workers are spawned
+ * with posix_spawn from then on, as this executable told hello, one a
+ * turn.  Either way a worker's parent-death signal follows this thread,
+ * which lives as long as the parent.
  *
  * The protocol to a worker is the VM's (doc/cnode.md): hello with size 1,
  * max_queue PIPELINE, the node's libraries, and max_memory when set; then
@@ -51,10 +73,11 @@
  * where runs wait anyway, right after short tasks, and for at most
  * PIPELINE - 1 runs per long task.  Each worker's new
  * runs leave in one write; the turn's outcomes leave as one done frame
- * and one stopped frame.  Then, if workers are missing, one is spawned
- * (a posix_spawn blocks the loop for a few hundred microseconds, so one
- * a turn, after the outcomes are out, and the next turn's frames are
- * read before the next one).
+ * and one stopped frame.  Then, if workers are missing, a fork request is
+ * sent for each (a sendmsg that never blocks), or, without a fork server,
+ * one is spawned (a posix_spawn blocks the loop for a few hundred
+ * microseconds, so one a turn, after the outcomes are out, and the next
+ * turn's frames are read before the next one).
  *
  * Deaths.  SIGCHLD (a uv_signal_t) makes the loop call waitpid(pid,
  * WNOHANG) for each worker not yet reaped, never waitpid(-1).  A reaped
@@ -81,9 +104,11 @@
  * stop (cooperative, as in thread isolation), and whatever the worker
  * answers goes to the VM as it is.
  *
- * Shutdown.  moat__procs_stop closes every worker's stdin (a worker exits
- * with status 0 on EOF), SIGKILLs those still alive after STOP_GRACE_MS,
- * and reaps them all, so that no worker outlives the parent.
+ * Shutdown.  moat__procs_stop first ends the fork server, after reading
+ * the pids of the workers it was asked for, then closes every worker's
+ * stdin (a worker exits with status 0 on EOF), SIGKILLs those still alive
+ * after STOP_GRACE_MS, and reaps them all, so that no worker outlives the
+ * parent.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -92,6 +117,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -139,6 +165,11 @@ extern char **environ;
  * pipelining, and runs sent behind it would wait for it. */
 #define STALL_NS 1000000u
 
+/* How long a fork server may take to start and load the libraries
+ * before the parent gives up on it and spawns workers instead: it takes
+ * a few milliseconds, tens under a sanitizer. */
+#define FORKER_START_MS 2000
+
 typedef enum {
     W_STARTING, /* spawned, hello sent, no ready yet */
     W_READY,    /* serves: holds 0..PIPELINE runs */
@@ -170,7 +201,9 @@ typedef struct wreq_s {
 typedef struct worker_s {
     struct worker_s *next;
     moat__procs_t *p;
-    pid_t pid;
+    pid_t pid;        /* 0 while the fork server has not answered */
+    int forked;       /* made by the fork server: it needs no hello */
+    struct worker_s *fnext; /* in the fork server's unanswered requests */
     wstate_t state;
     const char *why;  /* W_DYING: what a run that may have begun ends
                          with, {native_crash, Why}; NULL: how it ended */
@@ -219,6 +252,9 @@ struct moat__procs_s {
                                 turn's end */
     int sig_open, turn_open;
     ei_x_buff hello;         /* the workers' hello, with its version */
+    moat__forker_t *fk;      /* the fork server, or NULL */
+    int fk_off;              /* a server could not start: spawn */
+    worker_t *forking, **forking_tail; /* its requests, oldest first */
     int stopping;            /* no more spawning or dispatching */
 };
 
@@ -503,8 +539,10 @@ static void kill_worker(worker_t *w, const char *why, const char *crash) {
         w->why = crash;
         retire(w);
     }
-    if (!w->reaped)
-        kill(w->pid, SIGKILL); /* not reaped yet: the pid is its own */
+    /* Not reaped yet: the pid is its own.  Without a pid yet, the fork
+     * server's answer kills it (on_forked). */
+    if (!w->reaped && w->pid > 0)
+        kill(w->pid, SIGKILL);
     replenish(p);
     arm(p);
 }
@@ -784,17 +822,79 @@ fail:
     return rc;
 }
 
-/* Starts one worker and sends it hello.  Returns 0 or a negative error
- * (then there is no worker); a failure after the spawn kills the worker,
- * which is reaped like any other. */
-static int spawn(moat__procs_t *p) {
+static void on_forked(void *data, int pid_or_error);
+
+/* Starts the fork server, unless one is running or one could not be
+ * started (then workers are spawned from now on). */
+static void start_forker(moat__procs_t *p) {
+    int rc;
+
+    if (p->fk != NULL || p->fk_off || p->stopping)
+        return;
+    rc = moat__forker_start(p->loop, p->exe, p->hello.buff,
+                            (size_t)p->hello.index, FORKER_START_MS,
+                            on_forked, p, &p->fk);
+    if (rc != 0) {
+        p->fk_off = 1;
+        moat__outbox_logf(p->ob, "warning",
+                          "moat_cnode: cannot start the fork server (%s): "
+                          "workers are spawned",
+                          moat_strerror(rc));
+    }
+}
+
+/* Asks the fork server for a worker on two new pipes, whose other ends go
+ * to *in_fd and *out_fd.  Returns 0, or a negative error (nothing was
+ * asked). */
+static int fork_worker(moat__procs_t *p, int *in_fd, int *out_fd) {
+    int in[2], out[2], rc;
+
+    start_forker(p);
+    if (!moat__forker_alive(p->fk))
+        return UV_ENOSYS;
+    if (pipe2(in, O_CLOEXEC) < 0)
+        return -errno;
+    if (pipe2(out, O_CLOEXEC) < 0) {
+        rc = -errno;
+        close(in[0]);
+        close(in[1]);
+        return rc;
+    }
+    rc = moat__forker_fork(p->fk, in[0], out[1]);
+    close(in[0]);
+    close(out[1]);
+    if (rc != 0) {
+        close(in[1]);
+        close(out[0]);
+        return rc;
+    }
+    *in_fd = in[1];
+    *out_fd = out[0];
+    return 0;
+}
+
+/* Starts one worker: forked by the fork server (it then reads its pipes
+ * once its pid is known, and needs no hello), else spawned and sent
+ * hello.  Returns 0 or a negative error (then there is no worker); a
+ * failure after that kills the worker, which is reaped like any other.
+ * *forked says which. */
+static int spawn(moat__procs_t *p, int *forked) {
     worker_t *w = calloc(1, sizeof *w);
     packet_t *hello = NULL;
     int in = -1, out = -1, rc;
 
+    *forked = 0;
     if (w == NULL)
         return UV_ENOMEM;
-    rc = moat__spawn_worker(p->exe, &w->pid, &in, &out);
+    rc = fork_worker(p, &in, &out);
+    if (rc == 0) {
+        w->forked = *forked = 1;
+        *p->forking_tail = w;
+        p->forking_tail = &w->fnext;
+    } else {
+        /* No fork server, or it cannot take a request now. */
+        rc = moat__spawn_worker(p->exe, &w->pid, &in, &out);
+    }
     if (rc != 0) {
         free(w);
         return rc;
@@ -819,9 +919,12 @@ static int spawn(moat__procs_t *p) {
         w->nopen++;
         if (uv_pipe_open(&w->out, out) == 0) {
             out = -1;
-            uv_read_start((uv_stream_t *)&w->out, on_alloc, on_read);
+            if (!w->forked)
+                uv_read_start((uv_stream_t *)&w->out, on_alloc, on_read);
         }
     }
+    if (in < 0 && out < 0 && w->forked)
+        return 0;
     if (in < 0 && out < 0)
         hello = packet_new(0, &p->hello);
     if (hello == NULL) {
@@ -837,21 +940,69 @@ static int spawn(moat__procs_t *p) {
     return 0;
 }
 
-/* Spawns one missing worker, if any; asks for another turn while more
- * are missing. */
+/* Asks the fork server for every missing worker, or spawns one; asks
+ * for another turn while more are missing. */
 static void spawn_missing(moat__procs_t *p) {
-    int rc;
+    int rc, forked = 1;
 
-    if (p->stopping || p->nlive >= p->size + p->spares)
-        return;
-    rc = spawn(p);
-    if (rc != 0) {
-        moat__outbox_logf(p->ob, "error",
-                          "moat_cnode: cannot spawn a worker: %s",
-                          moat_strerror(rc));
-        died_on_its_own(p);
+    while (forked && !p->stopping && p->nlive < p->size + p->spares) {
+        rc = spawn(p, &forked);
+        if (rc != 0) {
+            moat__outbox_logf(p->ob, "error",
+                              "moat_cnode: cannot spawn a worker: %s",
+                              moat_strerror(rc));
+            died_on_its_own(p);
+        }
     }
     replenish(p);
+}
+
+/* The fork server's answer to the oldest request, or 0: it is gone. */
+static void on_forked(void *data, int pid_or_error) {
+    moat__procs_t *p = data;
+    worker_t *w = p->forking;
+
+    if (pid_or_error == 0) {
+        /* The next spawn starts a new one. */
+        if (!p->stopping)
+            moat__outbox_logf(p->ob, "warning",
+                              "moat_cnode: the fork server ended");
+        moat__forker_close(p->fk, 0);
+        p->fk = NULL;
+        replenish(p);
+        return;
+    }
+    if (w == NULL)
+        return; /* cannot happen: one answer a request */
+    p->forking = w->fnext;
+    if (p->forking == NULL)
+        p->forking_tail = &p->forking;
+    w->fnext = NULL;
+    if (pid_or_error < 0) {
+        /* No worker: a failed spawn, which counts. */
+        w->reaped = 1;
+        w->ignore = 1;
+        if (w->state == W_STARTING) {
+            w->counts = 1;
+            retire(w);
+        }
+        if (w->counts && !p->stopping) {
+            moat__outbox_logf(p->ob, "error",
+                              "moat_cnode: cannot fork a worker: %s",
+                              moat_strerror(pid_or_error));
+            died_on_its_own(p);
+        }
+        close_in(w);
+        close_out(w);
+        replenish(p);
+        return;
+    }
+    w->pid = pid_or_error;
+    if (w->state == W_DYING)
+        kill(w->pid, SIGKILL); /* killed before its pid was known */
+    else if (!p->stopping && w->out_open)
+        uv_read_start((uv_stream_t *)&w->out, on_alloc, on_read);
+    reap(p); /* its SIGCHLD may have come before its pid */
 }
 
 /* Spawns what is missing at the end of the turn. */
@@ -1001,7 +1152,7 @@ static void reap(moat__procs_t *p) {
     for (worker_t *w = p->workers; w != NULL; w = w->next) {
         int st;
         pid_t r;
-        if (w->reaped)
+        if (w->reaped || w->pid == 0) /* waitpid(0) is any child */
             continue;
         do
             r = waitpid(w->pid, &st, WNOHANG);
@@ -1101,6 +1252,7 @@ int moat__procs_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
     p->max_ms = (uint64_t)h->max_seconds * 1000;
     p->max_queue = h->max_queue > 0 ? h->max_queue : DEFAULT_MAX_QUEUE;
     p->queue_tail = &p->queue;
+    p->forking_tail = &p->forking;
     p->exe = strdup(exe);
     p->deaths = calloc((size_t)p->max_restarts + 1, sizeof *p->deaths);
     if (p->exe == NULL || p->deaths == NULL || ei_x_new(&p->done) < 0) {
@@ -1124,8 +1276,13 @@ int moat__procs_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
     rc = uv_signal_start(&p->sigchld, on_sigchld, SIGCHLD);
     if (rc != 0)
         goto fail;
+    /* Workers the fork server forks are re-parented to this process,
+     * whose children they must be to be reaped by pid (forker.c). */
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0)
+        p->fk_off = 1;
     while (p->nlive < p->size + p->spares) {
-        rc = spawn(p);
+        int forked;
+        rc = spawn(p, &forked);
         if (rc != 0)
             goto fail;
     }
@@ -1247,6 +1404,9 @@ void moat__procs_stop(moat__procs_t *p) {
     p->queue = NULL;
     p->queue_tail = &p->queue;
     p->nqueue = 0;
+    /* The pids of the workers asked for, so that they are reaped too. */
+    moat__forker_close(p->fk, STOP_GRACE_MS);
+    p->fk = NULL;
     if (p->sig_open) {
         p->sig_open = 0;
         uv_close((uv_handle_t *)&p->sigchld, NULL);

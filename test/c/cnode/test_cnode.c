@@ -1183,8 +1183,10 @@ static void process_start(node_t *n, long size, long spares,
     ev_free(&e);
 }
 
-/* The live (not zombie) children of `parent`, their pids in pids[0..cap). */
-static int children(pid_t parent, pid_t *pids, int cap) {
+/* The live (not zombie) children of `parent` named `name` (NULL: any
+ * name), their pids in pids[0..cap). */
+static int children_named(pid_t parent, const char *name, pid_t *pids,
+                          int cap) {
     DIR *d = opendir("/proc");
     struct dirent *de;
     int n = 0;
@@ -1209,12 +1211,22 @@ static int children(pid_t parent, pid_t *pids, int cap) {
             continue;
         if (ppid != parent || state == 'Z')
             continue;
+        *rp = '\0';
+        if (name != NULL && (strchr(buf, '(') == NULL ||
+                             strcmp(strchr(buf, '(') + 1, name) != 0))
+            continue;
         if (n < cap)
             pids[n] = (pid_t)atoi(de->d_name);
         n++;
     }
     closedir(d);
     return n;
+}
+
+/* The workers of a node in process isolation: its children but the fork
+ * server (forker.c), which names itself moat_forker. */
+static int children(pid_t parent, pid_t *pids, int cap) {
+    return children_named(parent, "moat_cnode", pids, cap);
 }
 
 /* Waits until the node has exactly `want` live workers. */
@@ -1719,6 +1731,132 @@ static void test_cnode_process_eof_ends_every_worker(void **state) {
     expect_no_event(n, EV_DONE, 1);
 }
 
+/* {hello, #{size, spares, libraries, isolation => process, name,
+ * max_restarts, max_seconds => 60}}; libs ends with NULL. */
+static void send_hello_restarts(node_t *n, long size, long spares,
+                                const char *const *libs, long max_restarts) {
+    ei_x_buff x;
+    int nlibs = 0;
+
+    while (libs[nlibs] != NULL)
+        nlibs++;
+    ei_x_new_with_version(&x);
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "hello");
+    ei_x_encode_map_header(&x, 7);
+    ei_x_encode_atom(&x, "size");
+    ei_x_encode_long(&x, size);
+    ei_x_encode_atom(&x, "spares");
+    ei_x_encode_long(&x, spares);
+    ei_x_encode_atom(&x, "libraries");
+    ei_x_encode_list_header(&x, nlibs);
+    for (int i = 0; i < nlibs; i++)
+        ei_x_encode_binary(&x, libs[i], (long)strlen(libs[i]));
+    ei_x_encode_empty_list(&x);
+    ei_x_encode_atom(&x, "isolation");
+    ei_x_encode_atom(&x, "process");
+    ei_x_encode_atom(&x, "name");
+    ei_x_encode_atom(&x, "test");
+    ei_x_encode_atom(&x, "max_restarts");
+    ei_x_encode_long(&x, max_restarts);
+    ei_x_encode_atom(&x, "max_seconds");
+    ei_x_encode_long(&x, 60);
+    node_send_x(n, &x);
+}
+
+/* Whether process pid is alive: not gone, and not a zombie (the
+ * workers of a killed node are reaped by whoever inherits them). */
+static int os_alive(pid_t pid) {
+    char path[64], buf[512], *rp, state;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    if ((f = fopen(path, "r")) == NULL)
+        return 0;
+    buf[0] = '\0';
+    if (fgets(buf, sizeof buf, f) == NULL)
+        buf[0] = '\0';
+    fclose(f);
+    rp = strrchr(buf, ')');
+    return rp != NULL && sscanf(rp + 1, " %c", &state) == 1 && state != 'Z';
+}
+
+/* Waits until the node has `want` fork servers (procs.c, forker.c) and
+ * returns the pid of the first. */
+static pid_t expect_forker(node_t *n, int want) {
+    int64_t deadline = now_ms() + WAIT_MS;
+    pid_t pid[4] = {0};
+    int got;
+
+    while ((got = children_named(n->pid, "moat_forker", pid, 4)) != want) {
+        if (now_ms() >= deadline)
+            fail_msg("%d fork servers, not %d", got, want);
+        pump(n, 5);
+    }
+    return pid[0];
+}
+
+/* Workers are forked by the fork server yet are the parent's own
+ * children, reaped with the signal they died of; when the fork server
+ * dies, workers are still made (and a new server started), and a death
+ * without a request in flight does not count toward the intensity (the
+ * hello allows none). */
+static void test_cnode_process_forker_death_keeps_workers_coming(
+    void **state) {
+    const char *libs[] = {demo_path, NULL};
+    ei_x_buff none = args_none();
+    node_t *n = *state;
+    pid_t zygote, again;
+    ev_t e;
+    node_spawn(n, 1, process_env);
+    send_hello_restarts(n, 1, 1, libs, 0);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    zygote = expect_forker(n, 1);
+    expect_workers(n, 2);
+    send_run(n, 1, "segfault", &none);
+    expect_done(n, 1, 0, SEGFAULT_REASON);
+    expect_workers(n, 2);
+    assert_int_equal(kill(zygote, SIGKILL), 0);
+    while (os_alive(zygote)) /* its socket closed: no request is lost */
+        sleep_ms(1);
+    for (uint64_t tag = 2; tag < 8; tag += 2) {
+        send_run(n, tag, "segfault", &none);
+        expect_done(n, tag, 0, SEGFAULT_REASON);
+        ping(n, tag + 1);
+    }
+    expect_workers(n, 2);
+    again = expect_forker(n, 1);
+    assert_int_not_equal(again, zygote);
+    expect_no_event(n, EV_DONE, 1);
+    assert_exited(node_close(n), 0);
+    ei_x_free(&none);
+}
+
+/* A node killed outright (as with the VM) leaves no worker and no fork
+ * server: each has its parent-death signal. */
+static void test_cnode_process_sigkill_leaves_nothing(void **state) {
+    node_t *n = *state;
+    pid_t pids[16];
+    int np;
+    process_start(n, 2, 1, 0);
+    run_long(n, 1, "spin", (long)FOREVER_MS * 1000);
+    expect_forker(n, 1);
+    expect_workers(n, 3);
+    np = children_named(n->pid, NULL, pids, 16);
+    assert_int_equal(np, 4);
+    assert_int_equal(kill(n->pid, SIGKILL), 0);
+    node_reap(n);
+    for (int i = 0; i < np; i++) {
+        int64_t deadline = now_ms() + WAIT_MS;
+        while (os_alive(pids[i])) {
+            if (now_ms() >= deadline)
+                fail_msg("process %d outlived the node", (int)pids[i]);
+            sleep_ms(5);
+        }
+    }
+}
+
 /* ------------------------------------------------------ native servers */
 
 /* One server of a hello: {{s, Index}, 0, Server, Args, permanent, 5000},
@@ -2033,6 +2171,12 @@ int main(void) {
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_eof_ends_every_worker,
                                         own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(
+            test_cnode_process_forker_death_keeps_workers_coming, own_setup,
+            own_teardown),
+        cmocka_unit_test_setup_teardown(
+            test_cnode_process_sigkill_leaves_nothing, own_setup,
+            own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_crash_requeues_pipelined_runs,
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_kill_of_head_spares_runs_behind,
