@@ -51,8 +51,10 @@
 %%% <li>restarts per second: the native supervisor restarting a server
 %%%     crashed by a `moat:call/4', the call's round trip included (6a, at
 %%%     least 10x the OTP supervisor doing the same, 6d); the native
-%%%     supervisor alone, in C (6b, bench_core's row 5, at least 1 M/s;
-%%%     peer: a bare BEAM `trap_exit' loop, 6e); native worker processes
+%%%     supervisor alone, in C (6b, bench_core's row 5: each restart a
+%%%     crash, its exit signal, the native supervisor's restart and the
+%%%     real server's init; at least 1 M/s and 10x the OTP supervisor of
+%%%     6d; peer: a bare BEAM `trap_exit' loop, 6e); native worker processes
 %%%     replaced after a segfault each (6c, at least 2,000/s; peer: a port
 %%%     program respawned after a segfault each, 6f);</li>
 %%% <li>crash recovery, from a task's segfault to the pool's next answer:
@@ -1134,7 +1136,13 @@ restarts_group(#{quick := Quick} = Ctx) ->
         end,
     WorkerRow0 = restart_row(6, $c, "moat native worker processes", moat, Workers, Ctx),
     WorkerRow = target_row(WorkerRow0, PortRow, ">= 2000/s", fun(M, _) -> M >= 2000 end),
-    CoreRow = target_row(Core, TrapRow, ">= 1 M/s", fun(M, _) -> M >= 1.0e6 end),
+    % The issue's target for 6b is both: 1 M/s in C, and 10x the OTP
+    % supervisor of this run (6d); its peer column shows the stronger
+    % bare trap_exit loop (6e).
+    OtpMed = maps:get(median, SupPeer),
+    CoreRow = target_row(Core, TrapRow, ">= 1 M/s and 10x 6d", fun(M, _) ->
+        M >= 1.0e6 andalso is_number(OtpMed) andalso OtpMed > 0 andalso M >= 10 * OtpMed
+    end),
     #{
         group => 6,
         title => "restarts per second",
@@ -1316,7 +1324,10 @@ core_supervisor_row(#{quick := Quick} = Ctx) ->
                         detail => "trials (k restarts/s): " ++ string:trim(Trials)
                     }, "6b: bench_core --row 5 (C, no Erlang in the loop): one permanent "
                        "native server whose init casts itself crash, restarted by a "
-                       "one_for_one native supervisor"};
+                       "one_for_one native supervisor (intensity 10,000,000 in 10 s); each "
+                       "restart: the cast, handle_cast failing, terminate, the exit signal, "
+                       "the supervisor's EXIT and intensity check, the start and init; "
+                       "3 trials of 2 M restarts (1 of 200 k in a quick run)"};
                 nomatch ->
                     {Row0#{error => "bench_core's output has no trials line"}, "6b: bench_core failed"}
             end
