@@ -48,7 +48,9 @@
  *
  * Threads.  The parent side runs on the parent's loop thread only: a fork
  * request is one non-blocking sendmsg; the answers are read when a
- * uv_poll_t says the socket is readable.  When the server is gone (the
+ * uv_poll_t says the socket is readable.  A server that leaves a request
+ * unanswered for ANSWER_MS is killed (a stopped process would otherwise
+ * leave the parent without workers for ever).  When the server is gone (the
  * socket's end), each request still unanswered is answered UV_EPIPE,
  * then the callback hears 0.
  */
@@ -75,11 +77,19 @@ extern char **environ;
  * can be some hundred kilobytes: this bounds what the server reads. */
 #define HELLO_MAX (1u << 20)
 
+/* A request unanswered this long means a server that no longer forks
+ * (stopped, say): it is killed, and its death is handled as any other.
+ * A fork takes well under a millisecond; this leaves room for a machine
+ * under heavy load, where a false alarm would cost counted spawns. */
+#define ANSWER_MS 5000
+
 /* ------------------------------------------------------- parent side */
 
 struct moat__forker_s {
     uv_poll_t poll;
-    int poll_open;
+    uv_timer_t watch;    /* runs while a request waits: ANSWER_MS */
+    int poll_open, watch_open;
+    int nopen;           /* handles not closed yet */
     int fd;              /* our end of the socket, or -1 */
     pid_t pid;           /* the server; 0 once reaped */
     int gone;            /* it ended */
@@ -88,7 +98,29 @@ struct moat__forker_s {
     void *data;
 };
 
-static void forker_free_cb(uv_handle_t *h) { free(h->data); }
+static void on_closed(uv_handle_t *h) {
+    moat__forker_t *f = h->data;
+
+    if (--f->nopen == 0)
+        free(f);
+}
+
+static void on_watch(uv_timer_t *h) {
+    moat__forker_t *f = h->data;
+
+    if (f->pid > 0 && !f->gone)
+        kill(f->pid, SIGKILL); /* not reaped yet: the pid is its own */
+}
+
+/* Watches the oldest request left, if any. */
+static void watch(moat__forker_t *f) {
+    if (!f->watch_open)
+        return;
+    if (f->npending > 0 && !f->gone)
+        uv_timer_start(&f->watch, on_watch, ANSWER_MS, 0);
+    else
+        uv_timer_stop(&f->watch);
+}
 
 /* The server is gone: every request left is answered UV_EPIPE, then the
  * callback hears 0.  f may be closed by the callback. */
@@ -98,6 +130,7 @@ static void gone(moat__forker_t *f) {
     f->gone = 1;
     if (f->poll_open)
         uv_poll_stop(&f->poll);
+    watch(f);
     while (f->npending > 0) {
         f->npending--;
         f->cb(f->data, UV_EPIPE);
@@ -119,6 +152,7 @@ static int read_answers(moat__forker_t *f) {
         if (f->npending == 0)
             return 1; /* an answer nobody asked for: trust it no more */
         f->npending--;
+        watch(f);
         f->cb(f->data, v > 0 ? v : v < 0 ? v : UV_EPROTO);
         if (f->gone)
             return 0;
@@ -210,10 +244,17 @@ int moat__forker_start(uv_loop_t *loop, const char *exe, const char *hello,
     rc = await_hello(f, wait_ms);
     if (rc != 0)
         goto fail;
+    rc = uv_timer_init(loop, &f->watch);
+    if (rc != 0)
+        goto fail;
+    f->watch_open = 1;
+    f->nopen++;
+    f->watch.data = f;
     rc = uv_poll_init(loop, &f->poll, f->fd);
     if (rc != 0)
         goto fail;
     f->poll_open = 1;
+    f->nopen++;
     f->poll.data = f;
     rc = uv_poll_start(&f->poll, UV_READABLE, on_poll);
     if (rc != 0)
@@ -266,7 +307,8 @@ int moat__forker_fork(moat__forker_t *f, int in_fd, int out_fd) {
     while (r < 0 && errno == EINTR);
     if (r != 1)
         return r < 0 ? -errno : UV_EIO;
-    f->npending++;
+    if (f->npending++ == 0)
+        watch(f);
     return 0;
 }
 
@@ -306,15 +348,23 @@ void moat__forker_close(moat__forker_t *f, unsigned wait_ms) {
             ;
         f->pid = 0;
     }
+    if (f->poll_open)
+        uv_poll_stop(&f->poll); /* not polled once closed */
     if (f->fd >= 0) {
-        close(f->fd); /* before the poll handle's close: it only stops */
+        close(f->fd);
         f->fd = -1;
+    }
+    if (f->nopen == 0) {
+        free(f);
+        return;
     }
     if (f->poll_open) {
         f->poll_open = 0;
-        uv_close((uv_handle_t *)&f->poll, forker_free_cb);
-    } else {
-        free(f);
+        uv_close((uv_handle_t *)&f->poll, on_closed);
+    }
+    if (f->watch_open) {
+        f->watch_open = 0;
+        uv_close((uv_handle_t *)&f->watch, on_closed);
     }
 }
 

@@ -29,7 +29,8 @@
  * process a task started and left behind when its worker died is the
  * parent's child too, and stays a zombie until the parent exits (the
  * parent never reaps a pid it does not know).  When the server is gone
- * (it died, or its socket broke) the requests it had not answered are
+ * (it died, its socket broke, or it was killed for leaving a request
+ * unanswered too long: forker.c) the requests it had not answered are
  * failed spawns and count, as a failed posix_spawn did, and the next
  * spawn starts a new server; when a server cannot be started, or refuses
  * hello (a library started a thread, say: forker.c), workers are spawned

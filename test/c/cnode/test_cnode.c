@@ -1833,6 +1833,33 @@ static void test_cnode_process_forker_death_keeps_workers_coming(
     ei_x_free(&none);
 }
 
+/* A fork server that stops answering (stopped here) is killed once a
+ * request has waited 5 s for it (forker.c, ANSWER_MS): the request counts
+ * as a failed spawn, a new server is started and the worker it was for
+ * is made after all. */
+static void test_cnode_process_stuck_forker_is_replaced(void **state) {
+    const char *libs[] = {demo_path, NULL};
+    ei_x_buff none = args_none();
+    node_t *n = *state;
+    pid_t zygote, again;
+    ev_t e;
+    node_spawn(n, 1, process_env);
+    send_hello_restarts(n, 1, 0, libs, 10);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    zygote = expect_forker(n, 1);
+    expect_workers(n, 1);
+    assert_int_equal(kill(zygote, SIGSTOP), 0);
+    send_run(n, 1, "segfault", &none);
+    expect_done(n, 1, 0, SEGFAULT_REASON);
+    ping(n, 2); /* waits for a worker */
+    again = expect_forker(n, 1);
+    assert_int_not_equal(again, zygote);
+    expect_workers(n, 1);
+    assert_exited(node_close(n), 0);
+    ei_x_free(&none);
+}
+
 /* A node killed outright (as with the VM) leaves no worker and no fork
  * server: each has its parent-death signal. */
 static void test_cnode_process_sigkill_leaves_nothing(void **state) {
@@ -2176,6 +2203,9 @@ int main(void) {
             own_teardown),
         cmocka_unit_test_setup_teardown(
             test_cnode_process_sigkill_leaves_nothing, own_setup,
+            own_teardown),
+        cmocka_unit_test_setup_teardown(
+            test_cnode_process_stuck_forker_is_replaced, own_setup,
             own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_crash_requeues_pipelined_runs,
                                         own_setup, own_teardown),
