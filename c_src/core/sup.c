@@ -395,6 +395,18 @@ static void shut_down(sup_t *sup, moat_term_t *reason, int escalate) {
     begin_op(sup, v, v != NULL ? n : 0, THEN_EXIT, reason, escalate);
 }
 
+/* Child i ended and children [from, to), i among them, are to restart:
+ * marked in one lock section, so that which_children sees the whole
+ * decision or none of it (OTP's supervisor answers it between messages
+ * only). */
+static void mark_restarting(sup_t *sup, size_t i, size_t from, size_t to) {
+    uv_mutex_lock(&sup->lock);
+    sup->children[i].pid = 0;
+    for (size_t j = from; j < to; j++)
+        sup->children[j].restarting = 1;
+    uv_mutex_unlock(&sup->lock);
+}
+
 /* A restart of child i is due (S3 decided it). */
 static void restart(sup_t *sup, size_t i) {
     size_t n, *v;
@@ -402,26 +414,23 @@ static void restart(sup_t *sup, size_t i) {
         /* Giving up: from now on every child shows `restarting` (the
          * restart that escalating asks of the tree above), also while
          * they are being stopped. */
-        for (size_t j = 0; j < sup->nchildren; j++)
-            set_child(sup, j, j == i ? 0 : sup->children[j].pid, 1, 0);
+        mark_restarting(sup, i, 0, sup->nchildren);
         shut_down(sup, moat_atom(MOAT_A_SHUTDOWN), 1);
         return;
     }
-    set_child(sup, i, 0, 1, 0);
     switch (sup->opts.strategy) {
     case MOAT_ONE_FOR_ALL:
-        for (size_t j = 0; j < sup->nchildren; j++)
-            set_child(sup, j, sup->children[j].pid, 1, 0);
+        mark_restarting(sup, i, 0, sup->nchildren);
         v = running_reversed(sup, 0, sup->nchildren, (long)i, &n);
         begin_op(sup, v, v != NULL ? n : 0, THEN_START, NULL, 0);
         break;
     case MOAT_REST_FOR_ONE:
-        for (size_t j = i; j < sup->nchildren; j++)
-            set_child(sup, j, sup->children[j].pid, 1, 0);
+        mark_restarting(sup, i, i, sup->nchildren);
         v = running_reversed(sup, i + 1, sup->nchildren, -1, &n);
         begin_op(sup, v, v != NULL ? n : 0, THEN_START, NULL, 0);
         break;
     default:
+        mark_restarting(sup, i, i, i + 1);
         start_one(sup, i);
         break;
     }

@@ -379,6 +379,58 @@ static void test_sup_give_up_shows_restarting(void **state) {
     moat_term_unref(id2);
 }
 
+/* which_children from another thread until the supervisor is gone;
+ * counts the samples that show some children restarting and others
+ * running. */
+typedef struct sampler_s {
+    moat_pool_t *pool;
+    moat_pid_t sup;
+    atomic_int started;
+    int mixed, samples;
+} sampler_t;
+
+static void *sample_children(void *arg) {
+    sampler_t *s = arg;
+    for (;;) {
+        moat_child_info_t *ci;
+        int n = moat_sup_which_children(s->pool, s->sup, &ci), running = 0,
+            restarting = 0;
+        if (n < 0)
+            return NULL;
+        for (int i = 0; i < n; i++) {
+            running += ci[i].state == MOAT_CHILD_RUNNING;
+            restarting += ci[i].state == MOAT_CHILD_RESTARTING;
+        }
+        moat_sup_children_free(ci, n);
+        s->mixed += running > 0 && restarting > 0;
+        s->samples++;
+        atomic_store(&s->started, 1); /* the crash waits for one sample */
+    }
+}
+
+/* Giving up is one decision: which_children, sampled all along from
+ * another thread, shows every child running, then every child
+ * restarting, never some of each. */
+static void test_sup_give_up_marks_all_at_once(void **state) {
+    moat_pool_t *pool = *state;
+    for (int round = 0; round < 40; round++) {
+        moat_child_spec_t k[8];
+        sampler_t s = {pool, 0, 0, 0, 0};
+        pthread_t th;
+        for (int i = 0; i < 8; i++)
+            k[i] = kid(i + 1, MOAT_PERMANENT, MOAT_SHUTDOWN_BRUTAL);
+        s.sup = start_sup(pool, MOAT_ONE_FOR_ONE, 0, 5, k, 8);
+        assert_int_equal(pthread_create(&th, NULL, sample_children, &s), 0);
+        while (!atomic_load(&s.started))
+            sched_yield();
+        cast(pool, child_pid(pool, s.sup, 0), "crash");
+        pthread_join(th, NULL);
+        assert_true(s.samples > 0);
+        assert_int_equal(s.mixed, 0);
+    }
+    assert_int_equal(atomic_load(&escalations), 40);
+}
+
 /* S5: one_for_all stops the others in reverse start order (a temporary
  * sibling for good), then starts all in start order. */
 static void test_sup_one_for_all(void **state) {
@@ -769,6 +821,7 @@ int main(void) {
         cmocka_unit_test_setup(test_sup_which_and_count, before),
         cmocka_unit_test_setup(test_sup_child_pid, before),
         cmocka_unit_test_setup(test_sup_give_up_shows_restarting, before),
+        cmocka_unit_test_setup(test_sup_give_up_marks_all_at_once, before),
         cmocka_unit_test_setup(test_sup_invalid_specs, before),
         cmocka_unit_test_setup(test_sup_restart_storm, before),
         cmocka_unit_test_setup(test_sup_self_driven_storm_stops_at_intensity,
