@@ -13,9 +13,12 @@
  * SOCK_SEQPACKET socketpair and its stdout and stderr the parent's own
  * (so what it prints reaches the VM as logs).  The parent sends the
  * workers' hello as the first message; the server decodes it, opens the
- * libraries and answers 0, or a negative error before exiting.  The parent waits for
- * that answer (a few milliseconds, once), so that the server it keeps
- * is known to serve and to have named itself moat_forker.  Then each
+ * libraries and answers 0, or a negative error before exiting.  The
+ * parent waits for that answer (a few milliseconds, once), so that the
+ * server it keeps is known to serve and to have named itself moat_forker
+ * (meanwhile the parent's loop does not read the errlog pipe: a server
+ * that printed more than a pipe holds first would stall until the wait
+ * times out, and workers would be spawned).  Then each
  * message is a fork request carrying, with SCM_RIGHTS, the two pipe ends a
  * worker needs (its stdin's read end, its stdout's write end: the parent
  * made the pipes and keeps the other ends).  Each request is answered, in
@@ -26,9 +29,9 @@
  * Whose child.  The parent must reap each worker by pid and see the
  * signal it died of, so a worker must be the parent's child, not the
  * server's.  The parent is a child subreaper (PR_SET_CHILD_SUBREAPER) and
- * the server forks twice: an intermediate process forks the worker,
- * answers the request with its pid and exits at once, so that the worker
- * is re-parented to the parent.  The server waits for the intermediate
+ * the server forks twice: an intermediate process (a vfork child, which
+ * copies nothing) forks the worker, answers the request with its pid and
+ * exits at once, so that the worker is re-parented to the parent.  The server waits for the intermediate
  * before it reads the next request, so answers stay in request order.
  * The worker waits (yielding) until its parent is the C-node, then sets
  * its parent-death signal (SIGKILL) and checks its parent again: a C-node
@@ -50,9 +53,9 @@
  * request is one non-blocking sendmsg; the answers are read when a
  * uv_poll_t says the socket is readable.  A server that leaves a request
  * unanswered for ANSWER_MS is killed (a stopped process would otherwise
- * leave the parent without workers for ever).  When the server is gone (the
- * socket's end), each request still unanswered is answered UV_EPIPE,
- * then the callback hears 0.
+ * leave the parent without workers for ever).  When the server is gone
+ * (the socket's end), each request still unanswered is answered
+ * UV_EPIPE, then the callback hears 0.
  */
 #include <errno.h>
 #include <fcntl.h>

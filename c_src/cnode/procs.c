@@ -64,12 +64,15 @@
  * them), so that they are done once for all the frames of the turn and
  * never in the middle of handling a death.  Dispatch
  * first gives one run to each worker holding none, while fewer than
- * `size` hold any; then, once `size` workers hold runs (not while one is
- * still starting: it would take the next run, which must not wait behind
- * another's) and while at least DEEP_QUEUE runs per worker still wait,
- * it tops the holders up, one run each round, to PIPELINE: only
- * those that answered their last run fast (FAST_NS) and whose oldest run
- * has been held less than STALL_NS.  A run sent behind a long task still
+ * `size` hold live runs (not cancelled: a worker holding only cancelled
+ * runs, whose bodies are leaving or ignore the cancel, is abandoned work
+ * and does not count, so that a spare takes its place); then, once
+ * `size` workers hold live runs (not while one is still starting: it
+ * would take the next run, which must not wait behind another's) and
+ * while at least DEEP_QUEUE runs per worker still wait, it tops the
+ * holders up, one run each round, to PIPELINE: only those whose oldest
+ * run is not cancelled, that answered their last run fast (FAST_NS) and
+ * whose oldest run has been held less than STALL_NS.  A run sent behind a long task still
  * waits for it even if another worker frees up: only under a deep queue,
  * where runs wait anyway, right after short tasks, and for at most
  * PIPELINE - 1 runs per long task.  Each worker's new
@@ -235,7 +238,6 @@ struct moat__procs_s {
     size_t max_queue;
     worker_t *workers;       /* every worker not yet freed */
     unsigned nlive;          /* starting or ready */
-    unsigned nbusy;          /* ready and holding runs */
     size_t nheld;            /* runs held by workers */
     packet_t *queue, **queue_tail;
     size_t nqueue;
@@ -517,11 +519,8 @@ static void died_on_its_own(moat__procs_t *p) {
 static void retire(worker_t *w) {
     moat__procs_t *p = w->p;
 
-    if (w->state == W_STARTING || w->state == W_READY) {
+    if (w->state == W_STARTING || w->state == W_READY)
         p->nlive--;
-        if (w->state == W_READY && w->nheld > 0)
-            p->nbusy--;
-    }
     w->state = W_DYING;
 }
 
@@ -613,8 +612,6 @@ static packet_t *unhold(worker_t *w, packet_t **pp) {
     }
     w->nheld--;
     p->nheld--;
-    if (w->nheld == 0 && w->state == W_READY)
-        p->nbusy--;
     return k;
 }
 
@@ -1027,10 +1024,8 @@ static void give(moat__procs_t *p, worker_t *w) {
         p->queue_tail = &p->queue;
     p->nqueue--;
     k->next = NULL;
-    if (w->nheld == 0) {
-        p->nbusy++;
+    if (w->nheld == 0)
         w->since = uv_hrtime();
-    }
     *w->held_tail = k;
     w->held_tail = &k->next;
     w->nheld++;
@@ -1038,25 +1033,42 @@ static void give(moat__procs_t *p, worker_t *w) {
     w->fresh[w->nfresh++] = k;
 }
 
+/* Whether w holds a run whose outcome the VM has not decided.  A worker
+ * holding only cancelled runs holds abandoned work (bodies leaving, or
+ * ignoring the cancel), as an abandoned body's thread is in thread
+ * isolation: it is not one of the `size` that hold runs. */
+static int holds_live(const worker_t *w) {
+    for (const packet_t *k = w->held; k != NULL; k = k->next)
+        if (!k->cancelled)
+            return 1;
+    return 0;
+}
+
 /* Gives queued runs to workers (see DESIGN, Turns). */
 static void dispatch(moat__procs_t *p) {
+    unsigned busy = 0;
     uint64_t now;
     int gave;
 
     if (p->stopping || p->queue == NULL)
         return;
+    for (worker_t *w = p->workers; w != NULL; w = w->next)
+        busy += serves(w) && holds_live(w);
     for (worker_t *w = p->workers; w != NULL && p->queue != NULL; w = w->next)
-        if (p->nbusy < p->size && serves(w) && w->nheld == 0)
+        if (busy < p->size && serves(w) && w->nheld == 0) {
             give(p, w);
+            busy++;
+        }
     now = uv_hrtime();
     do {
         gave = 0;
         for (worker_t *w = p->workers;
-             w != NULL && p->nbusy >= p->size &&
+             w != NULL && busy >= p->size &&
              p->nqueue >= (size_t)p->size * DEEP_QUEUE;
              w = w->next)
             if (serves(w) && w->nheld > 0 && w->nheld < PIPELINE &&
-                w->last_ns < FAST_NS && now - w->since < STALL_NS) {
+                !w->held->cancelled && w->last_ns < FAST_NS &&
+                now - w->since < STALL_NS) {
                 give(p, w);
                 gave = 1;
             }

@@ -1860,6 +1860,32 @@ static void test_cnode_process_stuck_forker_is_replaced(void **state) {
     ei_x_free(&none);
 }
 
+/* A worker that holds only a cancelled run (a spin that ignores its
+ * cancel) is abandoned work, not one of the `size` busy ones: a short run
+ * sent after it goes to the spare, not behind a long task (the
+ * stream_element_not_held_back flake of moat_task_SUITE). */
+static void test_cnode_process_cancelled_run_frees_its_slot(void **state) {
+    enum { RUNS = 42 };
+    const char *tasks[RUNS];
+    ei_x_buff args[RUNS];
+    node_t *n = *state;
+    process_start(n, 2, 1, 0);
+    expect_workers(n, 3);
+    run_long(n, 1, "spin", (long)FOREVER_MS * 1000);
+    sleep_ms(20);
+    send_cancel(n, 1); /* forwarded; a spin never stops */
+    for (int i = 0; i < RUNS; i++) {
+        tasks[i] = i == 1 ? "echo" : "sleep";
+        args[i] = i == 1 ? args_long(7) : args_long(FOREVER_MS);
+    }
+    send_runs(n, 10, RUNS, tasks, args);
+    expect_done(n, 11, 1, "7");
+    for (int i = 0; i < RUNS; i++)
+        ei_x_free(&args[i]);
+    expect_no_event(n, EV_STOPPED, 1);
+    assert_exited(node_close(n), 0);
+}
+
 /* A node killed outright (as with the VM) leaves no worker and no fork
  * server: each has its parent-death signal. */
 static void test_cnode_process_sigkill_leaves_nothing(void **state) {
@@ -2206,6 +2232,9 @@ int main(void) {
             own_teardown),
         cmocka_unit_test_setup_teardown(
             test_cnode_process_stuck_forker_is_replaced, own_setup,
+            own_teardown),
+        cmocka_unit_test_setup_teardown(
+            test_cnode_process_cancelled_run_frees_its_slot, own_setup,
             own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_crash_requeues_pipelined_runs,
                                         own_setup, own_teardown),
