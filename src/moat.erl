@@ -109,9 +109,10 @@
 %% `{error, {shutdown, {failed_to_start_child, Id, Reason}}}'. With
 %% `backend => cnode' they run in the C-node, under its native supervisor
 %% (a fault that costs the C-node costs them too: the pool restarts with
-%% them at their initial state); not in process isolation, where
-%% `start_pool' returns `{error, {not_supported, {servers, {cnode,
-%% process}}}}' (see doc/cnode.md).
+%% them at their initial state); in process isolation they run in a
+%% worker process of their own, beside the task workers, so that a task's
+%% fault leaves them as they are, and a hard fault of theirs is their
+%% supervisor giving up (see doc/cnode.md).
 -spec start_pool(pool(), map() | proplists:proplist()) ->
     {ok, pid()} | {error, {already_started, pid()} | term()}.
 start_pool(Name, Opts) when is_atom(Name) ->

@@ -82,10 +82,6 @@ start_link(Name, Opts) ->
 %%%===================================================================
 
 -spec init({atom(), map()}) -> {ok, #state{}} | {stop, term()}.
-init({_Name, #{backend := cnode, isolation := process, servers := [_ | _]}}) ->
-    %% Each worker process would need a supervisor of its own, or one
-    %% worker process would hold them all: see doc/cnode.md.
-    {stop, {not_supported, {servers, {cnode, process}}}};
 init({Name, #{backend := cnode, size := Size, max_queue := MaxQueue} = Opts}) ->
     process_flag(trap_exit, true),
     case cnode_start(Name, Opts) of

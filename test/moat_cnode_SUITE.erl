@@ -278,13 +278,8 @@ bad_library_is_a_value(_Config) ->
 servers_run_in_the_cnode(_Config) ->
     %% Native servers run in a thread-isolation C-node (moat_server_SUITE
     %% covers them): a C-node fault loses them with it, and the pool comes
-    %% back with a new C-node and the servers at their initial state. In
-    %% process isolation they are refused with a clear error (doc/cnode.md).
+    %% back with a new C-node and the servers at their initial state.
     Spec = #{id => c, start => {moat_demo, counter, [0]}},
-    ?assertEqual(
-        {error, {not_supported, {servers, {cnode, process}}}},
-        start(#{isolation => process, servers => [Spec]})
-    ),
     {ok, _} = start(#{size => 2, servers => [Spec]}),
     OsPid = cnode_os_pid(),
     ?assertEqual({ok, 5}, moat:call(?POOL, c, {add, 5})),
@@ -323,17 +318,22 @@ stop_pool_ends_cnode(_Config) ->
     sweep().
 
 vm_sigkill_leaves_no_cnode(Config) ->
-    %% A VM killed with SIGKILL leaves no moat_cnode behind.
+    %% A VM killed with SIGKILL leaves no moat_cnode behind, nor any
+    %% process of a process-isolation C-node: its task workers (one busy
+    %% in a runaway task) and its servers' worker.
     Ebin = filename:dirname(code:which(moat)),
     Script =
         "{ok, _} = application:ensure_all_started(moat),"
         "{ok, _} = moat:start_pool(p, #{backend => cnode, size => 1}),"
         "{ok, ok} = moat:run(p, echo, [ok]),"
-        "[P] = [P || P <- erlang:ports(),"
+        "{ok, _} = moat:start_pool(q, #{backend => cnode, isolation => process, size => 2,"
+        "  servers => [#{id => c, start => {moat_demo, counter, [0]}}]}),"
+        "{ok, 1} = moat:call(q, c, {add, 1}),"
+        "[io:format(\"cnode ~b~n\", [element(2, erlang:port_info(P, os_pid))])"
+        "  || P <- erlang:ports(),"
         "  lists:suffix(\"moat_cnode\", element(2, erlang:port_info(P, name)))],"
-        "{os_pid, Os} = erlang:port_info(P, os_pid),"
-        "io:format(\"cnode ~b~n\", [Os]),"
         "_ = moat:async(p, spin, [60000000]),"
+        "_ = moat:async(q, spin, [60000000]),"
         "receive after infinity -> ok end.",
     Erl = os:find_executable("erl"),
     Port = open_port(
@@ -341,18 +341,24 @@ vm_sigkill_leaves_no_cnode(Config) ->
         [{args, ["-noshell", "-pa", Ebin, "-eval", Script]}, {line, 256}, exit_status]
     ),
     {os_pid, VmPid} = erlang:port_info(Port, os_pid),
-    CnodePid =
+    Cnodes = [
         receive
             {Port, {data, {eol, "cnode " ++ N}}} -> list_to_integer(N)
         after 20000 -> ct:fail(peer_vm_did_not_start)
-        end,
-    ?assert(os_alive(CnodePid)),
+        end
+     || _ <- [p, q]
+    ],
+    %% The process-isolation C-node's children: at least its two task
+    %% workers, a spare and the servers' worker.
+    wait_until(fun() -> length(lists:append([workers(C) || C <- Cnodes])) >= 4 end, workers_up),
+    Children = lists:append([workers(C) || C <- Cnodes]),
+    ?assert(lists:all(fun os_alive/1, Cnodes)),
     _ = os:cmd("kill -9 " ++ integer_to_list(VmPid)),
     receive
         {Port, {exit_status, _}} -> ok
     after ?WAIT -> ct:fail(peer_vm_not_killed)
     end,
-    wait_until(fun() -> not os_alive(CnodePid) end, cnode_outlived_vm),
+    wait_until(fun() -> not lists:any(fun os_alive/1, Cnodes ++ Children) end, cnode_outlived_vm),
     _ = Config,
     ok.
 
@@ -457,17 +463,23 @@ process_chaos(_Config) ->
     %% 1,000 tasks of which a random tenth segfault, abort, spin past their
     %% deadline or allocate past max_memory: each gets exactly one outcome
     %% with its reason, every other task succeeds, the VM and the C-node
-    %% live, and after stop_pool no worker or C-node process is left.
+    %% live, a native server beside them counts every cast sent meanwhile
+    %% (its worker is not theirs), and after stop_pool no worker or C-node
+    %% process is left.
     rand:seed(exsss, {7, 11, 13}),
     {ok, _} = start(#{
         size => 2,
         isolation => process,
         max_memory => 256 * 1024 * 1024,
-        max_restarts => 100
+        max_restarts => 100,
+        servers => [#{id => c, start => {moat_demo, counter, [0]}}]
     }),
     OsPid = cnode_os_pid(),
     Plan = [{I, chaos_kind()} || I <- lists:seq(1, 1000)],
-    Tasks = [{I, Kind, chaos_async(Kind, I)} || {I, Kind} <- Plan],
+    Tasks = [
+        {I, Kind, begin ok = moat:cast(?POOL, c, {add, 1}), chaos_async(Kind, I) end}
+     || {I, Kind} <- Plan
+    ],
     lists:foreach(
         fun({I, Kind, T}) ->
             Outcome = moat:yield(T, 30000),
@@ -476,6 +488,8 @@ process_chaos(_Config) ->
         Tasks
     ),
     ?assertEqual(OsPid, cnode_os_pid()),
+    ?assertEqual({ok, 1000}, moat:call(?POOL, c, get)),
+    ?assertEqual(0, maps:get(restarts, moat:stats(?POOL))),
     Workers = workers(OsPid),
     ?assertNotEqual([], Workers),
     ok = moat:stop_pool(?POOL),

@@ -2,7 +2,8 @@
 %%% in the NIF backend (group nif) and in the C-node, thread isolation,
 %%% over the port (cnode_thread) and over distribution (cnode_dist), where
 %%% the servers run in the C-node under its native supervisor and every
-%%% request is a frame: the demo `counter' server reached with moat:call/3,4
+%%% request is a frame, and process isolation (cnode_process), where they
+%%% run in a worker process of their own that the C-node relays to: the demo `counter' server reached with moat:call/3,4
 %%% and moat:cast/3, the native supervisor's strategies, restart types,
 %%% restart intensity (OTP's algorithm, whole seconds of a monotonic
 %%% clock), shutdown, which_children/count_children, escalation to the
@@ -57,7 +58,9 @@
     vm_and_caller_alive/1,
     give_up_window_all_restarting/1,
     failed_start_stops_started_in_order/1,
-    crashes_are_reported/1
+    crashes_are_reported/1,
+    task_fault_keeps_servers/1,
+    server_fault_gives_up/1
 ]).
 %% A logger handler (crashes_are_reported).
 -export([log/2]).
@@ -77,12 +80,13 @@ suite() ->
     [{timetrap, {seconds, 30}}].
 
 all() ->
-    [{group, nif}, {group, cnode_thread}, {group, cnode_dist}].
+    [{group, nif}, {group, cnode_thread}, {group, cnode_process}, {group, cnode_dist}].
 
 groups() ->
     [
         {nif, [], cases()},
         {cnode_thread, [], cases() -- nif_only()},
+        {cnode_process, [], (cases() -- nif_only()) ++ process_only()},
         {cnode_dist, [], cases() -- nif_only()}
     ].
 
@@ -94,6 +98,10 @@ groups() ->
 %% the same window with the owner running.
 nif_only() ->
     [escalation_shows_restarting, give_up_window_all_restarting].
+
+%% Hard faults, which only process isolation survives.
+process_only() ->
+    [task_fault_keeps_servers, server_fault_gives_up].
 
 cases() ->
     [
@@ -1357,6 +1365,74 @@ log(_Event, _Config) ->
 
 init({sup, Flags, Children}) ->
     {ok, {Flags, Children}}.
+
+%%%===================================================================
+%%% Process isolation: the servers' own worker process
+%%%===================================================================
+
+%% A task's hard fault costs its task worker only: the servers, in a
+%% worker process of their own, keep their state, a call in flight gets
+%% its reply, and neither their supervisor nor the pool restarts anything.
+task_fault_keeps_servers(_Config) ->
+    P = srv_task_fault,
+    {ok, _} = start_pool(P, #{size => 2, servers => [spec(a, [0]), spec(b, [10])]}),
+    Owner = moat_nif:pool_owner(P),
+    {ok, 7} = moat:call(P, a, {add, 7}),
+    Seqs = seqs(P, [a, b]),
+    {SlowPid, SlowRef} = spawn_monitor(fun() ->
+        exit({result, moat:call(P, b, {sleep, 300}, infinity)})
+    end),
+    wait_calling(SlowPid),
+    ?assertEqual({exit, {native_crash, sigsegv}}, moat:run(P, segfault, [])),
+    ?assertEqual({exit, {native_crash, sigabrt}}, moat:run(P, abort, [])),
+    ?assertEqual({ok, 1}, moat:run(P, echo, [1])),
+    receive
+        {'DOWN', SlowRef, process, SlowPid, Reason} -> ?assertEqual({result, {ok, 10}}, Reason)
+    after ?WAIT -> ct:fail(call_not_answered)
+    end,
+    ?assertEqual({ok, 7}, moat:call(P, a, get)),
+    ?assertEqual(Seqs, seqs(P, [a, b])),
+    ?assertEqual([{a, running, worker}, {b, running, worker}], moat:which_children(P)),
+    ?assertEqual(Owner, moat_nif:pool_owner(P)),
+    ?assertEqual(0, maps:get(restarts, moat:stats(P))),
+    ok = moat:stop_pool(P),
+    sweep().
+
+%% A server's hard fault ends the servers' worker: that call and every
+%% other in flight end {native_crash, sigsegv}, which is their native
+%% supervisor giving up, so the pool's owner exits and the pool's OTP
+%% supervisor starts the pool again, its servers at their initial state.
+%% A task in flight meanwhile gets exactly one outcome.
+server_fault_gives_up(_Config) ->
+    P = srv_server_fault,
+    {ok, _} = start_pool(P, #{size => 2, servers => [spec(a, [0]), spec(b, [10])]}),
+    Owner = moat_nif:pool_owner(P),
+    OwnerRef = monitor(process, Owner),
+    {ok, 15} = moat:call(P, b, {add, 5}),
+    {SlowPid, SlowRef} = spawn_monitor(fun() ->
+        exit({result, moat:call(P, b, {sleep, 60000}, infinity)})
+    end),
+    wait_calling(SlowPid),
+    Task = moat:async(P, sleep, [100]),
+    ?assertEqual({exit, {native_crash, sigsegv}}, moat:call(P, a, segfault)),
+    receive
+        {'DOWN', SlowRef, process, SlowPid, Reason} ->
+            ?assertEqual({result, {exit, {native_crash, sigsegv}}}, Reason)
+    after ?WAIT -> ct:fail(call_not_ended)
+    end,
+    receive
+        {'DOWN', OwnerRef, process, Owner, OwnerReason} -> ?assertEqual(shutdown, OwnerReason)
+    after ?WAIT -> ct:fail(owner_did_not_exit)
+    end,
+    TaskOutcome = moat:yield(Task, ?WAIT),
+    ct:pal("the task in flight: ~p", [TaskOutcome]),
+    ?assertMatch({Kind, _} when Kind =:= ok; Kind =:= exit, TaskOutcome),
+    wait_new_owner(P, Owner),
+    ?assertEqual(10, wait_get(P, b)),
+    ?assertEqual(0, wait_get(P, a)),
+    ?assertEqual({ok, 1}, moat:run(P, echo, [1])),
+    ok = moat:stop_pool(P),
+    sweep().
 
 %%%===================================================================
 %%% Helpers

@@ -1,8 +1,9 @@
 /* cnode.h: private to c_src/cnode.  The parts of moat_cnode that the
  * main file (moat_cnode.c) puts together: the outbox, the only path to
  * stdout (outbox.c); the jobs, tasks in flight by tag (jobs.c); the
- * worker processes of process isolation (procs.c); and the forwarding of
- * stderr to the VM (errlog.c).  The protocol is doc/cnode.md. */
+ * worker processes of process isolation (procs.c) and its servers'
+ * worker (srvworker.c); and the forwarding of stderr to the VM
+ * (errlog.c).  The protocol is doc/cnode.md. */
 #ifndef MOAT_CNODE_H
 #define MOAT_CNODE_H
 
@@ -190,12 +191,50 @@ void moat__jobs_cancel(moat__jobs_t *jobs, uint64_t tag, moat_atom_t reason);
  * created.  Loop thread. */
 void moat__jobs_close(moat__jobs_t *jobs);
 
+/* ------------------------------------------------------------------ wbuf */
+
+/* A worker process's frames as they are read: see wbuf.c. */
+typedef struct moat__wbuf_s {
+    char *buf;
+    size_t len, cap;
+} moat__wbuf_t;
+
+/* Handles one frame, buf[0..len) (its version byte first); returns 0 to
+ * go on, anything else to stop: the worker is no longer listened to. */
+typedef int (*moat__wbuf_fn)(void *data, const char *buf, size_t len);
+
+#define MOAT__WBUF_TOO_BIG 1 /* a frame's length was over the bound */
+#define MOAT__WBUF_STOPPED 2 /* the callback said stop */
+
+/* Makes room for a read.  Returns 0 or UV_ENOMEM. */
+int moat__wbuf_reserve(moat__wbuf_t *b);
+
+/* A libuv alloc callback's work: room for a read, or an empty buffer
+ * (the read then fails with UV_ENOBUFS). */
+void moat__wbuf_alloc(moat__wbuf_t *b, uv_buf_t *buf);
+
+/* Hands each whole frame in the buffer to fn, in order, and keeps the
+ * incomplete rest.  Returns 0; MOAT__WBUF_TOO_BIG when a frame's length
+ * is over `max`, or MOAT__WBUF_STOPPED when fn stopped, and then drops
+ * everything still in the buffer. */
+int moat__wbuf_parse(moat__wbuf_t *b, uint32_t max, moat__wbuf_fn fn,
+                     void *data);
+
+/* Reads non-blocking fd to its end (a reaped worker's stdout, so that
+ * what it wrote before it died counts), parsing as it goes.  Returns as
+ * moat__wbuf_parse does. */
+int moat__wbuf_drain(moat__wbuf_t *b, int fd, uint32_t max, moat__wbuf_fn fn,
+                     void *data);
+
+void moat__wbuf_free(moat__wbuf_t *b);
+
 /* ----------------------------------------------------------------- procs */
 
 /* The workers of process isolation.  See procs.c's DESIGN. */
 typedef struct moat__procs_s moat__procs_t;
 
 struct moat__hello_s;
+struct moat__frame_s;
 struct moat__atom_s;
 
 /* Called when the node must end (status MOAT_CNODE_EXIT_WORKERS or
@@ -298,6 +337,45 @@ int moat__spawn_worker(const char *exe, pid_t *pid, int *in_fd,
 /* Limits this process's address space to what it maps now plus `bytes`
  * (RLIMIT_AS).  Returns 0 or a negative error. */
 int moat__limit_memory(uint64_t bytes);
+
+/* The lowercase name of signal `sig` ("sigsegv"; "signal_N" when it has
+ * none) in out[0..cap). */
+void moat__signal_name(int sig, char *out, size_t cap);
+
+/* ------------------------------------------------------------- srvworker */
+
+/* The native servers of process isolation, in a worker process of their
+ * own.  See srvworker.c's DESIGN. */
+typedef struct moat__srvw_s moat__srvw_t;
+
+/* How its start went: ready (all NULL); hello refused with {error,
+ * Reason}, `reason` its encoding without a version byte; or it ended
+ * first, `why` saying how.  Loop thread. */
+typedef void (*moat__srvw_ready_cb)(void *data, const char *reason,
+                                    size_t len, const char *why);
+
+/* Spawns the servers' worker of `exe` for hello's servers and sends it
+ * their hello; `ready` is called once it answers or ends.  Returns 0, or
+ * a negative error (then `ready` is never called).  Either way *out is
+ * set, for moat__srvw_stop and moat__srvw_free (NULL without memory).
+ * Loop thread. */
+int moat__srvw_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
+                     const struct moat__hello_s *h, moat__srvw_ready_cb ready,
+                     void *data, moat__srvw_t **out);
+
+/* Takes a frame from the VM that is the servers' (call, cast, the
+ * queries, stop_servers, and a cancel of a tag it holds), well formed,
+ * decoded in *f from buf[0..len): forwards or answers it and returns 1.
+ * Returns 0 for any other frame.  Loop thread. */
+int moat__srvw_frame(moat__srvw_t *s, const struct moat__frame_s *f,
+                     const char *buf, size_t len);
+
+/* Ends it: EOF on its stdin, SIGKILL after a short grace, reaped before
+ * this returns; closes its handles (run the loop, then moat__srvw_free).
+ * Loop thread. */
+void moat__srvw_stop(moat__srvw_t *s);
+
+void moat__srvw_free(moat__srvw_t *s);
 
 /* ------------------------------------------------------------------ dist */
 

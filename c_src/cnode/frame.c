@@ -1065,9 +1065,32 @@ int moat__wframe_decode(const char *buf, size_t len, moat__wframe_t *f) {
                  : MOAT_EBADTERM;
         if (rc != 0)
             wwhy(f, "a ready frame is not {ready, Pid, Tasks}");
-    } else if (atom_is(&kind, "error") && arity == 2) {
-        f->kind = MOAT__WFRAME_ERROR;
+    } else if ((atom_is(&kind, "error") || atom_is(&kind, "gave_up")) &&
+               arity == 2) {
+        size_t start = r.pos;
+        f->kind = atom_is(&kind, "error") ? MOAT__WFRAME_ERROR
+                                          : MOAT__WFRAME_GAVE_UP;
         rc = skip_term(&r) == 0 ? 0 : MOAT_EBADTERM;
+        f->reason = buf + start;
+        f->reason_len = r.pos - start;
+    } else if (atom_is(&kind, "restarts") && arity == 2) {
+        uint64_t total;
+        f->kind = MOAT__WFRAME_RESTARTS;
+        rc = read_u64(&r, &total) == 0 ? 0 : MOAT_EBADTERM;
+        if (rc != 0)
+            wwhy(f, "a restarts frame is not {restarts, Total}");
+    } else if (atom_is(&kind, "crashed") && arity == 4) {
+        uint64_t n;
+        f->kind = MOAT__WFRAME_CRASHED;
+        rc = read_u64(&r, &n) == 0 && n > 0 && skip_term(&r) == 0 &&
+                     skip_term(&r) == 0
+                 ? 0
+                 : MOAT_EBADTERM;
+        if (rc != 0)
+            wwhy(f, "a crashed frame is not {crashed, N, Id, Reason}");
+    } else if (atom_is(&kind, "servers_stopped") && arity == 1) {
+        f->kind = MOAT__WFRAME_SERVERS_STOPPED;
+        rc = 0;
     } else {
         wwhy(f, "an unknown kind of frame");
         rc = MOAT_EBADTERM;

@@ -156,7 +156,13 @@ typedef enum {
     MOAT__WFRAME_ERROR,
     MOAT__WFRAME_DONE,
     MOAT__WFRAME_STOPPED,
-    MOAT__WFRAME_LOG
+    MOAT__WFRAME_LOG,
+    /* The native servers' reports, from the servers' worker (srvworker.c
+     * relays them to the VM as they are): */
+    MOAT__WFRAME_RESTARTS,       /* {restarts, Total} */
+    MOAT__WFRAME_CRASHED,        /* {crashed, N, Id, Reason} */
+    MOAT__WFRAME_GAVE_UP,        /* {gave_up, Reason} */
+    MOAT__WFRAME_SERVERS_STOPPED /* {servers_stopped} */
 } moat__wframe_kind_t;
 
 /* One {Tag, ok | exit, Term} of a done frame.  `term` points into the
@@ -177,6 +183,10 @@ typedef struct moat__wframe_s {
     char level[8];          /* MOAT__WFRAME_LOG: error, warning or info */
     const char *msg;        /* MOAT__WFRAME_LOG: into the buffer */
     size_t msg_len;
+    const char *reason;     /* MOAT__WFRAME_ERROR and _GAVE_UP: the
+                               Reason's encoding, no version byte, into the
+                               buffer */
+    size_t reason_len;
     char why[160];          /* when malformed: what is wrong */
 } moat__wframe_t;
 
@@ -186,7 +196,9 @@ typedef struct moat__wframe_s {
  * worker's bytes are not trusted (a task may have scribbled over its
  * memory before dying): the frame must pass moat_etf_check and then have
  * one of the shapes {ready, Pid, Tasks}, {error, Reason}, {done, [{Tag, ok
- * | exit, Term}]}, {stopped, [Tag]} or {log, Level, Binary}, else this
+ * | exit, Term}]}, {stopped, [Tag]}, {log, Level, Binary}, or a server
+ * worker's {restarts, Total}, {crashed, N, Id, Reason}, {gave_up, Reason}
+ * or {servers_stopped}, else this
  * returns MOAT_EBADTERM (f->why says why) and nothing in *f counts.
  * Returns 0, MOAT_EBADTERM or UV_ENOMEM.  Never reads outside
  * buf[0..len).  Any thread; reentrant.

@@ -36,7 +36,9 @@
  * stop_servers drains the pool and waits for the supervisor to stop its
  * servers on a thread of libuv's work queue (a terminate may take
  * seconds), then the loop answers servers_stopped.  Lock order: the
- * servers' lock is taken alone.
+ * servers' lock is taken alone.  In process isolation the servers run in
+ * a worker process of their own (srvworker.c): hello is answered once it
+ * has answered its own, and the servers' frames are relayed to it.
  *
  * Shutdown.  stdin's end ends the node with status 0.  The outbox drops
  * what follows (the VM has stopped listening); the pool is closed, which
@@ -47,8 +49,8 @@
  * otherwise the node exits at once, because a body that ignores
  * cancellation cannot be waited for (it runs until it returns).  The
  * parent-death signal covers a VM killed outright.  In process isolation
- * there is no pool: the workers are ended and reaped (procs.c) before the
- * node exits.
+ * there is no pool: the workers, and the servers' worker, are ended and
+ * reaped (procs.c, srvworker.c) before the node exits.
  *
  * Distribution.  With MOAT_NODE (and MOAT_COOKIE) in its environment the
  * node joins as a hidden C-node (dist.c) and its frames travel as
@@ -110,6 +112,7 @@ typedef struct node_s {
     moat_pool_t *pool;        /* thread isolation */
     struct servers_s *servers; /* thread isolation, with servers */
     moat__procs_t *procs;     /* process isolation */
+    moat__srvw_t *srvw;       /* process isolation, with servers */
     moat__outbox_t ob;
     moat__jobs_t jobs;
     moat__errlog_t errlog;
@@ -687,16 +690,38 @@ done:
 
 static void on_fatal(void *data, int status) { finish(data, status); }
 
+/* Answers hello with ready; from now on the node serves. */
+static void answer_ready(node_t *n) {
+    if (send_ready(n) != 0) {
+        /* The VM would wait for ready for ever: end with a status it
+         * reads as a crash. */
+        finish(n, MOAT_CNODE_EXIT_NOMEM);
+        return;
+    }
+    n->hello_done = 1;
+}
+
+/* Process isolation: the servers' worker answered its hello, or ended
+ * first; so is the VM's answered. */
+static void on_srvw_ready(void *data, const char *reason, size_t len,
+                          const char *why) {
+    node_t *n = data;
+
+    if (n->stop)
+        return;
+    if (reason != NULL)
+        hello_fail_term(n, reason, len);
+    else if (why != NULL)
+        hello_fail(n, "bad_hello", why);
+    else
+        answer_ready(n);
+}
+
 static void on_hello(node_t *n, moat__hello_t *h) {
     moat_pool_opts_t o = {0};
     char msg[256];
     int rc;
 
-    if (h->isolation == MOAT__ISOLATION_PROCESS && h->nservers > 0) {
-        hello_fail(n, "bad_hello",
-                   "native servers need isolation thread (doc/cnode.md)");
-        return;
-    }
     if (h->isolation == MOAT__ISOLATION_PROCESS && exe_path[0] == '\0') {
         hello_fail(n, "bad_hello",
                    "isolation process: /proc/self/exe cannot be read");
@@ -734,7 +759,19 @@ static void on_hello(node_t *n, moat__hello_t *h) {
             hello_fail(n, "bad_hello", msg);
             return;
         }
-        goto ready;
+        if (h->nservers == 0) {
+            answer_ready(n);
+            return;
+        }
+        /* Answered once the servers' own worker has started them. */
+        rc = moat__srvw_start(&n->loop, &n->ob, exe_path, h, on_srvw_ready,
+                              n, &n->srvw);
+        if (rc != 0) {
+            snprintf(msg, sizeof msg, "cannot start the servers' worker: %s",
+                     moat_strerror(rc));
+            hello_fail(n, "bad_hello", msg);
+        }
+        return;
     }
     o.nthreads = h->size;       /* 0: the online CPUs */
     o.max_queue = h->max_queue; /* 0: the core's default */
@@ -759,14 +796,7 @@ static void on_hello(node_t *n, moat__hello_t *h) {
     }
     if (h->nservers > 0 && servers_start(n, h) != 0)
         return;
-ready:
-    if (send_ready(n) != 0) {
-        /* The VM would wait for ready for ever: end with a status it
-         * reads as a crash. */
-        finish(n, MOAT_CNODE_EXIT_NOMEM);
-        return;
-    }
-    n->hello_done = 1;
+    answer_ready(n);
 }
 
 /* ---------------------------------------------------------------- runs */
@@ -872,6 +902,10 @@ static void handle_frame(node_t *n, const char *buf, size_t len) {
                               "moat_cnode: malformed %s frame (%zu bytes): "
                               "%s",
                               kind_name(f.kind), len, f.why);
+    }
+    if (rc == 0 && n->srvw != NULL && moat__srvw_frame(n->srvw, &f, buf, len)) {
+        moat__frame_free(&f);
+        return;
     }
     switch (f.kind) {
     case MOAT__FRAME_RUN:
@@ -1171,6 +1205,7 @@ static int stop(node_t *n) {
     }
     if (n->procs != NULL) /* every worker killed and reaped */
         moat__procs_stop(n->procs);
+    moat__srvw_stop(n->srvw);
     if (n->jobs_ready) /* releases task handles: before the pool goes */
         moat__jobs_close(&n->jobs);
     if (n->pool != NULL) {
@@ -1192,6 +1227,8 @@ static int stop(node_t *n) {
     }
     moat__procs_free(n->procs);
     n->procs = NULL;
+    moat__srvw_free(n->srvw);
+    n->srvw = NULL;
     servers_free(n->servers);
     n->servers = NULL;
     for (size_t i = 0; i < n->nlibs; i++)

@@ -453,6 +453,10 @@ static void describe(int st, char *out, size_t cap) {
     }
 }
 
+void moat__signal_name(int sig, char *out, size_t cap) {
+    signal_name(sig, out, cap);
+}
+
 /* ---------------------------------------------------------- lifetime */
 
 static void on_closed(uv_handle_t *h) {

@@ -41,6 +41,8 @@
  *   call start_seq   replies which counter start this one was, counted
  *                    from 1 across every counter of the loaded library
  *                    (so tests can see the order of restarts)
+ *   call segfault    writes through a null pointer, as the task does: a
+ *                    hard fault where the server runs
  *   cast {add, N}    adds N
  * terminate sleeps StopMs milliseconds (0 by default) before freeing the
  * state: a server that is slow to stop, for shutdown tests.
@@ -448,10 +450,11 @@ typedef enum {
     REQ_STOP,
     REQ_STOP_WITH,
     REQ_SLEEP,
-    REQ_START_SEQ
+    REQ_START_SEQ,
+    REQ_SEGFAULT
 } request_t;
 
-/* Parses get, crash, stop, start_seq, {add, N}, {sleep, Ms} and
+/* Parses get, crash, stop, start_seq, segfault, {add, N}, {sleep, Ms} and
  * {stop, Reason}; for the last, *arg is where Reason starts in req. */
 static request_t parse_request(const char *req, int len, long long *n,
                                int *arg) {
@@ -470,6 +473,8 @@ static request_t parse_request(const char *req, int len, long long *n,
             return REQ_STOP;
         if (strcmp(name, "start_seq") == 0)
             return REQ_START_SEQ;
+        if (strcmp(name, "segfault") == 0)
+            return REQ_SEGFAULT;
         return REQ_BAD;
     }
     if (ei_decode_tuple_header(req, &index, &arity) < 0 || arity != 2 ||
@@ -547,6 +552,9 @@ static int counter_call(moat_ctx_t *ctx, void *state, const char *req,
         return done(ctx, MOAT_OK, ei_x_encode_longlong(out, c->count));
     case REQ_START_SEQ:
         return done(ctx, MOAT_OK, ei_x_encode_longlong(out, c->seq));
+    case REQ_SEGFAULT:
+        *(volatile int *)null_target = 1;
+        return reply_bad_request(ctx, out); /* not reached */
     default:
         return reply_bad_request(ctx, out);
     }

@@ -1229,6 +1229,13 @@ static int children(pid_t parent, pid_t *pids, int cap) {
     return children_named(parent, "moat_cnode", pids, cap);
 }
 
+/* Fails unless every one of pids[0..n) is gone (reaped by its parent). */
+static void expect_gone(const pid_t *pids, int n) {
+    for (int i = 0; i < n; i++)
+        if (kill(pids[i], 0) == 0 || errno != ESRCH)
+            fail_msg("worker %d outlived the parent", (int)pids[i]);
+}
+
 /* Waits until the node has exactly `want` live workers. */
 static void expect_workers(node_t *n, int want) {
     int64_t deadline = now_ms() + WAIT_MS;
@@ -1725,9 +1732,7 @@ static void test_cnode_process_eof_ends_every_worker(void **state) {
     np = children(n->pid, pids, 16);
     assert_int_equal(np, 3);
     assert_exited(node_close(n), 0);
-    for (int i = 0; i < np; i++)
-        if (kill(pids[i], 0) == 0 || errno != ESRCH)
-            fail_msg("worker %d outlived the parent", (int)pids[i]);
+    expect_gone(pids, np);
     expect_no_event(n, EV_DONE, 1);
 }
 
@@ -2059,23 +2064,30 @@ static long wait_get(node_t *n, uint64_t *tag, long child) {
     }
 }
 
+/* Starts a node with these servers: in thread isolation, or in process
+ * isolation, where they run in a worker of their own (srvworker.c). */
+static void servers_start(node_t *n, const char *isolation, const srv_t *s,
+                          int ns, const char *strategy, long max_restarts) {
+    ev_t e;
+    node_spawn(n, 1, strcmp(isolation, "process") == 0 ? process_env : NULL);
+    send_hello_servers(n, isolation, s, ns, strategy, max_restarts);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+}
+
 /* Servers start before ready and keep their state across calls and
  * casts; a crash is the caller's outcome and the server comes back from
  * its initial state, with a restarts and a crashed report; an index that
  * names no server, and a malformed call, are answered; a call cancelled
  * while the server handles it comes back stopped, and the server serves
  * on; which_children and count_children answer in start order;
- * stop_servers stops them (calls are then noproc) and is answered. */
-static void test_cnode_servers_calls_and_children(void **state) {
+ * stop_servers stops them (calls are then noproc) and is answered, each
+ * time.  The same in both isolations. */
+static void servers_calls_and_children(node_t *n, const char *isolation) {
     const srv_t s[] = {{"counter", 0, 0, 0}, {"counter", 10, 0, 0}};
-    node_t *n = *state;
     uint64_t tag = 100;
     ei_x_buff x;
-    ev_t e;
-    node_spawn(n, 1, NULL);
-    send_hello_servers(n, "thread", s, 2, "one_for_one", 10);
-    e = node_wait(n, EV_READY, 0);
-    ev_free(&e);
+    servers_start(n, isolation, s, 2, "one_for_one", 10);
     send_call(n, 1, 0, "add", 5);
     expect_done(n, 1, 1, "5");
     send_cast(n, 0, "add", 10);
@@ -2127,9 +2139,17 @@ static void test_cnode_servers_calls_and_children(void **state) {
     assert_exited(node_close(n), 0);
 }
 
+static void test_cnode_servers_calls_and_children(void **state) {
+    servers_calls_and_children(*state, "thread");
+}
+
+static void test_cnode_process_servers_calls_and_children(void **state) {
+    servers_calls_and_children(*state, "process");
+}
+
 /* A server that fails to start fails hello with OTP's reason, after the
- * ones started are stopped; so does a server its library lacks; process
- * isolation refuses servers.  Each exits with status 2. */
+ * ones started are stopped; so does a server its library lacks; in both
+ * isolations.  Each exits with status 2, leaving no process behind. */
 static void test_cnode_servers_failed_start(void **state) {
     const srv_t bad[] = {{"counter", 0, 0, 0}, {"counter", 0, 0, 1}};
     const srv_t unknown[] = {{"counter", 0, 0, 0}, {"nope", 0, 0, 0}};
@@ -2143,8 +2163,10 @@ static void test_cnode_servers_failed_start(void **state) {
          "{error,{shutdown,{failed_to_start_child,{s,1},"
          "{unknown_server,nope}}}}"},
         {bad, "process",
-         "{error,{bad_hello,<<\"native servers need isolation thread "
-         "(doc/cnode.md)\">>}}"},
+         "{error,{shutdown,{failed_to_start_child,{s,1},badarg}}}"},
+        {unknown, "process",
+         "{error,{shutdown,{failed_to_start_child,{s,1},"
+         "{unknown_server,nope}}}}"},
     };
     node_t *n = *state;
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -2152,24 +2174,24 @@ static void test_cnode_servers_failed_start(void **state) {
         node_spawn(n, 1, NULL);
         send_hello_servers(n, cases[i].isolation, cases[i].s, 2,
                            "one_for_one", 3);
+        pid_t pids[16];
+        int np;
         e = node_wait(n, EV_ERROR, 0);
         assert_string_equal(fmt(e.term), cases[i].want);
         ev_free(&e);
+        np = children(n->pid, pids, 16);
         assert_exited(node_reap(n), 2);
+        expect_gone(pids, np < 16 ? np : 16);
         node_free(n);
     }
 }
 
 /* Past its intensity the supervisor gives up: a gave_up report, every
- * server restarting, calls noproc; stop_servers is still answered. */
-static void test_cnode_servers_give_up(void **state) {
+ * server restarting, calls noproc; stop_servers is still answered.  The
+ * same in both isolations. */
+static void servers_give_up(node_t *n, const char *isolation) {
     const srv_t s[] = {{"counter", 0, 0, 0}, {"counter", 10, 0, 0}};
-    node_t *n = *state;
-    ev_t e;
-    node_spawn(n, 1, NULL);
-    send_hello_servers(n, "thread", s, 2, "one_for_all", 0);
-    e = node_wait(n, EV_READY, 0);
-    ev_free(&e);
+    servers_start(n, isolation, s, 2, "one_for_all", 0);
     send_call(n, 1, 0, "crash", 0);
     expect_done(n, 1, 0, "{native_error,<<\"crash\">>}");
     expect_report(n, "gave_up", "{gave_up,shutdown}");
@@ -2184,6 +2206,57 @@ static void test_cnode_servers_give_up(void **state) {
     send_kind(n, "stop_servers", 0, 1);
     expect_report(n, "servers_stopped", "{servers_stopped}");
     assert_exited(node_close(n), 0);
+}
+
+static void test_cnode_servers_give_up(void **state) {
+    servers_give_up(*state, "thread");
+}
+
+static void test_cnode_process_servers_give_up(void **state) {
+    servers_give_up(*state, "process");
+}
+
+/* Process isolation: a task's hard fault leaves the servers as they are,
+ * in their worker (size 2 + 1 spare + the servers' worker are the
+ * parent's children).  A server's hard fault ends the servers' worker:
+ * the calls it held end with the crash, the VM is told the supervisor
+ * gave up with it, and later calls and queries are noproc, stop_servers
+ * answered at once; the tasks carry on.  No process outlives stdin's
+ * end. */
+static void test_cnode_process_servers_fault(void **state) {
+    const srv_t s[] = {{"counter", 0, 0, 0}, {"counter", 10, 0, 0}};
+    ei_x_buff none = args_none();
+    node_t *n = *state;
+    pid_t pids[16];
+    int np;
+    servers_start(n, "process", s, 2, "one_for_one", 10);
+    expect_workers(n, 4);
+    send_call(n, 1, 0, "add", 5);
+    expect_done(n, 1, 1, "5");
+    send_run(n, 2, "segfault", &none);
+    expect_done(n, 2, 0, SEGFAULT_REASON);
+    send_call(n, 3, 0, "get", 0);
+    expect_done(n, 3, 1, "5");
+    expect_no_event(n, EV_REPORT, 0);
+    /* one call in flight, then the server's own segfault */
+    send_call(n, 4, 1, "sleep", FOREVER_MS);
+    sleep_ms(50);
+    send_call(n, 5, 0, "segfault", 0);
+    expect_done(n, 5, 0, SEGFAULT_REASON);
+    expect_done(n, 4, 0, SEGFAULT_REASON);
+    expect_report(n, "gave_up", "{gave_up," SEGFAULT_REASON "}");
+    send_call(n, 6, 1, "get", 0);
+    expect_done(n, 6, 0, "noproc");
+    send_kind(n, "which_children", 7, 0);
+    expect_done(n, 7, 0, "noproc");
+    send_kind(n, "stop_servers", 0, 1);
+    expect_report(n, "servers_stopped", "{servers_stopped}");
+    ping(n, 8);
+    ei_x_free(&none);
+    np = children(n->pid, pids, 16);
+    assert_int_equal(np, 3);
+    assert_exited(node_close(n), 0);
+    expect_gone(pids, np);
 }
 
 int main(void) {
@@ -2262,6 +2335,12 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_cnode_servers_failed_start,
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_servers_give_up,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_servers_calls_and_children,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_servers_give_up,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_servers_fault,
                                         own_setup, own_teardown),
     };
     int failed;

@@ -695,8 +695,60 @@ static void test_cnode_frame_worker_frames(void **state) {
     moat__wframe_free(&f);
     ei_x_free(&x);
 
-    /* refused: a bad level, an empty done list, a run, garbage, every
-     * cut of a good frame */
+    /* the servers' worker's reports; error's and gave_up's reasons */
+    x = start("restarts", 2);
+    ei_x_encode_ulonglong(&x, 17);
+    assert_int_equal(wdecode(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__WFRAME_RESTARTS);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
+    x = start("crashed", 4);
+    ei_x_encode_long(&x, 2);
+    ei_x_encode_atom(&x, "a");
+    ei_x_encode_atom(&x, "boom");
+    assert_int_equal(wdecode(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__WFRAME_CRASHED);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
+    x = start("servers_stopped", 1);
+    assert_int_equal(wdecode(&x, &f), 0);
+    assert_int_equal(f.kind, MOAT__WFRAME_SERVERS_STOPPED);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
+    for (int k = 0; k < 2; k++) {
+        x = start(k == 0 ? "gave_up" : "error", 2);
+        int at = x.index;
+        ei_x_encode_tuple_header(&x, 2);
+        ei_x_encode_atom(&x, "native_crash");
+        ei_x_encode_atom(&x, "sigsegv");
+        assert_int_equal(wdecode(&x, &f), 0);
+        assert_int_equal(f.kind, k == 0 ? MOAT__WFRAME_GAVE_UP
+                                        : MOAT__WFRAME_ERROR);
+        assert_ptr_equal(f.reason, x.buff + at);
+        assert_int_equal(f.reason_len, x.index - at);
+        moat__wframe_free(&f);
+        ei_x_free(&x);
+    }
+
+    /* refused: a bad level, an empty done list, a run, garbage, reports
+     * of the wrong shape, every cut of a good frame */
+    x = start("restarts", 2);
+    ei_x_encode_long(&x, -1);
+    assert_int_equal(wdecode(&x, &f), MOAT_EBADTERM);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
+    x = start("crashed", 4);
+    ei_x_encode_long(&x, 0);
+    ei_x_encode_atom(&x, "a");
+    ei_x_encode_atom(&x, "boom");
+    assert_int_equal(wdecode(&x, &f), MOAT_EBADTERM);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
+    x = start("servers_stopped", 2);
+    ei_x_encode_atom(&x, "now");
+    assert_int_equal(wdecode(&x, &f), MOAT_EBADTERM);
+    moat__wframe_free(&f);
+    ei_x_free(&x);
     x = start("log", 3);
     ei_x_encode_atom(&x, "loud");
     ei_x_encode_binary(&x, "hi", 2);

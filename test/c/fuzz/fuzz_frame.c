@@ -32,6 +32,12 @@
  *    frame that passed the check; a well-formed call or query is tagged;
  *  - moat__frame_free releases everything (LeakSanitizer) and is
  *    idempotent.
+ *
+ * The same bytes also go to moat__wframe_decode, the parent's decoder of
+ * what a worker process sends (a task worker's or the servers' worker's
+ * frames, as untrusted as the VM's are not): it returns 0 only for bytes
+ * moat_etf_check passes, with a kind, and what it points at (outcome
+ * terms, a log message, a reason) lies inside the packet.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -191,10 +197,31 @@ static void check_frame(int rc, const moat__frame_t *f, const char *buf,
         abort();
 }
 
+/* The contract of moat__wframe_decode (see the top). */
+static void check_wframe(int rc, const moat__wframe_t *f, const char *buf,
+                         size_t len) {
+    if (rc != 0 && rc != MOAT_EBADTERM && rc != UV_ENOMEM)
+        abort();
+    if (rc != 0)
+        return;
+    if (f->kind == MOAT__WFRAME_NONE || moat_etf_check(buf, len) != 0)
+        abort();
+    for (size_t i = 0; i < f->ndone; i++)
+        if (f->done[i].len == 0 ||
+            !inside(f->done[i].term, f->done[i].len, buf, len))
+            abort();
+    if (f->kind == MOAT__WFRAME_LOG && !inside(f->msg, f->msg_len, buf, len))
+        abort();
+    if ((f->kind == MOAT__WFRAME_ERROR || f->kind == MOAT__WFRAME_GAVE_UP) &&
+        (f->reason_len == 0 || !inside(f->reason, f->reason_len, buf, len)))
+        abort();
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const char *buf = (const char *)data;
     static const moat__frame_t empty;
     moat__frame_t f;
+    moat__wframe_t w;
     int rc;
 
     rc = moat__frame_decode(buf, size, &f);
@@ -203,5 +230,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (memcmp(&f, &empty, sizeof f) != 0)
         abort();
     moat__frame_free(&f);
+    rc = moat__wframe_decode(buf, size, &w);
+    check_wframe(rc, &w, buf, size);
+    moat__wframe_free(&w);
     return 0;
 }

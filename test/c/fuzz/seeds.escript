@@ -2,7 +2,7 @@
 %%! -noshell
 %% seeds.escript: writes the seed corpora of the fuzz targets,
 %% test/c/fuzz/corpus/fuzz_frame/ (frames as the VM sends them, doc/cnode.md,
-%% native servers' included)
+%% native servers' included, and those a worker process sends its parent)
 %% and test/c/fuzz/corpus/fuzz_term/ (one term of each kind the ETF check
 %% accepts, and a few it refuses).  The seeds are committed; run this again
 %% only to change them (the pid, reference and fun seeds then change too):
@@ -96,7 +96,18 @@ frames() ->
      {"cast", etf({cast, 1, {add, -3}})},
      {"which_children", etf({which_children, 13})},
      {"count_children", utf8({count_children, 14})},
-     {"stop_servers", etf({stop_servers})}].
+     {"stop_servers", etf({stop_servers})},
+     %% What a worker process sends its parent (moat__wframe_decode):
+     %% a task worker's frames, and the servers' worker's reports.
+     {"w_ready", etf({ready, 4242, [echo, spin]})},
+     {"w_error", etf({error, {shutdown, {failed_to_start_child, a, badarg}}})},
+     {"w_done", etf({done, [{1, ok, <<"x">>}, {1 bsl 64 - 1, exit, {native_error, <<"y">>}}]})},
+     {"w_stopped", etf({stopped, [3, 4]})},
+     {"w_log", etf({log, warning, <<"careful">>})},
+     {"w_restarts", etf({restarts, 17})},
+     {"w_crashed", etf({crashed, 2, {s, 1}, {native_error, <<"crash">>}})},
+     {"w_gave_up", etf({gave_up, {native_crash, sigsegv}})},
+     {"w_servers_stopped", etf({servers_stopped})}].
 
 terms() ->
     Node = <<119, 13, "nonode@nohost">>, % SMALL_ATOM_UTF8_EXT
