@@ -3,8 +3,9 @@
 %%% over the port (cnode_thread) and over distribution (cnode_dist), where
 %%% the servers run in the C-node under its native supervisor and every
 %%% request is a frame, and process isolation (cnode_process), where they
-%%% run in a worker process of their own that the C-node relays to: the demo `counter' server reached with moat:call/3,4
-%%% and moat:cast/3, the native supervisor's strategies, restart types,
+%%% run in a worker process of their own, relayed by the C-node: the demo
+%%% `counter' server reached with moat:call/3,4 and moat:cast/3, the
+%%% native supervisor's strategies, restart types,
 %%% restart intensity (OTP's algorithm, whole seconds of a monotonic
 %%% clock), shutdown, which_children/count_children, escalation to the
 %%% pool's OTP supervisor, and callers that keep getting values while
@@ -60,7 +61,8 @@
     failed_start_stops_started_in_order/1,
     crashes_are_reported/1,
     task_fault_keeps_servers/1,
-    server_fault_gives_up/1
+    server_fault_gives_up/1,
+    servers_worker_killed_by_any_signal/1
 ]).
 %% A logger handler (crashes_are_reported).
 -export([log/2]).
@@ -101,7 +103,7 @@ nif_only() ->
 
 %% Hard faults, which only process isolation survives.
 process_only() ->
-    [task_fault_keeps_servers, server_fault_gives_up].
+    [task_fault_keeps_servers, server_fault_gives_up, servers_worker_killed_by_any_signal].
 
 cases() ->
     [
@@ -1379,6 +1381,10 @@ task_fault_keeps_servers(_Config) ->
     Owner = moat_nif:pool_owner(P),
     {ok, 7} = moat:call(P, a, {add, 7}),
     Seqs = seqs(P, [a, b]),
+    %% The servers run in one process, neither the VM nor a task worker.
+    {ok, Os} = moat:call(P, a, os_pid),
+    ?assertEqual({ok, Os}, moat:call(P, b, os_pid)),
+    ?assertNotEqual(list_to_integer(os:getpid()), Os),
     {SlowPid, SlowRef} = spawn_monitor(fun() ->
         exit({result, moat:call(P, b, {sleep, 300}, infinity)})
     end),
@@ -1392,6 +1398,7 @@ task_fault_keeps_servers(_Config) ->
     end,
     ?assertEqual({ok, 7}, moat:call(P, a, get)),
     ?assertEqual(Seqs, seqs(P, [a, b])),
+    ?assertEqual({ok, Os}, moat:call(P, a, os_pid)),
     ?assertEqual([{a, running, worker}, {b, running, worker}], moat:which_children(P)),
     ?assertEqual(Owner, moat_nif:pool_owner(P)),
     ?assertEqual(0, maps:get(restarts, moat:stats(P))),
@@ -1431,6 +1438,27 @@ server_fault_gives_up(_Config) ->
     ?assertEqual(10, wait_get(P, b)),
     ?assertEqual(0, wait_get(P, a)),
     ?assertEqual({ok, 1}, moat:run(P, echo, [1])),
+    ok = moat:stop_pool(P),
+    sweep().
+
+%% The servers' worker killed from outside by a signal no test raises
+%% otherwise, with no call in flight: the VM has no atom `sigxcpu' before
+%% the give-up names it, and that report must not be lost for it; the
+%% pool restarts, as for a segfault.
+servers_worker_killed_by_any_signal(_Config) ->
+    P = srv_sigxcpu,
+    {ok, _} = start_pool(P, #{size => 2, servers => [spec(a, [0])]}),
+    Owner = moat_nif:pool_owner(P),
+    OwnerRef = monitor(process, Owner),
+    {ok, 3} = moat:call(P, a, {add, 3}),
+    {ok, Os} = moat:call(P, a, os_pid),
+    _ = os:cmd("kill -XCPU " ++ integer_to_list(Os)),
+    receive
+        {'DOWN', OwnerRef, process, Owner, OwnerReason} -> ?assertEqual(shutdown, OwnerReason)
+    after ?WAIT -> ct:fail(owner_did_not_exit)
+    end,
+    wait_new_owner(P, Owner),
+    ?assertEqual(0, wait_get(P, a)),
     ok = moat:stop_pool(P),
     sweep().
 

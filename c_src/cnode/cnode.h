@@ -203,8 +203,6 @@ typedef struct moat__wbuf_s {
  * go on, anything else to stop: the worker is no longer listened to. */
 typedef int (*moat__wbuf_fn)(void *data, const char *buf, size_t len);
 
-#define MOAT__WBUF_TOO_BIG 1 /* a frame's length was over the bound */
-#define MOAT__WBUF_STOPPED 2 /* the callback said stop */
 
 /* Makes room for a read.  Returns 0 or UV_ENOMEM. */
 int moat__wbuf_reserve(moat__wbuf_t *b);
@@ -214,15 +212,15 @@ int moat__wbuf_reserve(moat__wbuf_t *b);
 void moat__wbuf_alloc(moat__wbuf_t *b, uv_buf_t *buf);
 
 /* Hands each whole frame in the buffer to fn, in order, and keeps the
- * incomplete rest.  Returns 0; MOAT__WBUF_TOO_BIG when a frame's length
- * is over `max`, or MOAT__WBUF_STOPPED when fn stopped, and then drops
- * everything still in the buffer. */
+ * incomplete rest.  Returns 0; UV_E2BIG when a frame's length is over
+ * `max`, or UV_ECANCELED when fn stopped, and then drops everything still
+ * in the buffer. */
 int moat__wbuf_parse(moat__wbuf_t *b, uint32_t max, moat__wbuf_fn fn,
                      void *data);
 
 /* Reads non-blocking fd to its end (a reaped worker's stdout, so that
  * what it wrote before it died counts), parsing as it goes.  Returns as
- * moat__wbuf_parse does. */
+ * moat__wbuf_parse does, or UV_ENOMEM when the buffer cannot grow. */
 int moat__wbuf_drain(moat__wbuf_t *b, int fd, uint32_t max, moat__wbuf_fn fn,
                      void *data);
 
@@ -355,13 +353,15 @@ typedef void (*moat__srvw_ready_cb)(void *data, const char *reason,
                                     size_t len, const char *why);
 
 /* Spawns the servers' worker of `exe` for hello's servers and sends it
- * their hello; `ready` is called once it answers or ends.  Returns 0, or
- * a negative error (then `ready` is never called).  Either way *out is
+ * their hello; `ready` is called once it answers or ends, and `fatal`
+ * when an outcome it held could not be kept (no memory).  Returns 0, or
+ * a negative error (then neither is ever called).  Either way *out is
  * set, for moat__srvw_stop and moat__srvw_free (NULL without memory).
  * Loop thread. */
 int moat__srvw_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
                      const struct moat__hello_s *h, moat__srvw_ready_cb ready,
-                     void *data, moat__srvw_t **out);
+                     moat__procs_fatal_cb fatal, void *data,
+                     moat__srvw_t **out);
 
 /* Takes a frame from the VM that is the servers' (call, cast, the
  * queries, stop_servers, and a cancel of a tag it holds), well formed,

@@ -1071,6 +1071,8 @@ int moat__wframe_decode(const char *buf, size_t len, moat__wframe_t *f) {
         f->kind = atom_is(&kind, "error") ? MOAT__WFRAME_ERROR
                                           : MOAT__WFRAME_GAVE_UP;
         rc = skip_term(&r) == 0 ? 0 : MOAT_EBADTERM;
+        if (rc != 0)
+            wwhy(f, "an error or gave_up frame's reason is malformed");
         f->reason = buf + start;
         f->reason_len = r.pos - start;
     } else if (atom_is(&kind, "restarts") && arity == 2) {

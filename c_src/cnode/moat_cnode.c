@@ -20,8 +20,10 @@
  * nothing it has not checked.  The first frame must be hello: it opens the
  * libraries, starts the pool and is answered with ready; anything else, or
  * a hello that cannot be served, is answered with {error, _} and the node
- * exits with status 2.  Afterwards a malformed frame is logged and its
- * readable tags answered badarg; the node never exits for one.  The run
+ * exits with status 2.  Afterwards (also while ready waits for a servers'
+ * worker, in process isolation) a malformed frame is logged and its
+ * readable tags answered badarg, and a second hello is logged and
+ * ignored; the node never exits for one.  The run
  * frames of one read are submitted as one batch (at the end of the read,
  * or before a cancel, so a cancel always finds the tasks sent before it).
  *
@@ -104,7 +106,8 @@ typedef struct node_s {
     char *rbuf;        /* bytes read from stdin, not yet handled */
     size_t rlen, rcap;
     uint64_t skip;     /* bytes of an oversized frame still to drop */
-    int hello_done;
+    int hello_seen;    /* the first frame, hello, was handled */
+    int hello_done;    /* ready was sent */
     int stop;          /* the loop is ending: no more frames */
     int status;        /* the exit status */
     moat_lib_t **libs;
@@ -722,6 +725,8 @@ static void on_hello(node_t *n, moat__hello_t *h) {
     char msg[256];
     int rc;
 
+    n->hello_seen = 1;
+
     if (h->isolation == MOAT__ISOLATION_PROCESS && exe_path[0] == '\0') {
         hello_fail(n, "bad_hello",
                    "isolation process: /proc/self/exe cannot be read");
@@ -765,7 +770,7 @@ static void on_hello(node_t *n, moat__hello_t *h) {
         }
         /* Answered once the servers' own worker has started them. */
         rc = moat__srvw_start(&n->loop, &n->ob, exe_path, h, on_srvw_ready,
-                              n, &n->srvw);
+                              on_fatal, n, &n->srvw);
         if (rc != 0) {
             snprintf(msg, sizeof msg, "cannot start the servers' worker: %s",
                      moat_strerror(rc));
@@ -880,7 +885,7 @@ static void handle_frame(node_t *n, const char *buf, size_t len) {
         finish(n, MOAT_CNODE_EXIT_NOMEM);
         return;
     }
-    if (!n->hello_done) {
+    if (!n->hello_seen) {
         if (f.kind != MOAT__FRAME_HELLO)
             hello_fail(n, "bad_hello", "the first frame is not {hello, Opts}");
         else if (rc != 0)
@@ -997,7 +1002,7 @@ static void parse(node_t *n) {
             break;
         len = be32(n->rbuf + off);
         if (len > MAX_FRAME) {
-            if (!n->hello_done) {
+            if (!n->hello_seen) {
                 hello_fail(n, "bad_hello", "the first frame is too large");
                 break;
             }

@@ -677,7 +677,8 @@ static void handle_wframe(worker_t *w, const char *buf, size_t len) {
     case MOAT__WFRAME_LOG:
         moat__outbox_log(p->ob, f.level, f.msg, f.msg_len);
         break;
-    default:
+    default: /* a native servers' report: a task worker has no servers */
+        kill_worker(w, "a frame out of place", "protocol");
         break;
     }
 out:

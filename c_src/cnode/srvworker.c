@@ -76,10 +76,17 @@ typedef enum {
     S_ENDED     /* refused hello, or its end was reported */
 } sstate_t;
 
+/* A tag forwarded to it and not answered. */
+typedef struct {
+    uint64_t tag;
+    int cancelled; /* a cancel for it was forwarded: it may answer stopped */
+} held_t;
+
 struct moat__srvw_s {
     uv_loop_t *loop;
     moat__outbox_t *ob;
     moat__srvw_ready_cb ready;
+    moat__procs_fatal_cb fatal;
     void *data;
     pid_t pid;
     sstate_t state;
@@ -89,8 +96,8 @@ struct moat__srvw_s {
     int gave_up;       /* it reported {gave_up, _} itself */
     int stopping;      /* stop_servers forwarded */
     int stopped;       /* servers_stopped sent to the VM */
-    uint64_t *tags;    /* forwarded and not answered, in no order */
-    size_t ntags, captags;
+    held_t *held;      /* in no order */
+    size_t nheld, capheld;
     uv_pipe_t in, out;
     int in_open, out_open;
     uv_signal_t sigchld;
@@ -121,6 +128,8 @@ static void on_written(uv_write_t *req, int status) {
 /* Writes one frame (version byte first) to its stdin.  A failure is
  * left to its reaping: a servers' worker that cannot be written to is
  * ending, or is killed here for want of memory. */
+static void fault(moat__srvw_t *s, const char *what, const char *why);
+
 static void send_frame(moat__srvw_t *s, const char *etf, size_t len) {
     wreq_t *w;
     uv_buf_t b;
@@ -129,8 +138,7 @@ static void send_frame(moat__srvw_t *s, const char *etf, size_t len) {
         return;
     w = malloc(sizeof *w + LEN_BYTES + len);
     if (w == NULL) {
-        s->why = "enomem";
-        kill(s->pid, SIGKILL);
+        fault(s, "could not be written to (no memory)", "enomem");
         return;
     }
     put_be32(w->data, (uint32_t)len);
@@ -141,27 +149,28 @@ static void send_frame(moat__srvw_t *s, const char *etf, size_t len) {
 }
 
 static int hold(moat__srvw_t *s, uint64_t tag) {
-    if (s->ntags == s->captags) {
-        size_t cap = s->captags > 0 ? 2 * s->captags : 64;
-        uint64_t *t = realloc(s->tags, cap * sizeof *t);
-        if (t == NULL)
+    if (s->nheld == s->capheld) {
+        size_t cap = s->capheld > 0 ? 2 * s->capheld : 64;
+        held_t *h = realloc(s->held, cap * sizeof *h);
+        if (h == NULL)
             return UV_ENOMEM;
-        s->tags = t;
-        s->captags = cap;
+        s->held = h;
+        s->capheld = cap;
     }
-    s->tags[s->ntags++] = tag;
+    s->held[s->nheld++] = (held_t){tag, 0};
     return 0;
 }
 
-/* Whether `tag` is held; takes it out when `take`. */
-static int held(moat__srvw_t *s, uint64_t tag, int take) {
-    for (size_t i = 0; i < s->ntags; i++)
-        if (s->tags[i] == tag) {
-            if (take)
-                s->tags[i] = s->tags[--s->ntags];
-            return 1;
-        }
-    return 0;
+/* The held entry of `tag`, or NULL. */
+static held_t *find(moat__srvw_t *s, uint64_t tag) {
+    for (size_t i = 0; i < s->nheld; i++)
+        if (s->held[i].tag == tag)
+            return &s->held[i];
+    return NULL;
+}
+
+static void unhold(moat__srvw_t *s, held_t *h) {
+    *h = s->held[--s->nheld];
 }
 
 static void answer_atom(moat__srvw_t *s, uint64_t tag, moat_atom_t a) {
@@ -190,7 +199,8 @@ static void fault(moat__srvw_t *s, const char *what, const char *why) {
                       (long)s->pid, what);
     s->ignore = 1;
     s->why = why;
-    kill(s->pid, SIGKILL); /* not reaped yet: the pid is its own */
+    if (!s->reaped) /* else the pid may be another process's by now */
+        kill(s->pid, SIGKILL);
 }
 
 /* --------------------------------------------------------------- hello */
@@ -295,19 +305,26 @@ static void handle_wframe(moat__srvw_t *s, const char *buf, size_t len) {
         case MOAT__WFRAME_DONE:
             for (size_t i = 0; i < f.ndone && !s->ignore; i++) {
                 const moat__wdone_t *d = &f.done[i];
-                if (!held(s, d->tag, 1))
+                held_t *h = find(s, d->tag);
+                if (h == NULL) {
                     fault(s, "answered a tag it does not hold", "protocol");
-                else
+                } else {
+                    unhold(s, h);
                     moat__outbox_done(s->ob, d->tag, d->kind, d->term,
                                       d->len);
+                }
             }
             break;
         case MOAT__WFRAME_STOPPED:
             for (size_t i = 0; i < f.ntags && !s->ignore; i++) {
-                if (!held(s, f.tags[i], 1))
-                    fault(s, "stopped a tag it does not hold", "protocol");
-                else
+                held_t *h = find(s, f.tags[i]);
+                if (h == NULL || !h->cancelled) {
+                    fault(s, "stopped a tag it was not asked to stop",
+                          "protocol");
+                } else {
+                    unhold(s, h);
                     moat__outbox_stopped(s->ob, &f.tags[i], 1);
+                }
             }
             break;
         case MOAT__WFRAME_SERVERS_STOPPED:
@@ -342,8 +359,10 @@ static int on_frame(void *data, const char *buf, size_t len) {
 }
 
 static void parse_rc(moat__srvw_t *s, int rc) {
-    if (rc == MOAT__WBUF_TOO_BIG)
+    if (rc == UV_E2BIG)
         fault(s, "sent a frame over the size limit", "protocol");
+    else if (rc == UV_ENOMEM)
+        fault(s, "left no memory for its frames", "enomem");
 }
 
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
@@ -432,9 +451,8 @@ static void ended(moat__srvw_t *s, int st) {
         return;
     if (ei_x_new(&reason) < 0 || crash_reason(s, st, &reason) != 0) {
         ei_x_free(&reason);
-        moat__outbox_logf(s->ob, "error", "moat_cnode: no memory to "
-                                          "report the servers' worker's end");
-        exit(MOAT_CNODE_EXIT_NOMEM); /* its tags' outcomes would be lost */
+        s->fatal(s->data, MOAT_CNODE_EXIT_NOMEM); /* outcomes would be lost */
+        return;
     }
     if (WIFSIGNALED(st))
         snprintf(what, sizeof what, "signal %d", WTERMSIG(st));
@@ -452,11 +470,11 @@ static void ended(moat__srvw_t *s, int st) {
                       "moat_cnode: the servers' worker (pid %ld) ended (%s); "
                       "the pool's servers are gone",
                       (long)s->pid, what);
-    for (size_t i = 0; i < s->ntags; i++)
-        moat__outbox_done(s->ob, s->tags[i], MOAT_EXIT, reason.buff,
+    for (size_t i = 0; i < s->nheld; i++)
+        moat__outbox_done(s->ob, s->held[i].tag, MOAT_EXIT, reason.buff,
                           (size_t)reason.index);
-    s->ntags = 0;
-    if (s->stopping) {
+    s->nheld = 0;
+    if (s->stopping || s->stopped) { /* the owner is stopping the pool */
         if (!s->stopped)
             send_servers_stopped(s);
     } else if (!s->gave_up) {
@@ -487,7 +505,8 @@ static void on_sigchld(uv_signal_t *h, int signum) {
 
 int moat__srvw_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
                      const moat__hello_t *h, moat__srvw_ready_cb ready,
-                     void *data, moat__srvw_t **out) {
+                     moat__procs_fatal_cb fatal, void *data,
+                     moat__srvw_t **out) {
     moat__srvw_t *s = calloc(1, sizeof *s);
     ei_x_buff x;
     int in = -1, fd_out = -1, rc;
@@ -498,8 +517,9 @@ int moat__srvw_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
     s->loop = loop;
     s->ob = ob;
     s->ready = ready;
+    s->fatal = fatal;
     s->data = data;
-    s->state = S_ENDED; /* until it is spawned */
+    s->state = S_ENDED; /* until it has been spawned and written to */
     if (ei_x_new_with_version(&x) < 0)
         return UV_ENOMEM;
     rc = make_hello(&x, h);
@@ -509,41 +529,43 @@ int moat__srvw_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
         /* Before the spawn, so that its end cannot go unnoticed. */
         rc = uv_signal_start(&s->sigchld, on_sigchld, SIGCHLD);
     }
-    if (rc == 0)
-        rc = moat__spawn_worker(exe, &s->pid, &in, &fd_out);
-    if (rc != 0) {
-        ei_x_free(&x);
-        return rc;
-    }
+    if (rc != 0 || (rc = moat__spawn_worker(exe, &s->pid, &in, &fd_out)) != 0)
+        goto done;
+    if ((rc = uv_pipe_init(loop, &s->in, 0)) != 0)
+        goto fail;
+    s->in.data = s;
+    s->in_open = 1;
+    if ((rc = uv_pipe_open(&s->in, in)) != 0)
+        goto fail;
+    in = -1;
+    if ((rc = uv_pipe_init(loop, &s->out, 0)) != 0)
+        goto fail;
+    s->out.data = s;
+    s->out_open = 1;
+    if ((rc = uv_pipe_open(&s->out, fd_out)) != 0)
+        goto fail;
+    fd_out = -1;
+    if ((rc = uv_read_start((uv_stream_t *)&s->out, on_alloc, on_read)) != 0)
+        goto fail;
     s->state = S_STARTING;
-    rc = uv_pipe_init(loop, &s->in, 0);
-    if (rc == 0) {
-        s->in.data = s;
-        s->in_open = 1;
-        if ((rc = uv_pipe_open(&s->in, in)) == 0)
-            in = -1;
-    }
-    if (rc == 0 && (rc = uv_pipe_init(loop, &s->out, 0)) == 0) {
-        s->out.data = s;
-        s->out_open = 1;
-        if ((rc = uv_pipe_open(&s->out, fd_out)) == 0) {
-            fd_out = -1;
-            rc = uv_read_start((uv_stream_t *)&s->out, on_alloc, on_read);
-        }
-    }
+    send_frame(s, x.buff, (size_t)x.index);
+    goto done;
+fail: /* spawned: killed here, reaped by moat__srvw_stop */
+    s->ignore = 1;
+    kill(s->pid, SIGKILL);
     if (in >= 0)
         close(in);
     if (fd_out >= 0)
         close(fd_out);
-    if (rc == 0)
-        send_frame(s, x.buff, (size_t)x.index);
+done:
     ei_x_free(&x);
-    return rc; /* on an error, moat__srvw_stop kills and reaps it */
+    return rc;
 }
 
 int moat__srvw_frame(moat__srvw_t *s, const moat__frame_t *f,
                      const char *buf, size_t len) {
     int ready = s->state == S_READY && !s->ignore;
+    held_t *h;
 
     switch (f->kind) {
     case MOAT__FRAME_CALL:
@@ -569,10 +591,15 @@ int moat__srvw_frame(moat__srvw_t *s, const moat__frame_t *f,
         }
         return 1;
     case MOAT__FRAME_CANCEL:
-        if (!held(s, f->tag, 0))
+        if ((h = find(s, f->tag)) == NULL)
             return 0; /* a task's */
-        if (ready)
+        if (ready) {
+            h->cancelled = 1;
             send_frame(s, buf, len);
+        } else { /* killed, not reaped yet: its answer will not come */
+            unhold(s, h);
+            moat__outbox_stopped(s->ob, &f->tag, 1);
+        }
         return 1;
     default:
         return 0;
@@ -610,7 +637,7 @@ void moat__srvw_stop(moat__srvw_t *s) {
 void moat__srvw_free(moat__srvw_t *s) {
     if (s == NULL)
         return;
-    free(s->tags);
+    free(s->held);
     moat__wbuf_free(&s->rd);
     free(s);
 }

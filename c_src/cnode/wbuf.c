@@ -55,14 +55,14 @@ int moat__wbuf_parse(moat__wbuf_t *b, uint32_t max, moat__wbuf_fn fn,
     while (b->len - off >= LEN_BYTES) {
         uint32_t len = be32(b->buf + off);
         if (len > max) {
-            rc = MOAT__WBUF_TOO_BIG;
+            rc = UV_E2BIG;
             break;
         }
         if (b->len - off - LEN_BYTES < len)
             break;
         off += LEN_BYTES + (size_t)len;
         if (fn(data, b->buf + off - len, len) != 0) {
-            rc = MOAT__WBUF_STOPPED;
+            rc = UV_ECANCELED;
             break;
         }
     }
@@ -79,8 +79,11 @@ int moat__wbuf_drain(moat__wbuf_t *b, int fd, uint32_t max, moat__wbuf_fn fn,
                      void *data) {
     int rc = 0;
 
-    while (rc == 0 && moat__wbuf_reserve(b) == 0) {
-        ssize_t r = read(fd, b->buf + b->len, b->cap - b->len);
+    while (rc == 0) {
+        ssize_t r;
+        if (moat__wbuf_reserve(b) != 0)
+            return UV_ENOMEM;
+        r = read(fd, b->buf + b->len, b->cap - b->len);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0)

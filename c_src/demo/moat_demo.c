@@ -43,6 +43,7 @@
  *                    (so tests can see the order of restarts)
  *   call segfault    writes through a null pointer, as the task does: a
  *                    hard fault where the server runs
+ *   call os_pid      replies the OS pid of the process the server runs in
  *   cast {add, N}    adds N
  * terminate sleeps StopMs milliseconds (0 by default) before freeing the
  * state: a server that is slow to stop, for shutdown tests.
@@ -451,11 +452,13 @@ typedef enum {
     REQ_STOP_WITH,
     REQ_SLEEP,
     REQ_START_SEQ,
-    REQ_SEGFAULT
+    REQ_SEGFAULT,
+    REQ_OS_PID
 } request_t;
 
-/* Parses get, crash, stop, start_seq, segfault, {add, N}, {sleep, Ms} and
- * {stop, Reason}; for the last, *arg is where Reason starts in req. */
+/* Parses get, crash, stop, start_seq, segfault, os_pid, {add, N},
+ * {sleep, Ms} and {stop, Reason}; for the last, *arg is where Reason
+ * starts in req. */
 static request_t parse_request(const char *req, int len, long long *n,
                                int *arg) {
     char name[MAXATOMLEN_UTF8];
@@ -475,6 +478,8 @@ static request_t parse_request(const char *req, int len, long long *n,
             return REQ_START_SEQ;
         if (strcmp(name, "segfault") == 0)
             return REQ_SEGFAULT;
+        if (strcmp(name, "os_pid") == 0)
+            return REQ_OS_PID;
         return REQ_BAD;
     }
     if (ei_decode_tuple_header(req, &index, &arity) < 0 || arity != 2 ||
@@ -555,6 +560,8 @@ static int counter_call(moat_ctx_t *ctx, void *state, const char *req,
     case REQ_SEGFAULT:
         *(volatile int *)null_target = 1;
         return reply_bad_request(ctx, out); /* not reached */
+    case REQ_OS_PID:
+        return done(ctx, MOAT_OK, ei_x_encode_long(out, (long)getpid()));
     default:
         return reply_bad_request(ctx, out);
     }

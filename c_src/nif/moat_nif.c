@@ -1562,6 +1562,7 @@ static ERL_NIF_TERM nif_cnode_deliver(ErlNifEnv *env, int argc,
     const char *buf;
     char what[16] = "";
     int i = 0, version, arity = 0, rc;
+    ErlNifBinaryToTerm safe;
     ERL_NIF_TERM t;
     (void)argc;
     if (np == NULL || !enif_inspect_binary(env, argv[1], &bin))
@@ -1586,7 +1587,11 @@ static ERL_NIF_TERM nif_cnode_deliver(ErlNifEnv *env, int argc,
         atomic_store(&np->remote_restarts, n);
         return atom_ok;
     }
-    if (enif_binary_to_term(env, bin.data, bin.size, &t, ERL_NIF_BIN2TERM_SAFE) == 0)
+    /* The other frames create no atoms, but gave_up, which ends the pool
+     * and must not be lost for an atom the VM lacks: its reason may name
+     * any signal, {native_crash, sigxcpu}, as task outcomes may. */
+    safe = arity == 2 && strcmp(what, "gave_up") == 0 ? 0 : ERL_NIF_BIN2TERM_SAFE;
+    if (enif_binary_to_term(env, bin.data, bin.size, &t, safe) == 0)
         return error_tuple(env, atom_bad_frame);
     return enif_make_tuple2(env, atom_other, t);
 }

@@ -2216,6 +2216,26 @@ static void test_cnode_process_servers_give_up(void **state) {
     servers_give_up(*state, "process");
 }
 
+/* Process isolation answers hello once its servers' worker has started
+ * the servers: a second hello sent before that is logged and ignored,
+ * not served twice, and ready comes once. */
+static void test_cnode_process_servers_second_hello(void **state) {
+    const srv_t s[] = {{"counter", 0, 0, 0}};
+    node_t *n = *state;
+    ev_t e;
+    node_spawn(n, 1, process_env);
+    send_hello_servers(n, "process", s, 1, "one_for_one", 10);
+    send_hello_servers(n, "process", s, 1, "one_for_one", 10);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    expect_log(n, "error", "a second hello frame was ignored");
+    send_call(n, 1, 0, "add", 2);
+    expect_done(n, 1, 1, "2");
+    expect_no_event(n, EV_READY, 0);
+    expect_workers(n, 4); /* 2 + 1 spare + the servers' worker, once */
+    assert_exited(node_close(n), 0);
+}
+
 /* Process isolation: a task's hard fault leaves the servers as they are,
  * in their worker (size 2 + 1 spare + the servers' worker are the
  * parent's children).  A server's hard fault ends the servers' worker:
@@ -2341,6 +2361,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_cnode_process_servers_give_up,
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_servers_fault,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_servers_second_hello,
                                         own_setup, own_teardown),
     };
     int failed;
