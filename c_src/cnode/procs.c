@@ -137,9 +137,6 @@ extern char **environ;
  * bound on frames it sends). */
 #define WORKER_MAX_FRAME (1u << 30)
 
-/* A read from a worker asks for at least this much room. */
-#define READ_MIN (64u * 1024u)
-
 /* How long stop waits for workers to leave on their stdin's EOF before
  * SIGKILLing them: a worker leaves within its own 10 ms exit grace, plus
  * the sanitizers' exit reports in the test builds. */
@@ -223,8 +220,7 @@ typedef struct worker_s {
     uv_pipe_t in, out;
     int nopen;        /* handles not closed yet */
     int in_open, out_open;
-    char *rbuf;
-    size_t rlen, rcap;
+    moat__wbuf_t rd;  /* its stdout */
 } worker_t;
 
 struct moat__procs_s {
@@ -272,12 +268,6 @@ static void put_be32(char *b, uint32_t v) {
     b[1] = (char)(v >> 16);
     b[2] = (char)(v >> 8);
     b[3] = (char)v;
-}
-
-static uint32_t be32(const char *b) {
-    const unsigned char *u = (const unsigned char *)b;
-    return (uint32_t)u[0] << 24 | (uint32_t)u[1] << 16 | (uint32_t)u[2] << 8 |
-           u[3];
 }
 
 /* A packet holding x's bytes, with one reference; NULL when memory is
@@ -471,7 +461,7 @@ static void on_closed(uv_handle_t *h) {
             break;
         }
     free_list(w->held);
-    free(w->rbuf);
+    moat__wbuf_free(&w->rd);
     free(w);
 }
 
@@ -685,55 +675,27 @@ out:
     moat__wframe_free(&f);
 }
 
-/* Handles the whole frames in w->rbuf and keeps the rest. */
-static void parse(worker_t *w) {
-    size_t off = 0;
+/* A frame the worker wrote: handled unless it is no longer listened to. */
+static int on_frame(void *data, const char *buf, size_t len) {
+    worker_t *w = data;
 
-    while (!w->ignore && w->rlen - off >= LEN_BYTES) {
-        uint32_t len = be32(w->rbuf + off);
-        if (len > WORKER_MAX_FRAME) {
-            kill_worker(w, "a frame over the size limit", "protocol");
-            break;
-        }
-        if (w->rlen - off - LEN_BYTES < len)
-            break;
-        handle_wframe(w, w->rbuf + off + LEN_BYTES, len);
-        off += LEN_BYTES + (size_t)len;
-    }
-    if (w->ignore) {
-        w->rlen = 0;
-        return;
-    }
-    memmove(w->rbuf, w->rbuf + off, w->rlen - off);
-    w->rlen -= off;
+    if (!w->ignore)
+        handle_wframe(w, buf, len);
+    return w->ignore;
 }
 
-/* Room for READ_MIN more bytes.  Returns 0 or UV_ENOMEM. */
-static int reserve(worker_t *w) {
-    size_t cap = w->rcap > 0 ? w->rcap : READ_MIN;
-    char *b;
-
-    while (cap - w->rlen < READ_MIN)
-        cap *= 2;
-    if (cap == w->rcap)
-        return 0;
-    b = realloc(w->rbuf, cap);
-    if (b == NULL)
-        return UV_ENOMEM;
-    w->rbuf = b;
-    w->rcap = cap;
-    return 0;
+static void parse_rc(worker_t *w, int rc) {
+    if (rc == UV_E2BIG)
+        kill_worker(w, "a frame over the size limit", "protocol");
+    else if (rc == UV_ENOMEM)
+        kill_worker(w, "no memory for its frames", "enomem");
 }
 
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
     worker_t *w = h->data;
 
     (void)hint;
-    if (reserve(w) != 0) {
-        *buf = uv_buf_init(NULL, 0); /* on_read gets UV_ENOBUFS */
-        return;
-    }
-    *buf = uv_buf_init(w->rbuf + w->rlen, (unsigned)(w->rcap - w->rlen));
+    moat__wbuf_alloc(&w->rd, buf);
 }
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
@@ -749,26 +711,18 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     }
     if (w->ignore)
         return;
-    w->rlen += (size_t)nread;
-    parse(w);
+    w->rd.len += (size_t)nread;
+    parse_rc(w, moat__wbuf_parse(&w->rd, WORKER_MAX_FRAME, on_frame, w));
 }
 
 /* Reads what a reaped worker left in its stdout, to the end. */
 static void drain(worker_t *w) {
     int fd;
 
-    if (!w->out_open || w->ignore || uv_fileno((uv_handle_t *)&w->out,
-                                               &fd) != 0)
-        return;
-    while (!w->ignore && reserve(w) == 0) {
-        ssize_t r = read(fd, w->rbuf + w->rlen, w->rcap - w->rlen);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break; /* the end, or a descendant still holds the pipe */
-        w->rlen += (size_t)r;
-        parse(w);
-    }
+    if (w->out_open && !w->ignore &&
+        uv_fileno((uv_handle_t *)&w->out, &fd) == 0)
+        parse_rc(w, moat__wbuf_drain(&w->rd, fd, WORKER_MAX_FRAME, on_frame,
+                                     w));
 }
 
 /* ---------------------------------------------------------- spawning */
@@ -1478,7 +1432,7 @@ void moat__procs_free(moat__procs_t *p) {
         worker_t *w = p->workers;
         p->workers = w->next;
         free_list(w->held);
-        free(w->rbuf);
+        moat__wbuf_free(&w->rd);
         free(w);
     }
     free_list(p->queue);
