@@ -55,13 +55,16 @@ defmodule MoatServerTest do
 
     for id <- [:a, :b, :c], do: {:ok, 5} = :moat.call(@pool, id, {:add, 5}, 1000)
     {:ok, seq_b} = :moat.call(@pool, :b, :start_seq, 1000)
+    {:ok, seq_c} = :moat.call(@pool, :c, :start_seq, 1000)
     {:exit, {:native_error, "crash"}} = :moat.call(@pool, :b, :crash, 1000)
 
-    assert {:ok, 0} = wait_call(:c, :get)
+    # A call right after the crash may still reach the old c, before the
+    # supervisor has stopped it: wait for the new one.
+    new_c = wait_restarted(:c, seq_c)
+    assert {:ok, 0} = :moat.call(@pool, :c, :get, 1000)
     assert {:ok, 5} = :moat.call(@pool, :a, :get, 1000)
     assert {:ok, 0} = :moat.call(@pool, :b, :get, 1000)
     {:ok, new_b} = :moat.call(@pool, :b, :start_seq, 1000)
-    {:ok, new_c} = :moat.call(@pool, :c, :start_seq, 1000)
     assert seq_b < new_b and new_b < new_c
   end
 
@@ -76,6 +79,19 @@ defmodule MoatServerTest do
     assert_receive {:DOWN, ^ref, :process, ^owner, :shutdown}, 5000
     assert {:ok, 7} = wait_call(:a, :get)
     assert :moat_nif.pool_owner(@pool) != owner
+  end
+
+  # The start_seq of the server's instance after the one that answered
+  # `old`, once it answers.
+  defp wait_restarted(id, old, tries \\ 500) do
+    case :moat.call(@pool, id, :start_seq, 1000) do
+      {:ok, new} when new != old ->
+        new
+
+      _ when tries > 0 ->
+        Process.sleep(10)
+        wait_restarted(id, old, tries - 1)
+    end
   end
 
   # Calls until the server answers (it may be restarting: noproc).
