@@ -25,7 +25,6 @@
     process_fault_costs_one_task/1,
     process_kill_is_real/1,
     process_chaos/1,
-    process_vm_sigkill_leaves_nothing/1,
     dist_needs_a_live_node/1,
     dist_serves_and_stops/1,
     dist_kill_gives_noconnection/1,
@@ -53,7 +52,6 @@ all() ->
         process_fault_costs_one_task,
         process_kill_is_real,
         process_chaos,
-        process_vm_sigkill_leaves_nothing,
         dist_needs_a_live_node,
         {group, dist}
     ].
@@ -320,7 +318,7 @@ stop_pool_ends_cnode(_Config) ->
 vm_sigkill_leaves_no_cnode(Config) ->
     %% A VM killed with SIGKILL leaves no moat_cnode behind, nor any
     %% process of a process-isolation C-node: its task workers (one busy
-    %% in a runaway task) and its servers' worker.
+    %% in a runaway task), its servers' worker and its fork server.
     Ebin = filename:dirname(code:which(moat)),
     Script =
         "{ok, _} = application:ensure_all_started(moat),"
@@ -348,10 +346,12 @@ vm_sigkill_leaves_no_cnode(Config) ->
         end
      || _ <- [p, q]
     ],
-    %% The process-isolation C-node's children: at least its two task
-    %% workers, a spare and the servers' worker.
-    wait_until(fun() -> length(lists:append([workers(C) || C <- Cnodes])) >= 4 end, workers_up),
-    Children = lists:append([workers(C) || C <- Cnodes]),
+    %% The process-isolation C-node's children: its two task workers, a
+    %% spare and the servers' worker, and the fork server they come from.
+    wait_until(fun() -> length(lists:append([workers(C) || C <- Cnodes])) =:= 4 end, workers_up),
+    Children = lists:append([children(C) || C <- Cnodes]),
+    ?assertEqual(5, length(Children)),
+    ?assertEqual(1, length([C || C <- Children, comm(integer_to_list(C)) =:= <<"moat_forker">>])),
     ?assert(lists:all(fun os_alive/1, Cnodes)),
     _ = os:cmd("kill -9 " ++ integer_to_list(VmPid)),
     receive
@@ -495,46 +495,6 @@ process_chaos(_Config) ->
     ok = moat:stop_pool(?POOL),
     wait_until(fun() -> not lists:any(fun os_alive/1, [OsPid | Workers]) end, all_gone),
     sweep().
-
-process_vm_sigkill_leaves_nothing(_Config) ->
-    %% In process isolation a VM killed with SIGKILL leaves no C-node, no
-    %% fork server and no worker behind, not even one running a spin.
-    Ebin = filename:dirname(code:which(moat)),
-    Script =
-        "{ok, _} = application:ensure_all_started(moat),"
-        "{ok, _} = moat:start_pool(p, #{backend => cnode, size => 2,"
-        "  isolation => process}),"
-        "{ok, ok} = moat:run(p, echo, [ok]),"
-        "[P] = [P || P <- erlang:ports(),"
-        "  lists:suffix(\"moat_cnode\", element(2, erlang:port_info(P, name)))],"
-        "{os_pid, Os} = erlang:port_info(P, os_pid),"
-        "_ = moat:async(p, spin, [60000000]),"
-        "io:format(\"cnode ~b~n\", [Os]),"
-        "receive after infinity -> ok end.",
-    Erl = os:find_executable("erl"),
-    Port = open_port(
-        {spawn_executable, Erl},
-        [{args, ["-noshell", "-pa", Ebin, "-eval", Script]}, {line, 256}, exit_status]
-    ),
-    {os_pid, VmPid} = erlang:port_info(Port, os_pid),
-    CnodePid =
-        receive
-            {Port, {data, {eol, "cnode " ++ N}}} -> list_to_integer(N)
-        after 20000 -> ct:fail(peer_vm_did_not_start)
-        end,
-    %% Two workers and a spare, and the fork server they come from.
-    wait_until(fun() -> length(workers(CnodePid)) =:= 3 end, workers_up),
-    Children = children(CnodePid),
-    ?assertEqual(4, length(Children)),
-    ?assertEqual(1, length([C || C <- Children, comm(integer_to_list(C)) =:= <<"moat_forker">>])),
-    _ = os:cmd("kill -9 " ++ integer_to_list(VmPid)),
-    receive
-        {Port, {exit_status, _}} -> ok
-    after ?WAIT -> ct:fail(peer_vm_not_killed)
-    end,
-    wait_until(
-        fun() -> not lists:any(fun os_alive/1, [CnodePid | Children]) end, process_outlived_vm
-    ).
 
 chaos_kind() ->
     case rand:uniform(40) of

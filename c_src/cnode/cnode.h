@@ -324,6 +324,13 @@ void moat__forker_close(moat__forker_t *f, unsigned wait_ms);
 int moat__forker_main(struct moat__frame_s *hello, moat_lib_t ***libs,
                       size_t *nlibs);
 
+/* Starts `exe` with argv (posix_spawn, an empty signal mask, this
+ * process's environment), its stdin on fd0 and, unless fd1 < 0, its
+ * stdout on fd1 (the caller closes its own copies).  Returns 0 with its
+ * pid in *pid, or a negative error.  Loop thread. */
+int moat__spawn_exe(const char *exe, char *const argv[], int fd0, int fd1,
+                    pid_t *pid);
+
 /* Starts one process of `exe` (posix_spawn, an empty signal mask), its
  * stdin and stdout on pipes whose other ends (close-on-exec) go to
  * *in_fd and *out_fd, its stderr this process's.  Returns 0 with its pid

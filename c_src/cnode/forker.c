@@ -62,7 +62,6 @@
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,8 +72,6 @@
 
 #include "cnode.h"
 #include "frame.h"
-
-extern char **environ;
 
 /* The workers' hello is a few hundred bytes and a socketpair's datagram
  * can be some hundred kilobytes: this bounds what the server reads. */
@@ -201,11 +198,8 @@ static int await_hello(moat__forker_t *f, unsigned wait_ms) {
 int moat__forker_start(uv_loop_t *loop, const char *exe, const char *hello,
                        size_t len, unsigned wait_ms, moat__forker_cb cb,
                        void *data, moat__forker_t **out) {
-    posix_spawn_file_actions_t fa;
-    posix_spawnattr_t attr;
-    sigset_t none;
     char *argv[3] = {(char *)exe, "--forker", NULL};
-    int sv[2] = {-1, -1}, rc, fa_ok = 0, attr_ok = 0;
+    int sv[2] = {-1, -1}, rc;
     moat__forker_t *f = calloc(1, sizeof *f);
 
     *out = NULL;
@@ -218,20 +212,7 @@ int moat__forker_start(uv_loop_t *loop, const char *exe, const char *hello,
         rc = -errno;
         goto fail;
     }
-    rc = -posix_spawn_file_actions_init(&fa);
-    if (rc != 0)
-        goto fail;
-    fa_ok = 1;
-    rc = -posix_spawnattr_init(&attr);
-    if (rc != 0)
-        goto fail;
-    attr_ok = 1;
-    sigemptyset(&none);
-    if ((rc = -posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK)) != 0 ||
-        (rc = -posix_spawnattr_setsigmask(&attr, &none)) != 0 ||
-        (rc = -posix_spawn_file_actions_adddup2(&fa, sv[1], 0)) != 0)
-        goto fail;
-    rc = -posix_spawn(&f->pid, exe, &fa, &attr, argv, environ);
+    rc = moat__spawn_exe(exe, argv, sv[1], -1, &f->pid);
     if (rc != 0)
         goto fail;
     close(sv[1]);
@@ -262,8 +243,6 @@ int moat__forker_start(uv_loop_t *loop, const char *exe, const char *hello,
     rc = uv_poll_start(&f->poll, UV_READABLE, on_poll);
     if (rc != 0)
         goto fail;
-    posix_spawnattr_destroy(&attr);
-    posix_spawn_file_actions_destroy(&fa);
     *out = f;
     return 0;
 
@@ -271,10 +250,6 @@ fail:
     for (int i = 0; i < 2; i++)
         if (sv[i] >= 0)
             close(sv[i]);
-    if (attr_ok)
-        posix_spawnattr_destroy(&attr);
-    if (fa_ok)
-        posix_spawn_file_actions_destroy(&fa);
     f->gone = 1; /* no callback from here on */
     moat__forker_close(f, 0);
     return rc;

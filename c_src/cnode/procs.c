@@ -727,56 +727,58 @@ static void drain(worker_t *w) {
 
 /* ---------------------------------------------------------- spawning */
 
-int moat__spawn_worker(const char *exe, pid_t *pid, int *in_fd,
-                       int *out_fd) {
+int moat__spawn_exe(const char *exe, char *const argv[], int fd0, int fd1,
+                    pid_t *pid) {
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t attr;
     sigset_t none;
-    char *argv[2] = {(char *)exe, NULL};
-    int in[2] = {-1, -1}, out[2] = {-1, -1}, rc, fa_ok = 0, attr_ok = 0;
+    int rc;
 
-    if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0) {
-        rc = -errno;
-        goto fail;
-    }
     rc = -posix_spawn_file_actions_init(&fa);
     if (rc != 0)
-        goto fail;
-    fa_ok = 1;
+        return rc;
     rc = -posix_spawnattr_init(&attr);
-    if (rc != 0)
-        goto fail;
-    attr_ok = 1;
+    if (rc != 0) {
+        posix_spawn_file_actions_destroy(&fa);
+        return rc;
+    }
     sigemptyset(&none);
     /* Its own signal mask starts empty whatever the loop's is. */
-    if ((rc = -posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK)) != 0 ||
-        (rc = -posix_spawnattr_setsigmask(&attr, &none)) != 0 ||
-        (rc = -posix_spawn_file_actions_adddup2(&fa, in[0], 0)) != 0 ||
-        (rc = -posix_spawn_file_actions_adddup2(&fa, out[1], 1)) != 0)
-        goto fail;
-    rc = -posix_spawn(pid, exe, &fa, &attr, argv, environ);
-    if (rc != 0)
-        goto fail;
-    close(in[0]);
-    close(out[1]);
-    *in_fd = in[1];
-    *out_fd = out[0];
+    if ((rc = -posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK)) ==
+            0 &&
+        (rc = -posix_spawnattr_setsigmask(&attr, &none)) == 0 &&
+        (rc = -posix_spawn_file_actions_adddup2(&fa, fd0, 0)) == 0 &&
+        (fd1 < 0 ||
+         (rc = -posix_spawn_file_actions_adddup2(&fa, fd1, 1)) == 0))
+        rc = -posix_spawn(pid, exe, &fa, &attr, argv, environ);
     posix_spawnattr_destroy(&attr);
     posix_spawn_file_actions_destroy(&fa);
-    return 0;
-
-fail:
-    for (int i = 0; i < 2; i++) {
-        if (in[i] >= 0)
-            close(in[i]);
-        if (out[i] >= 0)
-            close(out[i]);
-    }
-    if (attr_ok)
-        posix_spawnattr_destroy(&attr);
-    if (fa_ok)
-        posix_spawn_file_actions_destroy(&fa);
     return rc;
+}
+
+int moat__spawn_worker(const char *exe, pid_t *pid, int *in_fd,
+                       int *out_fd) {
+    char *argv[2] = {(char *)exe, NULL};
+    int in[2] = {-1, -1}, out[2] = {-1, -1}, rc;
+
+    if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0)
+        rc = -errno;
+    else
+        rc = moat__spawn_exe(exe, argv, in[0], out[1], pid);
+    if (in[0] >= 0)
+        close(in[0]);
+    if (out[1] >= 0)
+        close(out[1]);
+    if (rc != 0) {
+        if (in[1] >= 0)
+            close(in[1]);
+        if (out[0] >= 0)
+            close(out[0]);
+        return rc;
+    }
+    *in_fd = in[1];
+    *out_fd = out[0];
+    return 0;
 }
 
 static void on_forked(void *data, int pid_or_error);

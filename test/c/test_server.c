@@ -401,15 +401,6 @@ static int lt_init(moat_ctx_t *ctx, const char *args, int len, void **state,
     return MOAT_OK;
 }
 
-static int lt_call(moat_ctx_t *ctx, void *state, const char *req, int len,
-                   ei_x_buff *out) {
-    (void)ctx;
-    (void)state;
-    (void)req;
-    (void)len;
-    return ei_x_encode_atom(out, "ok") ? MOAT_ERROR : MOAT_OK;
-}
-
 static int lt_cast(moat_ctx_t *ctx, void *state, const char *req, int len,
                    ei_x_buff *out) {
     char atom[MAXATOMLEN];
@@ -444,7 +435,7 @@ static int lt_cast(moat_ctx_t *ctx, void *state, const char *req, int len,
     return MOAT_OK;
 }
 
-static const moat_server_def_t lt_def = {"lt", lt_init, lt_call, lt_cast,
+static const moat_server_def_t lt_def = {"lt", lt_init, tsrv_call_ok, lt_cast,
                                          NULL};
 
 static moat_pid_t lt_start(moat_pool_t *pool) {

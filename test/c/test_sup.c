@@ -658,15 +658,6 @@ static int storm_init(moat_ctx_t *ctx, const char *args, int len,
     return MOAT_OK;
 }
 
-static int storm_call(moat_ctx_t *ctx, void *state, const char *req, int len,
-                      ei_x_buff *out) {
-    (void)ctx;
-    (void)state;
-    (void)req;
-    (void)len;
-    return ei_x_encode_atom(out, "ok") ? MOAT_ERROR : MOAT_OK;
-}
-
 static int storm_cast(moat_ctx_t *ctx, void *state, const char *req, int len,
                       ei_x_buff *out) {
     (void)state;
@@ -685,7 +676,7 @@ static void storm_terminate(moat_ctx_t *ctx, void *state, const char *reason,
     atomic_fetch_add(&storm_terms, 1);
 }
 
-static const moat_server_def_t storm_def = {"storm", storm_init, storm_call,
+static const moat_server_def_t storm_def = {"storm", storm_init, tsrv_call_ok,
                                             storm_cast, storm_terminate};
 
 /* S4 under a storm that runs by itself: with intensity 500 in an unmoving

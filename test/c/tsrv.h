@@ -34,4 +34,9 @@ void tsrv_wait(char what, int n, int times);
 
 /* [N] and the request atoms. */
 moat_term_t *tsrv_args(int n);
+
+/* A handle_call that replies ok to anything, for the suites' own small
+ * servers. */
+int tsrv_call_ok(moat_ctx_t *ctx, void *state, const char *req, int len,
+                 ei_x_buff *out);
 #endif

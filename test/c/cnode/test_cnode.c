@@ -1827,6 +1827,18 @@ static pid_t expect_forker(node_t *n, int want) {
     return pid[0];
 }
 
+/* Starts a node in process isolation, one worker, `spares` spares and
+ * max_restarts in 60 s, and returns its fork server's pid. */
+static pid_t forker_start(node_t *n, long spares, long max_restarts) {
+    const char *libs[] = {demo_path, NULL};
+    ev_t e;
+    node_spawn(n, 1, process_env);
+    send_hello_restarts(n, 1, spares, libs, max_restarts);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    return expect_forker(n, 1);
+}
+
 /* Workers are forked by the fork server yet are the parent's own
  * children, reaped with the signal they died of; when the fork server
  * dies, workers are still made (and a new server started), and a death
@@ -1834,16 +1846,9 @@ static pid_t expect_forker(node_t *n, int want) {
  * hello allows none). */
 static void test_cnode_process_forker_death_keeps_workers_coming(
     void **state) {
-    const char *libs[] = {demo_path, NULL};
     ei_x_buff none = args_none();
     node_t *n = *state;
-    pid_t zygote, again;
-    ev_t e;
-    node_spawn(n, 1, process_env);
-    send_hello_restarts(n, 1, 1, libs, 0);
-    e = node_wait(n, EV_READY, 0);
-    ev_free(&e);
-    zygote = expect_forker(n, 1);
+    pid_t zygote = forker_start(n, 1, 0), again;
     expect_workers(n, 2);
     send_run(n, 1, "segfault", &none);
     expect_done(n, 1, 0, SEGFAULT_REASON);
@@ -1869,16 +1874,9 @@ static void test_cnode_process_forker_death_keeps_workers_coming(
  * as a failed spawn, a new server is started and the worker it was for
  * is made after all. */
 static void test_cnode_process_stuck_forker_is_replaced(void **state) {
-    const char *libs[] = {demo_path, NULL};
     ei_x_buff none = args_none();
     node_t *n = *state;
-    pid_t zygote, again;
-    ev_t e;
-    node_spawn(n, 1, process_env);
-    send_hello_restarts(n, 1, 0, libs, 10);
-    e = node_wait(n, EV_READY, 0);
-    ev_free(&e);
-    zygote = expect_forker(n, 1);
+    pid_t zygote = forker_start(n, 0, 10), again;
     expect_workers(n, 1);
     assert_int_equal(kill(zygote, SIGSTOP), 0);
     send_run(n, 1, "segfault", &none);
