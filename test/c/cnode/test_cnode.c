@@ -53,9 +53,6 @@ extern char **environ;
 /* Long enough that no test outlives it by accident. */
 #define FOREVER_MS 120000
 
-static const char *cnode_path, *demo_path, *lib_path;
-static char *runner[32]; /* MOAT_CNODE_RUNNER split on blanks */
-static int nrunner;
 
 /* ------------------------------------------------------------- helpers */
 
@@ -2304,9 +2301,6 @@ static void test_cnode_process_servers_fault(void **state) {
 }
 
 int main(void) {
-    static char runner_buf[4096];
-    const char *r = getenv("MOAT_CNODE_RUNNER");
-    struct rlimit nocore = {0, 0};
     const struct CMUnitTest shared_tests[] = {
         cmocka_unit_test(test_cnode_ready_lists_every_task),
         cmocka_unit_test(test_cnode_echo_returns_its_argument),
@@ -2391,24 +2385,8 @@ int main(void) {
     };
     int failed;
 
-    cnode_path = getenv("MOAT_CNODE");
-    demo_path = getenv("MOAT_DEMO_SO");
-    lib_path = getenv("MOAT_CNODE_LIB");
-    if (cnode_path == NULL || demo_path == NULL || lib_path == NULL) {
-        fprintf(stderr, "test_cnode: set MOAT_CNODE, MOAT_DEMO_SO and "
-                        "MOAT_CNODE_LIB (make test-c does)\n");
+    if (cnode_test_init("test_cnode") != 0)
         return 1;
-    }
-    if (r != NULL && *r != '\0') {
-        snprintf(runner_buf, sizeof runner_buf, "%s", r);
-        for (char *tok = strtok(runner_buf, " \t"); tok != NULL && nrunner < 31;
-             tok = strtok(NULL, " \t"))
-            runner[nrunner++] = tok;
-    }
-    /* A node that dies writing to us must not kill the test; the
-     * segfault test must not leave a core file behind. */
-    signal(SIGPIPE, SIG_IGN);
-    setrlimit(RLIMIT_CORE, &nocore);
     ei_init();
     failed = cmocka_run_group_tests_name("cnode (one shared node)",
                                          shared_tests, shared_setup,

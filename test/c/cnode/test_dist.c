@@ -66,9 +66,6 @@ extern char **environ;
 #define PASS_THROUGH 112
 #define CTRL_EXIT 3
 
-static const char *cnode_path, *demo_path, *lib_path;
-static char *runner[32]; /* MOAT_CNODE_RUNNER split on blanks */
-static int nrunner;
 
 static ei_cnode self;    /* this test: the "VM" */
 static char cookie[64];
@@ -1432,9 +1429,6 @@ static int start_epmd(void) {
 }
 
 int main(void) {
-    static char runner_buf[4096];
-    const char *r = getenv("MOAT_CNODE_RUNNER");
-    struct rlimit nocore = {0, 0};
     char alive[64];
     const struct CMUnitTest shared_tests[] = {
         cmocka_unit_test(test_dist_ready_lists_every_task),
@@ -1468,24 +1462,8 @@ int main(void) {
     };
     int failed;
 
-    cnode_path = getenv("MOAT_CNODE");
-    demo_path = getenv("MOAT_DEMO_SO");
-    lib_path = getenv("MOAT_CNODE_LIB");
-    if (cnode_path == NULL || demo_path == NULL || lib_path == NULL) {
-        fprintf(stderr, "test_dist: set MOAT_CNODE, MOAT_DEMO_SO and "
-                        "MOAT_CNODE_LIB (make test-c does)\n");
+    if (cnode_test_init("test_dist") != 0)
         return 1;
-    }
-    if (r != NULL && *r != '\0') {
-        snprintf(runner_buf, sizeof runner_buf, "%s", r);
-        for (char *tok = strtok(runner_buf, " \t"); tok != NULL && nrunner < 31;
-             tok = strtok(NULL, " \t"))
-            runner[nrunner++] = tok;
-    }
-    /* A node that dies while we write must not kill the test; the
-     * segfault test must not leave a core file behind. */
-    signal(SIGPIPE, SIG_IGN);
-    setrlimit(RLIMIT_CORE, &nocore);
     if (start_epmd() != 0) {
         fprintf(stderr, "test_dist: epmd is not running and cannot be "
                         "started\n");
