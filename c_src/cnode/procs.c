@@ -137,6 +137,12 @@ extern char **environ;
  * bound on frames it sends). */
 #define WORKER_MAX_FRAME (1u << 30)
 
+/* A worker whose stdout has ended is reaped within milliseconds, its
+ * death being why; one still alive this long after (a library closed
+ * the frames' descriptor) can never answer again, and is killed, its
+ * run ending {native_crash, protocol}. */
+#define EOF_GRACE_MS 500
+
 /* How long stop waits for workers to leave on their stdin's EOF before
  * SIGKILLing them: a worker leaves within its own 10 ms exit grace, plus
  * the sanitizers' exit reports in the test builds. */
@@ -212,6 +218,7 @@ typedef struct worker_s {
     packet_t *held, **held_tail; /* runs sent, not answered, oldest first */
     unsigned nheld;
     uint64_t since;   /* uv_hrtime() when the oldest held run became so */
+    uint64_t eof_ms;  /* uv_now() when its stdout ended, not reaped yet */
     uint64_t last_ns; /* how long its last oldest run took to answer */
     packet_t *fresh[PIPELINE]; /* runs this dispatch gave it */
     unsigned nfresh;
@@ -249,7 +256,9 @@ struct moat__procs_s {
     uv_signal_t sigchld;
     uv_idle_t turn;          /* armed: dispatch, flush and spawn at the
                                 turn's end */
-    int sig_open, turn_open;
+    uv_timer_t eof;          /* armed while a worker's stdout has ended
+                                and the worker is not reaped */
+    int sig_open, turn_open, eof_open;
     ei_x_buff hello;         /* the workers' hello, with its version */
     moat__forker_t *fk;      /* the fork server, or NULL */
     int fk_off;              /* a server could not start: spawn */
@@ -698,15 +707,43 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
     moat__wbuf_alloc(&w->rd, buf);
 }
 
+/* Kills the workers whose stdout ended EOF_GRACE_MS ago while they
+ * live on; stops when none is left to watch. */
+static void on_eof(uv_timer_t *t) {
+    moat__procs_t *p = t->data;
+    uint64_t now = uv_now(p->loop);
+    int watching = 0;
+
+    for (worker_t *w = p->workers; w != NULL; w = w->next) {
+        if (w->eof_ms == 0 || w->reaped || w->state == W_DYING ||
+            w->state == W_ENDING)
+            continue;
+        if (now - w->eof_ms < EOF_GRACE_MS)
+            watching = 1;
+        else
+            kill_worker(w, "its output ended but it lives on", "protocol");
+    }
+    if (!watching)
+        uv_timer_stop(t);
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     worker_t *w = s->data;
+    moat__procs_t *p = w->p;
 
     (void)buf;
     if (nread < 0) {
-        /* EOF: the worker is ending, and its reaping tells the rest. */
+        /* EOF: the worker is ending, and its reaping tells the rest,
+         * unless it lives on (on_eof). */
         uv_read_stop(s);
-        if (nread == UV_ENOBUFS)
+        if (nread == UV_ENOBUFS) {
             kill_worker(w, "no memory for its frames", "enomem");
+        } else if (!w->reaped && w->eof_ms == 0 && p->eof_open) {
+            w->eof_ms = uv_now(p->loop);
+            if (!uv_is_active((uv_handle_t *)&p->eof))
+                uv_timer_start(&p->eof, on_eof, EOF_GRACE_MS / 2,
+                               EOF_GRACE_MS / 2);
+        }
         return;
     }
     if (w->ignore)
@@ -1246,6 +1283,11 @@ int moat__procs_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
         goto fail;
     p->sig_open = 1;
     p->sigchld.data = p;
+    rc = uv_timer_init(loop, &p->eof);
+    if (rc != 0)
+        goto fail;
+    p->eof_open = 1;
+    p->eof.data = p;
     /* Before the first spawn, so that no death goes unnoticed. */
     rc = uv_signal_start(&p->sigchld, on_sigchld, SIGCHLD);
     if (rc != 0)
@@ -1388,6 +1430,10 @@ void moat__procs_stop(moat__procs_t *p) {
     if (p->turn_open) {
         p->turn_open = 0;
         uv_close((uv_handle_t *)&p->turn, NULL);
+    }
+    if (p->eof_open) {
+        p->eof_open = 0;
+        uv_close((uv_handle_t *)&p->eof, NULL);
     }
     /* EOF on each stdin (uv_close closes the descriptor at once). */
     for (worker_t *w = p->workers; w != NULL; w = w->next) {

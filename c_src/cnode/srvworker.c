@@ -70,6 +70,11 @@
  * within its own 10 ms exit grace, plus the sanitizers' reports). */
 #define STOP_GRACE_MS 200
 
+/* Its stdout's end is followed by its reaping within milliseconds, its
+ * death being why; alive this long after (server code closed the
+ * frames' descriptor), it can never answer again and is killed. */
+#define EOF_GRACE_MS 500
+
 typedef enum {
     S_STARTING, /* hello sent, no answer yet */
     S_READY,
@@ -102,6 +107,8 @@ struct moat__srvw_s {
     int in_open, out_open;
     uv_signal_t sigchld;
     int sig_open;
+    uv_timer_t eof;    /* armed once its stdout ended, until it is reaped */
+    int eof_open;
     moat__wbuf_t rd;   /* its stdout */
 };
 
@@ -372,15 +379,22 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
     moat__wbuf_alloc(&s->rd, buf);
 }
 
+static void on_eof(uv_timer_t *t) {
+    fault(t->data, "lives on after its output ended", "protocol");
+}
+
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
     moat__srvw_t *s = st->data;
 
     (void)buf;
     if (nread < 0) {
-        /* EOF: it is ending, and its reaping tells the rest. */
+        /* EOF: it is ending, and its reaping tells the rest, unless it
+         * lives on (on_eof). */
         uv_read_stop(st);
         if (nread == UV_ENOBUFS)
             fault(s, "left no memory for its frames", "enomem");
+        else if (!s->reaped && s->eof_open)
+            uv_timer_start(&s->eof, on_eof, EOF_GRACE_MS, 0);
         return;
     }
     if (s->ignore)
@@ -412,6 +426,10 @@ static void close_handles(moat__srvw_t *s) {
     if (s->sig_open) {
         s->sig_open = 0;
         uv_close((uv_handle_t *)&s->sigchld, NULL);
+    }
+    if (s->eof_open) {
+        s->eof_open = 0;
+        uv_close((uv_handle_t *)&s->eof, NULL);
     }
 }
 
@@ -528,6 +546,10 @@ int moat__srvw_start(uv_loop_t *loop, moat__outbox_t *ob, const char *exe,
         s->sigchld.data = s;
         /* Before the spawn, so that its end cannot go unnoticed. */
         rc = uv_signal_start(&s->sigchld, on_sigchld, SIGCHLD);
+    }
+    if (rc == 0 && (rc = uv_timer_init(loop, &s->eof)) == 0) {
+        s->eof_open = 1;
+        s->eof.data = s;
     }
     if (rc != 0 || (rc = moat__spawn_worker(exe, &s->pid, &in, &fd_out)) != 0)
         goto done;

@@ -8,9 +8,23 @@
  *   say [Binary]     writes Binary and a newline to stderr, returns ok
  *   print [Binary]   prints Binary and a newline to stdout (stdio,
  *                    flushed), returns ok
+ *   close_frames []  in a worker of process isolation, closes the
+ *                    descriptor its frames go out on (the write-only pipe
+ *                    whose read end its parent holds), as a library that
+ *                    closes every descriptor might; returns ok, which
+ *                    cannot reach the parent any more
+ *
+ * Server `closer` (any start args): every call closes the frames'
+ * descriptor of the servers' worker it runs in, as close_frames does,
+ * and replies ok, which cannot reach the parent any more.
  */
+#include <dirent.h>
+#include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "moat.h"
 
@@ -55,10 +69,100 @@ static int task_print(moat_ctx_t *ctx, const char *args, int len,
     return say_on(stdout, args, len, out);
 }
 
+/* Whether process `pid` holds a descriptor on the pipe of inode `ino`. */
+static int holds_pipe(pid_t pid, ino_t ino) {
+    char path[64], link[64], want[64];
+    struct dirent *de;
+    DIR *d;
+    int found = 0;
+
+    snprintf(path, sizeof path, "/proc/%ld/fd", (long)pid);
+    snprintf(want, sizeof want, "pipe:[%lu]", (unsigned long)ino);
+    if ((d = opendir(path)) == NULL)
+        return 0;
+    while (!found && (de = readdir(d)) != NULL) {
+        char fd_path[64 + 256];
+        ssize_t n;
+        snprintf(fd_path, sizeof fd_path, "%s/%s", path, de->d_name);
+        n = readlink(fd_path, link, sizeof link - 1);
+        if (n > 0) {
+            link[n] = '\0';
+            found = strcmp(link, want) == 0;
+        }
+    }
+    closedir(d);
+    return found;
+}
+
+/* Closes this process's write-only pipes whose read end its parent
+ * holds: in a worker, its frames' descriptor. */
+static void close_frames(void) {
+    for (int fd = 3; fd < 1024; fd++) {
+        struct stat st;
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || (fl & O_ACCMODE) != O_WRONLY || fstat(fd, &st) != 0 ||
+            !S_ISFIFO(st.st_mode) || !holds_pipe(getppid(), st.st_ino))
+            continue;
+        close(fd);
+    }
+}
+
+static int task_close_frames(moat_ctx_t *ctx, const char *args, int len,
+                             ei_x_buff *out) {
+    (void)ctx;
+    (void)args;
+    (void)len;
+    close_frames();
+    ei_x_encode_atom(out, "ok");
+    return MOAT_OK;
+}
+
+static int closer_init(moat_ctx_t *ctx, const char *args, int len,
+                       void **state, ei_x_buff *out) {
+    (void)ctx;
+    (void)args;
+    (void)len;
+    (void)out;
+    *state = NULL;
+    return MOAT_OK;
+}
+
+static int closer_call(moat_ctx_t *ctx, void *state, const char *req,
+                       int len, ei_x_buff *out) {
+    (void)state;
+    (void)req;
+    (void)len;
+    return task_close_frames(ctx, NULL, 0, out);
+}
+
+static int closer_cast(moat_ctx_t *ctx, void *state, const char *req,
+                       int len, ei_x_buff *out) {
+    (void)ctx;
+    (void)state;
+    (void)req;
+    (void)len;
+    (void)out;
+    return MOAT_OK;
+}
+
+static void closer_terminate(moat_ctx_t *ctx, void *state, const char *reason,
+                             int reason_len) {
+    (void)ctx;
+    (void)state;
+    (void)reason;
+    (void)reason_len;
+}
+
 static const moat_task_def_t tasks[] = {
     {"say", task_say},
     {"print", task_print},
+    {"close_frames", task_close_frames},
     {NULL, NULL},
 };
 
-MOAT_LIBRARY("cnode_lib", tasks, NULL)
+static const moat_server_def_t servers[] = {
+    {"closer", closer_init, closer_call, closer_cast, closer_terminate},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+MOAT_LIBRARY("cnode_lib", tasks, servers)

@@ -705,7 +705,7 @@ static void test_cnode_ready_lists_every_task(void **state) {
     (void)state;
     snprintf(want, sizeof want,
              "{ready,%d,[echo,sleep,spin,fail,exit,segfault,abort,alloc,fib,"
-             "sum,say,print]}",
+             "sum,say,print,close_frames]}",
              (int)shared.pid);
     assert_string_equal(fmt(shared_ready), want);
 }
@@ -1741,6 +1741,27 @@ static void test_cnode_process_startup_cost(void **state) {
                   ready_us / rounds, first_us / rounds, rounds);
 }
 
+/* A task that closes the descriptor its worker's frames go out on
+ * leaves a worker that can never answer: once its output has ended and
+ * it lives on past the grace (procs.c, EOF_GRACE_MS), it is killed and
+ * the run ends {native_crash, protocol}; the node serves on. */
+static void test_cnode_process_closed_output_kills_the_worker(void **state) {
+    const char *libs[] = {demo_path, lib_path, NULL};
+    ei_x_buff none = args_none();
+    node_t *n = *state;
+    ev_t e;
+    node_spawn(n, 1, process_env);
+    send_hello_opts(n, 1, 1000, "process", libs, 1, 0);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    send_run(n, 1, "close_frames", &none);
+    expect_done(n, 1, 0, "{native_crash,protocol}");
+    expect_log(n, "error", "its output ended but it lives on");
+    ping(n, 2);
+    ei_x_free(&none);
+    assert_exited(node_close(n), 0);
+}
+
 /* stdin's end ends the parent with status 0, and no worker outlives it,
  * not even one running a spin. */
 static void test_cnode_process_eof_ends_every_worker(void **state) {
@@ -1938,7 +1959,7 @@ static void test_cnode_process_sigkill_leaves_nothing(void **state) {
 
 /* ------------------------------------------------------ native servers */
 
-/* One server of a hello: {{s, Index}, 0, Server, Args, permanent, 5000},
+/* One server of a hello: {{s, Index}, Lib, Server, Args, permanent, 5000},
  * Args [Initial] or, with a terminate delay, [Initial, DelayMs]; a
  * `bad' server gets [bad] and fails its init with badarg. */
 typedef struct {
@@ -1946,9 +1967,10 @@ typedef struct {
     long initial;
     long delay;  /* > 0: the counter's terminate takes this long */
     int bad;
+    long lib;    /* 0: the demo library, 1: cnode_lib */
 } srv_t;
 
-/* {hello, #{size => 2, libraries => [demo], isolation, name, servers,
+/* {hello, #{size => 2, libraries => [demo, cnode_lib], isolation, name, servers,
  * strategy, max_restarts, max_seconds => 60}}. */
 static void send_hello_servers(node_t *n, const char *isolation,
                                const srv_t *s, int ns, const char *strategy,
@@ -1965,7 +1987,7 @@ static void send_hello_servers(node_t *n, const char *isolation,
         ei_x_encode_tuple_header(&x, 2);
         ei_x_encode_atom(&x, "s");
         ei_x_encode_long(&x, i);
-        ei_x_encode_long(&x, 0);
+        ei_x_encode_long(&x, s[i].lib);
         ei_x_encode_atom(&x, s[i].server);
         ei_x_encode_list_header(&x, s[i].delay > 0 ? 2 : 1);
         if (s[i].bad)
@@ -1988,8 +2010,9 @@ static void send_hello_servers(node_t *n, const char *isolation,
     ei_x_encode_atom(&x, "size");
     ei_x_encode_long(&x, 2);
     ei_x_encode_atom(&x, "libraries");
-    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_list_header(&x, 2);
     ei_x_encode_binary(&x, demo_path, (long)strlen(demo_path));
+    ei_x_encode_binary(&x, lib_path, (long)strlen(lib_path));
     ei_x_encode_empty_list(&x);
     ei_x_encode_atom(&x, "isolation");
     ei_x_encode_atom(&x, isolation);
@@ -2105,7 +2128,7 @@ static void servers_start(node_t *n, const char *isolation, const srv_t *s,
  * stop_servers stops them (calls are then noproc) and is answered, each
  * time.  The same in both isolations. */
 static void servers_calls_and_children(node_t *n, const char *isolation) {
-    const srv_t s[] = {{"counter", 0, 0, 0}, {"counter", 10, 0, 0}};
+    const srv_t s[] = {{"counter", 0, 0, 0, 0}, {"counter", 10, 0, 0, 0}};
     uint64_t tag = 100;
     ei_x_buff x;
     servers_start(n, isolation, s, 2, "one_for_one", 10);
@@ -2172,8 +2195,8 @@ static void test_cnode_process_servers_calls_and_children(void **state) {
  * ones started are stopped; so does a server its library lacks; in both
  * isolations.  Each exits with status 2, leaving no process behind. */
 static void test_cnode_servers_failed_start(void **state) {
-    const srv_t bad[] = {{"counter", 0, 0, 0}, {"counter", 0, 0, 1}};
-    const srv_t unknown[] = {{"counter", 0, 0, 0}, {"nope", 0, 0, 0}};
+    const srv_t bad[] = {{"counter", 0, 0, 0, 0}, {"counter", 0, 0, 1, 0}};
+    const srv_t unknown[] = {{"counter", 0, 0, 0, 0}, {"nope", 0, 0, 0, 0}};
     const struct {
         const srv_t *s;
         const char *isolation, *want;
@@ -2211,7 +2234,7 @@ static void test_cnode_servers_failed_start(void **state) {
  * server restarting, calls noproc; stop_servers is still answered.  The
  * same in both isolations. */
 static void servers_give_up(node_t *n, const char *isolation) {
-    const srv_t s[] = {{"counter", 0, 0, 0}, {"counter", 10, 0, 0}};
+    const srv_t s[] = {{"counter", 0, 0, 0, 0}, {"counter", 10, 0, 0, 0}};
     servers_start(n, isolation, s, 2, "one_for_all", 0);
     send_call(n, 1, 0, "crash", 0);
     expect_done(n, 1, 0, "{native_error,<<\"crash\">>}");
@@ -2237,11 +2260,27 @@ static void test_cnode_process_servers_give_up(void **state) {
     servers_give_up(*state, "process");
 }
 
+/* Process isolation: a server that closes the descriptor its worker's
+ * frames go out on leaves a worker that can never answer; once its
+ * output has ended and it lives on past the grace (srvworker.c), it is
+ * killed: its calls end {native_crash, protocol} and the VM is told the
+ * supervisor gave up. */
+static void test_cnode_process_servers_closed_output(void **state) {
+    const srv_t s[] = {{"closer", 0, 0, 0, 1}};
+    node_t *n = *state;
+    servers_start(n, "process", s, 1, "one_for_one", 10);
+    send_call(n, 1, 0, "get", 0);
+    expect_done(n, 1, 0, "{native_crash,protocol}");
+    expect_report(n, "gave_up", "{gave_up,{native_crash,protocol}}");
+    expect_log(n, "error", "lives on after its output ended");
+    assert_exited(node_close(n), 0);
+}
+
 /* Process isolation answers hello once its servers' worker has started
  * the servers: a second hello sent before that is logged and ignored,
  * not served twice, and ready comes once. */
 static void test_cnode_process_servers_second_hello(void **state) {
-    const srv_t s[] = {{"counter", 0, 0, 0}};
+    const srv_t s[] = {{"counter", 0, 0, 0, 0}};
     node_t *n = *state;
     ev_t e;
     node_spawn(n, 1, process_env);
@@ -2265,7 +2304,7 @@ static void test_cnode_process_servers_second_hello(void **state) {
  * answered at once; the tasks carry on.  No process outlives stdin's
  * end. */
 static void test_cnode_process_servers_fault(void **state) {
-    const srv_t s[] = {{"counter", 0, 0, 0}, {"counter", 10, 0, 0}};
+    const srv_t s[] = {{"counter", 0, 0, 0, 0}, {"counter", 10, 0, 0, 0}};
     ei_x_buff none = args_none();
     node_t *n = *state;
     pid_t pids[16];
@@ -2333,6 +2372,8 @@ int main(void) {
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_replacement_cost,
                                         own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_closed_output_kills_the_worker,
+                                        own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_eof_ends_every_worker,
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(
@@ -2381,6 +2422,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_cnode_process_servers_fault,
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_servers_second_hello,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_servers_closed_output,
                                         own_setup, own_teardown),
     };
     int failed;
