@@ -89,6 +89,8 @@
 -export([main/0, run/1]).
 -export([fanout/3, fanout/4, compare/1]).
 -export([start_demo/0, start_demo/1]).
+% Also what the test suites' distribution groups start with.
+-export([distributed/0]).
 % The Erlang peers of rows 5 and 6: a gen_server counter, and the OTP
 % supervisor that restarts it.
 -export([init/1, handle_call/3, handle_cast/2]).
@@ -1555,8 +1557,8 @@ isolated(Fun) ->
         {'DOWN', Ref, process, Pid, Reason} -> error({trial_failed, Reason})
     end.
 
-%% Makes this VM a distributed node unless it is one; returns whether it
-%% did.
+%% @doc Makes this VM a distributed node (short names) unless it is one,
+%% starting epmd first as `erl -sname' would. Returns whether it did.
 -spec distributed() -> boolean().
 distributed() ->
     case erlang:is_alive() of

@@ -27,20 +27,11 @@ wait_until(Fun, What, Deadline) ->
             end
     end.
 
-%% Makes this VM a distributed node (short names) unless it is one,
-%% starting epmd first as `erl -sname' would. Returns whether it did, for
-%% undistributed/1.
+%% Makes this VM a distributed node unless it is one, as the benchmarks
+%% do. Returns whether it did, for undistributed/1.
 -spec distributed() -> boolean().
 distributed() ->
-    case erlang:is_alive() of
-        true ->
-            false;
-        false ->
-            _ = os:cmd("epmd -daemon"),
-            Name = list_to_atom("moat_ct_" ++ os:getpid()),
-            {ok, _} = net_kernel:start([Name, shortnames]),
-            true
-    end.
+    moat_bench:distributed().
 
 %% Stops the distribution distributed/0 started.
 -spec undistributed(boolean()) -> ok.
