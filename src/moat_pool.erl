@@ -67,6 +67,10 @@
 %% How long a new C-node may take to load its libraries and answer hello.
 -define(HELLO_TIMEOUT, 10000).
 
+%% How many distribution node names one pool's C-nodes take in turn
+%% (cnode_generation/1).
+-define(NAMES_PER_POOL, 8).
+
 %%%===================================================================
 %%% API
 %%%===================================================================
@@ -349,8 +353,26 @@ cnode_node_name(Name) ->
      || C <- lists:sublist(atom_to_list(Name), 100)
     ],
     [_, Host] = string:split(atom_to_list(node()), "@"),
-    Alive = lists:concat(["moat_", Safe, "_", os:getpid(), "_", erlang:unique_integer([positive])]),
+    Alive = lists:concat(["moat_", Safe, "_", os:getpid(), "_", cnode_generation(Name)]),
     list_to_atom(Alive ++ "@" ++ Host).
+
+%% Which of NAMES_PER_POOL names this start of pool Name's C-node takes:
+%% each start takes the next, so that a new C-node does not meet the name
+%% its predecessor may still hold in epmd, and a pool that keeps losing
+%% its C-node makes no more than NAMES_PER_POOL atoms. The counter lives
+%% as long as the VM (one persistent_term per pool name, written once).
+cnode_generation(Name) ->
+    Key = {?MODULE, cnode_generation, Name},
+    Counter =
+        case persistent_term:get(Key, undefined) of
+            undefined ->
+                C = atomics:new(1, []),
+                persistent_term:put(Key, C),
+                C;
+            C ->
+                C
+        end,
+    atomics:add_get(Counter, 1, 1) rem ?NAMES_PER_POOL.
 
 %% A server between two sessions (its next session's child starting)
 %% refuses connections for a moment: retry until the deadline.

@@ -27,6 +27,7 @@
     process_chaos/1,
     dist_needs_a_live_node/1,
     dist_serves_and_stops/1,
+    dist_names_are_reused/1,
     dist_kill_gives_noconnection/1,
     dist_frames_are_checked/1,
     dist_server_by_hand/1
@@ -60,6 +61,7 @@ groups() ->
     [
         {dist, [], [
             dist_serves_and_stops,
+            dist_names_are_reused,
             dist_kill_gives_noconnection,
             dist_frames_are_checked,
             dist_server_by_hand
@@ -128,6 +130,24 @@ dist_serves_and_stops(_Config) ->
     ok = moat:stop_pool(?POOL),
     wait_until(fun() -> not os_alive(OsPid) end, cnode_gone),
     wait_until(fun() -> nodes(hidden) =:= [] end, node_gone),
+    sweep().
+
+dist_names_are_reused(_Config) ->
+    %% A pool's C-nodes take their node names in turn from a few, so that
+    %% a pool that keeps losing its C-node does not make an atom each
+    %% time: nine starts use eight names, the ninth the first's again.
+    Names = [
+        begin
+            {ok, _} = start(#{transport => distribution, size => 1}),
+            [Node] = nodes(hidden),
+            ok = moat:stop_pool(?POOL),
+            wait_until(fun() -> nodes(hidden) =:= [] end, node_gone),
+            Node
+        end
+     || _ <- lists:seq(1, 9)
+    ],
+    ?assertEqual(8, length(lists:usort(Names))),
+    ?assertEqual(hd(Names), lists:last(Names)),
     sweep().
 
 dist_kill_gives_noconnection(_Config) ->
@@ -290,7 +310,15 @@ servers_run_in_the_cnode(_Config) ->
             ?assertEqual({result, {exit, {native_crash, cnode_down}}}, Reason)
     after ?WAIT -> ct:fail(call_not_ended)
     end,
-    wait_until(fun() -> (catch cnode_os_pid()) =/= OsPid end, new_cnode),
+    wait_until(
+        fun() ->
+            case cnode_ports() of
+                [P] -> element(2, erlang:port_info(P, os_pid)) =/= OsPid;
+                _ -> false
+            end
+        end,
+        new_cnode
+    ),
     ?assertEqual({ok, 0}, wait_call(?POOL, c, get)),
     ok = moat:stop_pool(?POOL),
     sweep().
