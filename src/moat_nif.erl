@@ -6,7 +6,7 @@
 
 -export([pool_new/4, pool_close/1, pool_stats/1, pool_owner/1]).
 -export([pool_crashes/1]).
--export([cnode_pool_new/5, cnode_pool_new/6, cnode_deliver/2, cnode_flush/1, cnode_lost/1, cnode_lost/2]).
+-export([cnode_pool_new/6, cnode_deliver/2, cnode_flush/1, cnode_lost/2]).
 -export([async/5, run/4, task_cancel/2, task_running/1, task_kill/1, task_spin/1, task_ignore/1]).
 -export([stream_new/4, stream_submit/3, stream_take/3, stream_close/1]).
 -export([sup_start/3, call/4, cast/3, which_children/1, count_children/1]).
@@ -45,13 +45,9 @@ pool_owner(_Name) -> nif_missing().
 pool_crashes(_Handle) -> nif_missing().
 
 %% A pool whose tasks run in the C-node behind the port, or over
-%% distribution with the owner relaying frames (see doc/cnode.md).
--spec cnode_pool_new(atom(), pos_integer(), pos_integer(), port() | distribution, [atom()]) ->
-    {ok, reference()} | {error, term()}.
-cnode_pool_new(_Name, _Size, _MaxQueue, _Port, _Tasks) -> nif_missing().
-
-%% The same, with the ids of the native servers the C-node runs, in the
-%% order of its hello's `servers' (frames name a server by its index).
+%% distribution with the owner relaying frames (see doc/cnode.md), with
+%% the ids of the native servers the C-node runs, in the order of its
+%% hello's `servers' (frames name a server by its index).
 -spec cnode_pool_new(atom(), pos_integer(), pos_integer(), port() | distribution, [atom()],
                      [term()]) ->
     {ok, reference()} | {error, term()}.
@@ -65,12 +61,8 @@ cnode_deliver(_Handle, _Frame) -> nif_missing().
 -spec cnode_flush(reference()) -> ok.
 cnode_flush(_Handle) -> nif_missing().
 
-%% The C-node is gone: its tasks end with {native_crash, cnode_down}.
--spec cnode_lost(reference()) -> ok.
-cnode_lost(_Handle) -> nif_missing().
-
-%% The C-node is gone: its tasks end with Reason (noconnection over
-%% distribution).
+%% The C-node is gone: its tasks end with Reason ({native_crash,
+%% cnode_down}, noconnection over distribution).
 -spec cnode_lost(reference(), term()) -> ok.
 cnode_lost(_Handle, _Reason) -> nif_missing().
 

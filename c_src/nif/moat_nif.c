@@ -1390,8 +1390,7 @@ static ERL_NIF_TERM nif_pool_owner(ErlNifEnv *env, int argc,
 
 /* cnode_pool_new(Name :: atom(), Size :: pos_integer(),
  *                MaxQueue :: pos_integer(), Port :: port() | distribution,
- *                Tasks :: [atom()]) ->
- * cnode_pool_new(Name, Size, MaxQueue, Port, Tasks, ServerIds :: [term()]) ->
+ *                Tasks :: [atom()], ServerIds :: [term()]) ->
  *     {ok, Handle} | {error, {already_started, pid()}} | {error, atom()}
  * A pool whose bodies run in the C-node behind Port, which listed Tasks,
  * and whose native servers, if any, run there too, ServerIds in the order
@@ -1416,7 +1415,7 @@ static ERL_NIF_TERM nif_cnode_pool_new(ErlNifEnv *env, int argc,
         (!enif_is_port(env, argv[3]) &&
          !enif_is_identical(argv[3], atom_distribution)) ||
         !enif_get_list_length(env, list, &ntasks) ||
-        (argc > 5 && !enif_get_list_length(env, argv[5], &nids)))
+        !enif_get_list_length(env, argv[5], &nids))
         return enif_make_badarg(env);
     if (nids > 0) {
         ERL_NIF_TERM ids = argv[5];
@@ -1620,11 +1619,10 @@ static ERL_NIF_TERM nif_cnode_flush(ErlNifEnv *env, int argc,
     return atom_ok;
 }
 
-/* cnode_lost(Handle) -> ok
- * cnode_lost(Handle, Reason :: term()) -> ok
+/* cnode_lost(Handle, Reason :: term()) -> ok
  * The pool's C-node is gone: the pool is unregistered (new tasks get
- * noproc) and every task it held ends with Reason: by default
- * {native_crash, cnode_down}, noconnection over distribution. */
+ * noproc) and every task it held ends with Reason ({native_crash,
+ * cnode_down}, noconnection over distribution). */
 static ERL_NIF_TERM nif_cnode_lost(ErlNifEnv *env, int argc,
                                    const ERL_NIF_TERM argv[]) {
     npool_t *np = cnode_pool(env, argv[0]);
@@ -1633,9 +1631,8 @@ static ERL_NIF_TERM nif_cnode_lost(ErlNifEnv *env, int argc,
     if (np == NULL)
         return enif_make_badarg(env);
     reg_res = reg_remove(np);
-    down = encode(env, argc > 1 ? argv[1]
-                                : enif_make_tuple2(env, atom_native_crash,
-                                                   atom_cnode_down));
+    (void)argc;
+    down = encode(env, argv[1]);
     tl_caller_env = env;
     moat_pool_remote_lost(np->pool, down != NULL ? down : moat_atom(MOAT_A_ENOMEM));
     tl_caller_env = NULL;
@@ -3015,11 +3012,9 @@ static ErlNifFunc funcs[] = {
     {"pool_stats", 1, nif_pool_stats, 0},
     {"pool_owner", 1, nif_pool_owner, 0},
     {"pool_crashes", 1, nif_pool_crashes, 0},
-    {"cnode_pool_new", 5, nif_cnode_pool_new, ERL_NIF_DIRTY_JOB_IO_BOUND},
     {"cnode_pool_new", 6, nif_cnode_pool_new, ERL_NIF_DIRTY_JOB_IO_BOUND},
     {"cnode_deliver", 2, nif_cnode_deliver, 0},
     {"cnode_flush", 1, nif_cnode_flush, 0},
-    {"cnode_lost", 1, nif_cnode_lost, 0},
     {"cnode_lost", 2, nif_cnode_lost, 0},
     {"async", 5, nif_async, 0},
     {"run", 4, nif_run, 0},

@@ -304,9 +304,9 @@ static int teardown(void **state) {
 static void test_nif_load_exports_the_table(void **state) {
     static const char *names[] = {
         "pool_new/4",       "pool_close/1",    "pool_stats/1",
-        "pool_owner/1",     "pool_crashes/1",  "cnode_pool_new/5",
+        "pool_owner/1",     "pool_crashes/1",
         "cnode_pool_new/6", "cnode_deliver/2",
-        "cnode_flush/1",    "cnode_lost/1",    "cnode_lost/2",
+        "cnode_flush/1",    "cnode_lost/2",
         "async/5",
         "run/4",            "task_cancel/2",   "task_running/1",
         "task_kill/1",
@@ -1254,6 +1254,12 @@ static ERL_NIF_TERM tup3(fake_proc_t *p, ERL_NIF_TERM a, ERL_NIF_TERM b,
 
 static ERL_NIF_TERM nil(fake_proc_t *p) { return enif_make_list(fake_env(p), 0); }
 
+/* {native_crash, cnode_down}, what the owner ends a lost port C-node's
+ * tasks with. */
+static ERL_NIF_TERM cnode_down(fake_proc_t *p) {
+    return enif_make_tuple2(fake_env(p), A("native_crash"), A("cnode_down"));
+}
+
 static ERL_NIF_TERM ints2(fake_proc_t *p, long a, long b) {
     return enif_make_list2(fake_env(p), I(p, a), I(p, b));
 }
@@ -2153,9 +2159,10 @@ typedef struct {
 static ERL_NIF_TERM cnode_pool_new(fake_proc_t *o, ERL_NIF_TERM port,
                                    const char *name, unsigned size,
                                    unsigned max_queue) {
-    return fake_call(o, "cnode_pool_new", 5, A(name), I(o, size),
+    return fake_call(o, "cnode_pool_new", 6, A(name), I(o, size),
                      I(o, max_queue), port,
-                     enif_make_list2(fake_env(o), A("echo"), A("sleep")));
+                     enif_make_list2(fake_env(o), A("echo"), A("sleep")),
+                     nil(o));
 }
 
 /* A C-node pool owned by a new process, over a port connected to it. */
@@ -2310,15 +2317,16 @@ static void test_nif_cnode_pool_new_and_refusals(void **state) {
      * no atom. */
     assert_badarg(o2, cnode_pool_new(o2, A("port"), "cn_bad", 1, 1));
     assert_badarg(o2, cnode_pool_new(o2, port, "cn_bad", 0, 1));
-    assert_badarg(o2, fake_call(o2, "cnode_pool_new", 5, A("cn_bad"),
+    assert_badarg(o2, fake_call(o2, "cnode_pool_new", 6, A("cn_bad"),
                                 I(o2, 1), I(o2, 1), port,
-                                enif_make_list2(e, A("echo"), I(o2, 7))));
+                                enif_make_list2(e, A("echo"), I(o2, 7)),
+                                nil(o2)));
     assert_term(fake_call(o2, "pool_owner", 1, A("cn_bad")), "undefined");
     /* The cnode_* calls take a C-node pool's handle, and a binary. */
     nh = start_pool(n, "cn_nif", 1, 1);
     assert_badarg(n, fake_call(n, "cnode_deliver", 2, nh, bin(n, "x")));
     assert_badarg(n, fake_call(n, "cnode_flush", 1, nh));
-    assert_badarg(n, fake_call(n, "cnode_lost", 1, nh));
+    assert_badarg(n, fake_call(n, "cnode_lost", 2, nh, cnode_down(n)));
     assert_badarg(k.o, fake_call(k.o, "cnode_deliver", 2, k.h, A("frame")));
     close_pool(n, nh);
     close_cnode(&k);
@@ -2693,7 +2701,7 @@ static void test_nif_cnode_lost_ends_every_task(void **state) {
     for (int i = 0; i < 3; i++)
         take_frame(&k, f);
     assert_string_equal(f->what, "runs");
-    assert_term(fake_call(k.o, "cnode_lost", 1, k.h), "ok");
+    assert_term(fake_call(k.o, "cnode_lost", 2, k.h, cnode_down(k.o)), "ok");
     assert_no_frame(&k); /* nothing to cancel: the C-node is gone */
     /* Decided in the owner's call, in no particular order: two DOWNs and
      * the stream's notice are in the caller's mailbox. */
@@ -2736,7 +2744,7 @@ static void test_nif_cnode_lost_ends_every_task(void **state) {
     assert_term(deliver(&k, "{done,[{%llu,ok,x}]}",
                         (unsigned long long)f->tag[0]),
                 "ok");
-    assert_term(fake_call(k.o, "cnode_lost", 1, k.h), "ok"); /* again */
+    assert_term(fake_call(k.o, "cnode_lost", 2, k.h, cnode_down(k.o)), "ok"); /* again */
     free(f);
     close_cnode(&k);
     assert_no_frame(&k);
@@ -2978,7 +2986,7 @@ static void test_nif_cnode_closed_port_waits_for_lost(void **state) {
     assert_no_frame(&k);
     assert_no_message(c);
     assert_int_equal(stat_of("cn_closed", "running"), 1);
-    assert_term(fake_call(k.o, "cnode_lost", 1, k.h), "ok");
+    assert_term(fake_call(k.o, "cnode_lost", 2, k.h, cnode_down(k.o)), "ok");
     assert_term(await(c, t), "{DOWN,{native_crash,cnode_down}}");
     close_cnode(&k);
     fake_proc_t *all[] = {k.o, c};
@@ -3293,7 +3301,7 @@ static void test_nif_cnode_lost_refuses_stream_tasks(void **state) {
 
     s = fake_call(c, "stream_new", 4, A("cn_lost_stream"), A("echo"),
                   A("infinity"), I(c, 4));
-    assert_term(fake_call(k.o, "cnode_lost", 1, k.h), "ok");
+    assert_term(fake_call(k.o, "cnode_lost", 2, k.h, cnode_down(k.o)), "ok");
     assert_term(fake_call(c, "stream_submit", 3, s, list1(c, A("x")), I(c, 0)),
                 "[{0,exit,noproc}]");
     assert_no_frame(&k);
@@ -3468,7 +3476,7 @@ static void test_nif_cnode_servers(void **state) {
     /* the C-node lost with a call in it */
     r = call_raw(c, "cn_srv", A("a"), A("get"), -1);
     text = take_text(&k, &tag);
-    assert_term(fake_call(k.o, "cnode_lost", 1, k.h), "ok");
+    assert_term(fake_call(k.o, "cnode_lost", 2, k.h, cnode_down(k.o)), "ok");
     assert_term(call_outcome(c, "cn_srv", r),
                 "{exit,{native_crash,cnode_down}}");
     assert_term(fake_call(c, "which_children", 1, A("cn_srv")),
