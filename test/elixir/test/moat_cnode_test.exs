@@ -38,15 +38,7 @@ defmodule MoatCnodeTest do
     sleeper = :moat.async(@pool, :sleep, [60_000])
     assert {:exit, {:native_crash, :cnode_down}} = :moat.run(@pool, :segfault, [])
     assert {:exit, {:native_crash, :cnode_down}} = :moat.yield(sleeper, 1000)
-    assert wait_for(fn -> :moat.run(@pool, :echo, [:back]) == {:ok, :back} end)
+    assert MoatTest.Wait.until(fn -> :moat.run(@pool, :echo, [:back]) == {:ok, :back} end)
     refute_receive _, 100
-  end
-
-  defp wait_for(fun, tries \\ 500) do
-    cond do
-      fun.() -> true
-      tries == 0 -> false
-      true -> Process.sleep(10) && wait_for(fun, tries - 1)
-    end
   end
 end

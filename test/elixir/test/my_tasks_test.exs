@@ -23,14 +23,6 @@ defmodule MyTasksTest do
     :ok
   end
 
-  defp wait_until(fun, ms) do
-    cond do
-      fun.() -> true
-      ms <= 0 -> false
-      true -> Process.sleep(20) && wait_until(fun, ms - 20)
-    end
-  end
-
   test "the library's tasks return values, through run, async/await and stream" do
     assert {:ok, 2.5} = :moat.run(@pool, :mean, [[1, 2, 3.5, 3.5]])
 
@@ -64,10 +56,10 @@ defmodule MyTasksTest do
   test "count_primes heeds cancellation: a timeout or a shutdown stops its body" do
     assert {:exit, :timeout} = :moat.run(@pool, :count_primes, [@forever], 100)
     # Abandoned (outcome given, body still running) until the body returns.
-    assert wait_until(fn -> :moat.stats(@pool).abandoned == 0 end, 10_000)
+    assert MoatTest.Wait.until(fn -> :moat.stats(@pool).abandoned == 0 end, 10_000)
 
     task = :moat.async(@pool, :count_primes, [@forever])
-    assert wait_until(fn -> :moat.stats(@pool).running == 1 end, 10_000)
+    assert MoatTest.Wait.until(fn -> :moat.stats(@pool).running == 1 end, 10_000)
     # nil: the body returned once asked to stop; one that ignored
     # moat_should_stop() would have been abandoned, {:exit, :killed}.
     assert :moat.shutdown(task, 10_000) == nil
