@@ -140,7 +140,6 @@ typedef struct moat__jobs_s {
     size_t npend, cappend;
     moat__job_t *cancelling;  /* cancelled jobs whose bodies still run */
     uv_timer_t timer;         /* polls `cancelling` while it is not empty */
-    int sized;                /* `ordered` is set */
     int ordered;              /* set before the first submission, then
                                  read by pool threads: one thread, whose
                                  outcomes are written before it takes its
@@ -203,9 +202,6 @@ typedef struct moat__wbuf_s {
  * go on, anything else to stop: the worker is no longer listened to. */
 typedef int (*moat__wbuf_fn)(void *data, const char *buf, size_t len);
 
-
-/* Makes room for a read.  Returns 0 or UV_ENOMEM. */
-int moat__wbuf_reserve(moat__wbuf_t *b);
 
 /* A libuv alloc callback's work: room for a read, or an empty buffer
  * (the read then fails with UV_ENOBUFS). */

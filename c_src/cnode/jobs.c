@@ -306,12 +306,6 @@ void moat__jobs_flush(moat__jobs_t *jobs) {
 
     if (n == 0)
         return;
-    if (!jobs->sized) {
-        moat_pool_stats_t st;
-        moat_pool_stats(jobs->pool, &st);
-        jobs->ordered = st.threads == 1;
-        jobs->sized = 1;
-    }
     jobs->npend = 0;
     /* In the map before any of them can complete. */
     uv_mutex_lock(&jobs->lock);

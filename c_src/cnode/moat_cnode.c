@@ -722,6 +722,7 @@ static void on_srvw_ready(void *data, const char *reason, size_t len,
 
 static void on_hello(node_t *n, moat__hello_t *h) {
     moat_pool_opts_t o = {0};
+    moat_pool_stats_t st;
     char msg[256];
     int rc;
 
@@ -791,6 +792,8 @@ static void on_hello(node_t *n, moat__hello_t *h) {
         return;
     }
     n->jobs.pool = n->pool;
+    moat_pool_stats(n->pool, &st);
+    n->jobs.ordered = st.threads == 1; /* before the first submission */
     /* A worker of process isolation (or a node told so) limits itself
      * once its libraries and threads are in place. */
     if (h->max_memory > 0 && (rc = moat__limit_memory(h->max_memory)) != 0) {

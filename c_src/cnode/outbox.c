@@ -199,10 +199,6 @@ static void drain(moat__outbox_t *ob) {
     uv_mutex_unlock(&ob->lock);
 }
 
-/* Called with the lock held after queueing something; returns with it
- * released. */
-static void kick(moat__outbox_t *ob) { drain(ob); }
-
 /* ---------------------------------------------------------------- API */
 
 int moat__outbox_init(moat__outbox_t *ob, int fd) {
@@ -266,7 +262,7 @@ void moat__outbox_done(moat__outbox_t *ob, uint64_t tag, int kind,
         out_of_memory();
     }
     ob->ndone++;
-    kick(ob);
+    drain(ob);
 }
 
 void moat__outbox_stopped(moat__outbox_t *ob, const uint64_t *tags,
@@ -280,7 +276,7 @@ void moat__outbox_stopped(moat__outbox_t *ob, const uint64_t *tags,
         if (ei_x_encode_ulonglong(&ob->stopped, tags[i]) < 0)
             out_of_memory();
     ob->nstopped += n;
-    kick(ob);
+    drain(ob);
 }
 
 int moat__outbox_frame(moat__outbox_t *ob, const char *etf, size_t len) {
@@ -303,7 +299,7 @@ int moat__outbox_frame(moat__outbox_t *ob, const char *etf, size_t len) {
     }
     *ob->frames_tail = b;
     ob->frames_tail = &b->next;
-    kick(ob);
+    drain(ob);
     return 0;
 }
 

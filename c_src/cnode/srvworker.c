@@ -512,7 +512,9 @@ static void on_sigchld(uv_signal_t *h, int signum) {
     int st;
 
     (void)signum;
-    if (s->reaped || waitpid(s->pid, &st, WNOHANG) != s->pid)
+    /* Without a pid (its spawn failed) there is nothing of its own to
+     * reap: waitpid(0) would take any child's death. */
+    if (s->pid <= 0 || s->reaped || waitpid(s->pid, &st, WNOHANG) != s->pid)
         return;
     s->reaped = 1;
     drain(s);

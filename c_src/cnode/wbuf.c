@@ -24,7 +24,8 @@ static uint32_t be32(const char *b) {
            u[3];
 }
 
-int moat__wbuf_reserve(moat__wbuf_t *b) {
+/* Makes room for a read.  Returns 0 or UV_ENOMEM. */
+static int reserve(moat__wbuf_t *b) {
     size_t cap = b->cap > 0 ? b->cap : WBUF_MIN;
     char *p;
 
@@ -41,7 +42,7 @@ int moat__wbuf_reserve(moat__wbuf_t *b) {
 }
 
 void moat__wbuf_alloc(moat__wbuf_t *b, uv_buf_t *buf) {
-    if (moat__wbuf_reserve(b) != 0)
+    if (reserve(b) != 0)
         *buf = uv_buf_init(NULL, 0); /* the read gets UV_ENOBUFS */
     else
         *buf = uv_buf_init(b->buf + b->len, (unsigned)(b->cap - b->len));
@@ -81,7 +82,7 @@ int moat__wbuf_drain(moat__wbuf_t *b, int fd, uint32_t max, moat__wbuf_fn fn,
 
     while (rc == 0) {
         ssize_t r;
-        if (moat__wbuf_reserve(b) != 0)
+        if (reserve(b) != 0)
             return UV_ENOMEM;
         r = read(fd, b->buf + b->len, b->cap - b->len);
         if (r < 0 && errno == EINTR)

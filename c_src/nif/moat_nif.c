@@ -79,7 +79,7 @@
     X(other) X(native_crash) X(cnode_down) X(moat_cnode_out) X(bad_frame) \
     X(distribution) X(moat_cnode_send) X(latency_ns) X(failed_by) X(count)   \
     X(p50) X(p90) X(p99) X(p999) X(max) X(badarg) X(noconnection)       \
-    X(moat_child_crashed) X(remote) X(which_children) X(count_children)
+    X(moat_child_crashed) X(remote)
 
 #define DECLARE_ATOM(name) static ERL_NIF_TERM atom_##name;
 ATOMS(DECLARE_ATOM)
@@ -2420,7 +2420,9 @@ static ERL_NIF_TERM remote_query(ErlNifEnv *env, pool_res_t *res,
     ERL_NIF_TERM ref;
     if ((nt = ntask_new(env, res->np->name, NULL, T_SPIN, &ref)) == NULL) {
         reg_done();
-        return enif_raise_exception(env, atom_enomem);
+        return enif_make_tuple3(env, atom_remote,
+                                enif_make_tuple2(env, atom_exit, atom_enomem),
+                                fallback);
     }
     return enif_make_tuple3(env, atom_remote,
                             remote_request(env, res, nt, ref, what, -1, NULL,
