@@ -289,11 +289,14 @@ int moat__forker_start(uv_loop_t *loop, const char *exe, const char *hello,
                        size_t len, unsigned wait_ms, moat__forker_cb cb,
                        void *data, moat__forker_t **out);
 
-/* Asks for a worker whose stdin reads in_fd and whose stdout writes
- * out_fd; both stay the caller's (the server has its own copies once this
- * returns).  The answer comes through the callback.  Returns 0, or a
- * negative error (then no answer comes).  Never blocks.  Loop thread. */
-int moat__forker_fork(moat__forker_t *f, int in_fd, int out_fd);
+/* Asks for a worker whose stdin reads in_fd, whose stdout writes out_fd
+ * and who writes the number of the fault signal it dies of (one byte,
+ * MOAT_FAULT_SIGNALS) to notice_fd before it dies of it; all three stay
+ * the caller's (the server has its own copies once this returns).  The
+ * answer comes through the callback.  Returns 0, or a negative error
+ * (then no answer comes).  Never blocks.  Loop thread. */
+int moat__forker_fork(moat__forker_t *f, int in_fd, int out_fd,
+                      int notice_fd);
 
 /* Whether the server may still answer requests (not known gone). */
 int moat__forker_alive(const moat__forker_t *f);

@@ -19,9 +19,13 @@
  * (meanwhile the parent's loop does not read the errlog pipe: a server
  * that printed more than a pipe holds first would stall until the wait
  * times out, and workers would be spawned).  Then each
- * message is a fork request carrying, with SCM_RIGHTS, the two pipe ends a
- * worker needs (its stdin's read end, its stdout's write end: the parent
- * made the pipes and keeps the other ends).  Each request is answered, in
+ * message is a fork request carrying, with SCM_RIGHTS, the three pipe ends
+ * a worker needs (its stdin's read end, its stdout's write end, and the
+ * write end of its crash notice: the parent made the pipes and keeps the
+ * other ends).  The worker handles the faults a task can raise
+ * (MOAT_FAULT_SIGNALS) by writing the signal's number to the notice pipe,
+ * then dying of it (procs.c, Deaths), unless a library already handles
+ * one.  Each request is answered, in
  * order, with the new worker's pid or a negative error.  The server exits
  * when the socket reaches its end, and dies with the parent (its
  * parent-death signal, set in main like any node's).
@@ -42,9 +46,10 @@
  * its libraries are open: no thread (the server checks, after the
  * libraries' constructors ran, that it is alone, and refuses to serve
  * otherwise, for a fork copies only the thread that forks), no libuv loop
- * (the worker makes its loop, errlog pipe and pool thread after the
- * fork, in moat_cnode.c's usual start), no descriptor but its standard
- * ones and the request's pipes (fresh for each worker).  max_memory is
+ * (the worker makes its loop and pool thread after the fork, in
+ * moat_cnode.c's usual start; it needs no errlog pipe, its stderr being
+ * the parent's already), no descriptor but its standard ones and the
+ * request's pipes (fresh for each worker).  max_memory is
  * applied by the worker after its pool thread starts, relative to what it
  * maps then, as for a spawned worker.  A forked worker sends ready without
  * waiting for a hello: the server's decoded hello is its own.
@@ -82,6 +87,13 @@
  * A fork takes well under a millisecond; this leaves room for a machine
  * under heavy load, where a false alarm would cost counted spawns. */
 #define ANSWER_MS 5000
+
+/* A request's descriptors: the worker's stdin, its stdout (the frames)
+ * and its crash notice's pipe. */
+#define REQUEST_FDS 3
+
+/* The faults a forked worker reports on its notice pipe. */
+static const int faults[] = {MOAT_FAULT_SIGNALS};
 
 /* ------------------------------------------------------- parent side */
 
@@ -255,16 +267,17 @@ fail:
     return rc;
 }
 
-int moat__forker_fork(moat__forker_t *f, int in_fd, int out_fd) {
+int moat__forker_fork(moat__forker_t *f, int in_fd, int out_fd,
+                      int notice_fd) {
     char one = 'f';
     struct iovec iov = {&one, 1};
     union {
         struct cmsghdr h;
-        char b[CMSG_SPACE(2 * sizeof(int))];
+        char b[CMSG_SPACE(REQUEST_FDS * sizeof(int))];
     } u;
     struct msghdr m;
     struct cmsghdr *c;
-    int fds[2] = {in_fd, out_fd};
+    int fds[REQUEST_FDS] = {in_fd, out_fd, notice_fd};
     ssize_t r;
 
     if (f->gone)
@@ -379,14 +392,19 @@ static int answer(int32_t v) {
     return r == (ssize_t)sizeof v ? 0 : -1;
 }
 
-/* Reads the next request's two descriptors.  Returns 1, 0 at the
- * socket's end, or -1 on a broken request (its descriptors closed). */
-static int take_request(int fds[2]) {
+static void close_request(int fds[REQUEST_FDS]) {
+    for (int i = 0; i < REQUEST_FDS; i++)
+        close(fds[i]);
+}
+
+/* Reads the next request's descriptors.  Returns 1, 0 at the socket's
+ * end, or -1 on a broken request (its descriptors closed). */
+static int take_request(int fds[REQUEST_FDS]) {
     char one;
     struct iovec iov = {&one, 1};
     union {
         struct cmsghdr h;
-        char b[CMSG_SPACE(2 * sizeof(int))];
+        char b[CMSG_SPACE(REQUEST_FDS * sizeof(int))];
     } u;
     struct msghdr m;
     struct cmsghdr *c;
@@ -404,27 +422,69 @@ static int take_request(int fds[2]) {
         return 0;
     c = CMSG_FIRSTHDR(&m);
     if (c == NULL || c->cmsg_level != SOL_SOCKET ||
-        c->cmsg_type != SCM_RIGHTS || c->cmsg_len != CMSG_LEN(2 * sizeof(int)))
-        return -1; /* our parent sends exactly two; nothing to close */
-    memcpy(fds, CMSG_DATA(c), 2 * sizeof(int));
+        c->cmsg_type != SCM_RIGHTS ||
+        c->cmsg_len != CMSG_LEN(REQUEST_FDS * sizeof(int)))
+        return -1; /* our parent sends exactly three; nothing to close */
+    memcpy(fds, CMSG_DATA(c), REQUEST_FDS * sizeof(int));
     if (r != 1 || (m.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0) {
-        close(fds[0]);
-        close(fds[1]);
+        close_request(fds);
         return -1;
     }
     return 1;
 }
 
+/* The crash notice's descriptor, in a forked worker. */
+static int crash_fd = -1;
+
+/* A fault ends the worker: say which first, then die of it (SA_RESETHAND
+ * made its action the default again, and SA_NODEFER leaves it
+ * unblocked).  The faulting thread is named moat_dying first, so that
+ * whoever lists the C-node's children (ps, the tests) can tell the dying
+ * worker from the live ones until the kernel has torn it down.  Plain
+ * system calls only: prctl, write, raise. */
+static void on_fault(int sig) {
+    unsigned char b = (unsigned char)sig;
+    int saved = errno;
+    ssize_t r;
+
+    prctl(PR_SET_NAME, "moat_dying", 0, 0, 0);
+    do
+        r = write(crash_fd, &b, 1);
+    while (r < 0 && errno == EINTR);
+    errno = saved;
+    raise(sig);
+}
+
+/* Handles the faults a task can raise, unless a library has claimed one
+ * already (its handler is left alone: the parent then learns of the
+ * crash when it reaps the worker).  There is no alternate stack: a task
+ * that overflows its stack leaves the handler none, the kernel kills
+ * the worker with SIGSEGV, and again the reap tells. */
+static void notice_faults(int fd) {
+    struct sigaction sa, old;
+
+    crash_fd = fd;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_fault;
+    sa.sa_flags = SA_RESETHAND | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++)
+        if (sigaction(faults[i], NULL, &old) == 0 &&
+            !(old.sa_flags & SA_SIGINFO) && old.sa_handler == SIG_DFL)
+            sigaction(faults[i], &sa, NULL);
+}
+
 /* In the new worker: stdin and stdout become the request's pipes, and
  * once it is the C-node's child it dies with it.  Returns 0, or -1 when
  * the C-node is already gone or a call failed. */
-static int become_worker(int fds[2], pid_t mid, pid_t cnode) {
+static int become_worker(int fds[REQUEST_FDS], pid_t mid, pid_t cnode) {
     pid_t pp;
 
     if (dup2(fds[0], 0) < 0 || dup2(fds[1], 1) < 0)
         return -1;
     close(fds[0]);
     close(fds[1]);
+    notice_faults(fds[2]);
     prctl(PR_SET_NAME, "moat_cnode", 0, 0, 0);
     /* The intermediate exits right after it answers: until then it is
      * the parent, and a parent-death signal armed now would fire when it
@@ -522,7 +582,7 @@ static pid_t __attribute__((noinline)) fork_twice(void) {
 int moat__forker_main(moat__frame_t *hello, moat_lib_t ***libs,
                       size_t *nlibs) {
     pid_t cnode = getppid();
-    int status, fds[2], r;
+    int status, fds[REQUEST_FDS], r;
     pid_t mid;
 
     memset(hello, 0, sizeof *hello);
@@ -548,8 +608,7 @@ int moat__forker_main(moat__frame_t *hello, moat_lib_t ***libs,
                 _exit(MOAT_CNODE_EXIT_FAILURE);
             return MOAT__FORKED;
         }
-        close(fds[0]);
-        close(fds[1]);
+        close_request(fds);
         if (mid < 0) {
             answer(mid);
             continue;

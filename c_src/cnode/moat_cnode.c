@@ -123,6 +123,7 @@ typedef struct node_s {
     int loop_ready, ob_ready, jobs_ready, errlog_ready, dist_ready;
     int distributed;   /* frames travel over distribution */
     int session;       /* --session: a child of --serve, no lifeline */
+    int forked;        /* a worker forked by the fork server */
 } node_t;
 
 /* The native servers of thread isolation (see DESIGN): the supervisor
@@ -1141,9 +1142,16 @@ static int start(node_t *n, const char *node, const char *cookie) {
     n->loop_ready = 1;
     /* Port frames go to a copy of stdout: fd 1 itself becomes the errlog
      * pipe, so that a library's prints cannot corrupt the frames.  Over
-     * distribution stdout and stderr stay as they are. */
+     * distribution stdout and stderr stay as they are.  A forked worker's
+     * stderr is already its parent's errlog pipe (forker.c): its stdout
+     * joins it, and it needs no errlog of its own. */
     if (!n->distributed && (out = fcntl(1, F_DUPFD_CLOEXEC, 3)) < 0)
         return -errno;
+    if (n->forked && dup2(2, 1) < 0) {
+        rc = -errno;
+        close(out);
+        return rc;
+    }
     rc = moat__outbox_init(&n->ob, out);
     if (rc != 0) {
         if (out >= 0)
@@ -1151,7 +1159,7 @@ static int start(node_t *n, const char *node, const char *cookie) {
         return rc;
     }
     n->ob_ready = 1;
-    if (!n->distributed) {
+    if (!n->distributed && !n->forked) {
         rc = moat__errlog_start(&n->errlog, &n->loop, &n->ob);
         if (rc != 0)
             return rc;
@@ -1360,6 +1368,7 @@ int main(int argc, char **argv) {
     if (forker &&
         (rc = moat__forker_main(&forked, &n->libs, &n->nlibs)) != MOAT__FORKED)
         return rc;
+    n->forked = forker;
     rc = start(n, dnode, dcookie);
     if (rc != 0) {
         /* errlog may already hold fd 2: say it through the outbox */

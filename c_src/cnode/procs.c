@@ -86,7 +86,19 @@
  * Deaths.  SIGCHLD (a uv_signal_t) makes the loop call waitpid(pid,
  * WNOHANG) for each worker not yet reaped, never waitpid(-1).  A reaped
  * worker's stdout is read to its end first, so an outcome it wrote before
- * dying counts.  Then its held runs are settled, oldest first: a
+ * dying counts.  A forked worker that faults (MOAT_FAULT_SIGNALS, on any
+ * of its threads) says so first: its handler writes the signal's number
+ * to a pipe of its own, its crash notice, then dies of the signal.  The
+ * kernel's teardown of a dying process (its other threads, its memory)
+ * takes a few hundred microseconds, tens of milliseconds for a large one,
+ * and SIGCHLD comes only after it: on the notice, the loop reads what
+ * the worker's stdout holds (its pool thread writes each outcome before
+ * it takes the next run, so everything before the fault is there) and
+ * settles the runs at once, as the reaping would with that signal; the
+ * reaping later only frees it.  A worker still unreaped NOTICE_GRACE_MS
+ * after its notice is killed.  A library that installed its own handler
+ * for a fault keeps it, and that fault is learnt from the reaping.  Then
+ * its held runs are settled, oldest first: a
  * cancelled one is reported stopped; the first other one, which may have
  * begun, ends {native_crash, Signal} (sigsegv, sigabrt, ...),
  * {native_crash, enomem} for the worker's own out-of-memory exit status,
@@ -142,6 +154,12 @@ extern char **environ;
  * the frames' descriptor) can never answer again, and is killed, its
  * run ending {native_crash, protocol}. */
 #define EOF_GRACE_MS 500
+
+/* A worker whose crash notice came is dying of a fault: its runs are
+ * settled at once, and it is reaped when the kernel has torn it down.
+ * One still alive this long after (dumping a large core, say, or a task
+ * that wrote the notice itself) is killed. */
+#define NOTICE_GRACE_MS 5000
 
 /* How long stop waits for workers to leave on their stdin's EOF before
  * SIGKILLing them: a worker leaves within its own 10 ms exit grace, plus
@@ -219,14 +237,18 @@ typedef struct worker_s {
     unsigned nheld;
     uint64_t since;   /* uv_hrtime() when the oldest held run became so */
     uint64_t eof_ms;  /* uv_now() when its stdout ended, not reaped yet */
+    uint64_t notice_ms; /* uv_now() when its crash notice came */
     uint64_t last_ns; /* how long its last oldest run took to answer */
     packet_t *fresh[PIPELINE]; /* runs this dispatch gave it */
     unsigned nfresh;
     int reaped;
+    int settled;      /* its runs were settled on its crash notice */
     int ignore;       /* its frames are no longer read */
     uv_pipe_t in, out;
+    uv_poll_t notice; /* its crash notice's pipe (forked workers) */
+    int notice_fd;    /* that pipe's read end, or -1 */
     int nopen;        /* handles not closed yet */
-    int in_open, out_open;
+    int in_open, out_open, notice_open;
     moat__wbuf_t rd;  /* its stdout */
 } worker_t;
 
@@ -469,6 +491,8 @@ static void on_closed(uv_handle_t *h) {
             *pp = w->next;
             break;
         }
+    if (w->notice_fd >= 0)
+        close(w->notice_fd);
     free_list(w->held);
     moat__wbuf_free(&w->rd);
     free(w);
@@ -485,6 +509,13 @@ static void close_out(worker_t *w) {
     if (w->out_open) {
         w->out_open = 0;
         uv_close((uv_handle_t *)&w->out, on_closed);
+    }
+}
+
+static void close_notice(worker_t *w) {
+    if (w->notice_open) {
+        w->notice_open = 0;
+        uv_close((uv_handle_t *)&w->notice, on_closed);
     }
 }
 
@@ -707,16 +738,36 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
     moat__wbuf_alloc(&w->rd, buf);
 }
 
-/* Kills the workers whose stdout ended EOF_GRACE_MS ago while they
- * live on; stops when none is left to watch. */
+static void on_eof(uv_timer_t *t);
+
+/* Looks for overdue workers (on_eof) until none is left to watch. */
+static void watch_overdue(moat__procs_t *p) {
+    if (p->eof_open && !uv_is_active((uv_handle_t *)&p->eof))
+        uv_timer_start(&p->eof, on_eof, EOF_GRACE_MS / 2, EOF_GRACE_MS / 2);
+}
+
+/* Kills the workers whose stdout ended EOF_GRACE_MS ago, or whose crash
+ * notice came NOTICE_GRACE_MS ago, while they live on; stops when none
+ * is left to watch. */
 static void on_eof(uv_timer_t *t) {
     moat__procs_t *p = t->data;
     uint64_t now = uv_now(p->loop);
     int watching = 0;
 
     for (worker_t *w = p->workers; w != NULL; w = w->next) {
-        if (w->eof_ms == 0 || w->reaped || w->state == W_DYING ||
-            w->state == W_ENDING)
+        if (w->reaped || w->state == W_ENDING)
+            continue;
+        if (w->notice_ms != 0 && now - w->notice_ms < NOTICE_GRACE_MS) {
+            watching = 1;
+        } else if (w->notice_ms != 0) {
+            moat__outbox_logf(p->ob, "error",
+                              "moat_cnode: worker %d: alive %d s after its "
+                              "crash notice; killed",
+                              (int)w->pid, NOTICE_GRACE_MS / 1000);
+            w->notice_ms = 0;
+            kill(w->pid, SIGKILL); /* not reaped: the pid is its own */
+        }
+        if (w->eof_ms == 0 || w->state == W_DYING)
             continue;
         if (now - w->eof_ms < EOF_GRACE_MS)
             watching = 1;
@@ -740,9 +791,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
             kill_worker(w, "no memory for its frames", "enomem");
         } else if (!w->reaped && w->eof_ms == 0 && p->eof_open) {
             w->eof_ms = uv_now(p->loop);
-            if (!uv_is_active((uv_handle_t *)&p->eof))
-                uv_timer_start(&p->eof, on_eof, EOF_GRACE_MS / 2,
-                               EOF_GRACE_MS / 2);
+            watch_overdue(p);
         }
         return;
     }
@@ -819,6 +868,7 @@ int moat__spawn_worker(const char *exe, pid_t *pid, int *in_fd,
 }
 
 static void on_forked(void *data, int pid_or_error);
+static void on_notice(uv_poll_t *h, int status, int events);
 
 /* Starts the fork server, unless one is running or one could not be
  * started (then workers are spawned from now on). */
@@ -839,33 +889,34 @@ static void start_forker(moat__procs_t *p) {
     }
 }
 
-/* Asks the fork server for a worker on two new pipes, whose other ends go
- * to *in_fd and *out_fd.  Returns 0, or a negative error (nothing was
- * asked). */
-static int fork_worker(moat__procs_t *p, int *in_fd, int *out_fd) {
-    int in[2], out[2], rc;
+/* Asks the fork server for a worker on three new pipes (its stdin, its
+ * stdout and its crash notice), whose other ends go to *in_fd, *out_fd
+ * and *notice_fd.  Returns 0, or a negative error (nothing was asked). */
+static int fork_worker(moat__procs_t *p, int *in_fd, int *out_fd,
+                       int *notice_fd) {
+    int fds[3][2], n, rc = 0;
 
     start_forker(p);
     if (!moat__forker_alive(p->fk))
         return UV_ENOSYS;
-    if (pipe2(in, O_CLOEXEC) < 0)
-        return -errno;
-    if (pipe2(out, O_CLOEXEC) < 0) {
-        rc = -errno;
-        close(in[0]);
-        close(in[1]);
-        return rc;
+    for (n = 0; n < 3; n++)
+        if ((n < 2 ? pipe2(fds[n], O_CLOEXEC)
+                   : pipe2(fds[n], O_CLOEXEC | O_NONBLOCK)) < 0) {
+            rc = -errno;
+            break;
+        }
+    if (rc == 0)
+        rc = moat__forker_fork(p->fk, fds[0][0], fds[1][1], fds[2][1]);
+    for (int i = 0; i < n; i++) {
+        close(fds[i][i == 0 ? 0 : 1]); /* the worker's ends */
+        if (rc != 0)
+            close(fds[i][i == 0 ? 1 : 0]);
     }
-    rc = moat__forker_fork(p->fk, in[0], out[1]);
-    close(in[0]);
-    close(out[1]);
-    if (rc != 0) {
-        close(in[1]);
-        close(out[0]);
+    if (rc != 0)
         return rc;
-    }
-    *in_fd = in[1];
-    *out_fd = out[0];
+    *in_fd = fds[0][1];
+    *out_fd = fds[1][0];
+    *notice_fd = fds[2][0];
     return 0;
 }
 
@@ -882,7 +933,8 @@ static int spawn(moat__procs_t *p, int *forked) {
     *forked = 0;
     if (w == NULL)
         return UV_ENOMEM;
-    rc = fork_worker(p, &in, &out);
+    w->notice_fd = -1;
+    rc = fork_worker(p, &in, &out, &w->notice_fd);
     if (rc == 0) {
         w->forked = *forked = 1;
         *p->forking_tail = w;
@@ -918,6 +970,12 @@ static int spawn(moat__procs_t *p, int *forked) {
             if (!w->forked)
                 uv_read_start((uv_stream_t *)&w->out, on_alloc, on_read);
         }
+    }
+    if (w->notice_fd >= 0 &&
+        uv_poll_init(p->loop, &w->notice, w->notice_fd) == 0) {
+        w->notice.data = w;
+        w->notice_open = 1;
+        w->nopen++;
     }
     if (in < 0 && out < 0 && w->forked)
         return 0;
@@ -990,14 +1048,18 @@ static void on_forked(void *data, int pid_or_error) {
         }
         close_in(w);
         close_out(w);
+        close_notice(w);
         replenish(p);
         return;
     }
     w->pid = pid_or_error;
-    if (w->state == W_DYING)
+    if (w->state == W_DYING) {
         kill(w->pid, SIGKILL); /* killed before its pid was known */
-    else if (!p->stopping && w->out_open)
+    } else if (!p->stopping && w->out_open) {
         uv_read_start((uv_stream_t *)&w->out, on_alloc, on_read);
+        if (w->notice_open)
+            uv_poll_start(&w->notice, UV_READABLE, on_notice);
+    }
     reap(p); /* its SIGCHLD may have come before its pid */
 }
 
@@ -1132,8 +1194,9 @@ static void settle(worker_t *w, int st) {
     p->nqueue += nback;
 }
 
-/* Worker w has been reaped with wait status st. */
-static void exited(worker_t *w, int st) {
+/* Worker w ended with wait status st: it was reaped, or its crash notice
+ * says it is dying of a fault. */
+static void ended(worker_t *w, int st) {
     moat__procs_t *p = w->p;
     char how[64];
 
@@ -1155,8 +1218,57 @@ static void exited(worker_t *w, int st) {
             died_on_its_own(p);
     }
     w->ignore = 1;
+}
+
+/* Worker w has been reaped with wait status st.  Its handles are closed
+ * only now: the last one to close frees it, and an unreaped worker must
+ * stay listed (reap). */
+static void exited(worker_t *w, int st) {
+    if (!w->settled)
+        ended(w, st);
     close_in(w);
     close_out(w);
+    close_notice(w);
+}
+
+/* Whether sig is one a worker's crash notice may name. */
+static int is_fault(int sig) {
+    static const int faults[] = {MOAT_FAULT_SIGNALS};
+
+    for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++)
+        if (faults[i] == sig)
+            return 1;
+    return 0;
+}
+
+/* A forked worker's crash notice (see DESIGN, Deaths): the worker is
+ * dying of the fault it names, so its runs are settled now, as its
+ * reaping would settle them, without waiting for the kernel to tear it
+ * down; a replacement is asked for at the end of the turn. */
+static void on_notice(uv_poll_t *h, int status, int events) {
+    worker_t *w = h->data;
+    moat__procs_t *p = w->p;
+    unsigned char sig = 0;
+    ssize_t r = -1;
+
+    (void)events;
+    while (status == 0 && (r = read(w->notice_fd, &sig, 1)) < 0 &&
+           errno == EINTR)
+        ;
+    close_notice(w); /* one notice at most; its end says nothing */
+    if (r != 1 || w->reaped || w->ignore || p->stopping ||
+        (w->state != W_STARTING && w->state != W_READY))
+        return;
+    if (!is_fault(sig)) {
+        kill_worker(w, "a crash notice of no fault", "protocol");
+        return;
+    }
+    w->notice_ms = uv_now(p->loop);
+    watch_overdue(p);
+    ended(w, sig); /* a wait status: killed by sig */
+    w->settled = 1;
+    replenish(p);
+    arm(p);
 }
 
 static void reap(moat__procs_t *p) {
@@ -1468,8 +1580,10 @@ void moat__procs_stop(moat__procs_t *p) {
             ;
         w->reaped = 1;
     }
-    for (worker_t *w = p->workers; w != NULL; w = w->next)
+    for (worker_t *w = p->workers; w != NULL; w = w->next) {
         close_out(w);
+        close_notice(w);
+    }
 }
 
 void moat__procs_free(moat__procs_t *p) {
@@ -1479,6 +1593,8 @@ void moat__procs_free(moat__procs_t *p) {
     while (p->workers != NULL) {
         worker_t *w = p->workers;
         p->workers = w->next;
+        if (w->notice_fd >= 0)
+            close(w->notice_fd);
         free_list(w->held);
         moat__wbuf_free(&w->rd);
         free(w);

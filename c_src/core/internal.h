@@ -321,7 +321,9 @@ struct moat_pool_s {
 
     /* The housekeeping thread: deadlines, replacement threads, joins. */
     uv_thread_t hk_tid;
-    uv_mutex_t timer_lock; /* guards heap, hk_stop, hk_work, hk_wake_ns */
+    uv_mutex_t timer_lock; /* guards heap, hk_stop, hk_work, hk_wake_ns,
+                              hk_started (set once, read unlocked after
+                              hk_stop) */
     uv_cond_t timer_cond;
     moat__timer_t **heap;
     unsigned nheap, capheap;

@@ -157,6 +157,15 @@ typedef struct moat_outcome_s {
 typedef void (*moat_complete_cb)(moat_task_t *task, const moat_outcome_t *o,
                                  void *pool_data);
 
+/* The signals a fault in native code raises on the faulting thread (an
+ * initializer list: `int sigs[] = {MOAT_FAULT_SIGNALS};`, <signal.h>).
+ * Pool threads block every signal but these: the kernel would reset a
+ * blocked fault to its default action, bypassing whatever handler the
+ * process has for it (a crash reporter, the C-node worker's crash notice),
+ * and a raise() of one would stay pending. */
+#define MOAT_FAULT_SIGNALS                                                    \
+    SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGSYS, SIGTRAP
+
 typedef struct moat_pool_opts_s {
     unsigned nthreads;      /* 0: online CPUs */
     unsigned max_queue;     /* 0: 65536 tasks waiting beyond the threads */

@@ -7,8 +7,11 @@
  * Threads.  N workers (default: online CPUs) serve one run queue: `sysq`
  * (runnable native processes) first, then `jobs` (tasks, FIFO).  One more
  * thread, the housekeeper, fires deadlines from a binary heap, starts
- * replacement workers and joins retired ones.  Every pool thread is created
- * with all signals blocked and is named "<pool>:<role><n>".
+ * replacement workers and joins retired ones.  It starts on first need
+ * (the first timer, the first abandoned body), so that a pool that never
+ * needs it, such as a process-isolation worker's, costs one thread less
+ * to start and to end.  Every pool thread is created with all signals
+ * blocked and is named "<pool>:<role><n>".
  *
  * Waking.  A condvar wake-up costs ~11 us across CPUs, five times the
  * round-trip target, so an idle worker first spins (reading `nqueued`
@@ -127,11 +130,16 @@ static void thread_teardown(moat_pool_t *pool) {
 
 /* Creates a thread with every signal blocked from its first instruction
  * (it inherits the mask in force while it is created). */
+/* Starts a pool thread with every signal blocked but the faults
+ * (MOAT_FAULT_SIGNALS). */
 static int spawn_thread(uv_thread_t *tid, void (*fn)(void *), void *arg) {
-    sigset_t all, old;
+    static const int faults[] = {MOAT_FAULT_SIGNALS};
+    sigset_t mask, old;
     int rc;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
+    sigfillset(&mask);
+    for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++)
+        sigdelset(&mask, faults[i]);
+    pthread_sigmask(SIG_SETMASK, &mask, &old);
     rc = uv_thread_create(tid, fn, arg);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     return rc;
@@ -167,9 +175,6 @@ static int add_worker(moat_pool_t *pool) {
     return 0;
 }
 
-/* Tells the housekeeper there is thread work.  The flag, set under the
- * lock it waits with, makes the poke stick even when the housekeeper is
- * busy elsewhere at that moment. */
 /* Frees a joined worker, keeping its counts in the pool's. */
 static void worker_free(moat_pool_t *pool, moat__worker_t *w) {
     atomic_fetch_add(&pool->n_completed, atomic_load(&w->n_completed));
@@ -177,11 +182,35 @@ static void worker_free(moat_pool_t *pool, moat__worker_t *w) {
     free(w);
 }
 
-static void hk_poke(moat_pool_t *pool) {
+static void hk_main(void *arg);
+
+/* Starts the housekeeper unless it runs, or has been told to stop (what
+ * is armed then is fired by moat_pool_stop).  timer_lock held: the new
+ * thread waits for it before it looks at anything.  Returns 0 or a
+ * negative error. */
+static int hk_need(moat_pool_t *pool) {
+    int rc;
+    if (pool->hk_started || pool->hk_stop)
+        return 0;
+    rc = spawn_thread(&pool->hk_tid, hk_main, pool);
+    if (rc == 0)
+        pool->hk_started = 1;
+    return rc;
+}
+
+/* Tells the housekeeper there is thread work, starting it if `start`.
+ * The flag, set under the lock it waits with, makes the poke stick even
+ * when the housekeeper is busy elsewhere at that moment.  Returns 0, or a
+ * negative error when it cannot start. */
+static int hk_poke(moat_pool_t *pool, int start) {
+    int rc = 0;
     uv_mutex_lock(&pool->timer_lock);
+    if (start)
+        rc = hk_need(pool);
     pool->hk_work = 1;
     uv_cond_signal(&pool->timer_cond);
     uv_mutex_unlock(&pool->timer_lock);
+    return rc;
 }
 
 /* A running task was abandoned: its thread no longer serves. */
@@ -197,8 +226,16 @@ static void abandon_thread(moat_pool_t *pool) {
         poke = 1;
     }
     uv_mutex_unlock(&pool->thr_lock);
-    if (poke)
-        hk_poke(pool);
+    if (poke && hk_poke(pool, 1) != 0) {
+        /* No housekeeper, no replacement: the pool serves with one
+         * thread less until the body returns. */
+        uv_mutex_lock(&pool->thr_lock);
+        if (pool->want_spawn > 0) {
+            pool->want_spawn--;
+            pool->extra--;
+        }
+        uv_mutex_unlock(&pool->thr_lock);
+    }
 }
 
 /* An abandoned body returned (and no longer counts as abandoned).
@@ -318,6 +355,8 @@ static void timer_wake(moat_pool_t *pool, moat__timer_t *timer) {
 
 int moat__timer_insert(moat_pool_t *pool, moat__timer_t *timer, int64_t ms) {
     int q;
+    if (hk_need(pool) != 0)
+        return -1; /* as for no memory: nothing would fire it */
     if (ms > MAX_TIMER_MS)
         ms = MAX_TIMER_MS;
     /* Read under the lock, so each queue's deadlines stay in order. */
@@ -1546,7 +1585,9 @@ out:
     uv_mutex_lock(&pool->thr_lock);
     w->exited = 1;
     uv_mutex_unlock(&pool->thr_lock);
-    hk_poke(pool);
+    /* Joined by the housekeeper if there is one (a thread retires after
+     * an abandoned body, which started it), else by moat_pool_stop. */
+    hk_poke(pool, 0);
 }
 
 void moat__pool_ready_sys(moat_pool_t *pool, moat__sysitem_t *item,
@@ -1662,9 +1703,6 @@ int moat_pool_new(const moat_pool_opts_t *opts, moat_pool_t **out) {
         goto fail;
     stage = 5;
 
-    if ((rc = spawn_thread(&pool->hk_tid, hk_main, pool)) != 0)
-        goto fail;
-    pool->hk_started = 1;
     uv_mutex_lock(&pool->thr_lock);
     for (unsigned i = 0; i < pool->opts.nthreads && rc == 0 && !opts->remote;
          i++)

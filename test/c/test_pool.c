@@ -1,11 +1,14 @@
 /* test_pool.c: the worker pool: one outcome per task whatever ends it,
  * overload as a value, cancellation, deadlines, owners, abandoned tasks,
  * stop, stats and thread set-up. */
+#include <dirent.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <uv.h>
 
@@ -590,20 +593,26 @@ static void test_pool_stats_counters(void **state) {
     t_rec_clear(g, 1);
 }
 
-/* Pool threads are named and block every signal. */
+/* Pool threads are named and block every signal but the faults, whose
+ * handlers would be bypassed if they were blocked (MOAT_FAULT_SIGNALS). */
 static int t_inspect(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    static const int faults[] = {MOAT_FAULT_SIGNALS};
     char name[16] = "";
     sigset_t mask;
+    int faults_open = 1;
     (void)c;
     (void)a;
     (void)n;
     pthread_getname_np(pthread_self(), name, sizeof name);
     pthread_sigmask(SIG_BLOCK, NULL, &mask);
+    for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++)
+        faults_open = faults_open && !sigismember(&mask, faults[i]);
     ei_x_encode_tuple_header(out, 2);
     ei_x_encode_atom(out, name);
     ei_x_encode_atom(out, sigismember(&mask, SIGINT) &&
                                   sigismember(&mask, SIGTERM) &&
-                                  sigismember(&mask, SIGCHLD)
+                                  sigismember(&mask, SIGCHLD) &&
+                                  sigismember(&mask, SIGUSR1) && faults_open
                               ? "blocked"
                               : "open");
     return MOAT_OK;
@@ -620,6 +629,51 @@ static void test_pool_threads_named_signals_blocked(void **state) {
     moat_term_unref(want);
     moat_pool_free(pool);
     t_rec_clear(&r, 1);
+}
+
+/* Threads of this process named `name`. */
+static int threads_named(const char *name) {
+    DIR *d = opendir("/proc/self/task");
+    struct dirent *de;
+    int n = 0;
+    assert_non_null(d);
+    while ((de = readdir(d)) != NULL) {
+        char path[300], comm[32] = "";
+        FILE *f;
+        if (de->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", de->d_name);
+        if ((f = fopen(path, "r")) == NULL)
+            continue;
+        if (fgets(comm, sizeof comm, f) != NULL)
+            comm[strcspn(comm, "\n")] = '\0';
+        fclose(f);
+        n += strcmp(comm, name) == 0;
+    }
+    closedir(d);
+    return n;
+}
+
+/* The housekeeper starts on first need: a pool that has run tasks
+ * without a deadline has none; the first deadline starts it (one that
+ * never fires here: a fired one would abandon the body, and the
+ * replacement thread the housekeeper starts bears its name for a
+ * moment).  test_pool_deadline_timeout shows deadlines fire. */
+static void test_pool_housekeeper_starts_on_first_need(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    rec_t r1 = {0}, r2 = {0};
+    (void)state;
+    moat_task_release(submit(pool, t_ok, &r1, 0, -1));
+    t_wait(&r1);
+    assert_int_equal(threads_named("tpool:hk0"), 0);
+    moat_task_release(submit(pool, t_ok, &r2, 0, 60000));
+    t_wait(&r2);
+    assert_false(moat_term_is(r2.term, MOAT_A_TIMEOUT));
+    assert_int_equal(threads_named("tpool:hk0"), 1);
+    moat_pool_free(pool);
+    assert_int_equal(threads_named("tpool:hk0"), 0);
+    t_rec_clear(&r1, 1);
+    t_rec_clear(&r2, 1);
 }
 
 /* Bad arguments are values. */
@@ -777,6 +831,7 @@ int main(void) {
         cmocka_unit_test(test_pool_task_running_after_cancel),
         cmocka_unit_test(test_pool_stats_counters),
         cmocka_unit_test(test_pool_threads_named_signals_blocked),
+        cmocka_unit_test(test_pool_housekeeper_starts_on_first_need),
         cmocka_unit_test(test_pool_invalid_arguments),
         cmocka_unit_test(test_pool_exactly_one_outcome_stress),
         cmocka_unit_test(test_pool_cancel_owner_races_submit),

@@ -13,6 +13,8 @@
  *                    whose read end its parent holds), as a library that
  *                    closes every descriptor might; returns ok, which
  *                    cannot reach the parent any more
+ *   fault_big [N]    touches N MiB of memory it keeps, then segfaults: a
+ *                    worker that takes a while to be torn down
  *
  * Server `closer` (any start args): every call closes the frames'
  * descriptor of the servers' worker it runs in, as close_frames does,
@@ -20,6 +22,7 @@
  */
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -117,6 +120,24 @@ static int task_close_frames(moat_ctx_t *ctx, const char *args, int len,
     return MOAT_OK;
 }
 
+static int task_fault_big(moat_ctx_t *ctx, const char *args, int len,
+                          ei_x_buff *out) {
+    int index = 0, arity;
+    long mib;
+    volatile char *p;
+
+    if (ei_decode_version(args, &index, NULL) < 0 ||
+        ei_decode_list_header(args, &index, &arity) < 0 || arity != 1 ||
+        ei_decode_long(args, &index, &mib) < 0 || index > len || mib < 0 ||
+        mib > 4096 || (p = malloc((size_t)mib << 20)) == NULL)
+        return moat_error(ctx, "badarg");
+    for (size_t i = 0; i < (size_t)mib << 20; i += 4096)
+        p[i] = 1;
+    (void)out;
+    raise(SIGSEGV);
+    return MOAT_OK; /* not reached */
+}
+
 static int closer_init(moat_ctx_t *ctx, const char *args, int len,
                        void **state, ei_x_buff *out) {
     (void)ctx;
@@ -157,6 +178,7 @@ static const moat_task_def_t tasks[] = {
     {"say", task_say},
     {"print", task_print},
     {"close_frames", task_close_frames},
+    {"fault_big", task_fault_big},
     {NULL, NULL},
 };
 

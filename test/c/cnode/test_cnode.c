@@ -705,7 +705,7 @@ static void test_cnode_ready_lists_every_task(void **state) {
     (void)state;
     snprintf(want, sizeof want,
              "{ready,%d,[echo,sleep,spin,fail,exit,segfault,abort,alloc,fib,"
-             "sum,say,print,close_frames]}",
+             "sum,say,print,close_frames,fault_big]}",
              (int)shared.pid);
     assert_string_equal(fmt(shared_ready), want);
 }
@@ -1206,8 +1206,37 @@ static void process_start(node_t *n, long size, long spares,
     ev_free(&e);
 }
 
-/* The live (not zombie) children of `parent` named `name` (NULL: any
- * name), their pids in pids[0..cap). */
+/* Whether a thread of process `pid` is named moat_dying: a forked worker
+ * that faulted names the faulting thread so before its crash notice
+ * (forker.c), while the kernel has yet to tear it down. */
+static int dying(const char *pid) {
+    char path[600];
+    struct dirent *de;
+    int found = 0;
+    DIR *d;
+
+    snprintf(path, sizeof path, "/proc/%s/task", pid);
+    if ((d = opendir(path)) == NULL)
+        return 0;
+    while (!found && (de = readdir(d)) != NULL) {
+        char comm[32] = "";
+        FILE *f;
+        if (de->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof path, "/proc/%s/task/%s/comm", pid,
+                 de->d_name);
+        if ((f = fopen(path, "r")) == NULL)
+            continue;
+        found = fgets(comm, sizeof comm, f) != NULL &&
+                strcmp(comm, "moat_dying\n") == 0;
+        fclose(f);
+    }
+    closedir(d);
+    return found;
+}
+
+/* The live (not zombie, not dying) children of `parent` named `name`
+ * (NULL: any name), their pids in pids[0..cap). */
 static int children_named(pid_t parent, const char *name, pid_t *pids,
                           int cap) {
     DIR *d = opendir("/proc");
@@ -1237,6 +1266,8 @@ static int children_named(pid_t parent, const char *name, pid_t *pids,
         *rp = '\0';
         if (name != NULL && (strchr(buf, '(') == NULL ||
                              strcmp(strchr(buf, '(') + 1, name) != 0))
+            continue;
+        if (dying(de->d_name))
             continue;
         if (n < cap)
             pids[n] = (pid_t)atoi(de->d_name);
@@ -1759,6 +1790,36 @@ static void test_cnode_process_closed_output_kills_the_worker(void **state) {
     expect_log(n, "error", "its output ended but it lives on");
     ping(n, 2);
     ei_x_free(&none);
+    assert_exited(node_close(n), 0);
+}
+
+/* A forked worker that faults says so before it dies (its crash
+ * notice): the run's outcome comes while the kernel still tears the
+ * worker down (256 MiB of it here, tens of milliseconds), not after its
+ * reaping, and the worker is reaped later all the same. */
+static void test_cnode_process_fault_answered_before_teardown(void **state) {
+    const char *libs[] = {demo_path, lib_path, NULL};
+    int64_t deadline = now_ms() + WAIT_MS;
+    node_t *n = *state;
+    pid_t pid;
+    ev_t e;
+    node_spawn(n, 1, process_env);
+    send_hello_opts(n, 1, 1000, "process", libs, 0, 0);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    expect_workers(n, 1);
+    assert_int_equal(children(n->pid, &pid, 1), 1);
+    run_long(n, 1, "fault_big", 256);
+    expect_done(n, 1, 0, "{native_crash,sigsegv}");
+    /* Not reaped yet: its pid is still its own (alive, or a zombie). */
+    assert_int_equal(kill(pid, 0), 0);
+    while (kill(pid, 0) == 0) {
+        if (now_ms() >= deadline)
+            fail_msg("worker %d was never reaped", (int)pid);
+        pump(n, 5);
+    }
+    ping(n, 2);
+    expect_no_event(n, EV_LOG, 0); /* no kill for overstaying */
     assert_exited(node_close(n), 0);
 }
 
@@ -2376,6 +2437,9 @@ int main(void) {
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_closed_output_kills_the_worker,
                                         own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(
+            test_cnode_process_fault_answered_before_teardown, own_setup,
+            own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_eof_ends_every_worker,
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(

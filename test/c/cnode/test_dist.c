@@ -842,7 +842,7 @@ static void test_dist_ready_lists_every_task(void **state) {
     (void)state;
     snprintf(want, sizeof want,
              "{ready,%d,[echo,sleep,spin,fail,exit,segfault,abort,alloc,fib,"
-             "sum,say,print,close_frames]}",
+             "sum,say,print,close_frames,fault_big]}",
              (int)shared.pid);
     assert_string_equal(show(shared_ready), want);
     assert_true(shared.has_cpid);
