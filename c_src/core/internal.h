@@ -249,6 +249,8 @@ typedef struct moat__worker_s {
      * pool->rq_lock.  The worker holds a reference to it. */
     moat_task_t *current;
     int exited; /* set by the thread as it leaves; pool->thr_lock */
+    int claimed; /* moat_pool_stop joins it: the housekeeper leaves it
+                    alone; pool->thr_lock */
     /* Its local slot (pool.c's DESIGN, "Locality"); pool->rq_lock:
      * the native process its current run made runnable, run next here
      * unless stolen; on pool->slotted (snode) while set. */

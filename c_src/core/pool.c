@@ -175,12 +175,6 @@ static int add_worker(moat_pool_t *pool) {
     return 0;
 }
 
-/* Frees a joined worker, keeping its counts in the pool's. */
-static void worker_free(moat_pool_t *pool, moat__worker_t *w) {
-    atomic_fetch_add(&pool->n_completed, atomic_load(&w->n_completed));
-    atomic_fetch_add(&pool->n_failed, atomic_load(&w->n_failed));
-    free(w);
-}
 
 static void hk_main(void *arg);
 
@@ -415,14 +409,14 @@ static void hk_threads(moat_pool_t *pool) {
     }
     for (unsigned i = 0; i < pool->nworkers;) {
         moat__worker_t *w = pool->workers[i];
-        if (!w->exited) {
+        if (!w->exited || w->claimed) {
             i++;
             continue;
         }
         pool->workers[i] = pool->workers[--pool->nworkers];
         uv_mutex_unlock(&pool->thr_lock);
         uv_thread_join(&w->tid);
-        worker_free(pool, w);
+        free(w);
         uv_mutex_lock(&pool->thr_lock);
     }
     uv_mutex_unlock(&pool->thr_lock);
@@ -1582,7 +1576,12 @@ out:
             moat__task_unref(prev);
     }
     thread_teardown(pool);
+    /* Its counts move to the pool's under the lock moat_pool_stats reads
+     * them with, before it leaves the list: a count is never missed nor
+     * seen twice. */
     uv_mutex_lock(&pool->thr_lock);
+    atomic_fetch_add(&pool->n_completed, atomic_exchange(&w->n_completed, 0));
+    atomic_fetch_add(&pool->n_failed, atomic_exchange(&w->n_failed, 0));
     w->exited = 1;
     uv_mutex_unlock(&pool->thr_lock);
     /* Joined by the housekeeper if there is one (a thread retires after
@@ -1805,12 +1804,21 @@ void moat_pool_stop(moat_pool_t *pool) {
             uv_mutex_unlock(&pool->thr_lock);
             break;
         }
-        /* Off the list before the join, so the housekeeper (which joins
-         * retired workers) never joins the same thread. */
-        w = pool->workers[--pool->nworkers];
+        /* Claimed, so that the housekeeper (which joins retired workers)
+         * never joins the same thread, but listed until joined, so that
+         * moat_pool_stats still counts what it runs meanwhile. */
+        w = pool->workers[pool->nworkers - 1];
+        w->claimed = 1;
         uv_mutex_unlock(&pool->thr_lock);
         uv_thread_join(&w->tid);
-        worker_free(pool, w);
+        uv_mutex_lock(&pool->thr_lock);
+        for (unsigned i = 0; i < pool->nworkers; i++)
+            if (pool->workers[i] == w) {
+                pool->workers[i] = pool->workers[--pool->nworkers];
+                break;
+            }
+        uv_mutex_unlock(&pool->thr_lock);
+        free(w);
     }
     uv_mutex_lock(&pool->timer_lock);
     pool->hk_stop = 1;
@@ -1870,9 +1878,9 @@ void moat_pool_stats(moat_pool_t *pool, moat_pool_stats_t *st) {
     admitted = atomic_load(&pool->admitted);
     st->queued = queued;
     st->running = admitted > queued ? admitted - queued : 0;
+    uv_mutex_lock(&pool->thr_lock);
     st->completed = atomic_load(&pool->n_completed);
     st->failed = atomic_load(&pool->n_failed);
-    uv_mutex_lock(&pool->thr_lock);
     for (unsigned i = 0; i < pool->nworkers; i++) {
         st->completed += atomic_load(&pool->workers[i]->n_completed);
         st->failed += atomic_load(&pool->workers[i]->n_failed);

@@ -489,6 +489,70 @@ static void test_pool_abandoned_tasks_do_not_starve(void **state) {
     t_rec_clear(r, 50);
 }
 
+/* moat_pool_stats never goes back: a thread that retires after its
+ * abandoned body returns hands its counts to the pool's, and no reader
+ * sees them missing meanwhile. */
+typedef struct {
+    moat_pool_t *pool;
+    atomic_int done;
+    atomic_long drops;
+} stats_reader_t;
+
+static void *read_stats(void *arg) {
+    stats_reader_t *sr = arg;
+    uint64_t last = 0;
+    while (!atomic_load(&sr->done)) {
+        moat_pool_stats_t st;
+        moat_pool_stats(sr->pool, &st);
+        if (st.completed < last)
+            atomic_fetch_add(&sr->drops, 1);
+        last = st.completed;
+    }
+    return NULL;
+}
+
+static void test_pool_stats_never_go_back(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    stats_reader_t sr = {pool, 0, 0};
+    pthread_t reader;
+    moat_pool_stats_t st;
+    int rounds = 200;
+    (void)state;
+    assert_int_equal(pthread_create(&reader, NULL, read_stats, &sr), 0);
+    for (int round = 0; round < rounds; round++) {
+        rec_t ok[5] = {0}, stuck = {0};
+        moat_task_t *t;
+        for (int i = 0; i < 5; i++)
+            moat_task_release(submit(pool, t_ok, &ok[i], 0, -1));
+        for (int i = 0; i < 5; i++)
+            t_wait(&ok[i]);
+        /* This thread, with its 5 counts, takes the gate and is
+         * abandoned; a replacement serves; the gate opens and one of the
+         * two retires. */
+        atomic_store(&gate, 0);
+        t = submit(pool, t_gate, &stuck, 0, -1);
+        do {
+            sched_yield();
+            moat_pool_stats(pool, &st);
+        } while (st.running < 1);
+        assert_int_equal(moat_task_cancel(t, MOAT_A_SHUTDOWN, 0), 1);
+        moat_task_release(t);
+        atomic_store(&gate, 1);
+        do {
+            sched_yield();
+            moat_pool_stats(pool, &st);
+        } while (st.abandoned > 0 || st.threads > 1);
+        t_rec_clear(ok, 5);
+        t_rec_clear(&stuck, 1);
+    }
+    atomic_store(&sr.done, 1);
+    assert_int_equal(pthread_join(reader, NULL), 0);
+    moat_pool_stats(pool, &st);
+    assert_int_equal(st.completed, 5 * (uint64_t)rounds);
+    assert_int_equal(atomic_load(&sr.drops), 0);
+    moat_pool_free(pool);
+}
+
 /* Stop gives every queued and running task `shutdown`, refuses new work
  * with MOAT_ECLOSED, and returns once every body has returned. */
 static void test_pool_stop_ends_everything(void **state) {
@@ -654,11 +718,24 @@ static int threads_named(const char *name) {
     return n;
 }
 
+/* Waits up to 10 s for `n` threads named `name`: a new thread names
+ * itself as it starts, and a joined one may be listed for a moment. */
+static void expect_threads_named(const char *name, int n) {
+    for (int i = 0; threads_named(name) != n; i++) {
+        if (i >= 10000)
+            fail_msg("%d threads named %s, not %d", threads_named(name),
+                     name, n);
+        uv_sleep(1);
+    }
+}
+
 /* The housekeeper starts on first need: a pool that has run tasks
  * without a deadline has none; the first deadline starts it (one that
  * never fires here: a fired one would abandon the body, and the
  * replacement thread the housekeeper starts bears its name for a
- * moment).  test_pool_deadline_timeout shows deadlines fire. */
+ * moment).  The body waits on the gate, for a deadline is armed only
+ * while its task is open.  test_pool_deadline_timeout shows deadlines
+ * fire. */
 static void test_pool_housekeeper_starts_on_first_need(void **state) {
     moat_pool_t *pool = pool_make(1, 0);
     rec_t r1 = {0}, r2 = {0};
@@ -666,12 +743,14 @@ static void test_pool_housekeeper_starts_on_first_need(void **state) {
     moat_task_release(submit(pool, t_ok, &r1, 0, -1));
     t_wait(&r1);
     assert_int_equal(threads_named("tpool:hk0"), 0);
-    moat_task_release(submit(pool, t_ok, &r2, 0, 60000));
+    atomic_store(&gate, 0);
+    moat_task_release(submit(pool, t_gate, &r2, 0, 60000));
+    expect_threads_named("tpool:hk0", 1);
+    atomic_store(&gate, 1);
     t_wait(&r2);
     assert_false(moat_term_is(r2.term, MOAT_A_TIMEOUT));
-    assert_int_equal(threads_named("tpool:hk0"), 1);
     moat_pool_free(pool);
-    assert_int_equal(threads_named("tpool:hk0"), 0);
+    expect_threads_named("tpool:hk0", 0);
     t_rec_clear(&r1, 1);
     t_rec_clear(&r2, 1);
 }
@@ -832,6 +911,7 @@ int main(void) {
         cmocka_unit_test(test_pool_stats_counters),
         cmocka_unit_test(test_pool_threads_named_signals_blocked),
         cmocka_unit_test(test_pool_housekeeper_starts_on_first_need),
+        cmocka_unit_test(test_pool_stats_never_go_back),
         cmocka_unit_test(test_pool_invalid_arguments),
         cmocka_unit_test(test_pool_exactly_one_outcome_stress),
         cmocka_unit_test(test_pool_cancel_owner_races_submit),
