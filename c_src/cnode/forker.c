@@ -438,16 +438,23 @@ static int crash_fd = -1;
 
 /* A fault ends the worker: say which first, then die of it (SA_RESETHAND
  * made its action the default again, and SA_NODEFER leaves it
- * unblocked).  The faulting thread is named moat_dying first, so that
- * whoever lists the C-node's children (ps, the tests) can tell the dying
- * worker from the live ones until the kernel has torn it down.  Plain
- * system calls only: prctl, write, raise. */
+ * unblocked).  The process (its main thread, whose name ps shows) is
+ * named moat_dying first, so that whoever lists the C-node's children
+ * (ps, the tests) can tell the dying worker from the live ones until
+ * the kernel has torn it down: its main thread is then either named so
+ * or a zombie.  Async-signal-safe calls only: open, write, close,
+ * raise. */
 static void on_fault(int sig) {
+    static const char dying[] = "moat_dying";
     unsigned char b = (unsigned char)sig;
-    int saved = errno;
+    int saved = errno, fd;
     ssize_t r;
 
-    prctl(PR_SET_NAME, "moat_dying", 0, 0, 0);
+    fd = open("/proc/self/comm", O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        r = write(fd, dying, sizeof dying - 1);
+        close(fd);
+    }
     do
         r = write(crash_fd, &b, 1);
     while (r < 0 && errno == EINTR);
