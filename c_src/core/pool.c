@@ -1458,6 +1458,7 @@ static void worker_main(void *arg) {
     moat__worker_t *w = arg;
     moat_pool_t *pool = w->pool;
     moat_task_t *prev = NULL; /* the finished task to release */
+    uint64_t quiet = 0; /* w->runs when it last slept or started */
     thread_setup(pool, "w", w->index);
     for (;;) {
         moat__sysitem_t *item = NULL;
@@ -1502,7 +1503,11 @@ static void worker_main(void *arg) {
             if (!moat__list_empty(&pool->slotted) &&
                 (item = steal(pool, uv_hrtime())) != NULL)
                 break;
-            if (!spun && atomic_load(&pool->nspinning) < pool->max_spinners) {
+            /* Spinning pays only in a stream of work: a worker that has
+             * run nothing since it started or last slept (a new thread, a
+             * timed wake-up) sleeps at once. */
+            if (!spun && w->runs != quiet &&
+                atomic_load(&pool->nspinning) < pool->max_spinners) {
                 uint64_t now = uv_hrtime(), look = now + LOOK_NS;
                 unsigned i = 0;
                 if (spin_end == 0)
@@ -1536,6 +1541,7 @@ static void worker_main(void *arg) {
                 pool->nsleeping_untimed--;
             }
             pool->nsleeping--;
+            quiet = w->runs;
             spun = 0;
             spin_end = 0;
         }
