@@ -279,6 +279,10 @@ CNODE_SRCS := $(wildcard c_src/cnode/*.c)
 CNODE_CPPFLAGS = -I$(GUARD_DIR) -Iinclude -Ic_src/core -Ic_src/cnode \
     -I$(EI_INC) $(UV_CFLAGS) $(CPPFLAGS)
 CNODE_TEST_CPPFLAGS = $(TEST_CPPFLAGS) -Ic_src/cnode -Itest/c/cnode
+# Bound at load (-z now): a forked worker then writes no GOT entry, each
+# of which would cost it a copied page, on its first call of a function
+# (the fork server's own start calls few of them).
+CNODE_LDFLAGS := -Wl,-z,now
 CNODE_plain := priv/moat_cnode
 CNODE_asan := $(B)/asan/moat_cnode
 CNODE_tsan := $(B)/tsan/moat_cnode
@@ -293,7 +297,7 @@ $(B)/$(1)/obj/cnode/%.o: c_src/cnode/%.c Makefile $(B)/$(1)/flags | $$(GUARD_HEA
 
 $$(CNODE_$(1)): $$(CNODE_OBJS_$(1)) $(B)/$(1)/libmoat_core.a
 	@mkdir -p $$(@D)
-	$$(call link_program,$(1),)
+	$$(call link_program,$(1),$$(CNODE_LDFLAGS))
 
 $(B)/$(1)/obj/cnode-test/%.o: test/c/cnode/%.c Makefile $(B)/$(1)/flags | check-build-env check-test-env
 	$$(call compile,$(1),$$(CNODE_TEST_CPPFLAGS))

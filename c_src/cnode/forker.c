@@ -450,6 +450,10 @@ static void on_fault(int sig) {
     int saved = errno, fd;
     ssize_t r;
 
+    if (crash_fd < 0) { /* the fork server itself: just die of it */
+        raise(sig);
+        return;
+    }
     fd = open("/proc/self/comm", O_WRONLY | O_CLOEXEC);
     if (fd >= 0) {
         r = write(fd, dying, sizeof dying - 1);
@@ -464,13 +468,15 @@ static void on_fault(int sig) {
 
 /* Handles the faults a task can raise, unless a library has claimed one
  * already (its handler is left alone: the parent then learns of the
- * crash when it reaps the worker).  There is no alternate stack: a task
- * that overflows its stack leaves the handler none, the kernel kills
- * the worker with SIGSEGV, and again the reap tells. */
-static void notice_faults(int fd) {
+ * crash when it reaps the worker).  The server does this once, with its
+ * libraries open, and each worker inherits the handlers through fork and
+ * only sets crash_fd: sixteen system calls fewer per worker.  There is
+ * no alternate stack: a task that overflows its stack leaves the handler
+ * none, the kernel kills the worker with SIGSEGV, and again the reap
+ * tells. */
+static void claim_faults(void) {
     struct sigaction sa, old;
 
-    crash_fd = fd;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_fault;
     sa.sa_flags = SA_RESETHAND | SA_NODEFER;
@@ -491,7 +497,7 @@ static int become_worker(int fds[REQUEST_FDS], pid_t mid, pid_t cnode) {
         return -1;
     close(fds[0]);
     close(fds[1]);
-    notice_faults(fds[2]);
+    crash_fd = fds[2];
     prctl(PR_SET_NAME, "moat_cnode", 0, 0, 0);
     /* The intermediate exits right after it answers: until then it is
      * the parent, and a parent-death signal armed now would fire when it
@@ -601,6 +607,7 @@ int moat__forker_main(moat__frame_t *hello, moat_lib_t ***libs,
         answer(UV_EINVAL);
         goto out;
     }
+    claim_faults();
     if (answer(0) != 0)
         goto out;
     while ((r = take_request(fds)) != 0) {
