@@ -52,6 +52,7 @@
 #include <unistd.h>
 
 #include "cnode.h"
+#include "frame.h"
 
 /* How long a read waits for the rest of a message whose start came.
  * Past it the stream cannot be trusted (ei has read part of a message)
@@ -150,11 +151,7 @@ static void refuse(moat__dist_t *d, erlang_pid *from) {
         ei_x_encode_tuple_header(&x, 2) == 0 &&
         ei_x_encode_atom(&x, "busy") == 0 &&
         ei_x_encode_binary(&x, msg, (long)sizeof msg - 1) == 0) {
-        uint32_t n = (uint32_t)x.index;
-        len[0] = (char)(n >> 24);
-        len[1] = (char)(n >> 16);
-        len[2] = (char)(n >> 8);
-        len[3] = (char)n;
+        moat__put_be32(len, (uint32_t)x.index);
         iov[0] = (struct iovec){len, 4};
         iov[1] = (struct iovec){x.buff, (size_t)x.index};
         uv_mutex_lock(&d->lock);

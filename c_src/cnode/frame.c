@@ -51,11 +51,6 @@ static uint32_t be16(const unsigned char *p) {
     return (uint32_t)p[0] << 8 | p[1];
 }
 
-static uint32_t be32(const unsigned char *p) {
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
-           p[3];
-}
-
 /* The tag of the next term, without consuming it; -1 at the end. */
 static int peek(const rd_t *r) { return has(r, 1) ? r->p[r->pos] : -1; }
 
@@ -107,7 +102,7 @@ static int read_u64(rd_t *r, uint64_t *v) {
     case TAG_INTEGER:
         if (!has(r, 5) || (p[1] & 0x80))
             return -1;
-        *v = be32(p + 1);
+        *v = moat__be32(p + 1);
         r->pos += 5;
         return 0;
     case TAG_SMALL_BIG:
@@ -119,7 +114,7 @@ static int read_u64(rd_t *r, uint64_t *v) {
     case TAG_LARGE_BIG:
         if (!has(r, 6))
             return -1;
-        n = be32(p + 1);
+        n = moat__be32(p + 1);
         head = 6;
         break;
     default:
@@ -144,7 +139,7 @@ static int read_tuple(rd_t *r, uint32_t *arity) {
         return 0;
     }
     if (peek(r) == TAG_LARGE_TUPLE && has(r, 5)) {
-        *arity = be32(p + 1);
+        *arity = moat__be32(p + 1);
         r->pos += 5;
         return 0;
     }
@@ -196,19 +191,19 @@ static int skip_term(rd_t *r) {
         case TAG_LARGE_TUPLE:
             if (!has(r, 5))
                 return -1;
-            left += be32(p + 1);
+            left += moat__be32(p + 1);
             n = 5;
             break;
         case TAG_MAP:
             if (!has(r, 5))
                 return -1;
-            left += 2 * (uint64_t)be32(p + 1);
+            left += 2 * (uint64_t)moat__be32(p + 1);
             n = 5;
             break;
         case TAG_LIST:
             if (!has(r, 5))
                 return -1;
-            left += (uint64_t)be32(p + 1) + 1; /* the elements, the tail */
+            left += (uint64_t)moat__be32(p + 1) + 1; /* the elements, the tail */
             n = 5;
             break;
         case TAG_NIL:
@@ -222,12 +217,12 @@ static int skip_term(rd_t *r) {
         case TAG_BINARY:
             if (!has(r, 5))
                 return -1;
-            n = 5 + (size_t)be32(p + 1);
+            n = 5 + (size_t)moat__be32(p + 1);
             break;
         case TAG_BIT_BINARY:
             if (!has(r, 6))
                 return -1;
-            n = 6 + (size_t)be32(p + 1);
+            n = 6 + (size_t)moat__be32(p + 1);
             break;
         case TAG_SMALL_BIG:
             if (!has(r, 3))
@@ -237,7 +232,7 @@ static int skip_term(rd_t *r) {
         case TAG_LARGE_BIG:
             if (!has(r, 6))
                 return -1;
-            n = 6 + (size_t)be32(p + 1);
+            n = 6 + (size_t)moat__be32(p + 1);
             break;
         case TAG_PID:
         case TAG_NEW_PID:
@@ -276,7 +271,7 @@ static int skip_term(rd_t *r) {
             /* Size counts from the Size field to the fun's end. */
             if (!has(r, 5))
                 return -1;
-            n = 1 + (size_t)be32(p + 1);
+            n = 1 + (size_t)moat__be32(p + 1);
             if (n < 5)
                 return -1;
             break;
@@ -308,7 +303,7 @@ static int skip_proper_list(rd_t *r) {
     case TAG_LIST:
         if (!has(r, 5))
             return -1;
-        n = be32(r->p + r->pos + 1);
+        n = moat__be32(r->p + r->pos + 1);
         r->pos += 5;
         for (uint32_t i = 0; i < n; i++)
             if (skip_term(r) < 0)
@@ -451,7 +446,7 @@ static int decode_runs(rd_t *r, uint32_t arity, int trusted,
         why(f, "a runs frame's tasks are not a list");
         return 0;
     }
-    n = be32(r->p + r->pos + 1);
+    n = moat__be32(r->p + r->pos + 1);
     r->pos += 5;
     /* Each element takes a byte at least: a count the frame cannot hold
      * is a lie, refused before anything is allocated for it. */
@@ -766,7 +761,7 @@ static int hello_option(rd_t *r, const moat__atom_t *key, moat__frame_t *f) {
             uint32_t blen;
             char *path;
             if (peek(r) != TAG_BINARY || !has(r, 5) ||
-                !has(r, 5 + (size_t)(blen = be32(r->p + r->pos + 1)))) {
+                !has(r, 5 + (size_t)(blen = moat__be32(r->p + r->pos + 1)))) {
                 why(f, "libraries is not a list of binaries");
                 return -1;
             }
@@ -815,7 +810,7 @@ static int decode_hello(rd_t *r, uint32_t arity, int trusted,
         why(f, "hello's options are not a map");
         return 0;
     }
-    n = be32(r->p + r->pos + 1);
+    n = moat__be32(r->p + r->pos + 1);
     r->pos += 5;
     for (uint32_t i = 0; i < n; i++) {
         if (read_atom(r, &key) < 0) { /* not an option: ignored */
@@ -934,7 +929,7 @@ static int read_list(rd_t *r, uint32_t *n) {
     }
     if (peek(r) != TAG_LIST || !has(r, 5))
         return -1;
-    *n = be32(r->p + r->pos + 1);
+    *n = moat__be32(r->p + r->pos + 1);
     r->pos += 5;
     return *n <= r->len - r->pos ? 0 : -1;
 }
@@ -1012,7 +1007,7 @@ static int wdecode_log(rd_t *r, moat__wframe_t *f) {
         !(atom_is(&a, "error") || atom_is(&a, "warning") ||
           atom_is(&a, "info")) ||
         peek(r) != TAG_BINARY || !has(r, 5) ||
-        !has(r, 5 + (size_t)(n = be32(r->p + r->pos + 1)))) {
+        !has(r, 5 + (size_t)(n = moat__be32(r->p + r->pos + 1)))) {
         wwhy(f, "a log frame is not {log, Level, Binary}");
         return MOAT_EBADTERM;
     }

@@ -17,6 +17,21 @@
 
 #include "moat_core.h"
 
+/* A packet's length, and the integers inside ETF, are 4 bytes big-endian. */
+static inline uint32_t moat__be32(const void *p) {
+    const unsigned char *u = p;
+    return (uint32_t)u[0] << 24 | (uint32_t)u[1] << 16 | (uint32_t)u[2] << 8 |
+           u[3];
+}
+
+static inline void moat__put_be32(void *p, uint32_t v) {
+    unsigned char *u = p;
+    u[0] = (unsigned char)(v >> 24);
+    u[1] = (unsigned char)(v >> 16);
+    u[2] = (unsigned char)(v >> 8);
+    u[3] = (unsigned char)v;
+}
+
 typedef enum {
     MOAT__FRAME_NONE = 0, /* not even the frame's kind could be read */
     MOAT__FRAME_HELLO,

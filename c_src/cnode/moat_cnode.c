@@ -964,12 +964,6 @@ static void handle_frame(node_t *n, const char *buf, size_t len) {
 
 /* --------------------------------------------------------------- stdin */
 
-static uint32_t be32(const char *p) {
-    const unsigned char *u = (const unsigned char *)p;
-    return (uint32_t)u[0] << 24 | (uint32_t)u[1] << 16 | (uint32_t)u[2] << 8 |
-           u[3];
-}
-
 /* Makes rbuf hold at least `cap` bytes.  Returns 0 or UV_ENOMEM. */
 static int reserve(node_t *n, size_t cap) {
     char *b;
@@ -1004,7 +998,7 @@ static void parse(node_t *n) {
         }
         if (avail < LEN_BYTES)
             break;
-        len = be32(n->rbuf + off);
+        len = moat__be32(n->rbuf + off);
         if (len > MAX_FRAME) {
             if (!n->hello_seen) {
                 hello_fail(n, "bad_hello", "the first frame is too large");

@@ -47,6 +47,7 @@
 #include <unistd.h>
 
 #include "cnode.h"
+#include "frame.h"
 
 /* {packet, 4}: the length is four bytes, big-endian. */
 #define LEN_BYTES 4
@@ -54,13 +55,6 @@
 /* A list frame's header: length, version, {, 2, the atom (at most
  * `stopped`), the list header. */
 #define HEADER_MAX 32
-
-static void put_be32(char *p, uint32_t v) {
-    p[0] = (char)(v >> 24);
-    p[1] = (char)(v >> 16);
-    p[2] = (char)(v >> 8);
-    p[3] = (char)v;
-}
 
 /* An outcome that cannot be kept: the VM must see the node die. */
 static void out_of_memory(void) { _exit(MOAT_CNODE_EXIT_NOMEM); }
@@ -115,7 +109,7 @@ static int write_list_frame(moat__outbox_t *ob, const char *atom,
     len = (size_t)(i - LEN_BYTES) + (size_t)x->index + 1;
     if (len > UINT32_MAX)
         return -EMSGSIZE;
-    put_be32(head, (uint32_t)len);
+    moat__put_be32(head, (uint32_t)len);
     iov[0] = (struct iovec){head, (size_t)i};
     iov[1] = (struct iovec){x->buff, (size_t)x->index};
     iov[2] = (struct iovec){&tail, 1};
@@ -289,7 +283,7 @@ int moat__outbox_frame(moat__outbox_t *ob, const char *etf, size_t len) {
         return UV_ENOMEM;
     b->next = NULL;
     b->len = LEN_BYTES + len;
-    put_be32(b->data, (uint32_t)len);
+    moat__put_be32(b->data, (uint32_t)len);
     memcpy(b->data + LEN_BYTES, etf, len);
     uv_mutex_lock(&ob->lock);
     if (ob->discard) {

@@ -294,13 +294,6 @@ static void reap(moat__procs_t *p);
 
 /* ------------------------------------------------------------ helpers */
 
-static void put_be32(char *b, uint32_t v) {
-    b[0] = (char)(v >> 24);
-    b[1] = (char)(v >> 16);
-    b[2] = (char)(v >> 8);
-    b[3] = (char)v;
-}
-
 /* A packet holding x's bytes, with one reference; NULL when memory is
  * short. */
 static packet_t *packet_new(uint64_t tag, const ei_x_buff *x) {
@@ -312,7 +305,7 @@ static packet_t *packet_new(uint64_t tag, const ei_x_buff *x) {
     k->tag = tag;
     k->refs = 1;
     k->len = LEN_BYTES + (size_t)x->index;
-    put_be32(k->data, (uint32_t)x->index);
+    moat__put_be32(k->data, (uint32_t)x->index);
     memcpy(k->data + LEN_BYTES, x->buff, (size_t)x->index);
     return k;
 }
@@ -401,7 +394,7 @@ static void flush(moat__procs_t *p) {
     }
     if (p->ndone == 0)
         return;
-    put_be32(x->buff + p->list_at + 1, (uint32_t)p->ndone);
+    moat__put_be32(x->buff + p->list_at + 1, (uint32_t)p->ndone);
     if (ei_x_encode_empty_list(x) < 0 ||
         moat__outbox_frame(p->ob, x->buff, (size_t)x->index) != 0)
         nomem(p);

@@ -120,13 +120,6 @@ typedef struct {
 
 /* ------------------------------------------------------------- helpers */
 
-static void put_be32(char *b, uint32_t v) {
-    b[0] = (char)(v >> 24);
-    b[1] = (char)(v >> 16);
-    b[2] = (char)(v >> 8);
-    b[3] = (char)v;
-}
-
 static void on_written(uv_write_t *req, int status) {
     (void)status; /* a broken pipe: its reaping tells the rest */
     free(req);
@@ -148,7 +141,7 @@ static void send_frame(moat__srvw_t *s, const char *etf, size_t len) {
         fault(s, "could not be written to (no memory)", "enomem");
         return;
     }
-    put_be32(w->data, (uint32_t)len);
+    moat__put_be32(w->data, (uint32_t)len);
     memcpy(w->data + LEN_BYTES, etf, len);
     b = uv_buf_init(w->data, (unsigned)(LEN_BYTES + len));
     if (uv_write(&w->req, (uv_stream_t *)&s->in, &b, 1, on_written) != 0)

@@ -12,17 +12,12 @@
 #include <unistd.h>
 
 #include "cnode.h"
+#include "frame.h"
 
 #define LEN_BYTES 4
 
 /* A read asks for at least this much room. */
 #define WBUF_MIN (64u * 1024u)
-
-static uint32_t be32(const char *b) {
-    const unsigned char *u = (const unsigned char *)b;
-    return (uint32_t)u[0] << 24 | (uint32_t)u[1] << 16 | (uint32_t)u[2] << 8 |
-           u[3];
-}
 
 /* Makes room for a read.  Returns 0 or UV_ENOMEM. */
 static int reserve(moat__wbuf_t *b) {
@@ -54,7 +49,7 @@ int moat__wbuf_parse(moat__wbuf_t *b, uint32_t max, moat__wbuf_fn fn,
     int rc = 0;
 
     while (b->len - off >= LEN_BYTES) {
-        uint32_t len = be32(b->buf + off);
+        uint32_t len = moat__be32(b->buf + off);
         if (len > max) {
             rc = UV_E2BIG;
             break;
