@@ -11,7 +11,8 @@
  * (the first timer, the first abandoned body), so that a pool that never
  * needs it, such as a process-isolation worker's, costs one thread less
  * to start and to end.  Every pool thread is created with all signals
- * blocked and is named "<pool>:<role><n>".
+ * blocked but the faults (MOAT_FAULT_SIGNALS) and is named
+ * "<pool>:<role><n>".
  *
  * Waking.  A condvar wake-up costs ~11 us across CPUs, five times the
  * round-trip target, so an idle worker first spins (reading `nqueued`
@@ -128,10 +129,9 @@ static void thread_teardown(moat_pool_t *pool) {
     moat__task_cache_flush();
 }
 
-/* Creates a thread with every signal blocked from its first instruction
- * (it inherits the mask in force while it is created). */
 /* Starts a pool thread with every signal blocked but the faults
- * (MOAT_FAULT_SIGNALS). */
+ * (MOAT_FAULT_SIGNALS) from its first instruction: it inherits the mask
+ * in force while it is created. */
 static int spawn_thread(uv_thread_t *tid, void (*fn)(void *), void *arg) {
     static const int faults[] = {MOAT_FAULT_SIGNALS};
     sigset_t mask, old;
