@@ -7,6 +7,7 @@
 #ifndef MOAT_CNODE_H
 #define MOAT_CNODE_H
 
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
@@ -119,12 +120,24 @@ int moat__outbox_discard(moat__outbox_t *ob);
 /* One task in flight, known by the VM's tag.  See jobs.c's DESIGN. */
 typedef struct moat__job_s {
     struct moat__job_s *next; /* in a map bucket (map lock), or in the
-                                 cancelling list (loop thread) */
+                                 cancelling list, or in the queue of
+                                 tasks run here (loop thread) */
     uint64_t tag;             /* set before the job is shared; constant */
     moat_task_t *task;        /* map lock: the handle, once attached */
     int in_map;               /* map lock */
     int err;                  /* loop thread: why the pool refused it */
+    moat_job_t spec;          /* run here: what to run */
+    moat_here_t here;         /* run here: its stop flag */
+    uint64_t seq;             /* run here: its rank among the runs the
+                                 node was sent, from 1 */
 } moat__job_t;
+
+/* The signal that carries a cancel to a worker of process isolation
+ * that runs its tasks on its loop thread: the parent queues it to the
+ * worker's main thread, with the run's rank (moat__job_t.seq) as its
+ * value, once the cancel frame is written (procs.c; jobs.c, Run here).
+ * A realtime signal: each one queued is delivered, none merged. */
+#define MOAT__CANCEL_SIGNAL (SIGRTMIN + 2)
 
 typedef struct moat__jobs_s {
     moat_pool_t *pool;        /* set once the pool exists */
@@ -145,6 +158,12 @@ typedef struct moat__jobs_s {
                                  outcomes are written before it takes its
                                  next task (a worker of process isolation:
                                  procs.c relies on it) */
+    /* Tasks run here, on the loop thread (moat__jobs_run_here). */
+    int here;
+    uint64_t nruns;           /* runs read so far, run here */
+    moat__job_t *queue, **queue_tail; /* waiting, oldest first */
+    uv_idle_t idle;           /* armed while one waits */
+    int idle_open;
 } moat__jobs_t;
 
 /* Prepares the jobs of a node; the pool is attached later (jobs->pool),
@@ -184,6 +203,22 @@ void moat__jobs_call(moat__jobs_t *jobs, uint64_t tag, moat_pid_t server,
  * thread, at once if it never started.  A tag that is not in flight (its
  * outcome already sent, or never known) is ignored.  Loop thread. */
 void moat__jobs_cancel(moat__jobs_t *jobs, uint64_t tag, moat_atom_t reason);
+
+/* From now on the node's tasks run on the loop thread, one at a time and
+ * in order, and a cancel comes as MOAT__CANCEL_SIGNAL too, answered on
+ * notice_fd for a run not begun (a forked worker of process isolation:
+ * see jobs.c's DESIGN).  Installs the signal's handler.  Returns 0, or a
+ * negative error (then nothing changed).  Loop thread, once the pool
+ * exists, before any job. */
+int moat__jobs_run_here(moat__jobs_t *jobs, uv_loop_t *loop,
+                        int notice_fd);
+
+/* A run frame's task is about to be answered without being added (a
+ * bad entry, an unknown task).  Returns 1 when it must be answered, 0
+ * when the parent has been told it never begins (jobs.c, Run here): runs
+ * run here are known by their rank among the runs sent, so each one
+ * counts.  Loop thread. */
+int moat__jobs_answering(moat__jobs_t *jobs);
 
 /* Forgets every job and closes the timer (uv_close: run the loop after).
  * Only once the pool is closed (every outcome decided), or never
@@ -289,9 +324,27 @@ int moat__forker_start(uv_loop_t *loop, const char *exe, const char *hello,
                        size_t len, unsigned wait_ms, moat__forker_cb cb,
                        void *data, moat__forker_t **out);
 
+/* A forked worker's notices to its parent, on a pipe of their own:
+ * records of MOAT__NOTICE_LEN bytes, each written whole (a pipe write
+ * below PIPE_BUF is never split nor mixed with another) by a signal
+ * handler: a kind, then a big-endian value. */
+#define MOAT__NOTICE_LEN 9
+#define MOAT__NOTICE_FAULT 'F' /* dying of fault signal `value` (forker.c) */
+#define MOAT__NOTICE_SKIP 'S'  /* the run sent `value`-th will never begin:
+                                  its cancel's signal came before it did
+                                  (jobs.c, Run here) */
+
+/* Writes one notice to fd.  Async-signal-safe; errno is kept.  Returns 0
+ * or -1. */
+int moat__notice(int fd, int kind, uint64_t value);
+
+/* The notice pipe's write end in a forked worker, else -1. */
+int moat__forker_notice_fd(void);
+
 /* Asks for a worker whose stdin reads in_fd, whose stdout writes out_fd
- * and who writes the number of the fault signal it dies of (one byte,
- * MOAT_FAULT_SIGNALS) to notice_fd before it dies of it; all three stay
+ * and who writes its notices (MOAT__NOTICE_LEN) to notice_fd, among them
+ * the fault signal it dies of (MOAT_FAULT_SIGNALS) before it dies of
+ * it; all three stay
  * the caller's (the server has its own copies once this returns).  The
  * answer comes through the callback.  Returns 0, or a negative error
  * (then no answer comes).  Never blocks.  Loop thread. */

@@ -21,11 +21,12 @@
  * times out, and workers would be spawned).  Then each
  * message is a fork request carrying, with SCM_RIGHTS, the three pipe ends
  * a worker needs (its stdin's read end, its stdout's write end, and the
- * write end of its crash notice: the parent made the pipes and keeps the
+ * write end of its notices: the parent made the pipes and keeps the
  * other ends).  The worker handles the faults a task can raise
  * (MOAT_FAULT_SIGNALS) by writing the signal's number to the notice pipe,
  * then dying of it (procs.c, Deaths), unless a library already handles
- * one.  Each request is answered, in
+ * one; its cancel signal's handler writes there too (jobs.c, Run
+ * here).  Each request is answered, in
  * order, with the new worker's pid or a negative error.  The server exits
  * when the socket reaches its end, and dies with the parent (its
  * parent-death signal, set in main like any node's).
@@ -46,12 +47,13 @@
  * its libraries are open: no thread (the server checks, after the
  * libraries' constructors ran, that it is alone, and refuses to serve
  * otherwise, for a fork copies only the thread that forks), no libuv loop
- * (the worker makes its loop and pool thread after the fork, in
- * moat_cnode.c's usual start; it needs no errlog pipe, its stderr being
+ * (the worker makes its loop after the fork, in moat_cnode.c's usual
+ * start, and runs its tasks on it: its pool starts a thread only for a
+ * native process a task spawns; it needs no errlog pipe, its stderr being
  * the parent's already), no descriptor but its standard ones and the
  * request's pipes (fresh for each worker).  max_memory is
- * applied by the worker after its pool thread starts, relative to what it
- * maps then, as for a spawned worker.  A forked worker sends ready without
+ * applied by the worker once its pool exists, relative to what it maps
+ * then, as for a spawned worker.  A forked worker sends ready without
  * waiting for a hello: the server's decoded hello is its own.
  *
  * Threads.  The parent side runs on the parent's loop thread only: a fork
@@ -446,9 +448,7 @@ static int crash_fd = -1;
  * raise. */
 static void on_fault(int sig) {
     static const char dying[] = "moat_dying";
-    unsigned char b = (unsigned char)sig;
     int saved = errno, fd;
-    ssize_t r;
 
     if (crash_fd < 0) { /* the fork server itself: just die of it */
         raise(sig);
@@ -456,15 +456,31 @@ static void on_fault(int sig) {
     }
     fd = open("/proc/self/comm", O_WRONLY | O_CLOEXEC);
     if (fd >= 0) {
-        r = write(fd, dying, sizeof dying - 1);
+        ssize_t r = write(fd, dying, sizeof dying - 1);
+        (void)r;
         close(fd);
     }
-    do
-        r = write(crash_fd, &b, 1);
-    while (r < 0 && errno == EINTR);
+    (void)moat__notice(crash_fd, MOAT__NOTICE_FAULT, (uint64_t)sig);
     errno = saved;
     raise(sig);
 }
+
+int moat__notice(int fd, int kind, uint64_t value) {
+    unsigned char b[MOAT__NOTICE_LEN];
+    int saved = errno;
+    ssize_t r;
+
+    b[0] = (unsigned char)kind;
+    for (int i = 0; i < 8; i++)
+        b[1 + i] = (unsigned char)(value >> (56 - 8 * i));
+    do
+        r = write(fd, b, sizeof b);
+    while (r < 0 && errno == EINTR);
+    errno = saved;
+    return r == (ssize_t)sizeof b ? 0 : -1;
+}
+
+int moat__forker_notice_fd(void) { return crash_fd; }
 
 /* Handles the faults a task can raise, unless a library has claimed one
  * already (its handler is left alone: the parent then learns of the
@@ -515,6 +531,7 @@ static int become_worker(int fds[REQUEST_FDS], pid_t mid, pid_t cnode) {
 /* Decodes hello from the first message and opens its libraries.  Returns
  * 0, or an exit status once it has said why on stderr. */
 static int load(moat__frame_t *f, moat_lib_t ***libs, size_t *nlibs) {
+    struct sigaction old;
     char *buf;
     ssize_t len, r;
     int rc;
@@ -559,6 +576,16 @@ static int load(moat__frame_t *f, moat_lib_t ***libs, size_t *nlibs) {
         fprintf(stderr, "moat_cnode: fork server: not the only thread once "
                         "the libraries are open; workers are spawned "
                         "instead\n");
+        return MOAT_CNODE_EXIT_HELLO;
+    }
+    /* A forked worker takes the cancel signal for itself (jobs.c, Run
+     * here): a library that handles it keeps it, and workers are spawned
+     * (they run their tasks on a pool thread and need no signal). */
+    if (sigaction(MOAT__CANCEL_SIGNAL, NULL, &old) != 0 ||
+        (old.sa_flags & SA_SIGINFO) || old.sa_handler != SIG_DFL) {
+        fprintf(stderr, "moat_cnode: fork server: a library handles signal "
+                        "%d; workers are spawned instead\n",
+                MOAT__CANCEL_SIGNAL);
         return MOAT_CNODE_EXIT_HELLO;
     }
     return 0;

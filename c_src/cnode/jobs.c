@@ -44,16 +44,50 @@
  * outcome left queued in a dead process would make it blame the wrong
  * task and run the next one twice (procs.c).
  *
+ * Run here.  A worker of process isolation forked by the fork server
+ * runs its tasks on its loop thread (moat_pool_run_here), not on a pool
+ * thread: that saves a thread per worker and, per task, the wake-up of
+ * the pool thread, one of the five a round trip through a worker costs.
+ * Runs wait in `queue`, off the map, and an idle handle runs them one a
+ * loop turn, oldest first, each outcome written before the next begins
+ * (as `ordered`).  While a body runs the loop reads nothing, so a cancel
+ * comes twice: as a frame, and as MOAT__CANCEL_SIGNAL carrying the run's
+ * rank (its place among the runs sent: the parent counts them as the
+ * worker does), which the parent queues to this thread once the frame is
+ * written.  The handler looks at the `armed` job (the one running, or
+ * the one that runs at the next turn): if the rank is its, it sets its
+ * stop flag (moat_here_stop); if the run is not armed yet (queued, or not
+ * even read), it marks it skipped and says so on the notice pipe, and
+ * the parent reports it stopped at once; else its outcome is written and
+ * there is nothing to do.  A job is armed at the end of the turn before
+ * the one that runs it, after the skipped mark is looked at, so a signal
+ * finds every run in one of those states, and a skipped one never
+ * begins.  The cancel frame, read later, finds the job gone or skipped
+ * (nothing more is said), or queued or armed (it takes it out and
+ * reports it stopped, with the signal blocked meanwhile so that the two
+ * never both report it).  A body stopped by the flag returns with an
+ * outcome of its own, which is dropped: the tag is reported stopped, as
+ * after a cancel on a pool thread (the parent forwards only cancels the
+ * VM sent, so the VM has decided).  A body that ignores the flag holds
+ * the worker, and the runs behind it wait, as they wait behind any long
+ * task, until it returns or the parent kills the worker (procs.c,
+ * Cancels).
+ *
  * Shutdown.  moat__jobs_close runs after moat_pool_close has decided every
- * outcome, so the map is empty then; it releases the cancelling list.
+ * outcome, so the map is empty then; it releases the cancelling list, and
+ * the runs still waiting to run here, whose outcomes nobody reads any
+ * more.
  *
  * Lock: `lock` (the map lock) guards buckets, mask, count, and each job's
  * in_map and task.  The outbox's lock is never taken under it.
  */
+#include <errno.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cnode.h"
 
@@ -221,6 +255,159 @@ static void poll_cancelling(uv_timer_t *timer) {
         uv_timer_stop(timer);
 }
 
+/* ----------------------------------------------------------- run here */
+
+/* What the cancel signal's handler reads and writes (DESIGN, Run here).
+ * Static, for a handler has no argument; there is one node a process.
+ * Runs are known by rank (seq); the parent holds at most PIPELINE
+ * unanswered runs of a worker, so ranks in flight never share a bit. */
+static _Atomic(moat__job_t *) armed; /* runs, or runs at the next turn */
+static atomic_uint_fast64_t received;   /* the rank of the last run read */
+static atomic_uint_fast64_t waiting;    /* bit: queued, not armed yet */
+static atomic_uint_fast64_t skipped;    /* bit: the parent was told it
+                                           never begins */
+static int notice_fd = -1;
+static sigset_t cancel_set;             /* MOAT__CANCEL_SIGNAL alone */
+
+#define BIT(seq) ((uint_fast64_t)1 << ((seq) % 64))
+
+/* Whether run seq was skipped by the signal (and forgets it). */
+static int take_skipped(uint64_t seq) {
+    return (atomic_fetch_and(&skipped, ~BIT(seq)) & BIT(seq)) != 0;
+}
+
+/* The parent cancelled run `seq` (si_value) and wrote the frame: the
+ * armed job is flagged; one not begun (not read yet, or queued) will
+ * never be, and the parent hears so now, through the notice pipe, since
+ * the loop may not read the frame for as long as a body runs.  Atomic
+ * read-modify-writes only: this interrupts the loop thread anywhere. */
+static void on_cancel_signal(int sig, siginfo_t *si, void *uc) {
+    moat__job_t *job = atomic_load(&armed);
+    uint64_t seq = (uint64_t)(uintptr_t)si->si_value.sival_ptr;
+
+    (void)sig;
+    (void)uc;
+    if (si->si_code != SI_QUEUE || si->si_pid != getppid() || seq == 0)
+        return; /* not the parent's */
+    if (job != NULL && job->seq == seq) {
+        moat_here_stop(&job->here);
+    } else if (seq > atomic_load(&received) ||
+               (atomic_fetch_and(&waiting, ~BIT(seq)) & BIT(seq))) {
+        atomic_fetch_or(&skipped, BIT(seq));
+        (void)moat__notice(notice_fd, MOAT__NOTICE_SKIP, seq);
+    } /* else its outcome is written (or it was stopped): nothing to do */
+}
+
+/* The idle handle: runs the armed job, then arms the next one, which runs
+ * at the next turn, after the loop's read. */
+static void run_armed(uv_idle_t *h) {
+    moat__jobs_t *jobs = h->data;
+    moat__job_t *job = atomic_load(&armed);
+
+    if (job != NULL) {
+        int rc = 0;
+        if (!take_skipped(job->seq))
+            rc = moat_pool_run_here(jobs->pool, &job->spec, &job->here);
+        else
+            moat_term_unref(job->spec.args); /* reported: not run */
+        atomic_store(&armed, NULL);
+        if (rc != 0) {
+            moat_term_unref(job->spec.args); /* refused: still ours */
+            answer(jobs, job->tag, refusal(rc));
+        }
+        free(job);
+    }
+    if ((job = jobs->queue) == NULL) {
+        uv_idle_stop(h);
+        return;
+    }
+    jobs->queue = job->next;
+    if (jobs->queue == NULL)
+        jobs->queue_tail = &jobs->queue;
+    job->next = NULL;
+    /* Armed, then no longer waiting: a signal in between finds it armed. */
+    atomic_store(&armed, job);
+    atomic_fetch_and(&waiting, ~BIT(job->seq));
+}
+
+/* A cancel frame for a job run here: one not begun is taken out and
+ * reported stopped, unless the signal has reported it already; the
+ * running one is the signal's.  With the signal blocked, so that the
+ * two never both report it. */
+static void cancel_here(moat__jobs_t *jobs, uint64_t tag) {
+    moat__job_t *job, **pp;
+    sigset_t old;
+    int told;
+
+    pthread_sigmask(SIG_BLOCK, &cancel_set, &old);
+    job = atomic_load(&armed);
+    if (job != NULL && job->tag == tag) {
+        atomic_store(&armed, NULL);
+    } else {
+        for (pp = &jobs->queue; *pp != NULL && (*pp)->tag != tag;
+             pp = &(*pp)->next)
+            ;
+        if ((job = *pp) != NULL) {
+            *pp = job->next;
+            if (jobs->queue_tail == &job->next)
+                jobs->queue_tail = pp;
+        }
+    }
+    if (job != NULL) {
+        atomic_fetch_and(&waiting, ~BIT(job->seq));
+        told = take_skipped(job->seq);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (job == NULL)
+        return; /* its outcome is sent, or it never was ours */
+    moat_term_unref(job->spec.args);
+    if (!told)
+        moat__outbox_stopped(jobs->ob, &job->tag, 1);
+    free(job);
+}
+
+int moat__jobs_answering(moat__jobs_t *jobs) {
+    sigset_t old;
+    uint64_t seq;
+    int told;
+
+    if (!jobs->here)
+        return 1;
+    seq = ++jobs->nruns;
+    pthread_sigmask(SIG_BLOCK, &cancel_set, &old);
+    atomic_store(&received, seq);
+    told = take_skipped(seq);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return !told;
+}
+
+int moat__jobs_run_here(moat__jobs_t *jobs, uv_loop_t *loop, int notice) {
+    struct sigaction sa;
+    int rc = uv_idle_init(loop, &jobs->idle);
+
+    if (rc != 0)
+        return rc;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_cancel_signal;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigemptyset(&cancel_set);
+    sigaddset(&cancel_set, MOAT__CANCEL_SIGNAL);
+    notice_fd = notice;
+    if (sigaction(MOAT__CANCEL_SIGNAL, &sa, NULL) != 0 ||
+        (rc = pthread_sigmask(SIG_UNBLOCK, &cancel_set, NULL)) != 0) {
+        rc = rc != 0 ? -rc : -errno;
+        uv_close((uv_handle_t *)&jobs->idle, NULL);
+        return rc;
+    }
+    jobs->idle.data = jobs;
+    jobs->idle_open = 1;
+    jobs->here = 1;
+    jobs->ordered = 1;
+    jobs->queue_tail = &jobs->queue;
+    return 0;
+}
+
 /* ---------------------------------------------------------------- API */
 
 int moat__jobs_init(moat__jobs_t *jobs, uv_loop_t *loop, moat__outbox_t *ob) {
@@ -261,6 +448,11 @@ void moat__jobs_complete(moat_task_t *task, const moat_outcome_t *o,
     moat__jobs_t *jobs = data;
     moat__job_t *job = moat_task_data(task);
     uint64_t tag = job->tag;
+    /* Run here and stopped by the cancel signal: the VM has decided its
+     * outcome already, and hears that the body is gone, as from a cancel
+     * on a pool thread.  Read now: a job run on a pool thread may be
+     * freed by the loop thread once out of the map. */
+    int stopped = jobs->here && atomic_load(&job->here.stop);
     moat_task_t *handle = NULL;
     const char *etf;
     size_t len;
@@ -272,7 +464,10 @@ void moat__jobs_complete(moat_task_t *task, const moat_outcome_t *o,
     }
     uv_mutex_unlock(&jobs->lock);
     etf = moat_term_data(o->term, &len);
-    moat__outbox_done(jobs->ob, tag, o->kind, etf + 1, len - 1);
+    if (stopped)
+        moat__outbox_stopped(jobs->ob, &tag, 1);
+    else
+        moat__outbox_done(jobs->ob, tag, o->kind, etf + 1, len - 1);
     if (jobs->ordered)
         wait_written(jobs->ob);
     if (handle != NULL) {
@@ -286,6 +481,26 @@ void moat__jobs_add(moat__jobs_t *jobs, uint64_t tag,
                     moat_term_t *args) {
     moat__job_t *job = NULL;
 
+    if (jobs->here) {
+        if ((job = calloc(1, sizeof *job)) == NULL) {
+            moat_term_unref(args);
+            answer(jobs, tag, MOAT_A_ENOMEM);
+            return;
+        }
+        job->tag = tag;
+        job->spec = (moat_job_t){def->run, def->name, lib, args, 0, -1, job};
+        /* Waiting, then read: a signal in between finds it one or the
+         * other (see on_cancel_signal); one that came before it was read
+         * has marked it skipped, which its arming finds. */
+        job->seq = ++jobs->nruns;
+        atomic_fetch_or(&waiting, BIT(job->seq));
+        atomic_store(&received, job->seq);
+        *jobs->queue_tail = job;
+        jobs->queue_tail = &job->next;
+        if (!uv_is_active((uv_handle_t *)&jobs->idle))
+            uv_idle_start(&jobs->idle, run_armed);
+        return;
+    }
     if ((jobs->npend == jobs->cappend && grow_pend(jobs) < 0) ||
         (job = calloc(1, sizeof *job)) == NULL) {
         moat_term_unref(args);
@@ -393,6 +608,10 @@ void moat__jobs_cancel(moat__jobs_t *jobs, uint64_t tag, moat_atom_t reason) {
     moat__job_t *job;
     int rc;
 
+    if (jobs->here) {
+        cancel_here(jobs, tag);
+        return;
+    }
     moat__jobs_flush(jobs);
     uv_mutex_lock(&jobs->lock);
     job = map_take(jobs, tag);
@@ -417,6 +636,22 @@ void moat__jobs_cancel(moat__jobs_t *jobs, uint64_t tag, moat_atom_t reason) {
 }
 
 void moat__jobs_close(moat__jobs_t *jobs) {
+    moat__job_t *waiting = atomic_exchange(&armed, NULL);
+
+    if (waiting != NULL) {
+        waiting->next = jobs->queue;
+        jobs->queue = waiting;
+    }
+    while (jobs->queue != NULL) {
+        moat__job_t *job = jobs->queue;
+        jobs->queue = job->next;
+        moat_term_unref(job->spec.args);
+        free(job);
+    }
+    if (jobs->idle_open) {
+        jobs->idle_open = 0;
+        uv_close((uv_handle_t *)&jobs->idle, NULL);
+    }
     while (jobs->cancelling != NULL) {
         moat__job_t *job = jobs->cancelling;
         jobs->cancelling = job->next;

@@ -11,7 +11,9 @@
  * a 4-byte big-endian length, then one term in the external term format),
  * reads the stderr pipe (errlog.c), and polls cancelled bodies (jobs.c).
  * The core pool's threads run the task bodies and send each outcome
- * themselves, through the outbox (outbox.c), the only writer of frames.
+ * themselves, through the outbox (outbox.c), the only writer of frames;
+ * a worker of process isolation forked by the fork server runs them on
+ * its loop thread instead, one at a time (jobs.c, Run here).
  * It writes to its own copy of stdout: fd 1 and fd 2 both become the
  * errlog pipe, so what a library prints reaches the VM as log frames and
  * can never corrupt the frames.
@@ -785,6 +787,9 @@ static void on_hello(node_t *n, moat__hello_t *h) {
     o.name = h->name[0] != '\0' ? h->name : "cnode";
     o.complete = moat__jobs_complete;
     o.data = &n->jobs;
+    /* A forked worker runs its tasks on this thread (jobs.c, Run here):
+     * the pool's thread starts only if a task spawns a process. */
+    o.lazy_threads = n->forked;
     rc = moat_pool_new(&o, &n->pool);
     if (rc != 0) {
         snprintf(msg, sizeof msg, "cannot start the pool: %s",
@@ -795,6 +800,14 @@ static void on_hello(node_t *n, moat__hello_t *h) {
     n->jobs.pool = n->pool;
     moat_pool_stats(n->pool, &st);
     n->jobs.ordered = st.threads == 1; /* before the first submission */
+    if (n->forked && (rc = moat__jobs_run_here(&n->jobs, &n->loop,
+                                               moat__forker_notice_fd())) !=
+                         0) {
+        snprintf(msg, sizeof msg, "cannot run tasks on the loop: %s",
+                 moat_strerror(rc));
+        hello_fail(n, "bad_hello", msg);
+        return;
+    }
     /* A worker of process isolation (or a node told so) limits itself
      * once its libraries and threads are in place. */
     if (h->max_memory > 0 && (rc = moat__limit_memory(h->max_memory)) != 0) {
@@ -835,20 +848,24 @@ static const moat_task_def_t *find_task(node_t *n, const moat__atom_t *a,
 }
 
 static void on_run(node_t *n, moat__run_t *e) {
-    const moat_task_def_t *def;
+    const moat_task_def_t *def = NULL;
     const moat_lib_t *lib = NULL;
 
-    if (e->status == UV_ENOMEM) {
+    if (e->status == 0 && (def = find_task(n, &e->task, &lib)) != NULL) {
+        if (n->procs != NULL) {
+            moat__procs_run(n->procs, e->tag, &e->task, e->args);
+        } else {
+            moat__jobs_add(&n->jobs, e->tag, def, lib, e->args);
+            e->args = NULL; /* the job's now */
+        }
+    } else if (!moat__jobs_answering(&n->jobs)) {
+        return; /* a forked worker's parent knows it never begins */
+    } else if (e->status == UV_ENOMEM) {
         reply_atom(n, e->tag, MOAT_A_ENOMEM);
     } else if (e->status != 0) {
         reply_atom(n, e->tag, MOAT_A_BADARG);
-    } else if ((def = find_task(n, &e->task, &lib)) == NULL) {
-        reply_unknown(n, e->tag, &e->task);
-    } else if (n->procs != NULL) {
-        moat__procs_run(n->procs, e->tag, &e->task, e->args);
     } else {
-        moat__jobs_add(&n->jobs, e->tag, def, lib, e->args);
-        e->args = NULL; /* the job's now */
+        reply_unknown(n, e->tag, &e->task);
     }
 }
 

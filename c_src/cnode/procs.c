@@ -16,7 +16,7 @@
  * process spawned once, on the first spawn, that has already done what
  * every worker would do before serving (exec, dynamic linking, the copy
  * and dlopen of the libraries, decoding hello), so that a worker costs a
- * fork and its own loop and pool thread.  The parent makes the worker's
+ * fork and its own loop, which runs its tasks (no pool thread).  The parent makes the worker's
  * pipes and passes their far ends along with the request; the answer,
  * the worker's pid, comes back later on the server's socket, and until
  * then the worker is W_STARTING with pid 0: it is not reaped (waitpid(0)
@@ -51,11 +51,13 @@
  * (starting or ready), of which at most `size` hold runs; the spares are
  * idle processes ready to take over at once when one dies.  A worker
  * holds up to PIPELINE runs, sent and not yet answered, oldest first, so
- * that the pipe round trip is overlapped instead of paid per task.  Its
- * one pool thread takes its tasks in FIFO order and writes each outcome
- * before it takes the next, so the only run that can have begun is the
- * oldest it holds, or, behind cancelled runs whose bodies may still be
- * running abandoned, the oldest one not cancelled.  Runs wait in the
+ * that the pipe round trip is overlapped instead of paid per task.  It
+ * runs its tasks in FIFO order, on its loop thread (a forked worker:
+ * jobs.c, Run here) or its one pool thread (a spawned one), and writes
+ * each outcome before it begins the next, so the only run that can have
+ * begun is the oldest it holds, or, behind cancelled runs whose bodies
+ * may still be running abandoned (on a spawned worker's replacement
+ * thread), the oldest one not cancelled.  Runs wait in the
  * parent's FIFO queue; size + max_queue at most are admitted (held or
  * queued), and one beyond that is answered `overloaded`.
  *
@@ -92,8 +94,8 @@
  * kernel's teardown of a dying process (its other threads, its memory)
  * takes a few hundred microseconds, tens of milliseconds for a large one,
  * and SIGCHLD comes only after it: on the notice, the loop reads what
- * the worker's stdout holds (its pool thread writes each outcome before
- * it takes the next run, so everything before the fault is there) and
+ * the worker's stdout holds (the worker writes each outcome before it
+ * begins the next run, so everything before the fault is there) and
  * settles the runs at once, as the reaping would with that signal; the
  * reaping later only frees it.  A worker still unreaped NOTICE_GRACE_MS
  * after its notice is killed.  A library that installed its own handler
@@ -118,7 +120,11 @@
  * the cancel is forwarded as `shutdown`: a run still queued in the worker
  * never begins and comes back stopped, a running one is the worker's to
  * stop (cooperative, as in thread isolation), and whatever the worker
- * answers goes to the VM as it is.
+ * answers goes to the VM as it is.  A forked worker reads nothing while
+ * a body runs on its loop thread, so once the cancel frame is written
+ * (its write callback) the parent also queues MOAT__CANCEL_SIGNAL with
+ * the tag to the worker's main thread, which flags the body if it is
+ * the one running or about to run (jobs.c, Run here).
  *
  * Shutdown.  moat__procs_stop first ends the fork server, after reading
  * the pids of the workers it was asked for, then closes every worker's
@@ -128,6 +134,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
@@ -135,6 +142,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -212,6 +220,10 @@ typedef struct packet_s {
     unsigned char cancelled; /* held: the VM has decided its outcome */
     unsigned char forwarded; /* held: a cancel for it went to the worker */
     unsigned char killed;    /* held: its worker was SIGKILLed for it */
+    unsigned char signal;    /* a cancel: MOAT__CANCEL_SIGNAL follows it
+                                once written */
+    uint64_t seq;            /* a held run: its rank among the runs its
+                                worker was given; a cancel: its run's */
     size_t len;
     char data[];
 } packet_t;
@@ -219,6 +231,7 @@ typedef struct packet_s {
 /* One write of n packets to a worker's stdin. */
 typedef struct wreq_s {
     uv_write_t req;
+    struct worker_s *w;
     unsigned n;
     packet_t *k[];
 } wreq_t;
@@ -239,6 +252,7 @@ typedef struct worker_s {
     uint64_t eof_ms;  /* uv_now() when its stdout ended, not reaped yet */
     uint64_t notice_ms; /* uv_now() when its crash notice came */
     uint64_t last_ns; /* how long its last oldest run took to answer */
+    uint64_t nsent;   /* runs it was given */
     packet_t *fresh[PIPELINE]; /* runs this dispatch gave it */
     unsigned nfresh;
     int reaped;
@@ -576,12 +590,33 @@ static void kill_worker(worker_t *w, const char *why, const char *crash) {
 
 /* ------------------------------------------------------------ writing */
 
+/* Queues the cancel signal for w's run of rank `seq` to w's main thread,
+ * which runs its tasks (jobs.c, Run here).  Only while w is not reaped:
+ * its pid is its own. */
+static void signal_cancel(worker_t *w, uint64_t seq) {
+    siginfo_t si;
+
+    memset(&si, 0, sizeof si);
+    si.si_signo = MOAT__CANCEL_SIGNAL;
+    si.si_code = SI_QUEUE;
+    si.si_pid = getpid();
+    si.si_uid = getuid();
+    si.si_value.sival_ptr = (void *)(uintptr_t)seq;
+    (void)syscall(SYS_rt_tgsigqueueinfo, w->pid, w->pid, MOAT__CANCEL_SIGNAL,
+                  &si);
+}
+
 static void on_written(uv_write_t *req, int status) {
     wreq_t *r = (wreq_t *)req;
+    worker_t *w = r->w;
 
-    (void)status; /* a dead worker's stdin: its reaping tells the rest */
-    for (unsigned i = 0; i < r->n; i++)
+    /* status < 0: a dead worker's stdin, its reaping tells the rest.
+     * Handles close after their writes' callbacks, so w is there. */
+    for (unsigned i = 0; i < r->n; i++) {
+        if (r->k[i]->signal && status == 0 && w->pid > 0 && !w->reaped)
+            signal_cancel(w, r->k[i]->seq);
         unref(r->k[i]);
+    }
     free(r);
 }
 
@@ -598,6 +633,7 @@ static void write_packets(worker_t *w, packet_t **k, unsigned n) {
         kill_worker(w, "no memory to write to it", "enomem");
         return;
     }
+    r->w = w;
     r->n = n;
     for (unsigned i = 0; i < n; i++) {
         r->k[i] = k[i];
@@ -1083,6 +1119,7 @@ static void give(moat__procs_t *p, worker_t *w) {
     w->held_tail = &k->next;
     w->nheld++;
     p->nheld++;
+    k->seq = ++w->nsent; /* the worker counts the runs it reads */
     w->fresh[w->nfresh++] = k;
 }
 
@@ -1238,30 +1275,79 @@ static int is_fault(int sig) {
  * dying of the fault it names, so its runs are settled now, as its
  * reaping would settle them, without waiting for the kernel to tear it
  * down; a replacement is asked for at the end of the turn. */
-static void on_notice(uv_poll_t *h, int status, int events) {
-    worker_t *w = h->data;
+static void crash_notice(worker_t *w, uint64_t sig) {
     moat__procs_t *p = w->p;
-    unsigned char sig = 0;
-    ssize_t r = -1;
 
-    (void)events;
-    while (status == 0 && (r = read(w->notice_fd, &sig, 1)) < 0 &&
-           errno == EINTR)
-        ;
-    close_notice(w); /* one notice at most; its end says nothing */
-    if (r != 1 || w->reaped || w->ignore || p->stopping ||
-        (w->state != W_STARTING && w->state != W_READY))
-        return;
-    if (!is_fault(sig)) {
+    close_notice(w); /* nothing can follow it */
+    if (sig > INT_MAX || !is_fault((int)sig)) {
         kill_worker(w, "a crash notice of no fault", "protocol");
         return;
     }
     w->notice_ms = uv_now(p->loop);
     watch_overdue(p);
-    ended(w, sig); /* a wait status: killed by sig */
+    ended(w, (int)sig); /* a wait status: killed by sig */
     w->settled = 1;
     replenish(p);
     arm(p);
+}
+
+/* A forked worker's skip notice: the cancel's signal came before run
+ * `seq` began, and it never will (jobs.c, Run here).  Only for a run
+ * whose cancel was forwarded. */
+static void skip_notice(worker_t *w, uint64_t seq) {
+    packet_t **pp = &w->held;
+
+    while (*pp != NULL && (*pp)->seq != seq)
+        pp = &(*pp)->next;
+    if (*pp == NULL || !(*pp)->forwarded) {
+        kill_worker(w, "a skip notice for a run it was not asked to stop",
+                    "protocol");
+        return;
+    }
+    emit_stopped(w->p, (*pp)->tag);
+    unref(unhold(w, pp));
+    arm(w->p);
+}
+
+/* A forked worker's notices (cnode.h, MOAT__NOTICE_LEN), read whole. */
+static void on_notice(uv_poll_t *h, int status, int events) {
+    worker_t *w = h->data;
+    moat__procs_t *p = w->p;
+    unsigned char b[MOAT__NOTICE_LEN * PIPELINE];
+    ssize_t r;
+
+    (void)events;
+    for (;;) {
+        do
+            r = status == 0 ? read(w->notice_fd, b, sizeof b) : 0;
+        while (r < 0 && errno == EINTR);
+        if (r <= 0) {
+            if (r == 0) /* its end: the worker is gone, and says nothing */
+                close_notice(w);
+            return;
+        }
+        if (w->reaped || w->ignore || p->stopping ||
+            (w->state != W_STARTING && w->state != W_READY))
+            continue; /* drained, unheard */
+        if (r % MOAT__NOTICE_LEN != 0) {
+            kill_worker(w, "a notice cut short", "protocol");
+            return;
+        }
+        for (ssize_t i = 0; i < r && w->notice_open && !w->ignore;
+             i += MOAT__NOTICE_LEN) {
+            uint64_t v = 0;
+            for (int j = 1; j < MOAT__NOTICE_LEN; j++)
+                v = v << 8 | b[i + j];
+            if (b[i] == MOAT__NOTICE_FAULT)
+                crash_notice(w, v);
+            else if (b[i] == MOAT__NOTICE_SKIP && w->state == W_READY)
+                skip_notice(w, v);
+            else
+                kill_worker(w, "a notice of no known kind", "protocol");
+        }
+        if (!w->notice_open || w->ignore)
+            return;
+    }
 }
 
 static void reap(moat__procs_t *p) {
@@ -1473,6 +1559,10 @@ static void forward_cancel(worker_t *w, packet_t *k) {
         kill_worker(w, "no memory to forward a cancel", "enomem");
         return;
     }
+    /* A forked worker reads nothing while a body runs: the signal reaches
+     * the body if the frame came too late to stop it first. */
+    c->signal = (unsigned char)w->forked;
+    c->seq = k->seq;
     write_packets(w, &c, 1);
     unref(c);
 }

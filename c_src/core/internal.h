@@ -104,6 +104,8 @@ struct moat_task_s {
     int where;          /* MOAT__QUEUED/RUNNING/DONE/REMOTE; pool->rq_lock */
     int abandoned;      /* its outcome came first; pool->rq_lock */
     int internal;       /* spawned by a process: no completion callback */
+    int here;           /* run by moat_pool_run_here: its thread is its
+                           caller's, never replaced when abandoned */
     int has_deadline;   /* its timer may be armed */
     moat_pid_t pid;     /* 0 until the task uses its id; pool->sig_lock */
     int proc_done;      /* its process has had its end; pool->sig_lock */
@@ -295,6 +297,8 @@ struct moat_pool_s {
     unsigned nsleeping;
     unsigned nsleeping_untimed; /* of them, those without a timeout */
     moat__node_t slotted; /* workers whose local slot is set */
+    moat__node_t heres;   /* tasks running in moat_pool_run_here, by
+                             qnode */
     uint64_t slot_pushes; /* items put in local slots so far */
     size_t njobs; /* tasks in `jobs` */
     /* What spinning workers read without the lock: its own cache line. */
@@ -320,6 +324,7 @@ struct moat_pool_s {
     unsigned serving;
     unsigned want_spawn;
     unsigned extra; /* live replacement threads beyond nthreads */
+    atomic_int threads_up; /* the workers were started (lazy_threads) */
 
     /* The housekeeping thread: deadlines, replacement threads, joins. */
     uv_thread_t hk_tid;

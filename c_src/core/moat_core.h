@@ -12,6 +12,7 @@
 #ifndef MOAT_CORE_H
 #define MOAT_CORE_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -194,6 +195,11 @@ typedef struct moat_pool_opts_s {
      * complete. */
     void (*remote_cancel)(moat_task_t *task, moat_term_t *reason,
                           void *data);
+    /* Nonzero: the worker threads start with the first task or native
+     * process queued, not with the pool, for a pool whose tasks usually
+     * run on their caller's thread (moat_pool_run_here): a C-node worker
+     * of process isolation then has one thread, its loop. */
+    int lazy_threads;
 } moat_pool_opts_t;
 
 /* Allocates a pool and starts its threads.  Any thread. */
@@ -280,6 +286,43 @@ int moat_pool_remote_lost(moat_pool_t *pool, moat_term_t *reason);
  * NULL. */
 int moat_pool_submit_batch(moat_pool_t *pool, const moat_job_t *jobs,
                            size_t n, moat_task_t **tasks);
+
+/*
+ * A task run on its caller's thread, as a pool thread would run it: the
+ * pool's admission (size + max_queue), the one claim, the complete
+ * callback (on this thread when the body's return decides the outcome),
+ * moat_should_stop.  Meant for a transport whose own thread would
+ * otherwise hand each task to a pool thread and sleep (the C-node's
+ * process-isolation worker): the hand-off's wake-up is saved.  The body
+ * cannot be preempted: while it runs, nothing else runs on this thread.
+ */
+typedef struct moat_here_s {
+    _Atomic(moat_task_t *) task; /* the task while its body runs */
+    atomic_int stop;             /* moat_here_stop was called */
+} moat_here_t;
+
+/* Zero it before moat_pool_run_here; then moat_here_stop may be called. */
+#define MOAT_HERE_INIT {NULL, 0}
+
+/*
+ * Runs job's body on the calling thread now, with `here` (initialised
+ * with MOAT_HERE_INIT, its stop possibly set already) as its handle for
+ * moat_here_stop.  job->owner must be 0 and job->timeout_ms negative: the
+ * caller keeps those itself.  Returns 0 once the body has returned and
+ * the outcome is delivered (by this call, or by a close that came
+ * first); else MOAT_EOVERLOADED, MOAT_ECLOSED or MOAT_EINVAL, as
+ * moat_pool_submit, or -ENOMEM: then the body never ran, no callback
+ * runs and the caller keeps job->args.  Not from a complete callback; a
+ * task body may call it (the nested task runs inside it).
+ */
+int moat_pool_run_here(moat_pool_t *pool, const moat_job_t *job,
+                       moat_here_t *here);
+
+/* Makes moat_should_stop true for the task `here` stands for, from now
+ * on, whether its body has begun or not.  Async-signal-safe: a signal
+ * handler on the thread that called moat_pool_run_here may call it (from
+ * any other thread, `here` could be gone under it). */
+void moat_here_stop(moat_here_t *here);
 
 #define MOAT_CANCEL_SILENT 1u /* decide the outcome, do not call back */
 

@@ -54,6 +54,19 @@
  * (at most max_abandoned beyond N); when the abandoned body returns, its
  * thread retires if the pool has enough serving workers, else serves on.
  *
+ * Here.  moat_pool_run_here runs a task on its caller's thread, as a
+ * worker would (admission, claim, callback, stop flag), for a transport
+ * whose own thread would otherwise hand each task over and sleep.  While
+ * it runs it is on the `heres` list, so that a close finds it; abandoned,
+ * it keeps its caller's thread and no replacement is started.  With
+ * lazy_threads the workers start with the first item queued, so that a
+ * pool whose tasks all run here has no thread of its own.  The stop flag
+ * of a task run here can also be set from a signal handler on its thread
+ * (moat_here_stop), through its moat_here_t: the handler sets the
+ * handle's flag, then the task's if the body has begun, and the caller
+ * copies the handle's flag into the task after publishing it, so that a
+ * signal at any point between is seen.
+ *
  * Remote tasks.  A transport that runs bodies elsewhere (the C-node)
  * still decides outcomes here: moat_pool_accept admits tasks without
  * queueing them and keeps them in a table by id until the transport
@@ -175,6 +188,29 @@ static int add_worker(moat_pool_t *pool) {
     return 0;
 }
 
+/* Starts the pool's nthreads workers.  Returns 0, or the error of the
+ * first that could not start (those started keep serving). */
+static int start_workers(moat_pool_t *pool) {
+    int rc = 0;
+    uv_mutex_lock(&pool->thr_lock);
+    if (!atomic_load(&pool->threads_up)) {
+        for (unsigned i = 0; i < pool->opts.nthreads && rc == 0; i++)
+            rc = add_worker(pool);
+        /* One is enough to serve the queue; none: the next item tries. */
+        if (pool->nworkers > 0)
+            atomic_store(&pool->threads_up, 1);
+    }
+    uv_mutex_unlock(&pool->thr_lock);
+    return rc;
+}
+
+/* Before an item is queued: a lazy pool starts its workers now.  Any
+ * lock but thr_lock may be held (lock order). */
+static void need_workers(moat_pool_t *pool) {
+    if (pool->opts.lazy_threads &&
+        !atomic_load_explicit(&pool->threads_up, memory_order_acquire))
+        (void)start_workers(pool);
+}
 
 static void hk_main(void *arg);
 
@@ -735,6 +771,8 @@ void moat__task_settle(moat_task_t *t, moat_term_t *reason, unsigned flags) {
     } else if (t->where == MOAT__RUNNING && !t->abandoned) {
         t->abandoned = 1;
         was_running = 1;
+        if (t->here) /* its caller's thread: nothing to replace */
+            atomic_fetch_add(&pool->n_abandoned, 1);
     } else if (t->where == MOAT__REMOTE && !t->abandoned) {
         t->abandoned = 1;
         was_remote = 1;
@@ -744,7 +782,7 @@ void moat__task_settle(moat_task_t *t, moat_term_t *reason, unsigned flags) {
     uv_mutex_unlock(&pool->rq_lock);
     if (was_queued || was_running || was_remote)
         atomic_fetch_sub(&pool->admitted, 1);
-    if (was_running)
+    if (was_running && !t->here)
         abandon_thread(pool);
     /* Before deliver: the complete callback may free the transport's
      * data, which remote_cancel reads. */
@@ -1168,6 +1206,8 @@ static size_t submit_n(moat_pool_t *pool, const moat_job_t *jobs, size_t n,
         *err = MOAT_EOVERLOADED;
         goto done;
     }
+    if (!remote)
+        need_workers(pool);
     now = uv_hrtime();
     for (; k < taken; k++) {
         ts[k] = task_make(pool, &jobs[k], internal, out != NULL, now);
@@ -1318,6 +1358,7 @@ int moat__task_prepare(moat_pool_t *pool, const moat_job_t *job,
 void moat__task_queue(moat_task_t *t) {
     moat_pool_t *pool = t->pool;
     int wake;
+    need_workers(pool);
     uv_mutex_lock(&pool->rq_lock);
     if (atomic_load(&t->claim) != MOAT__OPEN) {
         /* Ended before it was queued (its parent died and the link took
@@ -1426,6 +1467,74 @@ static int run_task(moat__worker_t *w, moat_task_t *t) {
     moat_term_unref(term);
     moat__task_unref(t); /* the worker's (was the queue's) reference */
     return retire;
+}
+
+void moat_here_stop(moat_here_t *here) {
+    moat_task_t *t;
+    atomic_store(&here->stop, 1);
+    t = atomic_load(&here->task);
+    if (t != NULL)
+        atomic_store(&t->stop, 1);
+}
+
+int moat_pool_run_here(moat_pool_t *pool, const moat_job_t *job,
+                       moat_here_t *here) {
+    moat_task_t *t;
+    moat_term_t *term;
+    int kind, won, abandoned;
+    if (pool == NULL || job == NULL || here == NULL || job->fn == NULL ||
+        pool->opts.remote || job->owner != 0 || job->timeout_ms >= 0)
+        return MOAT_EINVAL;
+    if (atomic_load(&pool->stopping) || atomic_load(&pool->draining))
+        return MOAT_ECLOSED;
+    if (admit(pool, 1) == 0) {
+        atomic_fetch_add(&pool->n_rejected, 1);
+        return MOAT_EOVERLOADED;
+    }
+    if ((t = task_make(pool, job, 0, 0, uv_hrtime())) == NULL) {
+        atomic_fetch_sub(&pool->admitted, 1);
+        return -ENOMEM;
+    }
+    t->here = 1;
+    uv_mutex_lock(&pool->rq_lock);
+    if (atomic_load(&pool->stopping) || atomic_load(&pool->draining)) {
+        uv_mutex_unlock(&pool->rq_lock);
+        atomic_fetch_sub(&pool->admitted, 1);
+        task_unmake(t);
+        return MOAT_ECLOSED;
+    }
+    t->args = job->args; /* accepted */
+    t->where = MOAT__RUNNING;
+    moat__list_push(&pool->heres, &t->qnode);
+    uv_mutex_unlock(&pool->rq_lock);
+    /* Published first, then the flag read: a moat_here_stop before this
+     * read is copied here, one after it finds the task (see DESIGN). */
+    atomic_store(&here->task, t);
+    if (atomic_load(&here->stop))
+        atomic_store(&t->stop, 1);
+    term = run_body(t, &kind);
+    atomic_store(&here->task, NULL);
+    won = t->pid == 0 ? claim(t)
+                      : moat__proc_claim(t, kind == MOAT_OK
+                                                ? moat_atom(MOAT_A_NORMAL)
+                                                : term);
+    /* Lost: the winner may be marking it abandoned right now; rq_lock
+     * orders us after it (as run_task). */
+    uv_mutex_lock(&pool->rq_lock);
+    abandoned = !won && t->abandoned;
+    if (abandoned)
+        atomic_fetch_sub(&pool->n_abandoned, 1);
+    t->where = MOAT__DONE;
+    moat__list_remove(&t->qnode);
+    uv_mutex_unlock(&pool->rq_lock);
+    if (!abandoned)
+        atomic_fetch_sub(&pool->admitted, 1);
+    if (won)
+        deliver(t, kind, term, 0,
+                kind == MOAT_OK ? &pool->n_completed : &pool->n_failed);
+    moat_term_unref(term);
+    moat__task_unref(t); /* the run reference */
+    return 0;
 }
 
 /* Empties w's local slot.  rq_lock held. */
@@ -1599,6 +1708,7 @@ void moat__pool_ready_sys(moat_pool_t *pool, moat__sysitem_t *item,
                           int shared) {
     moat__worker_t *w = tl_worker;
     int wake;
+    need_workers(pool);
     uv_mutex_lock(&pool->rq_lock);
     if (!shared && w != NULL && w->pool == pool && w->next == NULL) {
         w->next = item;
@@ -1674,6 +1784,7 @@ int moat_pool_new(const moat_pool_opts_t *opts, moat_pool_t **out) {
     moat__list_init(&pool->jobs);
     moat__list_init(&pool->sysq);
     moat__list_init(&pool->slotted);
+    moat__list_init(&pool->heres);
 
     if ((rc = uv_mutex_init(&pool->rq_lock)) != 0)
         goto fail;
@@ -1708,11 +1819,8 @@ int moat_pool_new(const moat_pool_opts_t *opts, moat_pool_t **out) {
         goto fail;
     stage = 5;
 
-    uv_mutex_lock(&pool->thr_lock);
-    for (unsigned i = 0; i < pool->opts.nthreads && rc == 0 && !opts->remote;
-         i++)
-        rc = add_worker(pool);
-    uv_mutex_unlock(&pool->thr_lock);
+    if (!opts->remote && !opts->lazy_threads)
+        rc = start_workers(pool);
     if (rc != 0) {
         moat_pool_free(pool);
         return rc;
@@ -1753,6 +1861,12 @@ static int end_first_running(moat_pool_t *pool, moat_atom_t reason) {
             t = c;
     }
     uv_mutex_unlock(&pool->thr_lock);
+    for (moat__node_t *n = pool->heres.next; n != &pool->heres && t == NULL;
+         n = n->next) {
+        moat_task_t *c = MOAT__CONTAINER(n, moat_task_t, qnode);
+        if (!c->abandoned && atomic_load(&c->claim) == MOAT__OPEN)
+            t = c;
+    }
     if (t != NULL)
         atomic_fetch_add(&t->refs, 1);
     uv_mutex_unlock(&pool->rq_lock);
@@ -1801,6 +1915,13 @@ void moat_pool_stop(moat_pool_t *pool) {
 
     uv_mutex_lock(&pool->rq_lock);
     uv_cond_broadcast(&pool->rq_cond);
+    /* Bodies run here on other threads (abandoned by the close): like
+     * the workers', they are waited for. */
+    while (!moat__list_empty(&pool->heres)) {
+        uv_mutex_unlock(&pool->rq_lock);
+        uv_sleep(1);
+        uv_mutex_lock(&pool->rq_lock);
+    }
     uv_mutex_unlock(&pool->rq_lock);
 
     for (;;) {

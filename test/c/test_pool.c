@@ -763,6 +763,173 @@ static void test_pool_housekeeper_starts_on_first_need(void **state) {
     t_rec_clear(&r2, 1);
 }
 
+/* ------------------------------------------------- tasks run here */
+
+static moat_pool_t *lazy_pool(unsigned max_queue) {
+    moat_pool_opts_t o = {0};
+    moat_pool_t *pool = NULL;
+    atomic_store(&total_outcomes, 0);
+    o.nthreads = 1;
+    o.max_queue = max_queue;
+    o.name = "tlazy";
+    o.complete = record;
+    o.lazy_threads = 1;
+    assert_int_equal(moat_pool_new(&o, &pool), 0);
+    return pool;
+}
+
+static pthread_t body_thread;
+
+static int t_where(moat_ctx_t *c, const char *a, int n, ei_x_buff *out) {
+    body_thread = pthread_self();
+    return t_ok(c, a, n, out);
+}
+
+/* moat_pool_run_here runs the body and calls back on the caller's
+ * thread, with the outcomes a worker gives; a lazy pool has no thread
+ * until something is queued. */
+static void test_pool_run_here_outcomes(void **state) {
+    moat_pool_t *pool = lazy_pool(1);
+    moat_here_t h1 = MOAT_HERE_INIT, h2 = MOAT_HERE_INIT,
+                h3 = MOAT_HERE_INIT;
+    rec_t r[5] = {0};
+    moat_job_t j;
+    moat_pool_stats_t st;
+    (void)state;
+    j = job(t_where, &r[0]);
+    assert_int_equal(moat_pool_run_here(pool, &j, &h1), 0);
+    assert_int_equal(atomic_load(&r[0].outcomes), 1);
+    assert_int_equal(r[0].kind, MOAT_OK);
+    assert_true(pthread_equal(body_thread, pthread_self()));
+    j = job(t_fail, &r[1]);
+    assert_int_equal(moat_pool_run_here(pool, &j, &h2), 0);
+    assert_int_equal(atomic_load(&r[1].outcomes), 1);
+    assert_int_equal(r[1].kind, MOAT_EXIT);
+    moat_pool_stats(pool, &st);
+    assert_int_equal(st.completed, 1);
+    assert_int_equal(st.failed, 1);
+    assert_int_equal(st.running, 0);
+    assert_int_equal(threads_named("tlazy:w0"), 0);
+    /* What the caller keeps itself, and a full pool, are refused. */
+    j = job(t_ok, &r[2]);
+    j.timeout_ms = 10;
+    assert_int_equal(moat_pool_run_here(pool, &j, &h3), MOAT_EINVAL);
+    j.timeout_ms = -1;
+    j.owner = 7;
+    assert_int_equal(moat_pool_run_here(pool, &j, &h3), MOAT_EINVAL);
+    moat_term_unref(j.args);
+    block_workers(pool, &r[3], 1); /* starts the worker */
+    expect_threads_named("tlazy:w0", 1);
+    moat_task_release(submit(pool, t_ok, &r[4], 0, -1)); /* queued */
+    j = job(t_ok, &r[2]);
+    assert_int_equal(moat_pool_run_here(pool, &j, &h3), MOAT_EOVERLOADED);
+    assert_int_equal(atomic_load(&r[2].outcomes), 0);
+    moat_term_unref(j.args); /* still ours */
+    atomic_store(&gate, 1);
+    t_wait(&r[4]);
+    moat_pool_free(pool);
+    assert_int_equal(atomic_load(&total_outcomes), 4);
+    t_rec_clear(r, 5);
+}
+
+static moat_here_t *signal_here;
+
+static void on_stop_signal(int sig) {
+    (void)sig;
+    moat_here_stop(signal_here);
+}
+
+static atomic_int body_began;
+
+/* t_polite, saying when it begins. */
+static int t_polite_began(moat_ctx_t *c, const char *a, int n,
+                          ei_x_buff *out) {
+    atomic_store(&body_began, 1);
+    return t_polite(c, a, n, out);
+}
+
+static void *send_stop_signal(void *arg) {
+    (void)arg;
+    while (!atomic_load(&body_began))
+        sched_yield();
+    pthread_kill(body_thread, SIGUSR1);
+    return NULL;
+}
+
+/* moat_here_stop, from a signal handler on the body's thread while the
+ * body runs, or before it begins, makes moat_should_stop true; the
+ * outcome is still the body's. */
+static void test_pool_run_here_stop_from_signal(void **state) {
+    moat_pool_t *pool = lazy_pool(0);
+    moat_here_t h1 = MOAT_HERE_INIT, h2 = MOAT_HERE_INIT;
+    struct sigaction sa, old;
+    rec_t r[2] = {0};
+    pthread_t tid;
+    moat_job_t j;
+    (void)state;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    assert_int_equal(sigaction(SIGUSR1, &sa, &old), 0);
+    atomic_store(&gate, 0);
+    signal_here = &h1;
+    body_thread = pthread_self();
+    atomic_store(&body_began, 0);
+    assert_int_equal(pthread_create(&tid, NULL, send_stop_signal, NULL), 0);
+    j = job(t_polite_began, &r[0]);
+    assert_int_equal(moat_pool_run_here(pool, &j, &h1), 0);
+    pthread_join(tid, NULL);
+    assert_int_equal(atomic_load(&r[0].outcomes), 1);
+    assert_int_equal(r[0].kind, MOAT_OK); /* "late": the body's own */
+    moat_here_stop(&h2); /* before: t_polite returns at once */
+    j = job(t_polite, &r[1]);
+    assert_int_equal(moat_pool_run_here(pool, &j, &h2), 0);
+    assert_int_equal(atomic_load(&r[1].outcomes), 1);
+    assert_int_equal(sigaction(SIGUSR1, &old, NULL), 0);
+    moat_pool_free(pool);
+    t_rec_clear(r, 2);
+}
+
+static void *close_when_running(void *arg) {
+    moat_pool_t *pool = arg;
+    while (!atomic_load(&body_began))
+        sched_yield();
+    moat_pool_close(pool);
+    return NULL;
+}
+
+/* A close from another thread ends a body run here as it ends a
+ * worker's: the outcome `shutdown` at once, the body flagged and
+ * abandoned (counted as such until it returns), no replacement thread. */
+static void test_pool_run_here_abandoned_by_close(void **state) {
+    moat_pool_t *pool = lazy_pool(0);
+    moat_here_t h = MOAT_HERE_INIT;
+    moat_pool_stats_t st;
+    rec_t r = {0};
+    pthread_t tid;
+    moat_job_t j;
+    (void)state;
+    atomic_store(&gate, 0);
+    atomic_store(&body_began, 0);
+    assert_int_equal(pthread_create(&tid, NULL, close_when_running, pool), 0);
+    j = job(t_polite_began, &r);
+    assert_int_equal(moat_pool_run_here(pool, &j, &h), 0);
+    pthread_join(tid, NULL);
+    assert_int_equal(atomic_load(&r.outcomes), 1);
+    assert_true(moat_term_is(r.term, MOAT_A_SHUTDOWN));
+    moat_pool_stats(pool, &st);
+    assert_int_equal(st.abandoned, 0);
+    assert_int_equal(st.running, 0);
+    assert_int_equal(st.cancelled, 1);
+    assert_int_equal(threads_named("tlazy:w0"), 0);
+    assert_int_equal(threads_named("tlazy:hk0"), 0);
+    j = job(t_ok, &r);
+    assert_int_equal(moat_pool_run_here(pool, &j, &h), MOAT_ECLOSED);
+    moat_term_unref(j.args);
+    moat_pool_free(pool);
+    t_rec_clear(&r, 1);
+}
+
 /* Bad arguments are values. */
 static void test_pool_invalid_arguments(void **state) {
     moat_pool_opts_t o = {0};
@@ -921,6 +1088,9 @@ int main(void) {
         cmocka_unit_test(test_pool_housekeeper_starts_on_first_need),
         cmocka_unit_test(test_pool_stats_never_go_back),
         cmocka_unit_test(test_pool_invalid_arguments),
+        cmocka_unit_test(test_pool_run_here_outcomes),
+        cmocka_unit_test(test_pool_run_here_stop_from_signal),
+        cmocka_unit_test(test_pool_run_here_abandoned_by_close),
         cmocka_unit_test(test_pool_exactly_one_outcome_stress),
         cmocka_unit_test(test_pool_cancel_owner_races_submit),
     };
