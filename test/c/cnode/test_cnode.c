@@ -1720,6 +1720,55 @@ static void test_cnode_process_cancel_in_worker_keeps_it(void **state) {
     assert_exited(node_close(n), 0);
 }
 
+/* The threads of process `pid` whose name holds `part`. */
+static int threads_with(pid_t pid, const char *part) {
+    char dir[64];
+    DIR *d;
+    struct dirent *de;
+    int n = 0;
+
+    snprintf(dir, sizeof dir, "/proc/%d/task", (int)pid);
+    assert_non_null(d = opendir(dir));
+    while ((de = readdir(d)) != NULL) {
+        char path[400], comm[32] = "";
+        FILE *f;
+        if (de->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof path, "%s/%.256s/comm", dir, de->d_name);
+        if ((f = fopen(path, "r")) == NULL)
+            continue;
+        if (fgets(comm, sizeof comm, f) != NULL && strstr(comm, part))
+            n++;
+        fclose(f);
+    }
+    closedir(d);
+    return n;
+}
+
+/* A forked worker runs its tasks on its loop thread: after tasks, a
+ * cooperative cancel and a run behind it, it has no pool thread (they
+ * are named "<pool>:w<n>"), and it is the same worker throughout. */
+static void test_cnode_process_worker_has_no_pool_thread(void **state) {
+    node_t *n = *state;
+    pid_t before[8], after[8];
+    process_start(n, 1, 0, 0);
+    expect_workers(n, 1);
+    assert_int_equal(children(n->pid, before, 8), 1);
+    ping(n, 1);
+    run_long(n, 2, "sleep", FOREVER_MS);
+    run_long(n, 3, "echo", 3);
+    sleep_ms(20);
+    send_cancel(n, 2);
+    expect_stopped(n, 2);
+    expect_done(n, 3, 1, "3");
+    ping(n, 4);
+    assert_int_equal(children(n->pid, after, 8), 1);
+    assert_int_equal(before[0], after[0]);
+    assert_int_equal(threads_with(after[0], ":w"), 0);
+    expect_no_event(n, EV_DONE, 2);
+    assert_exited(node_close(n), 0);
+}
+
 /* What a node costs to start: hello -> ready, and ready -> the first
  * echo's outcome (which waits for a worker to start).  Printed, never
  * asserted. */
@@ -2438,6 +2487,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_cnode_process_kill_of_head_spares_runs_behind,
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_cancel_in_worker_keeps_it,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_worker_has_no_pool_thread,
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_startup_cost,
                                         own_setup, own_teardown),
