@@ -161,6 +161,7 @@ typedef struct moat__jobs_s {
     /* Tasks run here, on the loop thread (moat__jobs_run_here). */
     int here;
     uint64_t nruns;           /* runs read so far, run here */
+    uint64_t last_run;        /* uv_hrtime() when the last run ended */
     moat__job_t *queue, **queue_tail; /* waiting, oldest first */
     uv_idle_t idle;           /* armed while one waits */
     int idle_open;

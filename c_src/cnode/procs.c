@@ -16,8 +16,9 @@
  * process spawned once, on the first spawn, that has already done what
  * every worker would do before serving (exec, dynamic linking, the copy
  * and dlopen of the libraries, decoding hello), so that a worker costs a
- * fork and its own loop, which runs its tasks (no pool thread).  The parent makes the worker's
- * pipes and passes their far ends along with the request; the answer,
+ * fork and its own loop, which runs its tasks (no pool thread).  The
+ * parent makes the worker's pipes and passes their far ends along with
+ * the request; the answer,
  * the worker's pid, comes back later on the server's socket, and until
  * then the worker is W_STARTING with pid 0: it is not reaped (waitpid(0)
  * would take any child), not killed (kill(0) would hit the process
