@@ -471,8 +471,7 @@ int moat__notice(int fd, int kind, uint64_t value) {
     ssize_t r;
 
     b[0] = (unsigned char)kind;
-    for (int i = 0; i < 8; i++)
-        b[1 + i] = (unsigned char)(value >> (56 - 8 * i));
+    moat__put_be64(b + 1, value);
     do
         r = write(fd, b, sizeof b);
     while (r < 0 && errno == EINTR);

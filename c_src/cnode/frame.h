@@ -32,6 +32,18 @@ static inline void moat__put_be32(void *p, uint32_t v) {
     u[3] = (unsigned char)v;
 }
 
+/* A worker's notice carries an 8-byte big-endian value (cnode.h). */
+static inline uint64_t moat__be64(const void *p) {
+    const unsigned char *u = p;
+    return (uint64_t)moat__be32(u) << 32 | moat__be32(u + 4);
+}
+
+static inline void moat__put_be64(void *p, uint64_t v) {
+    unsigned char *u = p;
+    moat__put_be32(u, (uint32_t)(v >> 32));
+    moat__put_be32(u + 4, (uint32_t)v);
+}
+
 typedef enum {
     MOAT__FRAME_NONE = 0, /* not even the frame's kind could be read */
     MOAT__FRAME_HELLO,

@@ -56,8 +56,8 @@
  * read without a wake-up.  Each poll yields the CPU first: on two cores
  * the parent or the VM, woken on this one, must not wait for the spin
  * to end (without the yield, one round-trip trial in three took twice
- * as long).  While a body runs the loop reads nothing,
- * so a cancel comes twice: as a frame, and as MOAT__CANCEL_SIGNAL carrying the run's
+ * as long).  While a body runs the loop reads nothing, so a cancel
+ * comes twice: as a frame, and as MOAT__CANCEL_SIGNAL carrying the run's
  * rank (its place among the runs sent: the parent counts them as the
  * worker does), which the parent queues to this thread once the frame is
  * written.  The handler looks at the `armed` job (the one running, or
@@ -65,11 +65,12 @@
  * stop flag (moat_here_stop); if the run is not armed yet (queued, or not
  * even read), it marks it skipped and says so on the notice pipe, and
  * the parent reports it stopped at once; else its outcome is written and
- * there is nothing to do.  A job is armed at the end of the turn before
- * the one that runs it, after the skipped mark is looked at, so a signal
- * finds every run in one of those states, and a skipped one never
- * begins.  The cancel frame, read later, finds the job gone or skipped
- * (nothing more is said), or queued or armed (it takes it out and
+ * there is nothing to do.  A job is armed (before it stops counting as
+ * waiting) at the end of the turn before the one that runs it, and its
+ * skipped mark is looked at just before it runs, so a signal finds every
+ * run in one of those states, and a skipped one never begins.  The
+ * cancel frame, read later, finds the job gone or skipped (nothing more
+ * is said), or queued or armed (it takes it out and
  * reports it stopped, with the signal blocked meanwhile so that the two
  * never both report it).  A body stopped by the flag returns with an
  * outcome of its own, which is dropped: the tag is reported stopped, as
@@ -655,11 +656,11 @@ void moat__jobs_cancel(moat__jobs_t *jobs, uint64_t tag, moat_atom_t reason) {
 }
 
 void moat__jobs_close(moat__jobs_t *jobs) {
-    moat__job_t *waiting = atomic_exchange(&armed, NULL);
+    moat__job_t *left = atomic_exchange(&armed, NULL);
 
-    if (waiting != NULL) {
-        waiting->next = jobs->queue;
-        jobs->queue = waiting;
+    if (left != NULL) {
+        left->next = jobs->queue;
+        jobs->queue = left;
     }
     while (jobs->queue != NULL) {
         moat__job_t *job = jobs->queue;

@@ -1336,12 +1336,10 @@ static void on_notice(uv_poll_t *h, int status, int events) {
         }
         for (ssize_t i = 0; i < r && w->notice_open && !w->ignore;
              i += MOAT__NOTICE_LEN) {
-            uint64_t v = 0;
-            for (int j = 1; j < MOAT__NOTICE_LEN; j++)
-                v = v << 8 | b[i + j];
+            uint64_t v = moat__be64(b + i + 1);
             if (b[i] == MOAT__NOTICE_FAULT)
                 crash_notice(w, v);
-            else if (b[i] == MOAT__NOTICE_SKIP && w->state == W_READY)
+            else if (b[i] == MOAT__NOTICE_SKIP)
                 skip_notice(w, v);
             else
                 kill_worker(w, "a notice of no known kind", "protocol");
