@@ -115,6 +115,19 @@ void moat__outbox_logf(moat__outbox_t *ob, const char *level,
  * on stdout), else 0. */
 int moat__outbox_discard(moat__outbox_t *ob);
 
+/* Makes the caller the writer until moat__outbox_release, if no thread is
+ * writing: appends by other threads then only queue, and the holder
+ * writes what they queued with moat__outbox_flush.  Returns 1 if it did,
+ * 0 when another thread is writing (or the outbox discards). */
+int moat__outbox_hold(moat__outbox_t *ob);
+
+/* The holder writes everything queued so far.  Returns the outcomes
+ * ({Tag, ok | exit, Term} entries) it wrote. */
+size_t moat__outbox_flush(moat__outbox_t *ob);
+
+/* The holder writes everything queued and stops being the writer. */
+void moat__outbox_release(moat__outbox_t *ob);
+
 /* ------------------------------------------------------------------ jobs */
 
 /* One task in flight, known by the VM's tag.  See jobs.c's DESIGN. */
@@ -165,12 +178,29 @@ typedef struct moat__jobs_s {
     moat__job_t *queue, **queue_tail; /* waiting, oldest first */
     uv_idle_t idle;           /* armed while one waits */
     int idle_open;
+    /* Watching (moat__jobs_watch). */
+    int watching;
+    uv_idle_t watch;          /* active while the loop holds the outbox */
+    uint64_t watch_last;      /* uv_hrtime() of the last run or outcome */
+    atomic_long unanswered;   /* submitted, outcome not queued yet; pool
+                                 threads decrement it */
 } moat__jobs_t;
 
 /* Prepares the jobs of a node; the pool is attached later (jobs->pool),
  * before the first moat__jobs_add.  Returns 0 or a negative error.  Loop
  * thread. */
 int moat__jobs_init(moat__jobs_t *jobs, uv_loop_t *loop, moat__outbox_t *ob);
+
+/* Makes the loop thread poll, as the outbox's writer, for the outcomes of
+ * the runs it submits (jobs.c, Watching).  Before the first submission;
+ * not with `ordered` or `here`.  Returns 0 or a negative error.  Loop
+ * thread. */
+int moat__jobs_watch(moat__jobs_t *jobs, uv_loop_t *loop);
+
+/* Stops the polling, if the loop is at it, and writes what is queued.
+ * Before the node stops: the outbox counts a holder as a writer.  Loop
+ * thread. */
+void moat__jobs_unwatch(moat__jobs_t *jobs);
 
 /* The pool's complete callback (moat_pool_opts_t.complete, with the jobs as
  * its data): sends the outcome and forgets the tag.  Pool threads, and the

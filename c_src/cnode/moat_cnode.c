@@ -808,6 +808,16 @@ static void on_hello(node_t *n, moat__hello_t *h) {
         hello_fail(n, "bad_hello", msg);
         return;
     }
+    /* Over the port, a node of several threads polls for the outcomes
+     * of its runs (jobs.c, Watching).  Over distribution the pool thread
+     * sends each outcome itself (see dist.c): polling made it slower. */
+    if (!n->forked && !n->distributed && !n->jobs.ordered &&
+        (rc = moat__jobs_watch(&n->jobs, &n->loop)) != 0) {
+        snprintf(msg, sizeof msg, "cannot start the loop's poll: %s",
+                 moat_strerror(rc));
+        hello_fail(n, "bad_hello", msg);
+        return;
+    }
     /* A worker of process isolation (or a node told so) limits itself
      * once its libraries and threads are in place. */
     if (h->max_memory > 0 && (rc = moat__limit_memory(h->max_memory)) != 0) {
@@ -1213,6 +1223,7 @@ static int busy(node_t *n) {
 
 /* Ends the node: see the DESIGN paragraph.  Returns the exit status. */
 static int stop(node_t *n) {
+    moat__jobs_unwatch(&n->jobs); /* the outbox must have no writer */
     if (n->ob_ready)
         moat__outbox_discard(&n->ob);
     if (n->pool != NULL) {

@@ -9,7 +9,11 @@
  * it takes everything queued, writes it with blocking writes (unlocked),
  * and goes back for more until the outbox is empty, then stops being the
  * writer.  There is no thread of its own, so an outcome on an idle node
- * costs no wake-up: the worker that produced it writes it at once.
+ * costs no wake-up: the worker that produced it writes it at once.  A
+ * thread may also hold the writer's role across calls
+ * (moat__outbox_hold): the loop thread does while it polls for the
+ * outcomes of the runs it just submitted (jobs.c, Watching), so that the
+ * outcome is written from the CPU where the VM's scheduler sleeps.
  *
  * Batching.  Outcomes that arrive while the writer writes pile up in
  * `done` (the encoded {Tag, ok | exit, Term} elements) and leave as one
@@ -141,14 +145,10 @@ static int put(moat__outbox_t *ob, struct iovec *iov, int n) {
                             : write_all(ob->fd, iov, n);
 }
 
-/* Called with the lock held; returns with it released.  Becomes the
- * writer unless there is one, and writes until the outbox is empty. */
-static void drain(moat__outbox_t *ob) {
-    if (ob->writing || ob->discard) {
-        uv_mutex_unlock(&ob->lock);
-        return;
-    }
-    ob->writing = 1;
+/* Writes everything queued, as the writer.  Called and returns with the
+ * lock held.  Returns the done entries written. */
+static size_t write_queued(moat__outbox_t *ob) {
+    size_t written = 0;
     while (!ob->discard &&
            (ob->frames != NULL || ob->ndone > 0 || ob->nstopped > 0)) {
         moat__blob_t *frames = ob->frames;
@@ -180,6 +180,7 @@ static void drain(moat__outbox_t *ob) {
             rc = write_list_frame(ob, "done", &ob->spare_done, ndone);
         ob->spare_done.index = 0;
         ob->spare_stopped.index = 0;
+        written += ndone;
 
         uv_mutex_lock(&ob->lock);
         if (rc != 0) {
@@ -189,6 +190,18 @@ static void drain(moat__outbox_t *ob) {
             drop_queued(ob);
         }
     }
+    return written;
+}
+
+/* Called with the lock held; returns with it released.  Becomes the
+ * writer unless there is one, and writes until the outbox is empty. */
+static void drain(moat__outbox_t *ob) {
+    if (ob->writing || ob->discard) {
+        uv_mutex_unlock(&ob->lock);
+        return;
+    }
+    ob->writing = 1;
+    write_queued(ob);
     ob->writing = 0;
     uv_mutex_unlock(&ob->lock);
 }
@@ -325,6 +338,33 @@ void moat__outbox_logf(moat__outbox_t *ob, const char *level,
         return;
     moat__outbox_log(ob, level, msg,
                      (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
+}
+
+int moat__outbox_hold(moat__outbox_t *ob) {
+    int took;
+
+    uv_mutex_lock(&ob->lock);
+    took = !ob->writing && !ob->discard;
+    if (took)
+        ob->writing = 1;
+    uv_mutex_unlock(&ob->lock);
+    return took;
+}
+
+size_t moat__outbox_flush(moat__outbox_t *ob) {
+    size_t written;
+
+    uv_mutex_lock(&ob->lock);
+    written = write_queued(ob);
+    uv_mutex_unlock(&ob->lock);
+    return written;
+}
+
+void moat__outbox_release(moat__outbox_t *ob) {
+    uv_mutex_lock(&ob->lock);
+    write_queued(ob);
+    ob->writing = 0;
+    uv_mutex_unlock(&ob->lock);
 }
 
 int moat__outbox_discard(moat__outbox_t *ob) {

@@ -1835,17 +1835,21 @@ static ERL_NIF_TERM outcome_term(ErlNifEnv *env, int kind,
 }
 
 /* The outcome of a task started in T_SPIN, if it comes within
- * RUN_SPIN_NS, else {wait, Ref}: it will come as a message. */
+ * RUN_SPIN_NS, else {wait, Ref}: it will come as a message.  A C-node's
+ * outcome is not waited for: it reaches the NIF through a message to the
+ * pool's owner, which a scheduler must run first (often this one), and a
+ * round trip through a C-node takes longer than the spin anyway. */
 static ERL_NIF_TERM spin_outcome(ErlNifEnv *env, ntask_t *nt,
                                  ERL_NIF_TERM ref) {
     ERL_NIF_TERM out;
-    uint64_t end;
     int spin = T_SPIN;
-    end = uv_hrtime() + RUN_SPIN_NS;
-    for (unsigned i = 1; atomic_load(&nt->state) == T_SPIN; i++) {
-        cpu_relax();
-        if ((i & 15) == 0 && uv_hrtime() >= end)
-            break;
+    if (nt->np == NULL || !nt->np->remote) {
+        uint64_t end = uv_hrtime() + RUN_SPIN_NS;
+        for (unsigned i = 1; atomic_load(&nt->state) == T_SPIN; i++) {
+            cpu_relax();
+            if ((i & 15) == 0 && uv_hrtime() >= end)
+                break;
+        }
     }
     if (atomic_compare_exchange_strong(&nt->state, &spin, T_OPEN))
         return enif_make_tuple2(env, atom_wait, ref);

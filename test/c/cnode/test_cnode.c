@@ -845,6 +845,24 @@ static void test_cnode_runs_batch_answers_each_tag_once(void **state) {
     free(seen);
 }
 
+/* After a batch of runs the loop writes their outcomes itself while it
+ * polls (jobs.c, Watching), and lets go after a quiet 50 us: an outcome
+ * that comes later, to a loop asleep, is written by its pool thread.
+ * Both kinds arrive, once each, in either order of completion. */
+static void test_cnode_outcomes_after_the_loop_stops_polling(void **state) {
+    (void)state;
+    run_long(&shared, 601, "sleep", 20);
+    expect_done(&shared, 601, 1, "ok");
+    run_long(&shared, 602, "sleep", 20);
+    run_long(&shared, 603, "echo", 3);
+    expect_done(&shared, 603, 1, "3");
+    expect_done(&shared, 602, 1, "ok");
+    for (uint64_t tag = 604; tag < 614; tag++) /* round trips, polled */
+        ping(&shared, tag);
+    expect_no_event(&shared, EV_DONE, 601);
+    expect_no_event(&shared, EV_DONE, 602);
+}
+
 /* Waits until every task sent before this marker has been taken by a
  * thread: the pool's queue is FIFO, and `say` (cnode_lib.c) writes the
  * marker to stderr once it runs, which reaches us as a log frame.  It
@@ -2437,6 +2455,7 @@ int main(void) {
         cmocka_unit_test(test_cnode_failures_are_exit_outcomes),
         cmocka_unit_test(test_cnode_unknown_task),
         cmocka_unit_test(test_cnode_runs_batch_answers_each_tag_once),
+        cmocka_unit_test(test_cnode_outcomes_after_the_loop_stops_polling),
         cmocka_unit_test(test_cnode_cancel_gives_stopped_not_done),
         cmocka_unit_test(test_cnode_cancel_of_spin_waits_for_the_body),
         cmocka_unit_test(test_cnode_task_output_reaches_the_vm_as_logs),
