@@ -516,8 +516,12 @@ test: deps
 
 # Idle schedulers that busy-wait take the CPU a pool's threads need when
 # there are as few cores as here: the benchmarks run the VM without it,
-# moat and its peers alike (doc/nif.md).
+# moat and its peers alike (doc/nif.md).  Without it, though, every
+# round trip wakes a sleeping CPU, which triples a bare port echo here:
+# the round trips (group 4) run a second time in a VM with the default
+# flags, where REFERENCE.md's baselines were measured (doc/cnode.md).
 BENCH_ERL_FLAGS ?= +sbwt none +sbwtdcpu none +sbwtdio none
+BENCH_LATENCY_ERL_FLAGS ?=
 
 # The C peers of moat_bench (bench/peers/): a NIF library of dirty CPU
 # NIFs and a port program, built for the benchmarks only, never into priv/.
@@ -551,6 +555,13 @@ run-bench: $(BENCH_BINS) $(BENCH_PEERS) $(DEMO_plain)
 	@[ -t 1 ] || plain=1; \
 	MOAT_BENCH_PLAIN=$$plain MOAT_BENCH_RESULTS="$(CURDIR)/bench/results" $(SHELL_ENV) \
 	ERL_CRASH_DUMP_BYTES=0 erl $(BENCH_ERL_FLAGS) -noshell \
+	    -pa _build/default/lib/moat/ebin \
+	    -eval 'moat_bench:main() =:= ok orelse halt(1), halt().'
+	@echo "== moat_bench group 4 again, VM flags: $(or $(BENCH_LATENCY_ERL_FLAGS),the defaults)"
+	@[ -t 1 ] || plain=1; \
+	MOAT_BENCH_PLAIN=$$plain MOAT_BENCH_RESULTS="$(CURDIR)/bench/results" $(SHELL_ENV) \
+	MOAT_BENCH_GROUPS=4 MOAT_BENCH_LABEL=vm-defaults \
+	ERL_CRASH_DUMP_BYTES=0 erl $(BENCH_LATENCY_ERL_FLAGS) -noshell \
 	    -pa _build/default/lib/moat/ebin \
 	    -eval 'moat_bench:main() =:= ok orelse halt(1), halt().'
 

@@ -223,6 +223,8 @@
 %% @doc What `make bench' runs: the full suite, or the quick one when the
 %% environment variable `MOAT_BENCH_QUICK' is set to anything but `0';
 %% the CSV and SVG go to `$MOAT_BENCH_RESULTS' (default `bench/results').
+%% `MOAT_BENCH_GROUPS' (`4', or `1,2') runs only those groups, and
+%% `MOAT_BENCH_LABEL' names the run (see {@link run/1}).
 %% Returns `error' when moat or a peer lost or failed tasks in some row (an
 %% ERROR line says which), else `ok'; it never halts the VM.
 -spec main() -> ok | error.
@@ -233,7 +235,17 @@ main() ->
             "" -> "bench/results";
             Dir -> Dir
         end,
-    Rows = run(#{quick => Quick, results => Results}),
+    Groups =
+        case os:getenv("MOAT_BENCH_GROUPS", "") of
+            "" -> all;
+            List -> [list_to_integer(G) || G <- string:lexemes(List, ", ")]
+        end,
+    Label =
+        case os:getenv("MOAT_BENCH_LABEL", "") of
+            "" -> none;
+            L -> L
+        end,
+    Rows = run(#{quick => Quick, results => Results, groups => Groups, label => Label}),
     case lists:all(fun clean/1, Rows) of
         true -> ok;
         false -> error
@@ -245,13 +257,19 @@ main() ->
 %% fewer tasks; `results' (`none'): a directory to write
 %% `<date>.csv' and `<date>.svg' into (date and time when that date's files
 %% exist); `verbose' (`false'): print each row's trials and CPU use under
-%% it (the CSV has them anyway). Starts moat if needed and the suite's
+%% it (the CSV has them anyway); `groups' (`all'): the numbers of the
+%% groups to run, such as `[4]'; `label' (`none'): a string that the
+%% table's first line and the files' names carry, such as what the VM was
+%% started with (`make bench' runs group 4 a second time, labelled
+%% `vm-defaults', in a VM with the default scheduler flags). Starts moat if needed and the suite's
 %% pools (a pool of the same name left over from an interrupted run is
 %% replaced), and stops them before returning. Other options raise
 %% `badarg'.
 -spec run(map() | proplists:proplist()) -> [row()].
 run(Opts0) ->
-    Opts = options(Opts0, #{quick => false, results => none, verbose => false}),
+    Opts = options(Opts0, #{
+        quick => false, results => none, verbose => false, groups => all, label => none
+    }),
     Quick = boolean_opt(quick, Opts),
     Verbose = boolean_opt(verbose, Opts),
     Results =
@@ -260,23 +278,41 @@ run(Opts0) ->
             Dir when is_list(Dir); is_binary(Dir) -> Dir;
             _ -> error(badarg)
         end,
+    Selected =
+        case maps:get(groups, Opts) of
+            all ->
+                lists:seq(1, ?GROUPS);
+            Gs when is_list(Gs), Gs =/= [] ->
+                lists:all(fun(G) -> is_integer(G) andalso G >= 1 andalso G =< ?GROUPS end, Gs) orelse
+                    error(badarg),
+                Gs;
+            _ ->
+                error(badarg)
+        end,
+    Label =
+        case maps:get(label, Opts) of
+            none -> none;
+            L when is_list(L), L =/= [] -> L;
+            _ -> error(badarg)
+        end,
     T0 = start_clock(),
     Ctx = start_pools(Quick, [nif, cnode, process, dist]),
     Distributed = maps:get(distributed, Ctx),
     try
-        Groups = [
-            fanout_group(1, echo, Ctx),
-            fanout_group(2, {spin, 10}, Ctx),
-            fanout_group(3, {spin, 1000}, Ctx),
-            latency_group(Ctx),
-            call_group(Ctx),
-            restarts_group(Ctx),
-            recovery_group(Ctx),
-            memory_group(Ctx)
+        All = [
+            fun() -> fanout_group(1, echo, Ctx) end,
+            fun() -> fanout_group(2, {spin, 10}, Ctx) end,
+            fun() -> fanout_group(3, {spin, 1000}, Ctx) end,
+            fun() -> latency_group(Ctx) end,
+            fun() -> call_group(Ctx) end,
+            fun() -> restarts_group(Ctx) end,
+            fun() -> recovery_group(Ctx) end,
+            fun() -> memory_group(Ctx) end
         ],
+        Groups = [F() || {G, F} <- lists:zip(lists:seq(1, ?GROUPS), All), lists:member(G, Selected)],
         status(""),
         Seconds = (erlang:monotonic_time(millisecond) - T0) / 1000,
-        Meta = meta(Ctx, Seconds),
+        Meta = (meta(Ctx, Seconds))#{label => Label},
         Files =
             case Results of
                 none -> [];

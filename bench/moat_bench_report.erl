@@ -44,8 +44,12 @@ header(#{quick := Quick, size := Size, elixir := Elixir, otp := Otp, cpus := Cpu
     [
         case maps:get(compare, Meta, false) of
             true -> "moat_bench:compare/1";
-            false -> io_lib:format("moat benchmark suite (bench/moat_bench.erl), ~s run", [
-                        case Quick of true -> "quick"; false -> "full" end])
+            false -> io_lib:format("moat benchmark suite (bench/moat_bench.erl), ~s run~s", [
+                        case Quick of true -> "quick"; false -> "full" end,
+                        case maps:get(label, Meta, none) of
+                            none -> "";
+                            Label -> [" (", Label, ")"]
+                        end])
         end,
         io_lib:format(
             ": ~b schedulers on ~b CPUs, OTP ~s, ~s; load average at start ~s~n",
@@ -200,12 +204,18 @@ mib(M) -> io_lib:format("~.1f MiB", [M]).
 %%%===================================================================
 
 %% @doc Writes `<date>.csv' and `<date>.svg' into `Dir' (created if
-%% needed), with the time after the date when that date's files exist;
-%% returns the paths.
+%% needed), with the run's label after the date if it has one, and the
+%% time after those when such files exist; returns the paths.
 -spec write(file:filename(), map(), [moat_bench:group()]) -> [file:filename()].
 write(Dir, #{date := {{Y, Mo, D}, {H, Mi, S}}} = Meta, Groups) ->
     ok = filelib:ensure_dir(filename:join(Dir, "x")),
-    Day = io_lib:format("~4..0b-~2..0b-~2..0b", [Y, Mo, D]),
+    Day = [
+        io_lib:format("~4..0b-~2..0b-~2..0b", [Y, Mo, D]),
+        case maps:get(label, Meta, none) of
+            none -> "";
+            Label -> ["-", Label]
+        end
+    ],
     Base =
         case filelib:is_file(filename:join(Dir, [Day, ".csv"])) of
             false -> lists:flatten(Day);
@@ -221,11 +231,16 @@ write(Dir, #{date := {{Y, Mo, D}, {H, Mi, S}}} = Meta, Groups) ->
 -spec csv(map(), [moat_bench:group()]) -> iolist().
 csv(#{date := {{Y, Mo, D}, {H, Mi, S}}} = Meta, Groups) ->
     Date = io_lib:format("~4..0b-~2..0b-~2..0bT~2..0b:~2..0b:~2..0b", [Y, Mo, D, H, Mi, S]),
-    Run =
+    Run = [
         case maps:get(quick, Meta) of
             true -> "quick";
             false -> "full"
         end,
+        case maps:get(label, Meta, none) of
+            none -> "";
+            Label -> [" ", Label]
+        end
+    ],
     Header = [
         "date", "run", "row", "group", "title", "subject", "kind", "unit", "median", "min", "max",
         "trials", "p99", "p999", "target", "met", "peer_row", "peer", "peer_median", "ratio",

@@ -294,6 +294,31 @@ write_test() ->
         file:del_dir_r(Dir)
     end.
 
+labelled_run_test() ->
+    Meta = (meta())#{label => "vm-defaults"},
+    Text = lists:flatten(io_lib:format("~s", [moat_bench_report:table(Meta, groups(), false)])),
+    ?assertNotEqual(nomatch, string:find(Text, "quick run (vm-defaults)")),
+    [_Header, First | _] = csv_lines(binary_to_list(iolist_to_binary(moat_bench_report:csv(Meta, groups())))),
+    ?assertEqual("quick vm-defaults", lists:nth(2, First)),
+    Dir = filename:join(["/tmp", "moat_bench_tests_label_" ++ os:getpid()]),
+    try
+        [Csv, Svg] = moat_bench_report:write(Dir, Meta, groups()),
+        ?assertEqual("2026-01-02-vm-defaults.csv", filename:basename(Csv)),
+        ?assertEqual("2026-01-02-vm-defaults.svg", filename:basename(Svg)),
+        % An unlabelled run of the same day keeps its own name.
+        [Plain, _] = moat_bench_report:write(Dir, meta(), groups()),
+        ?assertEqual("2026-01-02.csv", filename:basename(Plain))
+    after
+        file:del_dir_r(Dir)
+    end.
+
+%% Checked before any pool starts.
+run_badarg_test() ->
+    [?assertError(badarg, moat_bench:run(Opts)) || Opts <- [
+        #{groups => [9]}, #{groups => []}, #{groups => [0]}, #{groups => four},
+        #{label => ""}, #{label => vm}, #{bogus => 1}
+    ]].
+
 %% A small CSV reader: fields, quoted or not, of each line.
 csv_lines(Text) ->
     csv_lines(Text, [], [], []).
