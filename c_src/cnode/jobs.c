@@ -134,7 +134,8 @@
 #define HERE_SPIN_NS 50000u
 
 /* How long the loop polls for outcomes (DESIGN, Watching) after the last
- * run it submitted or the last outcome it wrote: as long. */
+ * run it submitted or the last outcome it wrote: as long as it polls for
+ * the next run after one run here. */
 #define WATCH_NS HERE_SPIN_NS
 
 /* ---------------------------------------------------------------- map */
@@ -455,11 +456,11 @@ static void watch_poll(uv_idle_t *h) {
     moat__jobs_t *jobs = h->data;
     /* Read before the flush: an outcome counted out is queued by then. */
     long left = atomic_load(&jobs->unanswered);
-    uint64_t now;
+    size_t written = moat__outbox_flush(jobs->ob);
+    uint64_t now = uv_hrtime();
 
-    if (moat__outbox_flush(jobs->ob) > 0)
-        jobs->watch_last = uv_hrtime();
-    now = uv_hrtime();
+    if (written > 0)
+        jobs->watch_last = now;
     if (left <= 0 || now - jobs->watch_last >= WATCH_NS) {
         moat__jobs_unwatch(jobs);
         return;
