@@ -14,7 +14,8 @@
 #                minutes on two cores; MOAT_BENCH_QUICK=1 for a short run
 #   make bench-core  the C core's own benchmark table (bench/core.c)
 #   make bench-peers build the C peers of the suite (bench/peers/: a dirty
-#                NIF and a port program) into _build/c/plain/bench/
+#                NIF, a port program, a bare ei C-node) into
+#                _build/c/plain/bench/
 #   make fuzz    deps, then the test-fuzz stage: each libFuzzer target for
 #                FUZZ_SECONDS (`make fuzz FUZZ_SECONDS=600` by hand)
 #   make shell   an Erlang shell with moat loaded and the pool demo
@@ -524,9 +525,11 @@ BENCH_ERL_FLAGS ?= +sbwt none +sbwtdcpu none +sbwtdio none
 BENCH_LATENCY_ERL_FLAGS ?=
 
 # The C peers of moat_bench (bench/peers/): a NIF library of dirty CPU
-# NIFs and a port program, built for the benchmarks only, never into priv/.
+# NIFs, a port program and a bare ei echo C-node, built for the
+# benchmarks only, never into priv/.
 BENCH_PEER_DIR := $(B)/plain/bench
-BENCH_PEERS := $(BENCH_PEER_DIR)/moat_bench_dirty.so $(BENCH_PEER_DIR)/moat_bench_port
+BENCH_PEERS := $(BENCH_PEER_DIR)/moat_bench_dirty.so $(BENCH_PEER_DIR)/moat_bench_port \
+    $(BENCH_PEER_DIR)/moat_bench_ei
 
 $(BENCH_PEER_DIR)/moat_bench_dirty.so: bench/peers/moat_bench_dirty.c Makefile | check-build-env
 	@mkdir -p $(@D)
@@ -538,6 +541,12 @@ $(BENCH_PEER_DIR)/moat_bench_port: bench/peers/moat_bench_port.c Makefile | chec
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  LD [bench]  $@")
 	$(Q)$(CC) $(CFLAGS) $(MOAT_CFLAGS) $(CFLAGS_plain) $(CPPFLAGS) $(LDFLAGS) -o $@ $<
+
+$(BENCH_PEER_DIR)/moat_bench_ei: bench/peers/moat_bench_ei.c Makefile | check-build-env
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  LD [bench]  $@")
+	$(Q)$(CC) $(CFLAGS) $(MOAT_CFLAGS) $(CFLAGS_plain) -I$(EI_INC) $(CPPFLAGS) $(LDFLAGS) \
+	    -o $@ $< $(EI_LIB) -lpthread
 
 bench-peers: $(BENCH_PEERS)
 
@@ -696,7 +705,8 @@ fuzz: deps
 REBAR3_RUN = env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL \
     MOAT_DEMO_SO="$(CURDIR)/$(DEMO_SO_plain)" $(REBAR3)
 
-test-erl:
+# moat_bench_tests starts the bare ei echo peer.
+test-erl: $(BENCH_PEERS)
 	@command -v $(REBAR3) >/dev/null || { \
 	    echo "moat: rebar3 not found: install the Debian package rebar3" >&2; exit 1; }
 	$(REBAR3_RUN) eunit

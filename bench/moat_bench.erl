@@ -45,7 +45,7 @@
 %%%     peer: a dirty NIF call), cnode over the port, thread isolation (4b,
 %%%     20 us; peer: a port round trip), process isolation (4c, 50 us; the
 %%%     same peer), cnode over distribution (4d, 35 us; peer: one message
-%%%     to the same C-node's echo name and back);</li>
+%%%     to a bare ei C-node and back);</li>
 %%% <li>the round trip of one `moat:call(Pool, c, get, 5000)' to a native
 %%%     server (5a, p50 at most 3 us; peer: `gen_server:call/3');</li>
 %%% <li>restarts per second: the native supervisor restarting a server
@@ -71,8 +71,9 @@
 %%% a quick run and in the other groups; latency:
 %%% percentiles over every call, with the range of the per-block medians),
 %%% printed with its minimum and maximum; moat and peer trials alternate,
-%%% each in a fresh process. The dirty NIF and the port program are C peers
-%%% in `bench/peers', built by `make bench' (`make bench-peers'); where one
+%%% each in a fresh process. The dirty NIF, the port program and the bare
+%%% ei C-node are C peers in `bench/peers', built by `make bench' (`make
+%%% bench-peers'); where one
 %%% is missing, or Elixir is (the Task peers; Task.async_stream then has an
 %%% Erlang stand-in), its row says so instead of a figure. Row 6b needs
 %%% `_build/c/plain/bench_core' (`$MOAT_BENCH_CORE').
@@ -945,8 +946,22 @@ letters(N) ->
 %%%===================================================================
 
 -spec latency_group(ctx()) -> group().
-latency_group(#{quick := Quick, pools := Pools}) ->
-    Node = dist_node(maps:get(dist, Pools)),
+latency_group(Ctx) ->
+    status("starting the bare ei echo ..."),
+    EiEcho = moat_bench_peers:ei_echo_start(),
+    try
+        latency_group(Ctx, EiEcho)
+    after
+        moat_bench_peers:ei_echo_stop(EiEcho)
+    end.
+
+-spec latency_group(ctx(), {ok, moat_bench_peers:ei_echo()} | {unavailable, string()}) -> group().
+latency_group(#{quick := Quick, pools := Pools}, EiEcho) ->
+    {EiCall, EiReady} =
+        case EiEcho of
+            {ok, {_, Node}} -> {fun() -> moat_bench_peers:round_trip({ei_echo, Node}) end, ok};
+            {unavailable, _} = Why -> {fun() -> false end, Why}
+        end,
     Specs = [
         {$a, "moat nif", maps:get(nif, Pools), pick(Quick, 10000, 50000), 3.0,
             "dirty NIF call", fun() -> moat_bench_peers:round_trip(dirty_nif) end,
@@ -958,7 +973,7 @@ latency_group(#{quick := Quick, pools := Pools}) ->
             "port round trip", fun() -> moat_bench_peers:round_trip(port) end,
             moat_bench_peers:available(port)},
         {$d, "moat cnode, distribution", maps:get(dist, Pools), pick(Quick, 2000, 8000), 35.0,
-            "ei echo, one message", fun() -> ei_echo(Node) end, ok}
+            "bare ei echo, one message", EiCall, EiReady}
     ],
     Rows = [
         latency_row(4, L, Subject, fun() -> moat:run(Pool, echo, [1]) =:= {ok, 1} end, Calls,
@@ -974,16 +989,10 @@ latency_group(#{quick := Quick, pools := Pools}) ->
             "warm-up of a tenth of its calls); the range is that of the blocks' "
             "medians; peers: a dirty CPU NIF returning its argument (4a), one "
             "{packet, 4} frame through moat_bench_port and back (4b, 4c), one "
-            "message to the same C-node's moat_echo name and back over the same "
-            "connection (4d)",
+            "message to a bare ei C-node (moat_bench_ei: one thread, blocking reads, "
+            "each message sent straight back) and back (4d)",
         rows => Rows
     }.
-
--spec dist_node(moat:pool()) -> node().
-dist_node(Pool) ->
-    Prefix = "moat_" ++ atom_to_list(Pool) ++ "_",
-    [Node] = [N || N <- nodes(hidden), lists:prefix(Prefix, atom_to_list(N))],
-    Node.
 
 -spec call_group(ctx()) -> group().
 call_group(#{quick := Quick, pools := #{nif := Pool}}) ->
@@ -1605,16 +1614,6 @@ distributed() ->
             Name = list_to_atom("moat_bench_" ++ os:getpid()),
             {ok, _} = net_kernel:start([Name, shortnames]),
             true
-    end.
-
-%% One message to the C-node's echo name and back.
--spec ei_echo(node()) -> boolean().
-ei_echo(Node) ->
-    Ref = make_ref(),
-    {moat_echo, Node} ! {self(), Ref},
-    receive
-        {_, Ref} -> true
-    after 5000 -> false
     end.
 
 %% One byte through the calling process's own echo port and back.

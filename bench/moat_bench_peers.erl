@@ -22,19 +22,24 @@
 %%%     scheduler, the jobs in flight shared among them.</li>
 %%% </ul>
 %%%
+%%% The distribution round trip's peer is a bare ei C-node
+%%% (bench/peers/moat_bench_ei.c: one thread, blocking reads, each message
+%%% sent straight back), started by {@link ei_echo_start/0}.
+%%%
 %%% The C peers are built by `make bench', `make shell' and `make iex' into
 %%% `_build/c/plain/bench/'; {@link dir/0} says where they are looked for.
 -module(moat_bench_peers).
 
 -export([dir/0, elixir/0, available/1, label/2, describe/3]).
 -export([fanout/5, round_trip/1, close_port/0]).
+-export([ei_echo_start/0, ei_echo_stop/1]).
 -export([trap_exit_restarts/1, port_restarts/1, port_recovery/0]).
 % The supervised port owner of port_recovery/0.
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -behaviour(gen_server).
 
--export_type([job/0, peer/0, fanout_result/0]).
+-export_type([job/0, peer/0, fanout_result/0, ei_echo/0]).
 
 % Elixir is optional: loaded at run time when it is there (see elixir/0).
 -ignore_xref([
@@ -47,6 +52,8 @@
 
 -type job() :: echo | {spin, non_neg_integer()}.
 -type peer() :: task_async_stream | task_supervisor | dirty_nif | port.
+%% A running bare ei echo: its port and its node name.
+-type ei_echo() :: {port(), node()}.
 -type fanout_result() :: #{
     tasks := non_neg_integer(),
     seconds := float(),
@@ -58,6 +65,7 @@
 -define(ELIXIR_EBIN, "/usr/lib/elixir/lib/elixir/ebin").
 -define(DIRTY, "moat_bench_dirty").
 -define(PORT, "moat_bench_port").
+-define(EI, "moat_bench_ei").
 -define(OWNER, moat_bench_port_owner).
 % How long a fan-out waits for the next answer before it counts the rest
 % as lost.
@@ -350,10 +358,18 @@ spin_until(End) ->
 
 %% @doc One trivial job through the peer, one outstanding: true when its
 %% answer came. The port is the calling process's own, opened on first
-%% use and kept until {@link close_port/0}.
--spec round_trip(dirty_nif | port) -> boolean().
+%% use and kept until {@link close_port/0}; `{ei_echo, Node}' sends one
+%% message to the bare ei echo `Node' (see {@link ei_echo_start/0}).
+-spec round_trip(dirty_nif | port | {ei_echo, node()}) -> boolean().
 round_trip(dirty_nif) ->
     moat_bench_dirty:echo(1) =:= 1;
+round_trip({ei_echo, Node}) ->
+    Ref = make_ref(),
+    {echo, Node} ! Ref,
+    receive
+        Ref -> true
+    after 5000 -> false
+    end;
 round_trip(port) ->
     Port =
         case get(?MODULE) of
@@ -377,6 +393,53 @@ close_port() ->
         undefined -> ok;
         Port -> catch port_close(Port), ok
     end.
+
+%% @doc Starts the bare ei echo as a port program of the calling process
+%% and connects this node to it; {@link ei_echo_stop/1} ends it (as does
+%% the caller's exit). This node must be alive.
+-spec ei_echo_start() -> {ok, ei_echo()} | {unavailable, string()}.
+ei_echo_start() ->
+    Prog = filename:join(dir(), ?EI),
+    case {erlang:is_alive(), filelib:is_regular(Prog)} of
+        {false, _} ->
+            {unavailable, "this node is not distributed"};
+        {true, false} ->
+            {unavailable, "not built: make bench-peers"};
+        {true, true} ->
+            [_, Host] = string:split(atom_to_list(node()), "@"),
+            Alive = lists:concat(["moat_bench_ei_", os:getpid(), "_", erlang:unique_integer([positive])]),
+            Node = list_to_atom(Alive ++ "@" ++ Host),
+            Env = [
+                {"MOAT_BENCH_EI_NODE", atom_to_list(Node)},
+                {"MOAT_BENCH_EI_COOKIE", atom_to_list(erlang:get_cookie())}
+            ],
+            Port = open_port({spawn_executable, Prog}, [{line, 256}, binary, exit_status, {env, Env}]),
+            receive
+                {Port, {data, {eol, <<"listening">>}}} ->
+                    case net_kernel:connect_node(Node) of
+                        true ->
+                            {ok, {Port, Node}};
+                        _ ->
+                            ok = ei_echo_stop({ok, {Port, Node}}),
+                            {unavailable, "cannot connect to it"}
+                    end;
+                {Port, {exit_status, Status}} ->
+                    {unavailable, lists:flatten(io_lib:format("it exited with status ~b", [Status]))}
+            after 5000 ->
+                ok = ei_echo_stop({ok, {Port, Node}}),
+                {unavailable, "it did not start within 5 s"}
+            end
+    end.
+
+%% @doc Ends a bare ei echo that {@link ei_echo_start/0} started (its
+%% stdin closes); anything else is left alone.
+-spec ei_echo_stop({ok, ei_echo()} | {unavailable, string()}) -> ok.
+ei_echo_stop({ok, {Port, Node}}) ->
+    catch port_close(Port),
+    _ = erlang:disconnect_node(Node),
+    ok;
+ei_echo_stop({unavailable, _}) ->
+    ok.
 
 %%%===================================================================
 %%% Restarts and recovery

@@ -319,6 +319,52 @@ run_badarg_test() ->
         #{label => ""}, #{label => vm}, #{bogus => 1}
     ]].
 
+%%%===================================================================
+%%% The bare ei echo (row 4d's peer)
+%%%===================================================================
+
+ei_echo_test_() ->
+    {timeout, 60, fun ei_echo/0}.
+
+ei_echo() ->
+    % Not a distributed node yet: a value, nothing started.
+    false = erlang:is_alive(),
+    ?assertEqual({unavailable, "this node is not distributed"}, moat_bench_peers:ei_echo_start()),
+    _ = os:cmd("epmd -daemon"),
+    {ok, _} = net_kernel:start([list_to_atom("moat_bench_tests_" ++ os:getpid()), shortnames]),
+    try
+        Started = moat_bench_peers:ei_echo_start(),
+        {ok, {Port, Node}} = Started,
+        {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+        ?assertEqual([Node], nodes(hidden)),
+        ?assertEqual(lists:duplicate(3, true), [moat_bench_peers:round_trip({ei_echo, Node}) || _ <- [1, 2, 3]]),
+        ok = moat_bench_peers:ei_echo_stop(Started),
+        ?assertEqual([], nodes(hidden)),
+        ?assert(gone(OsPid, 50)),
+        % A peer that is not built is a value.
+        Saved = os:getenv("MOAT_BENCH_PEERS"),
+        os:putenv("MOAT_BENCH_PEERS", "/nonexistent/moat_bench_peers"),
+        try
+            ?assertEqual({unavailable, "not built: make bench-peers"}, moat_bench_peers:ei_echo_start())
+        after
+            case Saved of
+                false -> os:unsetenv("MOAT_BENCH_PEERS");
+                _ -> os:putenv("MOAT_BENCH_PEERS", Saved)
+            end
+        end
+    after
+        net_kernel:stop()
+    end.
+
+%% Whether the OS process is gone within Tries x 20 ms.
+gone(_, 0) ->
+    false;
+gone(OsPid, Tries) ->
+    case file:read_file_info("/proc/" ++ integer_to_list(OsPid)) of
+        {error, enoent} -> true;
+        _ -> timer:sleep(20), gone(OsPid, Tries - 1)
+    end.
+
 %% A small CSV reader: fields, quoted or not, of each line.
 csv_lines(Text) ->
     csv_lines(Text, [], [], []).

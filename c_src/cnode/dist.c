@@ -16,8 +16,8 @@
  * to the session's owner, the process that sent hello.  A port frame's
  * bytes, its 4-byte length first, are exactly the body of a BINARY_EXT, so
  * the outbox's frames leave as they are behind a constant prefix.  The
- * registered name `moat_echo` sends any message back to its sender: it is
- * the bare ei echo the benchmarks compare with.
+ * registered name `moat_echo` sends any message back to its sender: a
+ * liveness check that needs no session.
  *
  * Threads.  ei answers ticks inside its receive, which therefore writes,
  * so the socket must never be written by two threads at once
