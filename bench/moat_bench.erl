@@ -73,10 +73,10 @@
 %%% printed with its minimum and maximum; moat and peer trials alternate,
 %%% each in a fresh process. The dirty NIF, the port program and the bare
 %%% ei C-node are C peers in `bench/peers', built by `make bench' (`make
-%%% bench-peers'); where one
-%%% is missing, or Elixir is (the Task peers; Task.async_stream then has an
-%%% Erlang stand-in), its row says so instead of a figure. Row 6b needs
-%%% `_build/c/plain/bench_core' (`$MOAT_BENCH_CORE').
+%%% bench-peers'); where one is missing, or Elixir is (the Task peers;
+%%% Task.async_stream then has an Erlang stand-in), its row says so
+%%% instead of a figure. Row 6b needs `_build/c/plain/bench_core'
+%%% (`$MOAT_BENCH_CORE').
 %%%
 %%% The full run takes about 100 seconds on two cores, the quick one
 %%% (`#{quick => true}', or `MOAT_BENCH_QUICK=1' for {@link main/0}) about
