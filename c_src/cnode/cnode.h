@@ -476,7 +476,7 @@ typedef struct moat__dist_s {
     moat__outbox_t *ob;
     int lfd;               /* the listening socket, or -1 */
     int epmd;              /* keeps the name published while open, or -1 */
-    uv_mutex_t lock;       /* the socket's: guards every use of fd by ei,
+    uv_mutex_t lock;       /* the socket's: guards every write to fd,
                               fd, live, owner and tx */
     int lock_ready;
     int fd;                /* the connection to the pool's VM, or -1 */
@@ -486,7 +486,8 @@ typedef struct moat__dist_s {
     int ended;             /* loop thread: the session is over */
     uv_poll_t lpoll, cpoll;
     int lpoll_open, cpoll_open;
-    ei_x_buff rx;          /* loop thread: the message being read */
+    moat__wbuf_t rd;       /* loop thread: what was read, not yet a whole
+                              packet */
     ei_x_buff tx;          /* {moat_cnode, Self, << ... the frame being sent */
     int prefix;            /* tx's constant start, up to the binary's length */
     /* What the node does with the session (data: the node). */

@@ -19,15 +19,23 @@
  * registered name `moat_echo` sends any message back to its sender: a
  * liveness check that needs no session.
  *
- * Threads.  ei answers ticks inside its receive, which therefore writes,
- * so the socket must never be written by two threads at once
- * (REFERENCE.md §6).  Rather than handing every outcome to the loop
- * thread (a wake-up that cost 90 us a round trip here, three times the
- * bare ei echo), the socket has a lock: the loop thread holds it for each
- * receive, and whichever thread writes the outbox holds it for each send.
- * The loop thread alone reads, so ticks are always answered.  A send
- * that fails shuts the socket down, and the loop thread, reading, ends
- * the session.
+ * Reading.  The loop thread reads the socket itself, without ei: ei's
+ * receive reads a message in several system calls and, when only part of
+ * it has come, waits for the rest, holding the loop.  Whatever the socket
+ * has is read into a buffer in one call, split into packets, and each
+ * packet decoded by moat__dist_decode (frame.c), which checks every bound;
+ * a partial packet waits in the buffer for the next read.  The loop
+ * answers the VM's ticks (empty packets) with one, and acknowledges an
+ * unlink, as the protocol asks; it ignores the control messages it does
+ * not act on (a monitor, a link) and logs a packet it cannot read.
+ *
+ * Writes.  Outcomes are sent by the pool thread that decided them, with
+ * ei_send, rather than handed to the loop thread (a wake-up that cost 90
+ * us a round trip here, three times the bare ei echo).  Two writers must
+ * never interleave their bytes, so every write (ei_send, a tick's answer,
+ * an acknowledgement) holds the socket's lock.  Reads take no lock.  A
+ * send that fails shuts the socket down, and the loop thread, reading,
+ * ends the session.
  *
  * Session.  One connection is served; later ones are accepted and closed
  * at once, without a handshake, and a hello from another process is
@@ -36,16 +44,13 @@
  * owner's node could send one.)
  * The session ends when the connection closes, or when the owner exits:
  * the owner links to this node's pid, so its exit arrives as an EXIT
- * message whatever its reason.  ei's receive fails with EIO both on a
- * closed connection and on a control message it does not handle (a
- * monitor, say), so a peek at the socket tells the two apart.
+ * message whatever its reason.
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -54,14 +59,23 @@
 #include "cnode.h"
 #include "frame.h"
 
-/* How long a read waits for the rest of a message whose start came.
- * Past it the stream cannot be trusted (ei has read part of a message)
- * and the session ends. */
-#define RECV_TMO_MS 10000
 /* How long the handshake of a new connection may take. */
 #define ACCEPT_TMO_MS 5000
-/* Messages read per wake-up before the runs read so far are submitted. */
-#define BATCH 256
+/* Reads per wake-up, each of up to the buffer's room, before the runs
+ * read so far are submitted. */
+#define READS 16
+
+/* The longest packet read: a port frame's bound (moat_cnode.c). */
+#define MAX_PACKET (1u << 30)
+
+/* The control message that acknowledges UNLINK_ID (the distribution
+ * protocol's UNLINK_ID_ACK). */
+#define OP_UNLINK_ID_ACK 36
+
+/* The external term format's version byte, and the pass-through byte
+ * that starts a packet sent without an atom cache. */
+#define VERSION_MAGIC 131
+#define PASS_THROUGH 112
 
 /* A BINARY_EXT's tag and 4-byte length. */
 #define BIN_HEAD 5
@@ -162,68 +176,120 @@ static void refuse(moat__dist_t *d, erlang_pid *from) {
     ei_x_free(&x);
 }
 
-/* The frame a message carries: its binary's bytes.  Returns 0 or -1. */
-static int frame_of(const ei_x_buff *x, const char **buf, size_t *len) {
-    int i = 0, version, type, size;
-
-    if (ei_decode_version(x->buff, &i, &version) < 0 ||
-        ei_get_type(x->buff, &i, &type, &size) < 0 ||
-        type != ERL_BINARY_EXT || size < 0 ||
-        (long)x->index - (i + BIN_HEAD) != (long)size)
+/* The frame a message carries: the bytes of the binary that is the whole
+ * message (version byte first).  Returns 0 or -1. */
+static int frame_of(const char *msg, size_t len, const char **buf,
+                    size_t *flen) {
+    if (len < 1 + BIN_HEAD || (unsigned char)msg[0] != VERSION_MAGIC ||
+        msg[1] != ERL_BINARY_EXT ||
+        moat__be32(msg + 2) != len - 1 - BIN_HEAD)
         return -1;
-    *buf = x->buff + i + BIN_HEAD;
-    *len = (size_t)size;
+    *buf = msg + 1 + BIN_HEAD;
+    *flen = len - 1 - BIN_HEAD;
     return 0;
 }
 
-static void on_msg(moat__dist_t *d, erlang_msg *m) {
+/* A pid of a packet as ei has it.  Returns 0, or -1 when its node's name
+ * is not one. */
+static int pid_of(const moat__pid_t *p, erlang_pid *out) {
+    size_t n = moat__atom_utf8(&p->node, out->node, sizeof out->node);
+    if (n == 0 || n > MAXNODELEN || (!p->node.latin1 && n != p->node.len))
+        return -1;
+    out->num = p->num;
+    out->serial = p->serial;
+    out->creation = p->creation;
+    return 0;
+}
+
+/* Writes all of buf[0..len) to the connection.  Returns 0 or -1.  lock
+ * held. */
+static int write_all(moat__dist_t *d, const char *buf, size_t len) {
+    while (len > 0) {
+        ssize_t w = send(d->fd, buf, len, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -1;
+        buf += w;
+        len -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Writes one packet, its length first, unless the session is over; one
+ * that cannot be written shuts the socket down (see sink). */
+static void put_packet(moat__dist_t *d, const char *buf, size_t len) {
+    uv_mutex_lock(&d->lock);
+    if (d->live && write_all(d, buf, len) != 0) {
+        shutdown(d->fd, SHUT_RDWR);
+        d->live = 0;
+    }
+    uv_mutex_unlock(&d->lock);
+}
+
+/* Acknowledges an unlink: {UNLINK_ID_ACK, Id, To, From} of the unlink's
+ * {UNLINK_ID, Id, From, To}. */
+static void unlink_ack(moat__dist_t *d, const moat__dist_msg_t *m) {
+    /* the length, filled in below, and the pass-through byte */
+    static const char head[5] = {0, 0, 0, 0, PASS_THROUGH};
+    erlang_pid from, to;
+    ei_x_buff x;
+
+    if (pid_of(&m->from, &from) != 0 || pid_of(&m->to, &to) != 0)
+        return;
+    if (ei_x_new(&x) < 0)
+        return;
+    if (ei_x_append_buf(&x, head, sizeof head) == 0 &&
+        ei_x_encode_version(&x) == 0 &&
+        ei_x_encode_tuple_header(&x, 4) == 0 &&
+        ei_x_encode_long(&x, OP_UNLINK_ID_ACK) == 0 &&
+        ei_x_append_buf(&x, m->id, (int)m->id_len) == 0 &&
+        ei_x_encode_pid(&x, &to) == 0 && ei_x_encode_pid(&x, &from) == 0) {
+        moat__put_be32(x.buff, (uint32_t)x.index - 4);
+        put_packet(d, x.buff, (size_t)x.index);
+    }
+    ei_x_free(&x);
+}
+
+/* A message: to `moat` (hello, or a frame), to this node's pid (a frame),
+ * or to `moat_echo`. */
+static void on_send(moat__dist_t *d, const moat__dist_msg_t *m) {
+    const moat__atom_t *to = &m->toname; /* empty unless reg */
+    int reg = m->kind == MOAT__DIST_REG_SEND;
+    erlang_pid from;
     const char *buf;
     size_t len;
-    int reg = 0;
 
-    switch (m->msgtype) {
-    case ERL_REG_SEND:
-    case ERL_REG_SEND_TT:
-        reg = 1;
-        break;
-    case ERL_SEND:
-    case ERL_SEND_TT:
-        break;
-    case ERL_EXIT:
-    case ERL_EXIT2:
-    case ERL_EXIT_TT:
-    case ERL_EXIT2_TT:
-        if (d->has_owner && pid_eq(&m->from, &d->owner))
-            end(d, "the pool's owner exited");
-        return;
-    default: /* the owner's link, an unlink */
+    if (reg && pid_of(&m->from, &from) != 0) {
+        note(d, "error", "moat_cnode: a message from a pid that cannot be "
+                         "read was ignored");
         return;
     }
-    if (reg && strcmp(m->toname, "moat_echo") == 0) {
+    if (reg && to->len == 9 && memcmp(to->name, "moat_echo", 9) == 0) {
         uv_mutex_lock(&d->lock);
         if (d->live)
-            ei_send(d->fd, &m->from, d->rx.buff, d->rx.index);
+            ei_send(d->fd, &from, (char *)m->msg, (int)m->msg_len);
         uv_mutex_unlock(&d->lock);
         return;
     }
-    if (reg && strcmp(m->toname, "moat") != 0) {
+    if (reg && !(to->len == 4 && memcmp(to->name, "moat", 4) == 0)) {
         note(d, "warning", "moat_cnode: a message to an unknown name was "
                            "ignored");
         return;
     }
     if (reg && !d->has_owner) {
         uv_mutex_lock(&d->lock);
-        d->owner = m->from;
+        d->owner = from;
         d->has_owner = 1;
         uv_mutex_unlock(&d->lock);
-    } else if (reg && !pid_eq(&m->from, &d->owner)) {
-        refuse(d, &m->from);
+    } else if (reg && !pid_eq(&from, &d->owner)) {
+        refuse(d, &from);
         return;
     } else if (!d->has_owner) {
         note(d, "warning", "moat_cnode: a frame before hello was ignored");
         return;
     }
-    if (frame_of(&d->rx, &buf, &len) != 0) {
+    if (frame_of(m->msg, m->msg_len, &buf, &len) != 0) {
         note(d, "error", "moat_cnode: a message that is not a binary frame "
                          "was ignored");
         return;
@@ -231,49 +297,80 @@ static void on_msg(moat__dist_t *d, erlang_msg *m) {
     d->on_frame(d->data, buf, len);
 }
 
-/* Whether the connection is closed (or broken), without reading. */
-static int closed(int fd) {
-    char c;
-    ssize_t r = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    return r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK &&
-                      errno != EINTR);
-}
+/* One packet's body, buf[0..len).  Returns nonzero once the session is
+ * over, which stops the parse. */
+static int on_packet(void *data, const char *buf, size_t len) {
+    static const char tock[4] = {0, 0, 0, 0};
+    moat__dist_t *d = data;
+    moat__dist_msg_t m;
+    erlang_pid from;
 
-static int readable(int fd) {
-    struct pollfd p = {fd, POLLIN, 0};
-    return poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP)) != 0;
+    if (d->ended)
+        return 1;
+    if (moat__dist_decode(buf, len, &m) != 0) {
+        note(d, "error", "moat_cnode: a distribution packet that cannot be "
+                         "read was ignored");
+        return 0;
+    }
+    switch (m.kind) {
+    case MOAT__DIST_TICK:
+        put_packet(d, tock, sizeof tock);
+        break;
+    case MOAT__DIST_SEND:
+    case MOAT__DIST_REG_SEND:
+        on_send(d, &m);
+        break;
+    case MOAT__DIST_EXIT:
+        if (d->has_owner && pid_of(&m.from, &from) == 0 &&
+            pid_eq(&from, &d->owner))
+            end(d, "the pool's owner exited");
+        break;
+    case MOAT__DIST_UNLINK_ID:
+        unlink_ack(d, &m);
+        break;
+    case MOAT__DIST_OTHER: /* the owner's link, a monitor, ... */
+        break;
+    }
+    return d->ended;
 }
 
 static void on_conn(uv_poll_t *h, int status, int events) {
     moat__dist_t *d = h->data;
-    erlang_msg msg;
 
     (void)events;
     if (status < 0) {
         end(d, "the connection failed");
         return;
     }
-    for (int k = 0; k < BATCH && !d->ended; k++) {
-        int rc, err;
+    for (int k = 0; k < READS && !d->ended; k++) {
+        uv_buf_t room;
+        ssize_t r;
+        int rc;
 
-        uv_mutex_lock(&d->lock);
-        rc = ei_xreceive_msg_tmo(d->fd, &msg, &d->rx, RECV_TMO_MS);
-        err = erl_errno;
-        uv_mutex_unlock(&d->lock);
-        if (rc == ERL_MSG) {
-            on_msg(d, &msg);
-        } else if (rc == ERL_ERROR && err == ETIMEDOUT) {
-            /* Readable, yet the message did not come whole in time: part
-             * of it has been read, so what follows would be misread. */
+        moat__wbuf_alloc(&d->rd, &room);
+        if (room.base == NULL) {
             shutdown(d->fd, SHUT_RDWR);
-            end(d, "a message stalled halfway");
+            end(d, "out of memory for a packet");
             return;
-        } else if (rc == ERL_ERROR && closed(d->fd)) {
+        }
+        r = recv(d->fd, room.base, room.len, MSG_DONTWAIT);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        if (r <= 0) {
             end(d, "the connection closed");
             return;
         }
-        if (d->ended || !readable(d->fd))
-            break;
+        d->rd.len += (size_t)r;
+        rc = moat__wbuf_parse(&d->rd, MAX_PACKET, on_packet, d);
+        if (rc == UV_E2BIG) {
+            shutdown(d->fd, SHUT_RDWR);
+            end(d, "a packet longer than 1 GiB");
+            return;
+        }
+        if ((size_t)r < room.len)
+            break; /* all there was */
     }
     if (!d->ended)
         d->on_batch(d->data);
@@ -361,7 +458,7 @@ int moat__dist_start(moat__dist_t *d, uv_loop_t *loop, moat__outbox_t *ob,
         return UV_EIO;
     }
     cloexec(d->epmd);
-    if (ei_x_new(&d->rx) < 0 || ei_x_new_with_version(&d->tx) < 0 ||
+    if (ei_x_new_with_version(&d->tx) < 0 ||
         ei_x_encode_tuple_header(&d->tx, 3) < 0 ||
         ei_x_encode_atom(&d->tx, "moat_cnode") < 0 ||
         ei_x_encode_pid(&d->tx, ei_self(&d->ec)) < 0 ||
@@ -411,8 +508,7 @@ void moat__dist_free(moat__dist_t *d) {
     if (d->lock_ready)
         uv_mutex_destroy(&d->lock);
     d->lock_ready = 0;
-    if (d->rx.buff != NULL)
-        ei_x_free(&d->rx);
+    moat__wbuf_free(&d->rd);
     if (d->tx.buff != NULL)
         ei_x_free(&d->tx);
 }

@@ -1104,3 +1104,127 @@ void moat__wframe_free(moat__wframe_t *f) {
     free(f->tags);
     memset(f, 0, sizeof *f);
 }
+
+/* ------------------------------------------------ distribution packets */
+
+/* The control messages' operations (the distribution protocol's). */
+enum {
+    OP_SEND = 2,
+    OP_EXIT = 3,
+    OP_REG_SEND = 6,
+    OP_EXIT2 = 8,
+    OP_SEND_TT = 12,
+    OP_EXIT_TT = 13,
+    OP_REG_SEND_TT = 16,
+    OP_EXIT2_TT = 18,
+    OP_UNLINK_ID = 35
+};
+
+/* The pass-through byte that starts a packet without an atom cache. */
+#define PASS_THROUGH 112
+
+static int read_pid(rd_t *r, moat__pid_t *pid) {
+    const unsigned char *p;
+    int tag = peek(r);
+
+    if ((tag != TAG_NEW_PID && tag != TAG_PID) || advance(r, 1) < 0 ||
+        read_atom(r, &pid->node) < 0 || !has(r, tag == TAG_PID ? 9 : 12))
+        return -1;
+    p = r->p + r->pos;
+    pid->num = moat__be32(p);
+    pid->serial = moat__be32(p + 4);
+    pid->creation = tag == TAG_PID ? p[8] : moat__be32(p + 8);
+    r->pos += tag == TAG_PID ? 9 : 12;
+    return 0;
+}
+
+static int read_small_op(rd_t *r, long *op) {
+    uint64_t v;
+    if (read_u64(r, &v) < 0 || v > 255)
+        return -1;
+    *op = (long)v;
+    return 0;
+}
+
+/* The fields of control tuple {Op, ...} this node reads; *used says how
+ * many elements, Op's included, were read. */
+static int read_control(rd_t *r, uint32_t arity, moat__dist_msg_t *m,
+                        uint32_t *used) {
+    int tt = 0;
+
+    switch (m->op) {
+    case OP_SEND_TT:
+        tt = 1;
+        /* fall through */
+    case OP_SEND: /* {SEND, Unused, ToPid} */
+        m->kind = MOAT__DIST_SEND;
+        *used = 1;
+        return arity == 3u + (uint32_t)tt ? 0 : -1;
+    case OP_REG_SEND_TT:
+        tt = 1;
+        /* fall through */
+    case OP_REG_SEND: /* {REG_SEND, FromPid, Unused, ToName} */
+        m->kind = MOAT__DIST_REG_SEND;
+        *used = 4;
+        return arity == 4u + (uint32_t)tt && read_pid(r, &m->from) == 0 &&
+                       skip_term(r) == 0 && read_atom(r, &m->toname) == 0
+                   ? 0
+                   : -1;
+    case OP_EXIT_TT:
+    case OP_EXIT2_TT:
+        tt = 1;
+        /* fall through */
+    case OP_EXIT:
+    case OP_EXIT2: /* {EXIT, FromPid, ToPid, Reason} */
+        m->kind = MOAT__DIST_EXIT;
+        *used = 2;
+        return arity == 4u + (uint32_t)tt && read_pid(r, &m->from) == 0
+                   ? 0
+                   : -1;
+    case OP_UNLINK_ID: { /* {UNLINK_ID, Id, FromPid, ToPid} */
+        size_t start = r->pos;
+        m->kind = MOAT__DIST_UNLINK_ID;
+        *used = 4;
+        if (arity != 4 || skip_term(r) < 0)
+            return -1;
+        m->id = (const char *)r->p + start;
+        m->id_len = r->pos - start;
+        return read_pid(r, &m->from) == 0 && read_pid(r, &m->to) == 0 ? 0
+                                                                       : -1;
+    }
+    default:
+        m->kind = MOAT__DIST_OTHER;
+        *used = 1;
+        return 0;
+    }
+}
+
+int moat__dist_decode(const char *buf, size_t len, moat__dist_msg_t *m) {
+    rd_t r = {(const unsigned char *)buf, len, 0};
+    uint32_t arity, used;
+
+    memset(m, 0, sizeof *m);
+    if (len == 0) {
+        m->kind = MOAT__DIST_TICK;
+        return 0;
+    }
+    if (peek(&r) != PASS_THROUGH || advance(&r, 1) < 0 ||
+        peek(&r) != ETF_VERSION || advance(&r, 1) < 0 ||
+        read_tuple(&r, &arity) < 0 || arity < 1 ||
+        read_small_op(&r, &m->op) < 0 || read_control(&r, arity, m, &used) < 0)
+        return MOAT_EBADTERM;
+    if (m->kind == MOAT__DIST_OTHER)
+        return 0; /* read no further: nothing here acts on it */
+    for (; used < arity; used++)
+        if (skip_term(&r) < 0)
+            return MOAT_EBADTERM;
+    if (m->kind != MOAT__DIST_SEND && m->kind != MOAT__DIST_REG_SEND)
+        return r.pos == r.len ? 0 : MOAT_EBADTERM;
+    /* The message: one term, version byte first, to the packet's end. */
+    m->msg = buf + r.pos;
+    m->msg_len = r.len - r.pos;
+    if (peek(&r) != ETF_VERSION || advance(&r, 1) < 0 || skip_term(&r) < 0 ||
+        r.pos != r.len)
+        return MOAT_EBADTERM;
+    return 0;
+}

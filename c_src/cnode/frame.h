@@ -235,4 +235,50 @@ int moat__wframe_decode(const char *buf, size_t len, moat__wframe_t *f);
 /* Frees what moat__wframe_decode allocated.  Idempotent. */
 void moat__wframe_free(moat__wframe_t *f);
 
+
+/* ------------------------------------------------ distribution packets */
+
+/* What a packet of the distribution transport's connection says
+ * (dist.c).  The VM talks to a C-node without an atom cache, so a packet
+ * is empty (a tick) or the pass-through byte, a control message and, for
+ * a send, the message: each term with its version byte. */
+typedef enum {
+    MOAT__DIST_TICK = 0,  /* an empty packet: answer with one */
+    MOAT__DIST_SEND,      /* SEND or SEND_TT: a message to a pid here */
+    MOAT__DIST_REG_SEND,  /* REG_SEND or REG_SEND_TT: to a registered name */
+    MOAT__DIST_EXIT,      /* EXIT, EXIT2 or their _TT: an exit signal */
+    MOAT__DIST_UNLINK_ID, /* an unlink, which the protocol acknowledges */
+    MOAT__DIST_OTHER      /* any other control message (LINK, MONITOR_P,
+                             ...): nothing here acts on it */
+} moat__dist_kind_t;
+
+/* A pid as its encoding gives it; `node` points into the packet. */
+typedef struct moat__pid_s {
+    moat__atom_t node;
+    uint32_t num, serial, creation;
+} moat__pid_t;
+
+typedef struct moat__dist_msg_s {
+    moat__dist_kind_t kind;
+    long op;              /* the control message's operation, 0 for a tick */
+    moat__pid_t from;     /* REG_SEND, EXIT, UNLINK_ID: the sender */
+    moat__pid_t to;       /* UNLINK_ID */
+    moat__atom_t toname;  /* REG_SEND */
+    const char *id;       /* UNLINK_ID: the Id's encoding, no version byte */
+    size_t id_len;
+    const char *msg;      /* SEND, REG_SEND: the message, version byte first */
+    size_t msg_len;
+} moat__dist_msg_t;
+
+/*
+ * Decodes one packet's body, buf[0..len) (its length taken off), into *m,
+ * whose pointers point into buf.  The fields of the control message that
+ * *m has must be well formed, and a send's message must be one term that
+ * ends the packet; of any other control message only the operation is
+ * read.  Returns 0 or MOAT_EBADTERM.  Never reads outside buf[0..len).
+ * Any thread; reentrant.
+ */
+int moat__dist_decode(const char *buf, size_t len, moat__dist_msg_t *m);
+
 #endif
+

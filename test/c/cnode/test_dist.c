@@ -65,6 +65,10 @@ extern char **environ;
  * of an exit signal (ERTS User's Guide, "Distribution Protocol"). */
 #define PASS_THROUGH 112
 #define CTRL_EXIT 3
+#define CTRL_REG_SEND 6
+#define CTRL_MONITOR_P 19
+#define CTRL_UNLINK_ID 35
+#define CTRL_UNLINK_ID_ACK 36
 
 
 static ei_cnode self;    /* this test: the "VM" */
@@ -779,37 +783,97 @@ static void ping(dnode_t *n, uint64_t tag) {
     expect_done(n, tag, 1, "7");
 }
 
-/* Sends the exit signal {'EXIT', From, normal} to the C-node's pid, as a
- * linked owner's exit does: the control message written as ERTS writes
- * it, for ei has no call for it. */
-static void send_exit(dnode_t *n, const erlang_pid *from) {
+/* A control message is built in an ei_x_buff behind room for the
+ * packet's length and the pass-through byte: {Op, ...} comes next. */
+static ei_x_buff control_new(long op, int arity) {
     ei_x_buff x;
-    uint32_t len;
-    size_t sent = 0;
-
-    assert_true(n->has_cpid);
     assert_int_equal(ei_x_new(&x), 0);
-    ei_x_append_buf(&x, "\0\0\0\0", 4); /* the length, below */
+    ei_x_append_buf(&x, "\0\0\0\0", 4); /* the length: packet_send */
     ei_x_append_buf(&x, (const char[]){PASS_THROUGH}, 1);
     ei_x_encode_version(&x);
-    ei_x_encode_tuple_header(&x, 4);
-    ei_x_encode_long(&x, CTRL_EXIT);
-    ei_x_encode_pid(&x, from);
-    ei_x_encode_pid(&x, &n->cpid);
-    ei_x_encode_atom(&x, "normal");
-    len = (uint32_t)x.index - 4;
-    x.buff[0] = (char)(len >> 24);
-    x.buff[1] = (char)(len >> 16);
-    x.buff[2] = (char)(len >> 8);
-    x.buff[3] = (char)len;
-    while (sent < (size_t)x.index) {
-        ssize_t w = write(n->fd, x.buff + sent, (size_t)x.index - sent);
+    ei_x_encode_tuple_header(&x, arity);
+    ei_x_encode_long(&x, op);
+    return x;
+}
+
+static void write_all(int fd, const char *buf, size_t len) {
+    while (len > 0) {
+        ssize_t w = write(fd, buf, len);
         if (w < 0 && errno == EINTR)
             continue;
         assert_true(w > 0);
-        sent += (size_t)w;
+        buf += w;
+        len -= (size_t)w;
     }
-    ei_x_free(&x);
+}
+
+/* Writes the packet built in x (and frees it), its length filled in, as
+ * ERTS writes to a C-node: for the control messages ei has no call for,
+ * for packets that are not well formed, and for a packet in pieces. The
+ * first `split` bytes go alone, 50 ms before the rest (0: at once). */
+static void packet_send(dnode_t *n, ei_x_buff *x, size_t split) {
+    uint32_t len = (uint32_t)x->index - 4;
+    x->buff[0] = (char)(len >> 24);
+    x->buff[1] = (char)(len >> 16);
+    x->buff[2] = (char)(len >> 8);
+    x->buff[3] = (char)len;
+    if (split > 0 && split < (size_t)x->index) {
+        write_all(n->fd, x->buff, split);
+        sleep_ms(50);
+        write_all(n->fd, x->buff + split, (size_t)x->index - split);
+    } else {
+        write_all(n->fd, x->buff, (size_t)x->index);
+    }
+    ei_x_free(x);
+}
+
+/* Reads one packet straight off the connection, without ei (which would
+ * answer a tick, or refuse a control message it does not know): its
+ * body, malloc'd, and its length in *len. */
+static char *packet_recv(dnode_t *n, size_t *len) {
+    int64_t deadline = now_ms() + WAIT_MS;
+    unsigned char head[4];
+    size_t got = 0, want = sizeof head;
+    char *body = NULL;
+
+    for (int part = 0; part < 2; part++) {
+        char *into = part == 0 ? (char *)head : body;
+        while (got < want) {
+            struct pollfd p = {n->fd, POLLIN, 0};
+            ssize_t r;
+            if (now_ms() >= deadline)
+                fail_msg("%s: no whole packet came", n->name);
+            if (poll(&p, 1, (int)left(deadline)) <= 0)
+                continue;
+            r = read(n->fd, into + got, want - got);
+            if (r < 0 && errno == EINTR)
+                continue;
+            assert_true(r > 0);
+            got += (size_t)r;
+        }
+        if (part == 0) {
+            want = (size_t)head[0] << 24 | (size_t)head[1] << 16 |
+                   (size_t)head[2] << 8 | head[3];
+            got = 0;
+            body = malloc(want + 1);
+            assert_non_null(body);
+        }
+    }
+    *len = want;
+    return body;
+}
+
+/* Sends the exit signal {'EXIT', From, normal} to the C-node's pid, as a
+ * linked owner's exit does. */
+static void send_exit(dnode_t *n, const erlang_pid *from) {
+    ei_x_buff x;
+
+    assert_true(n->has_cpid);
+    x = control_new(CTRL_EXIT, 4);
+    ei_x_encode_pid(&x, from);
+    ei_x_encode_pid(&x, &n->cpid);
+    ei_x_encode_atom(&x, "normal");
+    packet_send(n, &x, 0);
 }
 
 /* --------------------------------------------------- the shared session */
@@ -1115,6 +1179,79 @@ static void test_dist_moat_echo_echoes(void **state) {
     ev_free(&e);
     ei_x_free(&x);
     ping(&shared, 901);
+}
+
+/* The node speaks the distribution protocol on its own (it reads without
+ * ei): it answers a tick with one, acknowledges an unlink, ignores a
+ * monitor, logs a packet it cannot read and goes on, and puts a message
+ * that comes in pieces back together. */
+static void test_dist_protocol_ticks_unlinks_and_pieces(void **state) {
+    erlang_pid got_from, got_to;
+    ei_x_buff x, m;
+    char *body;
+    size_t len;
+    long op, id;
+    int i = 1, version, arity;
+    ev_t e;
+    (void)state;
+
+    write_all(shared.fd, "\0\0\0\0", 4);
+    body = packet_recv(&shared, &len);
+    assert_int_equal(len, 0);
+    free(body);
+
+    x = control_new(CTRL_UNLINK_ID, 4);
+    ei_x_encode_long(&x, 4242);
+    ei_x_encode_pid(&x, ei_self(&self));
+    ei_x_encode_pid(&x, &shared.cpid);
+    packet_send(&shared, &x, 0);
+    body = packet_recv(&shared, &len);
+    assert_true(len > 1);
+    assert_int_equal((unsigned char)body[0], PASS_THROUGH);
+    assert_int_equal(ei_decode_version(body, &i, &version), 0);
+    assert_int_equal(ei_decode_tuple_header(body, &i, &arity), 0);
+    assert_int_equal(arity, 4);
+    assert_int_equal(ei_decode_long(body, &i, &op), 0);
+    assert_int_equal(op, CTRL_UNLINK_ID_ACK);
+    assert_int_equal(ei_decode_long(body, &i, &id), 0);
+    assert_int_equal(id, 4242);
+    assert_int_equal(ei_decode_pid(body, &i, &got_from), 0);
+    assert_int_equal(ei_decode_pid(body, &i, &got_to), 0);
+    assert_int_equal((size_t)i, len);
+    assert_true(pid_eq(&got_from, &shared.cpid));
+    assert_true(pid_eq(&got_to, ei_self(&self)));
+    free(body);
+
+    x = control_new(CTRL_MONITOR_P, 4);
+    ei_x_encode_pid(&x, ei_self(&self));
+    ei_x_encode_pid(&x, &shared.cpid);
+    ei_x_encode_ref(&x, &(erlang_ref){.node = "a@b", .len = 1, .n = {7}});
+    packet_send(&shared, &x, 0);
+    ping(&shared, 1101);
+    expect_no_event(&shared, EV_LOG, 0);
+
+    /* {REG_SEND, From, '', moat_echo} cut after its pid */
+    x = control_new(CTRL_REG_SEND, 4);
+    ei_x_encode_pid(&x, ei_self(&self));
+    packet_send(&shared, &x, 0);
+    expect_log(&shared, "error", "cannot be read");
+    ping(&shared, 1102);
+
+    ei_x_new_with_version(&m);
+    ei_x_encode_tuple_header(&m, 2);
+    ei_x_encode_atom(&m, "pieces");
+    ei_x_encode_binary(&m, "0123456789", 10);
+    x = control_new(CTRL_REG_SEND, 4);
+    ei_x_encode_pid(&x, ei_self(&self));
+    ei_x_encode_atom(&x, "");
+    ei_x_encode_atom(&x, "moat_echo");
+    ei_x_append_buf(&x, m.buff, m.index);
+    packet_send(&shared, &x, (size_t)x.index - 5);
+    e = node_wait(&shared, EV_OTHER, 0);
+    assert_string_equal(show(e.term), "{pieces,<<\"0123456789\">>}");
+    ev_free(&e);
+    ei_x_free(&m);
+    ping(&shared, 1103);
 }
 
 /* Closing the connection ends the session, and a spawned node exits with
@@ -1441,6 +1578,7 @@ int main(void) {
         cmocka_unit_test(test_dist_junk_is_logged),
         cmocka_unit_test(test_dist_another_process_is_busy),
         cmocka_unit_test(test_dist_moat_echo_echoes),
+        cmocka_unit_test(test_dist_protocol_ticks_unlinks_and_pieces),
         /* last: it ends the session */
         cmocka_unit_test(test_dist_closing_the_connection_exits_0),
     };

@@ -2,7 +2,8 @@
  * test_frame.c: the C-node's frame decoder (c_src/cnode/frame.c) called
  * directly: what it reads from good frames of each kind, what it refuses,
  * which tags it still reads from bad ones, and that no cut or changed byte
- * makes it read out of bounds (ASan and valgrind watch those cases).
+ * makes it read out of bounds (ASan and valgrind watch those cases); and
+ * the same of its decoder of distribution packets.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -1116,6 +1117,249 @@ static void test_cnode_frame_server_frames_survive_cuts(void **state) {
     }
 }
 
+/* ------------------------------------------------ distribution packets */
+
+/* A packet's body: the pass-through byte, then {Op, ...} (its version
+ * byte first); the caller encodes the rest of the tuple and any message. */
+static ei_x_buff packet(long op, int arity) {
+    ei_x_buff x;
+    assert_int_equal(ei_x_new(&x), 0);
+    assert_int_equal(ei_x_append_buf(&x, "p", 1), 0); /* 112 */
+    assert_int_equal(ei_x_encode_version(&x), 0);
+    assert_int_equal(ei_x_encode_tuple_header(&x, arity), 0);
+    assert_int_equal(ei_x_encode_long(&x, op), 0);
+    return x;
+}
+
+static void add_message(ei_x_buff *x, const char *text) {
+    ei_x_buff m;
+    assert_int_equal(ei_x_new_with_version(&m), 0);
+    ei_x_encode_binary(&m, text, (long)strlen(text));
+    ei_x_append_buf(x, m.buff, m.index);
+    ei_x_free(&m);
+}
+
+static erlang_pid a_pid(unsigned num) {
+    erlang_pid p;
+    memset(&p, 0, sizeof p);
+    strcpy(p.node, "vm@host");
+    p.num = num;
+    p.serial = 3;
+    p.creation = 0x12345678;
+    return p;
+}
+
+static void assert_pid(const moat__pid_t *got, const erlang_pid *want) {
+    char node[MAXATOMLEN_UTF8];
+    moat__atom_utf8(&got->node, node, sizeof node);
+    assert_string_equal(node, want->node);
+    assert_int_equal(got->num, want->num);
+    assert_int_equal(got->serial, want->serial);
+    assert_int_equal(got->creation, want->creation);
+}
+
+/* The message of a decoded send is the binary `text`, at the packet's
+ * end. */
+static void assert_message(const moat__dist_msg_t *m, const ei_x_buff *x,
+                           const char *text) {
+    char bin[64];
+    long len;
+    int i = 0, version;
+    assert_true(m->msg + m->msg_len == x->buff + x->index);
+    assert_int_equal(ei_decode_version(m->msg, &i, &version), 0);
+    assert_int_equal(ei_decode_binary(m->msg, &i, bin, &len), 0);
+    assert_int_equal((size_t)i, m->msg_len);
+    assert_int_equal(len, (long)strlen(text));
+    assert_memory_equal(bin, text, (size_t)len);
+}
+
+/* What each control message this node acts on carries, read from packets
+ * as ERTS writes them (ei's encoders standing in for it). */
+static void test_cnode_frame_dist_packets(void **state) {
+    erlang_pid from = a_pid(40), to = a_pid(41);
+    erlang_trace token;
+    moat__dist_msg_t m;
+    ei_x_buff x;
+    (void)state;
+    memset(&token, 0, sizeof token);
+    token.label = 5;
+    token.serial = 7;
+    token.from = from;
+
+    assert_int_equal(moat__dist_decode("", 0, &m), 0);
+    assert_int_equal(m.kind, MOAT__DIST_TICK);
+
+    x = packet(6, 4); /* {REG_SEND, From, '', moat} */
+    ei_x_encode_pid(&x, &from);
+    ei_x_encode_atom(&x, "");
+    ei_x_encode_atom(&x, "moat");
+    add_message(&x, "frame");
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m), 0);
+    assert_int_equal(m.kind, MOAT__DIST_REG_SEND);
+    assert_int_equal(m.op, 6);
+    assert_pid(&m.from, &from);
+    assert_int_equal(m.toname.len, 4);
+    assert_memory_equal(m.toname.name, "moat", 4);
+    assert_message(&m, &x, "frame");
+    ei_x_free(&x);
+
+    x = packet(16, 5); /* {REG_SEND_TT, From, '', moat_echo, Token} */
+    ei_x_encode_pid(&x, &from);
+    ei_x_encode_atom(&x, "");
+    ei_x_encode_atom(&x, "moat_echo");
+    ei_x_encode_trace(&x, &token);
+    add_message(&x, "traced");
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m), 0);
+    assert_int_equal(m.kind, MOAT__DIST_REG_SEND);
+    assert_pid(&m.from, &from);
+    assert_int_equal(m.toname.len, 9);
+    assert_message(&m, &x, "traced");
+    ei_x_free(&x);
+
+    x = packet(2, 3); /* {SEND, '', To} */
+    ei_x_encode_atom(&x, "");
+    ei_x_encode_pid(&x, &to);
+    add_message(&x, "to the pid");
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m), 0);
+    assert_int_equal(m.kind, MOAT__DIST_SEND);
+    assert_message(&m, &x, "to the pid");
+    ei_x_free(&x);
+
+    x = packet(12, 4); /* {SEND_TT, '', To, Token} */
+    ei_x_encode_atom(&x, "");
+    ei_x_encode_pid(&x, &to);
+    ei_x_encode_trace(&x, &token);
+    add_message(&x, "tt");
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m), 0);
+    assert_int_equal(m.kind, MOAT__DIST_SEND);
+    assert_message(&m, &x, "tt");
+    ei_x_free(&x);
+
+    x = packet(3, 4); /* {EXIT, From, To, Reason} */
+    ei_x_encode_pid(&x, &from);
+    ei_x_encode_pid(&x, &to);
+    ei_x_encode_tuple_header(&x, 2);
+    ei_x_encode_atom(&x, "shutdown");
+    ei_x_encode_binary(&x, "why", 3);
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m), 0);
+    assert_int_equal(m.kind, MOAT__DIST_EXIT);
+    assert_pid(&m.from, &from);
+    assert_null(m.msg);
+    ei_x_free(&x);
+
+    x = packet(18, 5); /* {EXIT2_TT, From, To, Token, Reason} */
+    ei_x_encode_pid(&x, &from);
+    ei_x_encode_pid(&x, &to);
+    ei_x_encode_trace(&x, &token);
+    ei_x_encode_atom(&x, "kill");
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m), 0);
+    assert_int_equal(m.kind, MOAT__DIST_EXIT);
+    assert_int_equal(m.op, 18);
+    assert_pid(&m.from, &from);
+    ei_x_free(&x);
+
+    x = packet(35, 4); /* {UNLINK_ID, Id, From, To} */
+    ei_x_encode_ulonglong(&x, 1ULL << 40);
+    ei_x_encode_pid(&x, &from);
+    ei_x_encode_pid(&x, &to);
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m), 0);
+    assert_int_equal(m.kind, MOAT__DIST_UNLINK_ID);
+    assert_pid(&m.from, &from);
+    assert_pid(&m.to, &to);
+    {
+        unsigned long long id;
+        int i = 0;
+        assert_int_equal(ei_decode_ulonglong(m.id, &i, &id), 0);
+        assert_int_equal((size_t)i, m.id_len);
+        assert_true(id == 1ULL << 40);
+    }
+    ei_x_free(&x);
+
+    x = packet(19, 4); /* {MONITOR_P, From, To, Ref}: read no further */
+    ei_x_encode_pid(&x, &from);
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m), 0);
+    assert_int_equal(m.kind, MOAT__DIST_OTHER);
+    assert_int_equal(m.op, 19);
+    ei_x_free(&x);
+}
+
+/* Packets of the wrong shape are refused, and no cut or changed byte of
+ * a good one makes the decoder read outside it (ASan, valgrind). */
+static void test_cnode_frame_dist_bad_packets(void **state) {
+    erlang_pid from = a_pid(40);
+    moat__dist_msg_t m;
+    ei_x_buff x;
+    (void)state;
+
+    /* no pass-through byte; no version byte; an operation that is not a
+     * small integer */
+    assert_int_equal(moat__dist_decode("\203h\1a\6", 5, &m), MOAT_EBADTERM);
+    assert_int_equal(moat__dist_decode("ph\1a\6", 5, &m), MOAT_EBADTERM);
+    assert_int_equal(moat__dist_decode("p\203h\1d\0\1x", 8, &m),
+                     MOAT_EBADTERM);
+
+    x = packet(6, 3); /* REG_SEND one element short */
+    ei_x_encode_pid(&x, &from);
+    ei_x_encode_atom(&x, "");
+    add_message(&x, "m");
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m),
+                     MOAT_EBADTERM);
+    ei_x_free(&x);
+
+    x = packet(6, 4); /* the sender is not a pid */
+    ei_x_encode_atom(&x, "me");
+    ei_x_encode_atom(&x, "");
+    ei_x_encode_atom(&x, "moat");
+    add_message(&x, "m");
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m),
+                     MOAT_EBADTERM);
+    ei_x_free(&x);
+
+    x = packet(3, 4); /* EXIT with bytes after it */
+    ei_x_encode_pid(&x, &from);
+    ei_x_encode_pid(&x, &from);
+    ei_x_encode_atom(&x, "normal");
+    ei_x_append_buf(&x, "\0", 1);
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m),
+                     MOAT_EBADTERM);
+    ei_x_free(&x);
+
+    x = packet(6, 4); /* a send with no message, then with two */
+    ei_x_encode_pid(&x, &from);
+    ei_x_encode_atom(&x, "");
+    ei_x_encode_atom(&x, "moat");
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m),
+                     MOAT_EBADTERM);
+    add_message(&x, "one");
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m), 0);
+    ei_x_append_buf(&x, "a\1", 2);
+    assert_int_equal(moat__dist_decode(x.buff, (size_t)x.index, &m),
+                     MOAT_EBADTERM);
+    x.index -= 2;
+
+    {
+        size_t n = (size_t)x.index;
+        char *copy = malloc(n);
+        assert_non_null(copy);
+        for (size_t cut = 1; cut < n; cut++) {
+            char *b = malloc(cut);
+            assert_non_null(b);
+            memcpy(b, x.buff, cut);
+            assert_int_equal(moat__dist_decode(b, cut, &m), MOAT_EBADTERM);
+            free(b);
+        }
+        for (size_t i = 0; i < n; i++) {
+            for (int v = 0; v < 256; v += 51) {
+                memcpy(copy, x.buff, n);
+                copy[i] = (char)v;
+                (void)moat__dist_decode(copy, n, &m);
+            }
+        }
+        free(copy);
+    }
+    ei_x_free(&x);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cnode_frame_hello_reads_every_option),
@@ -1138,6 +1382,8 @@ int main(void) {
         cmocka_unit_test(test_cnode_frame_hello_refuses_bad_servers),
         cmocka_unit_test(test_cnode_frame_server_frames),
         cmocka_unit_test(test_cnode_frame_server_frames_survive_cuts),
+        cmocka_unit_test(test_cnode_frame_dist_packets),
+        cmocka_unit_test(test_cnode_frame_dist_bad_packets),
     };
     ei_init();
     return cmocka_run_group_tests_name("cnode frame decoder", tests, NULL,

@@ -38,6 +38,12 @@
  * frames, as untrusted as the VM's are not): it returns 0 only for bytes
  * moat_etf_check passes, with a kind, and what it points at (outcome
  * terms, a log message, a reason) lies inside the packet.
+ *
+ * And to moat__dist_decode, the decoder of the distribution transport's
+ * packets (dist.c): it returns 0 or MOAT_EBADTERM; a tick only for no
+ * bytes; the pids, the name, an unlink's id and a send's message it
+ * returns lie inside the packet, the message (version byte first) at its
+ * end, and the atoms pass check_atom.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -217,11 +223,41 @@ static void check_wframe(int rc, const moat__wframe_t *f, const char *buf,
         abort();
 }
 
+/* The contract of moat__dist_decode (see the top). */
+static void check_dist(int rc, const moat__dist_msg_t *m, const char *buf,
+                       size_t len) {
+    if (rc != 0 && rc != MOAT_EBADTERM)
+        abort();
+    if (rc != 0)
+        return;
+    if ((m->kind == MOAT__DIST_TICK) != (len == 0))
+        abort();
+    if (m->kind == MOAT__DIST_REG_SEND || m->kind == MOAT__DIST_EXIT ||
+        m->kind == MOAT__DIST_UNLINK_ID)
+        check_atom(&m->from.node, buf, len, 0);
+    if (m->kind == MOAT__DIST_UNLINK_ID &&
+        (m->id_len == 0 || !inside(m->id, m->id_len, buf, len)))
+        abort();
+    if (m->kind == MOAT__DIST_UNLINK_ID)
+        check_atom(&m->to.node, buf, len, 0);
+    if (m->kind == MOAT__DIST_REG_SEND)
+        check_atom(&m->toname, buf, len, 0);
+    if (m->kind == MOAT__DIST_SEND || m->kind == MOAT__DIST_REG_SEND) {
+        if (m->msg_len < 2 || !inside(m->msg, m->msg_len, buf, len) ||
+            m->msg + m->msg_len != buf + len ||
+            (unsigned char)m->msg[0] != 131)
+            abort();
+    } else if (m->msg != NULL || m->msg_len != 0) {
+        abort();
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const char *buf = (const char *)data;
     static const moat__frame_t empty;
     moat__frame_t f;
     moat__wframe_t w;
+    moat__dist_msg_t d;
     int rc;
 
     rc = moat__frame_decode(buf, size, &f);
@@ -233,5 +269,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     rc = moat__wframe_decode(buf, size, &w);
     check_wframe(rc, &w, buf, size);
     moat__wframe_free(&w);
+    rc = moat__dist_decode(buf, size, &d);
+    check_dist(rc, &d, buf, size);
     return 0;
 }

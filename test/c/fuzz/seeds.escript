@@ -2,7 +2,8 @@
 %%! -noshell
 %% seeds.escript: writes the seed corpora of the fuzz targets,
 %% test/c/fuzz/corpus/fuzz_frame/ (frames as the VM sends them, doc/cnode.md,
-%% native servers' included, and those a worker process sends its parent)
+%% native servers' included, those a worker process sends its parent, and
+%% the distribution transport's packets)
 %% and test/c/fuzz/corpus/fuzz_term/ (one term of each kind the ETF check
 %% accepts, and a few it refuses).  The seeds are committed; run this again
 %% only to change them (the pid, reference and fun seeds then change too):
@@ -107,7 +108,30 @@ frames() ->
      {"w_restarts", etf({restarts, 17})},
      {"w_crashed", etf({crashed, 2, {s, 1}, {native_error, <<"crash">>}})},
      {"w_gave_up", etf({gave_up, {native_crash, sigsegv}})},
-     {"w_servers_stopped", etf({servers_stopped})}].
+     {"w_servers_stopped", etf({servers_stopped})}] ++
+    dist_packets().
+
+%% The distribution transport's packets (moat__dist_decode), as the VM
+%% writes them to a C-node: the pass-through byte, the control message
+%% and, for a send, the message.
+dist_packets() ->
+    Pid = c:pid(0, 42, 0),
+    Frame = term_to_binary({run, 7, echo, [1]}),
+    Token = {0, Pid, 3, 5, 0},
+    [{"d_tick", <<>>},
+     {"d_reg_send", dist({6, Pid, '', moat}, Frame)},
+     {"d_reg_send_utf8", <<112, (utf8({6, Pid, '', moat_echo}))/binary, (utf8({ping, 1}))/binary>>},
+     {"d_send", dist({2, '', Pid}, Frame)},
+     {"d_send_tt", dist({12, '', Pid, Token}, Frame)},
+     {"d_reg_send_tt", dist({16, Pid, '', moat, Token}, Frame)},
+     {"d_exit", dist({3, Pid, Pid, normal})},
+     {"d_exit2_tt", dist({18, Pid, Pid, Token, kill})},
+     {"d_unlink_id", dist({35, 1 bsl 40, Pid, Pid})},
+     {"d_link", dist({1, Pid, Pid})},
+     {"d_monitor", dist({19, Pid, Pid, make_ref()})}].
+
+dist(Control) -> <<112, (etf(Control))/binary>>.
+dist(Control, Msg) -> <<(dist(Control))/binary, (etf(Msg))/binary>>.
 
 terms() ->
     Node = <<119, 13, "nonode@nohost">>, % SMALL_ATOM_UTF8_EXT
