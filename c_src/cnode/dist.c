@@ -57,6 +57,7 @@
 #include <unistd.h>
 
 #include "cnode.h"
+#include "etf.h"
 #include "frame.h"
 
 /* How long the handshake of a new connection may take. */
@@ -67,15 +68,6 @@
 
 /* The longest packet read: a port frame's bound (moat_cnode.c). */
 #define MAX_PACKET (1u << 30)
-
-/* The control message that acknowledges UNLINK_ID (the distribution
- * protocol's UNLINK_ID_ACK). */
-#define OP_UNLINK_ID_ACK 36
-
-/* The external term format's version byte, and the pass-through byte
- * that starts a packet sent without an atom cache. */
-#define VERSION_MAGIC 131
-#define PASS_THROUGH 112
 
 /* A BINARY_EXT's tag and 4-byte length. */
 #define BIN_HEAD 5
@@ -180,8 +172,8 @@ static void refuse(moat__dist_t *d, erlang_pid *from) {
  * message (version byte first).  Returns 0 or -1. */
 static int frame_of(const char *msg, size_t len, const char **buf,
                     size_t *flen) {
-    if (len < 1 + BIN_HEAD || (unsigned char)msg[0] != VERSION_MAGIC ||
-        msg[1] != ERL_BINARY_EXT ||
+    if (len < 1 + BIN_HEAD || (unsigned char)msg[0] != ETF_VERSION ||
+        msg[1] != TAG_BINARY ||
         moat__be32(msg + 2) != len - 1 - BIN_HEAD)
         return -1;
     *buf = msg + 1 + BIN_HEAD;
@@ -231,7 +223,7 @@ static void put_packet(moat__dist_t *d, const char *buf, size_t len) {
  * {UNLINK_ID, Id, From, To}. */
 static void unlink_ack(moat__dist_t *d, const moat__dist_msg_t *m) {
     /* the length, filled in below, and the pass-through byte */
-    static const char head[5] = {0, 0, 0, 0, PASS_THROUGH};
+    static const char head[5] = {0, 0, 0, 0, MOAT__PASS_THROUGH};
     erlang_pid from, to;
     ei_x_buff x;
 
@@ -242,7 +234,7 @@ static void unlink_ack(moat__dist_t *d, const moat__dist_msg_t *m) {
     if (ei_x_append_buf(&x, head, sizeof head) == 0 &&
         ei_x_encode_version(&x) == 0 &&
         ei_x_encode_tuple_header(&x, 4) == 0 &&
-        ei_x_encode_long(&x, OP_UNLINK_ID_ACK) == 0 &&
+        ei_x_encode_long(&x, MOAT__OP_UNLINK_ID_ACK) == 0 &&
         ei_x_append_buf(&x, m->id, (int)m->id_len) == 0 &&
         ei_x_encode_pid(&x, &to) == 0 && ei_x_encode_pid(&x, &from) == 0) {
         moat__put_be32(x.buff, (uint32_t)x.index - 4);
@@ -254,7 +246,7 @@ static void unlink_ack(moat__dist_t *d, const moat__dist_msg_t *m) {
 /* A message: to `moat` (hello, or a frame), to this node's pid (a frame),
  * or to `moat_echo`. */
 static void on_send(moat__dist_t *d, const moat__dist_msg_t *m) {
-    const moat__atom_t *to = &m->toname; /* empty unless reg */
+    const moat__atom_t *to = &m->toname; /* reg only */
     int reg = m->kind == MOAT__DIST_REG_SEND;
     erlang_pid from;
     const char *buf;

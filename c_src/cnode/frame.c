@@ -1107,22 +1107,6 @@ void moat__wframe_free(moat__wframe_t *f) {
 
 /* ------------------------------------------------ distribution packets */
 
-/* The control messages' operations (the distribution protocol's). */
-enum {
-    OP_SEND = 2,
-    OP_EXIT = 3,
-    OP_REG_SEND = 6,
-    OP_EXIT2 = 8,
-    OP_SEND_TT = 12,
-    OP_EXIT_TT = 13,
-    OP_REG_SEND_TT = 16,
-    OP_EXIT2_TT = 18,
-    OP_UNLINK_ID = 35
-};
-
-/* The pass-through byte that starts a packet without an atom cache. */
-#define PASS_THROUGH 112
-
 static int read_pid(rd_t *r, moat__pid_t *pid) {
     const unsigned char *p;
     int tag = peek(r);
@@ -1153,35 +1137,35 @@ static int read_control(rd_t *r, uint32_t arity, moat__dist_msg_t *m,
     int tt = 0;
 
     switch (m->op) {
-    case OP_SEND_TT:
+    case MOAT__OP_SEND_TT:
         tt = 1;
         /* fall through */
-    case OP_SEND: /* {SEND, Unused, ToPid} */
+    case MOAT__OP_SEND: /* {SEND, Unused, ToPid} */
         m->kind = MOAT__DIST_SEND;
         *used = 1;
         return arity == 3u + (uint32_t)tt ? 0 : -1;
-    case OP_REG_SEND_TT:
+    case MOAT__OP_REG_SEND_TT:
         tt = 1;
         /* fall through */
-    case OP_REG_SEND: /* {REG_SEND, FromPid, Unused, ToName} */
+    case MOAT__OP_REG_SEND: /* {REG_SEND, FromPid, Unused, ToName} */
         m->kind = MOAT__DIST_REG_SEND;
         *used = 4;
         return arity == 4u + (uint32_t)tt && read_pid(r, &m->from) == 0 &&
                        skip_term(r) == 0 && read_atom(r, &m->toname) == 0
                    ? 0
                    : -1;
-    case OP_EXIT_TT:
-    case OP_EXIT2_TT:
+    case MOAT__OP_EXIT_TT:
+    case MOAT__OP_EXIT2_TT:
         tt = 1;
         /* fall through */
-    case OP_EXIT:
-    case OP_EXIT2: /* {EXIT, FromPid, ToPid, Reason} */
+    case MOAT__OP_EXIT:
+    case MOAT__OP_EXIT2: /* {EXIT, FromPid, ToPid, Reason} */
         m->kind = MOAT__DIST_EXIT;
         *used = 2;
         return arity == 4u + (uint32_t)tt && read_pid(r, &m->from) == 0
                    ? 0
                    : -1;
-    case OP_UNLINK_ID: { /* {UNLINK_ID, Id, FromPid, ToPid} */
+    case MOAT__OP_UNLINK_ID: { /* {UNLINK_ID, Id, FromPid, ToPid} */
         size_t start = r->pos;
         m->kind = MOAT__DIST_UNLINK_ID;
         *used = 4;
@@ -1208,7 +1192,7 @@ int moat__dist_decode(const char *buf, size_t len, moat__dist_msg_t *m) {
         m->kind = MOAT__DIST_TICK;
         return 0;
     }
-    if (peek(&r) != PASS_THROUGH || advance(&r, 1) < 0 ||
+    if (peek(&r) != MOAT__PASS_THROUGH || advance(&r, 1) < 0 ||
         peek(&r) != ETF_VERSION || advance(&r, 1) < 0 ||
         read_tuple(&r, &arity) < 0 || arity < 1 ||
         read_small_op(&r, &m->op) < 0 || read_control(&r, arity, m, &used) < 0)

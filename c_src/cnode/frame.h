@@ -238,6 +238,23 @@ void moat__wframe_free(moat__wframe_t *f);
 
 /* ------------------------------------------------ distribution packets */
 
+/* The byte that starts a packet sent without an atom cache, and the
+ * operations of the control messages this node reads or writes (the
+ * distribution protocol's). */
+enum {
+    MOAT__PASS_THROUGH = 112,
+    MOAT__OP_SEND = 2,
+    MOAT__OP_EXIT = 3,
+    MOAT__OP_REG_SEND = 6,
+    MOAT__OP_EXIT2 = 8,
+    MOAT__OP_SEND_TT = 12,
+    MOAT__OP_EXIT_TT = 13,
+    MOAT__OP_REG_SEND_TT = 16,
+    MOAT__OP_EXIT2_TT = 18,
+    MOAT__OP_UNLINK_ID = 35,
+    MOAT__OP_UNLINK_ID_ACK = 36
+};
+
 /* What a packet of the distribution transport's connection says
  * (dist.c).  The VM talks to a C-node without an atom cache, so a packet
  * is empty (a tick) or the pass-through byte, a control message and, for
