@@ -36,8 +36,9 @@
  * server's.  The parent is a child subreaper (PR_SET_CHILD_SUBREAPER) and
  * the server forks twice: an intermediate process (a vfork child, which
  * copies nothing) forks the worker, answers the request with its pid and
- * exits at once, so that the worker is re-parented to the parent.  The server waits for the intermediate
- * before it reads the next request, so answers stay in request order.
+ * exits at once, so that the worker is re-parented to the parent.  The
+ * server waits for the intermediate before it reads the next request, so
+ * answers stay in request order.
  * The worker waits (yielding) until its parent is the C-node, then sets
  * its parent-death signal (SIGKILL) and checks its parent again: a C-node
  * that died before the signal was armed leaves it another parent, and it

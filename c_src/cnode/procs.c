@@ -75,10 +75,10 @@
  * while at least DEEP_QUEUE runs per worker still wait, it tops the
  * holders up, one run each round, to PIPELINE: only those whose oldest
  * run is not cancelled, that answered their last run fast (FAST_NS) and
- * whose oldest run has been held less than STALL_NS.  A run sent behind a long task still
- * waits for it even if another worker frees up: only under a deep queue,
- * where runs wait anyway, right after short tasks, and for at most
- * PIPELINE - 1 runs per long task.  Each worker's new
+ * whose oldest run has been held less than STALL_NS.  A run sent behind
+ * a long task still waits for it even if another worker frees up: only
+ * under a deep queue, where runs wait anyway, right after short tasks,
+ * and for at most PIPELINE - 1 runs per long task.  Each worker's new
  * runs leave in one write; the turn's outcomes leave as one done frame
  * and one stopped frame.  Then, if workers are missing, a fork request is
  * sent for each (a sendmsg that never blocks), or, without a fork server,

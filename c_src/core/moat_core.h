@@ -218,8 +218,8 @@ void moat_pool_close(moat_pool_t *pool);
 
 /*
  * Closes the pool (moat_pool_close) if needed, then waits until every
- * task body has returned and joins every thread.  A call after it returned does nothing;
- * one caller at a time.  Never from a pool thread.
+ * task body has returned and joins every thread.  A call after it
+ * returned does nothing; one caller at a time.  Never from a pool thread.
  */
 void moat_pool_stop(moat_pool_t *pool);
 

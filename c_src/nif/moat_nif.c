@@ -2531,8 +2531,9 @@ static ERL_NIF_TERM nif_cast(ErlNifEnv *env, int argc,
  *                       | {error, not_found} | {remote, Outcome, Fallback}
  * In start order.  A C-node pool with servers asks its C-node: the list
  * comes as Outcome, a call's ({ok, List} or {wait, Ref}), and Fallback
- * (every server restarting) is the answer when none comes.  Once the supervisor has given up and until the pool
- * restarts, every child is `restarting`. */
+ * (every server restarting) is the answer when none comes.  Once the
+ * supervisor has given up and until the pool restarts, every child is
+ * `restarting`. */
 static ERL_NIF_TERM nif_which_children(ErlNifEnv *env, int argc,
                                        const ERL_NIF_TERM argv[]) {
     pool_res_t *res;

@@ -1787,6 +1787,59 @@ static void test_cnode_process_worker_has_no_pool_thread(void **state) {
     assert_exited(node_close(n), 0);
 }
 
+/* A library that the fork server cannot serve (forker.c): its
+ * constructor starts a thread, or handles the cancel signal.  Workers are
+ * then spawned, each running its tasks on a pool thread, and serve as
+ * forked ones do: echo, a segfault costing only its task, a cancel, the
+ * library's own task; and no fork server is left running. */
+static void spawned_workers_serve(node_t *n, const char *fixture,
+                                  const char *task, const char *want) {
+    const char *dir = getenv("MOAT_FIXTURES_DIR");
+    char path[1024];
+    const char *libs[] = {demo_path, path, NULL};
+    ei_x_buff none = args_none();
+    pid_t pids[8];
+    ev_t e;
+
+    if (dir == NULL)
+        fail_msg("set MOAT_FIXTURES_DIR (make test-c does)");
+    snprintf(path, sizeof path, "%s/%s.so", dir, fixture);
+    node_spawn(n, 1, process_env);
+    send_hello_opts(n, 1, 100, "process", libs, 1, 0);
+    e = node_wait(n, EV_READY, 0);
+    ev_free(&e);
+    ping(n, 1);
+    send_run(n, 2, task, &none);
+    expect_done(n, 2, 1, want);
+    send_run(n, 3, "segfault", &none);
+    expect_done(n, 3, 0, SEGFAULT_REASON);
+    ping(n, 4);
+    run_long(n, 5, "sleep", FOREVER_MS);
+    run_long(n, 6, "echo", 6);
+    sleep_ms(20);
+    send_cancel(n, 5);
+    expect_stopped(n, 5);
+    expect_done(n, 6, 1, "6");
+    expect_workers(n, 2);
+    assert_int_equal(children(n->pid, pids, 8), 2);
+    assert_true(threads_with(pids[0], ":w") + threads_with(pids[1], ":w") >=
+                1);
+    assert_int_equal(children_named(n->pid, "moat_forker", NULL, 0), 0);
+    expect_no_event(n, EV_DONE, 5);
+    ei_x_free(&none);
+    assert_exited(node_close(n), 0);
+}
+
+static void test_cnode_process_library_with_a_thread(void **state) {
+    spawned_workers_serve(*state, "ctor_thread", "thread_started", "true");
+}
+
+/* The library's handler keeps the signal: moat's cancel does not use it
+ * in a spawned worker, so the handler never runs. */
+static void test_cnode_process_library_handling_the_signal(void **state) {
+    spawned_workers_serve(*state, "ctor_signal", "signals_seen", "0");
+}
+
 /* What a node costs to start: hello -> ready, and ready -> the first
  * echo's outcome (which waits for a worker to start).  Printed, never
  * asserted. */
@@ -2509,6 +2562,11 @@ int main(void) {
                                         own_setup, own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_worker_has_no_pool_thread,
                                         own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(test_cnode_process_library_with_a_thread,
+                                        own_setup, own_teardown),
+        cmocka_unit_test_setup_teardown(
+            test_cnode_process_library_handling_the_signal, own_setup,
+            own_teardown),
         cmocka_unit_test_setup_teardown(test_cnode_process_startup_cost,
                                         own_setup, own_teardown),
     };

@@ -22,8 +22,10 @@
  * not running.  Every wait is bounded, so that a node that hangs fails a
  * test instead of blocking the run.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -35,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -807,10 +810,63 @@ static void write_all(int fd, const char *buf, size_t len) {
     }
 }
 
+/* The bytes the other end of connection fd has received but not read
+ * (the rx_queue of its line in /proc/net/tcp or tcp6), or -1 when its
+ * line is not found. */
+static long peer_unread(int fd) {
+    static const char *tables[] = {"/proc/net/tcp", "/proc/net/tcp6"};
+    struct sockaddr_storage me, peer;
+    socklen_t ml = sizeof me, pl = sizeof peer;
+    char want_local[64], want_remote[64], line[512];
+
+    if (getsockname(fd, (struct sockaddr *)&me, &ml) != 0 ||
+        getpeername(fd, (struct sockaddr *)&peer, &pl) != 0)
+        return -1;
+    /* The kernel prints an address as the words of its bytes in memory,
+     * then the port: the other end's local address is our peer's. */
+    if (peer.ss_family == AF_INET) {
+        const struct sockaddr_in *a = (void *)&peer, *b = (void *)&me;
+        snprintf(want_local, sizeof want_local, "%08X:%04X",
+                 (unsigned)a->sin_addr.s_addr, ntohs(a->sin_port));
+        snprintf(want_remote, sizeof want_remote, "%08X:%04X",
+                 (unsigned)b->sin_addr.s_addr, ntohs(b->sin_port));
+    } else {
+        const struct sockaddr_in6 *a = (void *)&peer, *b = (void *)&me;
+        uint32_t wa[4], wb[4];
+        memcpy(wa, &a->sin6_addr, sizeof wa);
+        memcpy(wb, &b->sin6_addr, sizeof wb);
+        snprintf(want_local, sizeof want_local, "%08X%08X%08X%08X:%04X",
+                 wa[0], wa[1], wa[2], wa[3], ntohs(a->sin6_port));
+        snprintf(want_remote, sizeof want_remote, "%08X%08X%08X%08X:%04X",
+                 wb[0], wb[1], wb[2], wb[3], ntohs(b->sin6_port));
+    }
+    for (size_t t = 0; t < sizeof tables / sizeof *tables; t++) {
+        FILE *f = fopen(tables[t], "r");
+        if (f == NULL)
+            continue;
+        while (fgets(line, sizeof line, f) != NULL) {
+            char local[64], remote[64];
+            unsigned st;
+            unsigned long txq, rxq;
+            if (sscanf(line, " %*d: %63s %63s %x %lx:%lx", local, remote, &st,
+                       &txq, &rxq) == 5 &&
+                strcmp(local, want_local) == 0 &&
+                strcmp(remote, want_remote) == 0) {
+                fclose(f);
+                return (long)rxq;
+            }
+        }
+        fclose(f);
+    }
+    return -1;
+}
+
 /* Writes the packet built in x (and frees it), its length filled in, as
  * ERTS writes to a C-node: for the control messages ei has no call for,
  * for packets that are not well formed, and for a packet in pieces. The
- * first `split` bytes go alone, 50 ms before the rest (0: at once). */
+ * first `split` bytes go alone, and the rest only once the node has read
+ * them (0: all at once), so that it holds part of a packet between two
+ * reads. */
 static void packet_send(dnode_t *n, ei_x_buff *x, size_t split) {
     uint32_t len = (uint32_t)x->index - 4;
     x->buff[0] = (char)(len >> 24);
@@ -818,8 +874,14 @@ static void packet_send(dnode_t *n, ei_x_buff *x, size_t split) {
     x->buff[2] = (char)(len >> 8);
     x->buff[3] = (char)len;
     if (split > 0 && split < (size_t)x->index) {
+        long left = -1;
         write_all(n->fd, x->buff, split);
-        sleep_ms(50);
+        for (int waited = 0; waited < WAIT_MS; waited += 2) {
+            if ((left = peer_unread(n->fd)) == 0)
+                break;
+            sleep_ms(2);
+        }
+        assert_int_equal(left, 0);
         write_all(n->fd, x->buff + split, (size_t)x->index - split);
     } else {
         write_all(n->fd, x->buff, (size_t)x->index);
