@@ -1763,6 +1763,21 @@ static int threads_with(pid_t pid, const char *part) {
     return n;
 }
 
+/* A sleep cancelled with an echo sent behind it: the sleep stops and
+ * the echo answers, whether the worker reads the cancel between tasks
+ * or while the sleep runs. */
+static void cancel_with_a_run_behind(node_t *n, uint64_t sleep_tag,
+                                     uint64_t echo_tag) {
+    char want[32];
+    run_long(n, sleep_tag, "sleep", FOREVER_MS);
+    run_long(n, echo_tag, "echo", (long)echo_tag);
+    sleep_ms(20);
+    send_cancel(n, sleep_tag);
+    expect_stopped(n, sleep_tag);
+    snprintf(want, sizeof want, "%ld", (long)echo_tag);
+    expect_done(n, echo_tag, 1, want);
+}
+
 /* A forked worker runs its tasks on its loop thread: after tasks, a
  * cooperative cancel and a run behind it, it has no pool thread (they
  * are named "<pool>:w<n>"), and it is the same worker throughout. */
@@ -1773,12 +1788,7 @@ static void test_cnode_process_worker_has_no_pool_thread(void **state) {
     expect_workers(n, 1);
     assert_int_equal(children(n->pid, before, 8), 1);
     ping(n, 1);
-    run_long(n, 2, "sleep", FOREVER_MS);
-    run_long(n, 3, "echo", 3);
-    sleep_ms(20);
-    send_cancel(n, 2);
-    expect_stopped(n, 2);
-    expect_done(n, 3, 1, "3");
+    cancel_with_a_run_behind(n, 2, 3);
     ping(n, 4);
     assert_int_equal(children(n->pid, after, 8), 1);
     assert_int_equal(before[0], after[0]);
@@ -1814,12 +1824,7 @@ static void spawned_workers_serve(node_t *n, const char *fixture,
     send_run(n, 3, "segfault", &none);
     expect_done(n, 3, 0, SEGFAULT_REASON);
     ping(n, 4);
-    run_long(n, 5, "sleep", FOREVER_MS);
-    run_long(n, 6, "echo", 6);
-    sleep_ms(20);
-    send_cancel(n, 5);
-    expect_stopped(n, 5);
-    expect_done(n, 6, 1, "6");
+    cancel_with_a_run_behind(n, 5, 6);
     expect_workers(n, 2);
     assert_int_equal(children(n->pid, pids, 8), 2);
     assert_true(threads_with(pids[0], ":w") + threads_with(pids[1], ":w") >=
