@@ -249,9 +249,16 @@ static int hk_poke(moat_pool_t *pool, int start) {
     return rc;
 }
 
-/* A running task was abandoned: its thread no longer serves. */
-static void abandon_thread(moat_pool_t *pool) {
-    int poke = 0;
+/* A running task was abandoned: its thread no longer serves.  Called in
+ * the rq_lock section that marks the task abandoned, so that the body's
+ * end, which reads the mark under rq_lock (run_task), always finds its
+ * thread counted out: counted after the lock, a body that returned at
+ * once took itself for a surplus thread and retired, and the count then
+ * left no room for a replacement (a pool of one thread was left with
+ * none).  Returns nonzero when a replacement is wanted: the caller then
+ * calls replace_thread, without rq_lock. */
+static int abandon_thread(moat_pool_t *pool) {
+    int want = 0;
     atomic_fetch_add(&pool->n_abandoned, 1);
     uv_mutex_lock(&pool->thr_lock);
     pool->serving--;
@@ -259,10 +266,15 @@ static void abandon_thread(moat_pool_t *pool) {
         !atomic_load(&pool->stopping)) {
         pool->extra++;
         pool->want_spawn++;
-        poke = 1;
+        want = 1;
     }
     uv_mutex_unlock(&pool->thr_lock);
-    if (poke && hk_poke(pool, 1) != 0) {
+    return want;
+}
+
+/* Has the housekeeper start the replacement abandon_thread counted. */
+static void replace_thread(moat_pool_t *pool) {
+    if (hk_poke(pool, 1) != 0) {
         /* No housekeeper, no replacement: the pool serves with one
          * thread less until the body returns. */
         uv_mutex_lock(&pool->thr_lock);
@@ -766,7 +778,7 @@ static atomic_uint_fast64_t *stat_for(moat_pool_t *pool, moat_term_t *r) {
 void moat__task_settle(moat_task_t *t, moat_term_t *reason, unsigned flags) {
     moat_pool_t *pool = t->pool;
     int was_queued = 0, was_running = 0;
-    int was_remote = 0;
+    int was_remote = 0, replace = 0;
     uv_mutex_lock(&pool->rq_lock);
     if (t->where == MOAT__QUEUED) {
         moat__list_remove(&t->qnode);
@@ -779,6 +791,8 @@ void moat__task_settle(moat_task_t *t, moat_term_t *reason, unsigned flags) {
         was_running = 1;
         if (t->here) /* its caller's thread: nothing to replace */
             atomic_fetch_add(&pool->n_abandoned, 1);
+        else
+            replace = abandon_thread(pool);
     } else if (t->where == MOAT__REMOTE && !t->abandoned) {
         t->abandoned = 1;
         was_remote = 1;
@@ -788,8 +802,8 @@ void moat__task_settle(moat_task_t *t, moat_term_t *reason, unsigned flags) {
     uv_mutex_unlock(&pool->rq_lock);
     if (was_queued || was_running || was_remote)
         atomic_fetch_sub(&pool->admitted, 1);
-    if (was_running && !t->here)
-        abandon_thread(pool);
+    if (replace)
+        replace_thread(pool);
     /* Before deliver: the complete callback may free the transport's
      * data, which remote_cancel reads. */
     if (was_remote && pool->opts.remote_cancel != NULL)
@@ -1428,8 +1442,6 @@ static moat_term_t *run_body(moat_task_t *t, int *kind) {
     return moat__result_term(rc, &x, t->errmsg, kind);
 }
 
-/* Runs a task the worker took from the queue.  Returns 1 when the worker
- * should retire (it was abandoned and the pool has enough threads). */
 /* Runs a task the worker took from the queue.  Returns 1 when the worker
  * should retire (it was abandoned and the pool has enough threads).
  *

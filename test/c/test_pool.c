@@ -497,6 +497,62 @@ static void test_pool_abandoned_tasks_do_not_starve(void **state) {
     t_rec_clear(r, 50);
 }
 
+/* Waits for r's outcome for at most `ms`; returns whether it came. */
+static int wait_for(rec_t *r, uint64_t ms) {
+    uint64_t end = uv_hrtime() + ms * 1000000u;
+    while (!atomic_load_explicit(&r->ready, memory_order_acquire)) {
+        if (uv_hrtime() >= end)
+            return 0;
+        sched_yield();
+    }
+    return 1;
+}
+
+/* A body that returns the moment its cancel lands can reach its end
+ * before the cancel has counted its thread out.  Whichever comes first,
+ * the pool keeps its one thread and runs the next task: the body's end
+ * once counted itself as a surplus thread and retired, and the cancel
+ * then found no room for a replacement, which left the pool without a
+ * thread and the next task queued for ever.  (The window is a few
+ * instructions wide: this caught it in one run of four to eight with
+ * three busy loops beside it, rarely on an idle machine.) */
+static void test_pool_cancel_racing_the_body_keeps_the_thread(void **state) {
+    moat_pool_t *pool = pool_make(1, 0);
+    moat_pool_stats_t st;
+    (void)state;
+    atomic_store(&gate, 0);
+    for (int i = 0; i < 2000; i++) {
+        rec_t polite = {0}, ok = {0};
+        moat_task_t *t = submit(pool, t_polite, &polite, 0, -1);
+        do {
+            sched_yield();
+            moat_pool_stats(pool, &st);
+        } while (st.running < 1);
+        assert_int_equal(moat_task_cancel(t, MOAT_A_SHUTDOWN, 0), 1);
+        moat_task_release(t);
+        moat_task_release(submit(pool, t_ok, &ok, 0, -1));
+        if (!wait_for(&ok, 5000)) {
+            moat_pool_stats(pool, &st);
+            fail_msg("round %d: a task waited 5 s on a pool of %llu threads",
+                     i, (unsigned long long)st.threads);
+        }
+        t_wait(&polite);
+        t_rec_clear(&polite, 1);
+        t_rec_clear(&ok, 1);
+    }
+    for (int i = 0;; i++) {
+        moat_pool_stats(pool, &st);
+        if (st.abandoned == 0 && st.threads == 1)
+            break;
+        if (i >= 10000)
+            fail_msg("%llu threads, %llu abandoned, not 1 and 0",
+                     (unsigned long long)st.threads,
+                     (unsigned long long)st.abandoned);
+        uv_sleep(1);
+    }
+    moat_pool_free(pool);
+}
+
 /* moat_pool_stats never goes back: a thread that retires after its
  * abandoned body returns hands its counts to the pool's, and no reader
  * sees them missing meanwhile. */
@@ -1079,6 +1135,7 @@ int main(void) {
         cmocka_unit_test(test_pool_deadline_not_reached),
         cmocka_unit_test(test_pool_cancel_owner),
         cmocka_unit_test(test_pool_abandoned_tasks_do_not_starve),
+        cmocka_unit_test(test_pool_cancel_racing_the_body_keeps_the_thread),
         cmocka_unit_test(test_pool_stop_ends_everything),
         cmocka_unit_test(test_pool_deadline_many_lengths),
         cmocka_unit_test(test_pool_close_waits_for_no_thread),
