@@ -124,16 +124,21 @@ static moat_task_t *submit(moat_pool_t *pool, moat_task_fn fn, rec_t *r,
     return t;
 }
 
-/* Blocks every worker of the pool on the gate; returns once all run. */
-static void block_workers(moat_pool_t *pool, rec_t *r, unsigned n) {
+/* Returns once at least n tasks of the pool run. */
+static void wait_running(moat_pool_t *pool, uint64_t n) {
     moat_pool_stats_t st;
-    atomic_store(&gate, 0);
-    for (unsigned i = 0; i < n; i++)
-        moat_task_release(submit(pool, t_gate, &r[i], 0, -1));
     do {
         sched_yield();
         moat_pool_stats(pool, &st);
     } while (st.running < n);
+}
+
+/* Blocks every worker of the pool on the gate; returns once all run. */
+static void block_workers(moat_pool_t *pool, rec_t *r, unsigned n) {
+    atomic_store(&gate, 0);
+    for (unsigned i = 0; i < n; i++)
+        moat_task_release(submit(pool, t_gate, &r[i], 0, -1));
+    wait_running(pool, n);
 }
 
 /* ------------------------------------------------------------- cases */
@@ -304,14 +309,10 @@ static void test_pool_cancel_running_flags_task(void **state) {
     moat_pool_t *pool = pool_make(1, 0);
     rec_t r = {0};
     moat_task_t *t;
-    moat_pool_stats_t st;
     (void)state;
     atomic_store(&gate, 0);
     t = submit(pool, t_polite, &r, 0, -1);
-    do {
-        sched_yield();
-        moat_pool_stats(pool, &st);
-    } while (st.running < 1);
+    wait_running(pool, 1);
     assert_int_equal(moat_task_cancel(t, MOAT_A_KILLED, 0), 1);
     assert_true(moat_term_is(r.term, MOAT_A_KILLED));
     moat_task_release(t);
@@ -425,14 +426,10 @@ static void test_pool_deadline_not_reached(void **state) {
 static void test_pool_cancel_owner(void **state) {
     moat_pool_t *pool = pool_make(1, 0);
     rec_t a[10] = {0}, b[10] = {0};
-    moat_pool_stats_t st;
     (void)state;
     atomic_store(&gate, 0);
     moat_task_release(submit(pool, t_polite, &a[0], 42, -1));
-    do {
-        sched_yield();
-        moat_pool_stats(pool, &st);
-    } while (st.running < 1);
+    wait_running(pool, 1);
     for (int i = 1; i < 10; i++)
         moat_task_release(submit(pool, t_ok, &a[i], 42, -1));
     for (int i = 0; i < 10; i++)
@@ -462,10 +459,7 @@ static void test_pool_abandoned_tasks_do_not_starve(void **state) {
     atomic_store(&gate, 0);
     for (int i = 0; i < 2; i++)
         ts[i] = submit(pool, t_gate, &stuck[i], 0, -1);
-    do {
-        sched_yield();
-        moat_pool_stats(pool, &st);
-    } while (st.running < 2);
+    wait_running(pool, 2);
     for (int i = 0; i < 2; i++) {
         assert_int_equal(moat_task_cancel(ts[i], MOAT_A_SHUTDOWN, 0), 1);
         moat_task_release(ts[i]);
@@ -524,10 +518,7 @@ static void test_pool_cancel_racing_the_body_keeps_the_thread(void **state) {
     for (int i = 0; i < 2000; i++) {
         rec_t polite = {0}, ok = {0};
         moat_task_t *t = submit(pool, t_polite, &polite, 0, -1);
-        do {
-            sched_yield();
-            moat_pool_stats(pool, &st);
-        } while (st.running < 1);
+        wait_running(pool, 1);
         assert_int_equal(moat_task_cancel(t, MOAT_A_SHUTDOWN, 0), 1);
         moat_task_release(t);
         moat_task_release(submit(pool, t_ok, &ok, 0, -1));
@@ -595,10 +586,7 @@ static void test_pool_stats_never_go_back(void **state) {
          * two retires. */
         atomic_store(&gate, 0);
         t = submit(pool, t_gate, &stuck, 0, -1);
-        do {
-            sched_yield();
-            moat_pool_stats(pool, &st);
-        } while (st.running < 1);
+        wait_running(pool, 1);
         assert_int_equal(moat_task_cancel(t, MOAT_A_SHUTDOWN, 0), 1);
         moat_task_release(t);
         atomic_store(&gate, 1);
