@@ -1825,6 +1825,8 @@ static void spawned_workers_serve(node_t *n, const char *fixture,
     expect_done(n, 3, 0, SEGFAULT_REASON);
     ping(n, 4);
     cancel_with_a_run_behind(n, 5, 6);
+    send_run(n, 7, task, &none); /* after the cancel too */
+    expect_done(n, 7, 1, want);
     expect_workers(n, 2);
     assert_int_equal(children(n->pid, pids, 8), 2);
     assert_true(threads_with(pids[0], ":w") + threads_with(pids[1], ":w") >=
@@ -1840,7 +1842,8 @@ static void test_cnode_process_library_with_a_thread(void **state) {
 }
 
 /* The library's handler keeps the signal: moat's cancel does not use it
- * in a spawned worker, so the handler never runs. */
+ * in a spawned worker, so the handler has not run, before the cancel or
+ * after it. */
 static void test_cnode_process_library_handling_the_signal(void **state) {
     spawned_workers_serve(*state, "ctor_signal", "signals_seen", "0");
 }
